@@ -1,0 +1,90 @@
+"""The model's own configuration: everything needed to rebuild a Pico network, nothing else.
+
+The docstring under each field is the help text: `pico train --help-config` and the README's
+config table are generated from these strings, so a field is documented in exactly one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+# Byte ids 0..255 are the bytes themselves; three special ids follow.
+BOS = 256
+EOS = 257
+PAD = 258
+VOCAB_SIZE = 259
+
+RouterKind = Literal["learned", "spacelike", "none"]
+RouterGate = Literal["sigmoid", "straight_through"]
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a Pico network: local byte blocks, a router, wider latent blocks, MTP heads."""
+
+    d_local: int = 256
+    """Width of the local (every-byte) blocks."""
+    n_heads: int = 4
+    """Query heads in each local block."""
+    n_kv_heads: int = 2
+    """Key/value heads in each local block (grouped-query attention); must divide n_heads."""
+    window: int = 256
+    """Sliding attention window of the local blocks, in bytes (a byte sees itself and window-1 before it)."""
+    n_in: int = 2
+    """Local blocks before the router."""
+    n_out: int = 2
+    """Local blocks after the latent blocks."""
+    d_latent: int = 512
+    """Width of the latent blocks that only routed positions pass through."""
+    n_latent: int = 2
+    """Number of latent blocks (0 only with router: none)."""
+    n_latent_heads: int = 8
+    """Query heads in each latent block."""
+    n_latent_kv_heads: int = 4
+    """Key/value heads in each latent block; must divide n_latent_heads."""
+    mlp_ratio: float = 8 / 3
+    """SwiGLU hidden width as a multiple of the block width (rounded up to a multiple of 64)."""
+    router: RouterKind = "learned"
+    """learned: Mixture-of-Depths top-k router; spacelike: SpaceByte's rule; none: plain byte Transformer."""
+    capacity: float = 0.2
+    """Fraction of positions routed into the latent blocks (learned router; top-k per sequence)."""
+    router_gate: RouterGate = "sigmoid"
+    """How the router weight scales the latent output: sigmoid(score), or 1 in the forward pass with sigmoid's gradient."""
+    aux_loss_weight: float = 0.01
+    """Weight of the BCE loss that teaches the router's score to predict top-k membership causally."""
+    n_predict: int = 4
+    """Multi-token-prediction heads: head h predicts byte t+h (h = 1..n_predict)."""
+    mtp_weight: float = 0.5
+    """Loss weight of heads 2..n_predict relative to the next-byte head (head 1 always has weight 1)."""
+    max_seq_len: int = 512
+    """Longest sequence the model is trained or run on (bytes per training sequence)."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    init_std: float = 0.02
+    """Standard deviation of the weight initialisation."""
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"model config: {msg}")
+
+        need(self.d_local > 0 and self.d_latent > 0, "d_local and d_latent must be positive")
+        need(self.n_heads > 0 and self.n_kv_heads > 0, "n_heads and n_kv_heads must be positive")
+        need(self.n_heads % self.n_kv_heads == 0,
+             f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+        need(self.d_local % self.n_heads == 0,
+             f"d_local={self.d_local} must be a multiple of n_heads={self.n_heads}")
+        need(self.window >= 1, f"window={self.window} must be >= 1")
+        need(self.n_in >= 0 and self.n_out >= 0 and self.n_latent >= 0, "layer counts must be >= 0")
+        need(self.n_predict >= 1, f"n_predict={self.n_predict} must be >= 1")
+        need(0.0 < self.capacity <= 1.0, f"capacity={self.capacity} must be in (0, 1]")
+        need(self.max_seq_len >= 2, "max_seq_len must be >= 2")
+        if self.router != "none":
+            need(self.n_latent > 0, f"router={self.router} needs n_latent > 0 (or set router: none)")
+            need(self.n_latent_heads % self.n_latent_kv_heads == 0,
+                 f"n_latent_kv_heads={self.n_latent_kv_heads} must divide n_latent_heads={self.n_latent_heads}")
+            need(self.d_latent % self.n_latent_heads == 0,
+                 f"d_latent={self.d_latent} must be a multiple of n_latent_heads={self.n_latent_heads}")
+        else:
+            need(self.n_in + self.n_out > 0, "router: none needs at least one local block")
