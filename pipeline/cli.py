@@ -1,7 +1,8 @@
 """`pico` command line: one subcommand per stage of the data flow.
 
 Each subcommand lives in the module that owns the work and exposes two functions,
-`add_arguments(parser)` and `run(args) -> int`. Modules are imported only when their command
+`add_arguments(parser)` and `run(args) -> int` (or one `main(argv) -> int` when it has
+sub-verbs of its own). Modules are imported only when their command
 runs, so `pico --help` answers without importing torch. A module that sets
 `ACCEPTS_OVERRIDES = True` receives unparsed `--section.key=value` arguments in `args.overrides`.
 Commands that produce numbers take `--json` and print exactly one JSON object on stdout; all
@@ -65,6 +66,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from pico.pipeline.config import ConfigError
 
+    module = importlib.import_module(COMMANDS[name][0])
+    if hasattr(module, "main"):  # a command with its own sub-verbs (`pico prep verify DST`)
+        try:
+            return int(module.main(argv[1:]) or 0)
+        except (UserError, ConfigError) as e:
+            print(f"pico {name}: error: {e}", file=sys.stderr)
+            return 2
     parser, module = build_parser(name)
     if getattr(module, "ACCEPTS_OVERRIDES", False):
         args, rest = parser.parse_known_args(argv[1:])

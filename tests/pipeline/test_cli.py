@@ -25,7 +25,7 @@ def test_command_help(name, capsys):
     out = capsys.readouterr().out
     assert f"pico {name}" in out
     # every option has a help string
-    assert "show this help message" in out
+    assert "show this help message" in out or "-h, --help" in out
 
 
 def test_unknown_command_exit_code(capsys):
