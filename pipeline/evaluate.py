@@ -1,13 +1,142 @@
-"""`pico eval` (placeholder until the training issue lands)."""
+"""`pico eval`: bits per byte of a checkpoint or release, per MTP head, on shards or text files.
+
+Bits per byte is the headline metric of a byte-level model: the mean cross-entropy of the
+next-byte head in bits, over every scored byte. It is computed with *causal* routing (each
+position routed by its own score, as in generation), because top-k routing over a sequence
+looks at future positions; the top-k number is reported beside it as `bpb_topk`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from pico.model import make_targets
+from pico.model.config import EOS, PAD
+from pico.pipeline import dist
+from pico.pipeline.errors import UserError
+
+LN2 = math.log(2.0)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `pico eval`."""
+def mask_pad_targets(targets: torch.Tensor) -> torch.Tensor:
+    """Targets that are padding are not scored (ignore_index -100)."""
+    return targets.masked_fill(targets == PAD, -100)
+
+
+@torch.no_grad()
+def evaluate(model, batches: Iterable, device: torch.device, routing: str = "causal",
+             autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """Sum cross-entropy over every valid target of every head, across ranks; return bits per byte.
+
+    `batches` yields (B, T + n_predict) byte-id tensors, or (tensor, n_valid) pairs; PAD targets are
+    skipped."""
+    was_training = model.training
+    model.eval()
+    n_predict = model.cfg.n_predict
+    sums = torch.zeros(n_predict, dtype=torch.float64)
+    counts = torch.zeros(n_predict, dtype=torch.float64)
+    stat_sums: dict[str, float] = {}
+    n_batches = 0
+    try:
+        for item in batches:
+            batch = item[0] if isinstance(item, (tuple, list)) else item
+            idx, tgt = make_targets(batch.to(device))
+            tgt = mask_pad_targets(tgt)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                out = model(idx, tgt, routing=routing, return_logits=False)
+            valid = (tgt != -100).sum(dim=(0, 1)).double().cpu()
+            sums += out.head_losses.detach().double().cpu() * valid
+            counts += valid
+            for k, v in (out.stats or {}).items():
+                stat_sums[k] = stat_sums.get(k, 0.0) + float(v)
+            n_batches += 1
+    finally:
+        model.train(was_training)
+    sums = dist.all_reduce_sum(sums)
+    counts = dist.all_reduce_sum(counts)
+    if counts[0] == 0:
+        raise UserError("evaluation saw no bytes: the validation data is empty")
+    result = {"bpb": float(sums[0] / counts[0] / LN2), "bytes": int(counts[0])}
+    for h in range(n_predict):
+        result[f"bpb_head{h + 1}"] = float(sums[h] / counts[h] / LN2) if counts[h] > 0 else float("nan")
+    for k, v in stat_sums.items():
+        result[f"router/{k}"] = v / max(1, n_batches)
+    return result
+
+
+def text_file_batches(paths: list[Path], seq_len: int, extra: int, batch_size: int) -> Iterator[torch.Tensor]:
+    """Plain files scored as documents: every byte after the first is a next-byte target once."""
+    rows: list[torch.Tensor] = []
+    for path in paths:
+        data = path.read_bytes()
+        if not data:
+            raise UserError(f"{path} is empty; there is nothing to score")
+        ids = torch.tensor(list(data) + [EOS], dtype=torch.long)
+        for start in range(0, len(ids) - 1, seq_len):
+            row = torch.full((seq_len + extra,), PAD, dtype=torch.long)
+            piece = ids[start:start + seq_len + extra]
+            row[: len(piece)] = piece
+            rows.append(row)
+            if len(rows) == batch_size:
+                yield torch.stack(rows)
+                rows = []
+    if rows:
+        yield torch.stack(rows)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True,
+                   help="a run directory, a checkpoint (step_NNNNNN) directory, or a release directory")
+    p.add_argument("--data", nargs="+", required=True,
+                   help="validation shards (directory from `pico prep`, .tar files, globs, s3:// URLs) or plain files")
+    p.add_argument("--split", default="val", help="split to read from shard directories (default: val)")
+    p.add_argument("--seq-len", type=int, default=0, help="bytes per sequence (default: the model's max_seq_len)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
+    p.add_argument("--max-batches", type=int, default=0, help="stop after this many batches (default 0: all)")
+    p.add_argument("--routing", choices=["causal", "topk"], default="causal",
+                   help="causal: each byte routed by its own score, as in generation (default); topk: training routing")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run (default: auto)")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the results on stdout")
 
 
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("pico eval: not built yet (see the training issue)")
+    from pico.pipeline.checkpoint import load_model
+
+    device = dist.pick_device(args.device)
+    model, info = load_model(args.checkpoint, device)
+    seq_len = args.seq_len or model.cfg.max_seq_len
+    extra = model.cfg.n_predict
+    is_shards = all(str(d).startswith("s3://") or d.endswith(".tar") or Path(d).is_dir() or "*" in d for d in args.data)
+    if is_shards:
+        from pico.pipeline.data import eval_sequences, resolve_shards
+
+        shards = resolve_shards(list(args.data), args.split)
+        batches = eval_sequences(shards, seq_len=seq_len, extra=extra, batch_size=args.batch_size, rank=0,
+                                 world_size=1, max_batches=args.max_batches or None)
+    else:
+        files = [Path(d) for d in args.data]
+        for f in files:
+            if not f.is_file():
+                raise UserError(f"--data {f}: no such file, shard directory or .tar")
+        batches = text_file_batches(files, seq_len, extra, args.batch_size)
+        if args.max_batches:
+            import itertools
+
+            batches = itertools.islice(batches, args.max_batches)
+    result = evaluate(model, batches, device, routing=args.routing)
+    result = {"model": str(args.checkpoint), "source": info.get("kind"), "routing": args.routing, **result}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"bits per byte: {result['bpb']:.4f} over {result['bytes']:,} bytes "
+              f"({args.routing} routing)", file=sys.stderr)
+        for h in range(1, extra + 1):
+            print(f"  head {h} (byte t+{h}): {result[f'bpb_head{h}']:.4f} bpb", file=sys.stderr)
+    return 0

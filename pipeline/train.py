@@ -1,13 +1,458 @@
-"""`pico train` (placeholder until the training issue lands)."""
+"""`pico train`: train Pico with DeepSpeed from a YAML config plus dotted overrides.
+
+The same command runs as one process or one process per rank under torchrun, deepspeed or
+srun, on CPU (gloo, fp32) or GPU (nccl, bf16 autocast). A step is: `grad_accum` micro-batches
+from the streaming loader, DeepSpeed's backward (gradient all-reduce or ZeRO reduce-scatter),
+clipping and the optimizer step, with the learning rate set by pico's schedule. Every
+`checkpoint.every` steps all ranks write a complete-or-absent checkpoint that holds the loader
+position, RNG states and optimizer state, so `--resume` continues exactly where a killed job
+stopped. SIGUSR1/SIGTERM (Slurm's warning before the time limit) make the run save and exit
+with code 75; rerun the same command with `--resume`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
+import math
+import os
+import resource
+import signal
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pico.pipeline import checkpoint as ckpt
+from pico.pipeline import dist
+from pico.pipeline.config import Config, ConfigError, describe_config, load_config, save_config
+from pico.pipeline.errors import UserError
+
+ACCEPTS_OVERRIDES = True
+EXIT_PREEMPTED = 75
+EPILOG = ("Any config key can be overridden: --optim.lr=3e-4 --model.capacity=0.25 --train.steps=100.\n"
+          "`pico train --help-config` lists every key with its type, default and meaning.\n"
+          "Multi-rank: torchrun --nproc_per_node 2 -m pico.pipeline.cli train --config FILE")
+
+# Dense bf16 peak per GPU, for MFU. Unknown GPUs report MFU against the H100 number and say so.
+GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `pico train`."""
+class TrainingDiverged(UserError):
+    """Loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class _Preemption:
+    """Remembers that SIGUSR1/SIGTERM arrived; the loop checks it between steps."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name = ""
+
+    def install(self) -> None:
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            try:
+                signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a test harness thread)
+                pass
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+
+def deepspeed_config(cfg: Config) -> dict[str, Any]:
+    """DeepSpeed's JSON config, derived from pico's tree (the only place DeepSpeed is configured)."""
+    zero: dict[str, Any] = {"stage": cfg.train.zero_stage}
+    if cfg.train.zero_stage == 3:
+        # Small models on CPU: keep every parameter partitioned so the code path is the real one.
+        zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=0)
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        # DeepSpeed 0.19.8 silently defaults this to 1.0; pico always sets it.
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": False},
+    }
+
+
+def apply_activation_checkpointing(model: torch.nn.Module) -> int:
+    """Recompute each block (every member of the model's ModuleLists) in the backward pass.
+
+    Applied from outside the model by wrapping `forward`, so parameter names do not change and
+    checkpoints stay interchangeable with runs that do not checkpoint activations."""
+    from torch.utils.checkpoint import checkpoint
+
+    wrapped = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList):
+            for block in module:
+                inner = block.forward
+                block.forward = functools.partial(checkpoint, inner, use_reentrant=False)
+                wrapped += 1
+    return wrapped
+
+
+def measure_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of a large fp32 matmul on this CPU right now: the yardstick for CPU utilisation."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times)
+
+
+def _peak_flops(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return peak, f"{key} dense bf16"
+        return GPU_PEAK_FLOPS["H100"], f"H100 dense bf16 (unknown GPU {name})"
+    return measure_matmul_flops(), "measured fp32 matmul on this CPU"
+
+
+def _memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Trainer:
+    """Owns the engine, the loader, the loggers and the loop. Build, then `fit()`."""
+
+    def __init__(self, cfg: Config, resume: bool = False, progress: bool = True):
+        self.cfg = cfg
+        self.resume = resume
+        self.progress = progress and dist.is_main()
+        self.out_dir = Path(cfg.train.out_dir)
+        self.ckpt_dir = cfg.checkpoint_dir
+        self.device = dist.pick_device(cfg.train.device)
+        dist.init(self.device)
+        self.rank, self.world = dist.rank(), dist.world_size()
+        self.autocast_dtype = torch.bfloat16 if (cfg.train.precision == "bf16" and self.device.type == "cuda") else None
+        if cfg.train.precision == "bf16" and self.device.type == "cpu":
+            dist.print0("note: train.precision=bf16 on CPU runs fp32 (bf16 matmuls are ~300x slower on CPU)")
+        self.preemption = _Preemption()
+        self.step = 0
+        self.bytes_seen = 0
+        self.last_eval: dict[str, float] = {}
+        self._build()
+
+    # ----------------------------------------------------------------------------- building
+    def _build(self) -> None:
+        import deepspeed
+
+        from pico.model import build_model
+        from pico.pipeline.data import ByteBatches, resolve_shards
+        from pico.pipeline.optim import build_optimizer
+
+        cfg = self.cfg
+        start = ckpt.latest_checkpoint(self.ckpt_dir) if self.resume else None
+        if not self.resume and ckpt.latest_checkpoint(self.ckpt_dir) is not None:
+            raise UserError(f"{self.ckpt_dir} already holds checkpoints; pass --resume to continue that run, or "
+                            "choose a new train.out_dir (or checkpoint.dir)")
+        if self.resume and start is None:
+            dist.print0(f"--resume: no complete checkpoint under {self.ckpt_dir}; starting from step 0")
+        if start is not None:
+            self._check_resumable(start)
+
+        if not cfg.data.train:
+            raise UserError("data.train is empty: pass shard directories, e.g. --data.train=[runs/shards] "
+                            "(make them with `pico prep`)")
+        self.train_shards = resolve_shards(cfg.data.train, "train")
+        self.val_shards = resolve_shards(cfg.data.val or cfg.data.train, "val")
+
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg.model)
+        self.flops_per_byte = model.flops_per_byte(training=True)
+        self.n_params = sum(p.numel() for p in model.parameters())
+        if cfg.train.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        model.to(self.device)
+        self.optimizer = build_optimizer(list(model.named_parameters()), cfg.optim)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer,
+                                                    config=deepspeed_config(cfg))
+        if cfg.train.compile:
+            self.engine.compile()
+        self.loader = ByteBatches(self.train_shards, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
+                                  extra=cfg.model.n_predict, rank=self.rank, world_size=self.world,
+                                  num_workers=cfg.data.num_workers, seed=cfg.train.seed,
+                                  shuffle_buffer=cfg.data.shuffle_buffer, skip_corrupt=cfg.data.skip_corrupt)
+        if start is not None:
+            self._load(start)
+        if dist.is_main():
+            save_config(cfg, self.out_dir)
+        from pico.pipeline.metrics import MetricsLogger
+
+        self.logger = MetricsLogger(self.out_dir, cfg.logging, cfg.to_dict(), resume=start is not None)
+
+    def _check_resumable(self, path: Path) -> None:
+        state = ckpt.read_run_state(path)
+        if state.get("world_size") != self.world:
+            raise UserError(f"checkpoint {path} was written by {state.get('world_size')} ranks and this run has "
+                            f"{self.world}; the loader position and the sharded optimizer state are per rank, so "
+                            "resume with the same number of ranks (or convert it and start a new run)")
+        saved_model = state["config"]["model"]
+        now_model = self.cfg.to_dict()["model"]
+        if saved_model != now_model:
+            diff = sorted(k for k in now_model if saved_model.get(k) != now_model[k])
+            raise UserError(f"checkpoint {path} has a different model config (keys: {', '.join(diff)}); resume "
+                            "with the config saved in the run directory (config.yaml)")
+
+    def _load(self, path: Path) -> None:
+        soap = self.cfg.optim.name == "soap"
+        load_path, _ = self.engine.load_checkpoint(str(path), tag=ckpt.DS_TAG, load_optimizer_states=not soap,
+                                                   load_lr_scheduler_states=False)
+        if load_path is None:
+            raise UserError(f"DeepSpeed could not load {path / ckpt.DS_TAG}; the checkpoint is incomplete")
+        rank_state = ckpt.load_rank_state(path)
+        if soap:
+            self.optimizer.load_state_dict(rank_state["optimizer"])
+        self.loader.load_state_dict(rank_state["loader"])
+        ckpt.set_rng_state(rank_state["rng"])
+        run_state = ckpt.read_run_state(path)
+        self.step = int(run_state["step"])
+        self.bytes_seen = int(run_state["bytes_seen"])
+        self.last_eval = run_state.get("eval") or {}
+        dist.print0(f"resumed from {path} at step {self.step}")
+
+    # ----------------------------------------------------------------------------- saving
+    def save(self) -> Path:
+        rank_state = {"loader": self.loader.state_dict(), "rng": ckpt.rng_state()}
+        if self.cfg.optim.name == "soap":
+            rank_state["optimizer"] = self.optimizer.state_dict()
+        run_state = {"step": self.step, "bytes_seen": self.bytes_seen, "world_size": self.world,
+                     "zero_stage": self.cfg.train.zero_stage, "optimizer": self.cfg.optim.name,
+                     "n_params": self.n_params, "flops_per_byte": self.flops_per_byte,
+                     "eval": self.last_eval, "config": self.cfg.to_dict(), "time": time.time()}
+        path = ckpt.save(self.engine, self.ckpt_dir, self.step, rank_state, run_state, self.cfg.checkpoint.keep_last)
+        dist.print0(f"checkpoint: {path}")
+        return path
+
+    # ----------------------------------------------------------------------------- eval
+    def _val_batches(self, max_batches: int | None):
+        from pico.pipeline.data import eval_sequences
+
+        cfg = self.cfg
+        batches = eval_sequences(self.val_shards, seq_len=cfg.data.seq_len, extra=cfg.model.n_predict,
+                                 batch_size=cfg.data.batch_size, rank=self.rank, world_size=self.world,
+                                 max_batches=max_batches)
+        if cfg.train.zero_stage == 3 and self.world > 1:
+            # Every rank must join every ZeRO-3 forward, even when it has no batch of its own.
+            batches = _lockstep(batches, (cfg.data.batch_size, cfg.data.seq_len + cfg.model.n_predict))
+        return batches
+
+    def evaluate(self) -> dict[str, float]:
+        """Validation bits per byte with causal routing (and top-k routing on a few batches)."""
+        from pico.pipeline.evaluate import evaluate
+
+        n = self.cfg.train.eval_batches or None
+        result = evaluate(self.engine.module, self._val_batches(n), self.device, routing="causal",
+                          autocast_dtype=self.autocast_dtype)
+        if self.cfg.model.router == "learned":
+            topk = evaluate(self.engine.module, self._val_batches(min(4, n or 4)), self.device, routing="topk",
+                            autocast_dtype=self.autocast_dtype)
+            result["bpb_topk_4batches"] = topk["bpb"]
+        self.last_eval = result
+        self._routing_picture()
+        return result
+
+    def _routing_picture(self) -> None:
+        if self.cfg.model.router == "none":
+            return
+        from pico.pipeline.data import eval_sequences
+        from pico.pipeline.routing_viz import render_html, render_png
+
+        if not hasattr(self, "_picture_sample"):
+            first = next(iter(eval_sequences(self.val_shards, seq_len=self.cfg.data.seq_len, extra=0, batch_size=1,
+                                             rank=0, world_size=1, max_batches=1)))
+            self._picture_sample = (first[0] if isinstance(first, (tuple, list)) else first)[0][:384]
+        sample = self._picture_sample.to(self.device)
+        module = self.engine.module
+        module.eval()
+        with torch.no_grad():
+            out = module(sample[None], routing="causal")
+        module.train()
+        if not dist.is_main() or out.routed is None:
+            return
+        folder = self.out_dir / "routing"
+        folder.mkdir(parents=True, exist_ok=True)
+        data, routed = sample.tolist(), out.routed[0].tolist()
+        name = f"step_{self.step:06d}"
+        title = f"pico routing at step {self.step} ({self.cfg.model.router} router, causal decisions)"
+        (folder / f"{name}.html").write_text(render_html(data, routed, None, title))
+        render_png(data, routed, folder / f"{name}.png", title)
+        for ext in ("html", "png"):
+            latest = folder / f"latest.{ext}"
+            latest.unlink(missing_ok=True)
+            latest.write_bytes((folder / f"{name}.{ext}").read_bytes())
+        self.logger.log_media(self.step, folder / f"{name}.png", folder / f"{name}.html")
+
+    # ----------------------------------------------------------------------------- loop
+    def fit(self) -> dict[str, Any]:
+        """Train to `train.steps`; returns a summary. Raises TrainingDiverged on NaN/inf loss."""
+        from pico.model import make_targets
+        from pico.pipeline.optim import lr_at
+
+        cfg = self.cfg
+        self.preemption.install()
+        peak, peak_kind = _peak_flops(self.device)
+        bytes_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.train.grad_accum * self.world
+        it = iter(self.loader)
+        window_t, window_steps, rates = time.perf_counter(), 0, []
+        bar = _progress(self.progress, cfg.train.steps, self.step)
+        exit_reason = "completed"
+        dist.print0(f"training {self.n_params / 1e6:.2f}M parameters, {self.flops_per_byte / 1e6:.2f} MFLOP/byte, "
+                    f"{self.world} rank(s) on {self.device.type}, ZeRO-{cfg.train.zero_stage}, {cfg.optim.name}")
+        while self.step < cfg.train.steps:
+            lr = lr_at(self.step, cfg.optim, cfg.train.steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            losses, heads, stats, grad_norm, bad = [], [], {}, None, False
+            for micro in range(cfg.train.grad_accum):
+                batch = next(it).to(self.device, non_blocking=True)
+                idx, targets = make_targets(batch)
+                with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                    out = self.engine(idx, targets)
+                if not torch.isfinite(out.loss.detach()):
+                    bad = True
+                self.engine.backward(out.loss)
+                if self.engine.is_gradient_accumulation_boundary() and cfg.train.zero_stage == 0:
+                    grad_norm = _grad_norm(self.engine.module)
+                self.engine.step()
+                losses.append(float(out.loss.detach()))
+                heads.append(out.head_losses.detach().float().cpu())
+                for k, v in (out.stats or {}).items():
+                    stats[k] = stats.get(k, 0.0) + float(v) / cfg.train.grad_accum
+            self.step += 1
+            self.bytes_seen += bytes_per_step
+            window_steps += 1
+            bad_any = dist.any_rank(bad)
+            if bad_any:
+                raise TrainingDiverged(
+                    f"loss is NaN or infinite at step {self.step} (loader position {self.loader.state_dict()}); "
+                    f"the last good checkpoint is kept in {self.ckpt_dir}. Lower optim.lr or raise "
+                    "optim.warmup_steps, then resume with --resume")
+            if grad_norm is None:
+                grad_norm = self.engine.get_global_grad_norm()
+            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
+                elapsed = time.perf_counter() - window_t
+                bps = window_steps * bytes_per_step / elapsed
+                rates.append(bps)
+                head = dist.all_reduce_mean(torch.stack(heads).mean(0))
+                loss = float(dist.all_reduce_mean(torch.tensor(sum(losses) / len(losses))))
+                metrics = {"loss": loss, "bpb_train": float(head[0]) / math.log(2), "lr": lr,
+                           "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                           "bytes_per_s": bps, "bytes_seen": self.bytes_seen, "memory_mb": _memory_mb(self.device),
+                           "flops_per_s": bps * self.flops_per_byte,
+                           "mfu": bps * self.flops_per_byte / peak / (self.world if self.device.type == "cuda" else 1)}
+                metrics.update({f"loss_head{h + 1}": float(v) for h, v in enumerate(head)})
+                metrics.update({f"router/{k}": v for k, v in stats.items()})
+                self.logger.log(self.step, metrics)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss:.3f}", bpb=f"{metrics['bpb_train']:.3f}", kBps=f"{bps / 1e3:.1f}")
+                window_t, window_steps = time.perf_counter(), 0
+            if bar is not None:
+                bar.update(1)
+            preempted = dist.any_rank(self.preemption.requested)
+            last = self.step == cfg.train.steps
+            if self.step % cfg.train.eval_every == 0 or last:
+                t0 = time.perf_counter()
+                result = self.evaluate()
+                self.logger.log(self.step, {f"val/{k}": v for k, v in result.items()})
+                dist.print0(f"step {self.step}: val bpb {result['bpb']:.4f}")
+                window_t += time.perf_counter() - t0  # eval time does not count against throughput
+            if self.step % cfg.checkpoint.every == 0 or last or preempted:
+                t0 = time.perf_counter()
+                self.save()
+                window_t += time.perf_counter() - t0
+            if preempted:
+                exit_reason = "preempted"
+                dist.print0(f"received {self.preemption.signal_name or 'a stop signal'}: checkpoint saved at step "
+                            f"{self.step}; rerun with --resume")
+                break
+        if bar is not None:
+            bar.close()
+        summary = {"status": exit_reason, "step": self.step, "bytes_seen": self.bytes_seen,
+                   "n_params": self.n_params, "flops_per_byte": self.flops_per_byte,
+                   "bytes_per_s_median": statistics.median(rates) if rates else None,
+                   "peak_flops": peak, "peak_kind": peak_kind,
+                   "eval": self.last_eval, "out_dir": str(self.out_dir),
+                   "checkpoint": str(ckpt.latest_checkpoint(self.ckpt_dir) or ""),
+                   "wandb_dir": self.logger.wandb_dir, "routing_picture": str(self.out_dir / "routing" / "latest.png")}
+        if summary["bytes_per_s_median"]:
+            summary["mfu_median"] = summary["bytes_per_s_median"] * self.flops_per_byte / peak
+        self.logger.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+        self.logger.close()
+        return summary
+
+
+def _grad_norm(module: torch.nn.Module) -> float:
+    total = torch.zeros((), dtype=torch.float64)
+    for p in module.parameters():
+        if p.grad is not None:
+            total += p.grad.detach().double().pow(2).sum().cpu()
+    return float(total.sqrt())
+
+
+def _lockstep(batches, shape):
+    """Yield this rank's batches, then all-PAD batches until every rank is done (ZeRO-3 forwards are collective)."""
+    from pico.model.config import PAD
+
+    it = iter(batches)
+    while True:
+        item = next(it, None)
+        if not dist.any_rank(item is not None):
+            return
+        yield item if item is not None else torch.full(shape, PAD, dtype=torch.long)
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+
+
+def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Build a Trainer and run it; the Python entry point of `pico train`."""
+    trainer = Trainer(cfg, resume=resume, progress=progress)
+    return trainer.fit()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="quickstart",
+                   help="YAML config file, or the name of a packaged one (quickstart, pico-125m, pico-1b, ...)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint in the run's checkpoint directory "
+                        "(starts fresh when there is none, so the same command serves first start and requeue)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout at the end (rank 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
+    p.add_argument("--help-config", action="store_true", help="list every config key with its meaning and exit")
 
 
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("pico train: not built yet (see the training issue)")
+    if args.help_config:
+        print(describe_config())
+        return 0
+    cfg = load_config(args.config, args.overrides)
+    try:
+        summary = train(cfg, resume=args.resume, progress=not args.no_progress)
+    except ConfigError:
+        raise
+    if args.json and dist.is_main():
+        print(json.dumps(summary, default=str))
+    return EXIT_PREEMPTED if summary["status"] == "preempted" else 0

@@ -1,0 +1,193 @@
+"""Checkpoints that are complete or absent.
+
+Layout of one checkpoint (all ranks write into a temporary directory on a shared filesystem;
+rank 0 renames it once every rank has finished, so a directory named `step_*` is complete):
+
+    <checkpoint dir>/step_000200/
+        ds/                    DeepSpeed's own files (model, ZeRO partitions, client optimizer)
+        rank00000.pt           per rank: loader position, RNG states, sharded optimizer state
+        pico_state.json        step, bytes seen, world size, the resolved config, last metrics
+
+`--resume` loads the newest complete `step_*`. Older ones beyond `checkpoint.keep_last` are
+deleted. `load_model_state()` turns any checkpoint (ZeRO 0-3, any rank count) into a plain
+fp32 state dict for eval, generate and convert.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pico.pipeline import dist
+from pico.pipeline.errors import UserError
+
+STEP_RE = re.compile(r"^step_(\d{6,})$")
+DS_TAG = "ds"
+STATE_FILE = "pico_state.json"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.iterdir() if p.is_dir() and STEP_RE.match(p.name) and (p / STATE_FILE).exists()]
+    return sorted(found, key=lambda p: int(STEP_RE.match(p.name).group(1)))  # type: ignore[union-attr]
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    found = list_checkpoints(ckpt_dir)
+    return found[-1] if found else None
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(engine, ckpt_dir: Path, step: int, rank_state: dict[str, Any], run_state: dict[str, Any],
+         keep_last: int) -> Path:
+    """Collective: every rank calls it. Returns the final directory."""
+    final = ckpt_dir / step_dir_name(step)
+    tmp = ckpt_dir / f".tmp-{step_dir_name(step)}"
+    if dist.is_main():
+        if tmp.exists():
+            shutil.rmtree(tmp)  # debris of a save that was killed
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+    part = tmp / f"rank{dist.rank():05d}.pt"
+    torch.save(rank_state, str(part) + ".part")
+    os.replace(str(part) + ".part", part)
+    dist.barrier()
+    if dist.is_main():
+        missing = [r for r in range(dist.world_size()) if not (tmp / f"rank{r:05d}.pt").exists()]
+        if missing:
+            raise RuntimeError(f"checkpoint {tmp}: rank files {missing} are missing; is {ckpt_dir} on a "
+                               "filesystem shared by all nodes?")
+        (tmp / STATE_FILE).write_text(json.dumps(run_state, indent=1, default=str))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(ckpt_dir)
+        for old in list_checkpoints(ckpt_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def read_run_state(path: Path) -> dict[str, Any]:
+    f = Path(path) / STATE_FILE
+    if not f.exists():
+        raise UserError(f"{path} is not a complete pico checkpoint (no {STATE_FILE}); pass a step_* directory "
+                        "or the checkpoint directory that holds them")
+    return json.loads(f.read_text())
+
+
+def load_rank_state(path: Path) -> dict[str, Any]:
+    f = Path(path) / f"rank{dist.rank():05d}.pt"
+    if not f.exists():
+        raise UserError(f"checkpoint {path} has no {f.name}: it was written by fewer ranks than this run has "
+                        f"({dist.world_size()}). Resume with the same number of ranks")
+    # Our own file: loader positions, RNG states (numpy arrays, python tuples), optimizer tensors.
+    return torch.load(f, map_location="cpu", weights_only=False)
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A step_* directory, or a checkpoint directory / run directory holding them -> newest step."""
+    p = Path(path)
+    if (p / STATE_FILE).exists():
+        return p
+    for cand in (p, p / "checkpoints"):
+        latest = latest_checkpoint(cand)
+        if latest is not None:
+            return latest
+    raise UserError(f"no complete pico checkpoint under {p}: expected a step_NNNNNN directory with "
+                    f"{STATE_FILE}, a checkpoints/ directory, or a run directory")
+
+
+def load_model_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """fp32 model state dict and run state of a checkpoint, whatever its ZeRO stage and rank count."""
+    ckpt = resolve_checkpoint(path)
+    run_state = read_run_state(ckpt)
+    ds_dir = ckpt / DS_TAG
+    stage = int(run_state.get("zero_stage", 0))
+    if stage == 3:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        try:
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DS_TAG)
+        except (FileNotFoundError, ValueError) as e:
+            raise UserError(f"checkpoint {ckpt} is incomplete or corrupt (ZeRO-3 partitions): {e}") from None
+    else:
+        f = ds_dir / "mp_rank_00_model_states.pt"
+        if not f.exists():
+            raise UserError(f"checkpoint {ckpt} lacks {f.relative_to(ckpt)}; it is incomplete, use another step")
+        # DeepSpeed's own file format is a pickle; we read only files our trainer wrote.
+        sd = torch.load(f, map_location="cpu", weights_only=False)["module"]
+    sd = {k.removeprefix("module."): v.float() for k, v in sd.items()}
+    return sd, run_state
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """A ready-to-run model (eval mode) from a release directory or a training checkpoint.
+
+    Returns (model, info) where info holds the source kind and whatever the source recorded
+    (steps, bytes seen, eval bpb)."""
+    from pico.model import build_model
+    from pico.pipeline.config import from_dict
+    from pico.model.config import ModelConfig
+
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"model path {p} does not exist; pass a release directory (from `pico convert`) or a "
+                        "checkpoint / run directory (from `pico train`)")
+    if (p / "model.safetensors").exists() or (p / "config.json").exists():
+        from pico.pipeline.release import load_release
+
+        model, info = load_release(p)
+        return model.to(device).eval(), {"kind": "release", **info}
+    try:
+        sd, run_state = load_model_state(p)
+    except UserError as e:
+        raise UserError(f"{p} is neither a release (model.safetensors + config.json) nor a training checkpoint: {e}") from None
+    cfg = from_dict(ModelConfig, run_state["config"]["model"], "model")
+    model = build_model(cfg)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise UserError(f"checkpoint {p} does not match its own model config: missing {missing[:5]}, "
+                        f"unexpected {unexpected[:5]}")
+    return model.to(device).eval(), {"kind": "checkpoint", "path": str(resolve_checkpoint(p)), **{
+        k: run_state.get(k) for k in ("step", "bytes_seen", "eval", "zero_stage", "world_size")}}

@@ -1,0 +1,100 @@
+"""Distributed boilerplate in one place: rank from the environment, one init, print on rank 0.
+
+The same entry point runs as one process or under torchrun/deepspeed/srun: the launcher sets
+RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; a bare process gets a world of one
+on a free loopback port (DeepSpeed insists on a process group even then).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import torch
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def print0(*args, **kwargs) -> None:
+    """Print on rank 0 only, to stderr (stdout is reserved for --json output)."""
+    if is_main():
+        kwargs.setdefault("file", sys.stderr)
+        kwargs.setdefault("flush", True)
+        print(*args, **kwargs)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pick_device(requested: str) -> torch.device:
+    """'auto' -> this rank's CUDA device when there is one, else CPU."""
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
+        torch.cuda.set_device(local_rank())
+        return torch.device("cuda", local_rank())
+    return torch.device("cpu")
+
+
+def init(device: torch.device) -> None:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU); idempotent."""
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
+    if device.type == "cpu":
+        # Must be set before deepspeed is imported, or it probes for (and may pick) a GPU.
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    import deepspeed
+
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                                   auto_mpi_discovery=False, verbose=False)
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized() and world_size() > 1:
+        torch.distributed.barrier()
+
+
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    """Mean of a float tensor over ranks (a copy; the input is untouched)."""
+    out = values.detach().clone().float()
+    if torch.distributed.is_initialized() and world_size() > 1:
+        torch.distributed.all_reduce(out)
+        out /= world_size()
+    return out
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    out = values.detach().clone()
+    if torch.distributed.is_initialized() and world_size() > 1:
+        torch.distributed.all_reduce(out)
+    return out
+
+
+def any_rank(flag: bool) -> bool:
+    """True when `flag` is true on any rank (used to agree on stopping together)."""
+    t = torch.tensor([1.0 if flag else 0.0])
+    if torch.distributed.is_initialized() and world_size() > 1:
+        if torch.distributed.get_backend() == "nccl":
+            t = t.cuda()
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item() > 0)

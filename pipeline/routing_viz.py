@@ -1,0 +1,81 @@
+"""The routing picture: a text sample with the bytes the router sent to the latent blocks
+highlighted, as HTML (exact bytes, hover for the score) and PNG (for W&B and READMEs)."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import torch
+
+
+def _glyph(b: int) -> str:
+    if b == 10:
+        return "\u21b5"
+    if 32 <= b < 127:
+        return chr(b)
+    if b >= 256:
+        return "\u2205"
+    return "\u00b7"  # non-ASCII and control bytes: one dot per byte keeps the grid aligned
+
+
+def render_html(data: list[int], routed: list[bool], scores: list[float] | None, title: str) -> str:
+    cells = []
+    for i, (b, r) in enumerate(zip(data, routed)):
+        tip = f"byte {i}: {b}" + (f", score {scores[i]:.2f}" if scores else "")
+        ch = html.escape(_glyph(b))
+        style = "background:#f4a261;font-weight:bold" if r else ""
+        cells.append(f'<span title="{tip}" style="{style}">{ch}</span>' + ("<br>" if b == 10 else ""))
+    share = sum(routed) / max(1, len(routed))
+    return (f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
+            f"<body><h3>{html.escape(title)}</h3><p>routed {sum(routed)}/{len(routed)} bytes ({share:.1%}); "
+            "highlighted bytes went through the latent blocks</p>"
+            f"<pre style='font-size:14px;line-height:1.6'>{''.join(cells)}</pre></body></html>")
+
+
+def render_png(data: list[int], routed: list[bool], path: Path, title: str, cols: int = 96) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    rows = max(1, (len(data) + cols - 1) // cols)
+    fig, ax = plt.subplots(figsize=(cols * 0.13, rows * 0.26 + 0.6))
+    for i, (b, r) in enumerate(zip(data, routed)):
+        x, y = i % cols, rows - 1 - i // cols
+        if r:
+            ax.add_patch(Rectangle((x, y), 1, 1, color="#f4a261"))
+        ax.text(x + 0.5, y + 0.5, _glyph(b), ha="center", va="center", family="monospace", fontsize=7)
+    ax.set_xlim(0, cols)
+    ax.set_ylim(0, rows)
+    ax.axis("off")
+    ax.set_title(f"{title}  (orange: routed, {sum(routed)}/{len(routed)})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def routing_picture(model, sample: torch.Tensor, out_dir: Path, name: str, title: str,
+                    routing: str = "causal") -> tuple[Path, Path] | None:
+    """Run `model` on one sequence (1-D byte ids) and write `<name>.html` and `<name>.png`."""
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(sample[None], routing=routing)
+    finally:
+        model.train(was_training)
+    if out.routed is None:
+        return None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = sample.tolist()
+    routed = out.routed[0].tolist()
+    scores = None
+    if getattr(out, "scores", None) is not None:
+        scores = out.scores[0].float().tolist()
+    html_path = out_dir / f"{name}.html"
+    html_path.write_text(render_html(data, routed, scores, title))
+    png_path = out_dir / f"{name}.png"
+    render_png(data, routed, png_path, title)
+    return png_path, html_path
