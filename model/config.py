@@ -56,7 +56,9 @@ class ModelConfig:
     n_predict: int = 4
     """Multi-token-prediction heads: head h predicts byte t+h (h = 1..n_predict)."""
     mtp_weight: float = 0.5
-    """Loss weight of heads 2..n_predict relative to the next-byte head (head 1 always has weight 1)."""
+    """Loss weight of the mean CE of heads 2..n_predict, added to head 1's CE (head 1 always has weight 1)."""
+    mtp_mlp_ratio: float = 1.0
+    """Hidden width of the small SwiGLU residual MLP each head 2..n_predict owns, as a multiple of d_local (rounded up to a multiple of 64)."""
     max_seq_len: int = 512
     """Longest sequence the model is trained or run on (bytes per training sequence)."""
     norm_eps: float = 1e-5
@@ -80,6 +82,8 @@ class ModelConfig:
         need(self.n_predict >= 1, f"n_predict={self.n_predict} must be >= 1")
         need(0.0 < self.capacity <= 1.0, f"capacity={self.capacity} must be in (0, 1]")
         need(self.max_seq_len >= 2, "max_seq_len must be >= 2")
+        need(self.mtp_mlp_ratio > 0, f"mtp_mlp_ratio={self.mtp_mlp_ratio} must be > 0")
+        need(self.mtp_weight >= 0 and self.aux_loss_weight >= 0, "mtp_weight and aux_loss_weight must be >= 0")
         if self.router != "none":
             need(self.n_latent > 0, f"router={self.router} needs n_latent > 0 (or set router: none)")
             need(self.n_latent_heads % self.n_latent_kv_heads == 0,

@@ -1,0 +1,74 @@
+"""FLOPs per byte and parameter counts of a ModelConfig, without building the model.
+
+Conventions (SpaceByte's and Chinchilla's): a multiply-add is 2 FLOPs; only matrix products are
+counted (norms, softmax, activations, the embedding lookup and the loss are a few percent at
+most and are left out). A forward pass over a sequence of T = max_seq_len bytes, per byte:
+
+- each local block: projections 2 * d_local * (q + k + v + out widths), SwiGLU 2 * 3 * d_local *
+  hidden, attention 2 * 2 * d_local * keys where keys = mean over t < T of min(t + 1, window)
+  (the keys a causal windowed query actually sees);
+- the router: 2 * d_local;
+- the latent path, per routed position, times k / T with k = ceil(capacity * T) routed positions:
+  the two projections 2 * 2 * d_local * d_latent, and each latent block as above at width
+  d_latent with keys = (k + 1) / 2 (causal among the routed positions, no window). `spacelike`
+  is counted at the same k: training pads its slots to k, so that is what it costs;
+- the heads: 2 * d_local * 259 each, plus each draft head's SwiGLU 2 * 3 * d_local * hidden.
+
+Inference FLOPs per byte = that forward (self-speculative decoding evaluates every head on every
+pass); training = 3 x forward (the backward pass costs twice the forward).
+"""
+
+from __future__ import annotations
+
+from pico.model.config import VOCAB_SIZE, ModelConfig
+from pico.model.pico import hidden_width, n_routed
+
+
+def _block_macs(d: int, n_heads: int, n_kv_heads: int, mlp_ratio: float, keys: float) -> float:
+    """Multiply-adds of one block for one query position that attends to `keys` keys."""
+    head_dim = d // n_heads
+    proj = d * (n_heads + 2 * n_kv_heads) * head_dim + d * d
+    return proj + 3 * d * hidden_width(d, mlp_ratio) + 2 * d * keys
+
+
+def _block_params(d: int, n_heads: int, n_kv_heads: int, mlp_ratio: float) -> int:
+    head_dim = d // n_heads
+    return 2 * d + d * (n_heads + 2 * n_kv_heads) * head_dim + d * d + 3 * d * hidden_width(d, mlp_ratio)
+
+
+def flops_breakdown(cfg: ModelConfig) -> dict[str, float]:
+    """Forward FLOPs per byte by part: local, router, latent, heads (and their total)."""
+    T = cfg.max_seq_len
+    local_keys = sum(min(t + 1, cfg.window) for t in range(T)) / T
+    local = (cfg.n_in + cfg.n_out) * _block_macs(cfg.d_local, cfg.n_heads, cfg.n_kv_heads, cfg.mlp_ratio, local_keys)
+    router = latent = 0.0
+    if cfg.router != "none":
+        k = n_routed(cfg.capacity, T)
+        per_routed = 2 * cfg.d_local * cfg.d_latent + cfg.n_latent * _block_macs(
+            cfg.d_latent, cfg.n_latent_heads, cfg.n_latent_kv_heads, cfg.mlp_ratio, (k + 1) / 2)
+        latent = per_routed * k / T
+        router = cfg.d_local if cfg.router == "learned" else 0.0
+    heads = cfg.n_predict * cfg.d_local * VOCAB_SIZE + (cfg.n_predict - 1) * 3 * cfg.d_local * hidden_width(
+        cfg.d_local, cfg.mtp_mlp_ratio)
+    parts = {"local": 2 * local, "router": 2 * router, "latent": 2 * latent, "heads": 2 * heads}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def flops_per_byte(cfg: ModelConfig, training: bool = True) -> float:
+    """Training (3 x forward) or inference (forward) FLOPs per byte of cfg."""
+    fwd = flops_breakdown(cfg)["total"]
+    return 3 * fwd if training else fwd
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """Trainable parameters of `build_model(cfg)`, counted from the config alone."""
+    d = cfg.d_local
+    n = VOCAB_SIZE * d * 2 + d  # embedding, unembedding, final norm
+    n += (cfg.n_in + cfg.n_out) * _block_params(d, cfg.n_heads, cfg.n_kv_heads, cfg.mlp_ratio)
+    if cfg.router != "none":
+        n += d + d + 1  # router norm, score weight and bias
+        n += 2 * d * cfg.d_latent + cfg.d_latent  # projections in and out, latent norm
+        n += cfg.n_latent * _block_params(cfg.d_latent, cfg.n_latent_heads, cfg.n_latent_kv_heads, cfg.mlp_ratio)
+    n += (cfg.n_predict - 1) * (d + 3 * d * hidden_width(d, cfg.mtp_mlp_ratio))
+    return n

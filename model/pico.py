@@ -1,0 +1,429 @@
+"""Pico: a byte-level language model that learns where to spend compute.
+
+The network, top to bottom:
+
+    bytes (B, T) -> embedding -> n_in local blocks -> router -> n_latent latent blocks on the
+    routed positions only -> n_out local blocks -> final norm -> n_predict heads (bytes t+1..t+n)
+
+Design choices and their sources:
+
+- **Local blocks** (every byte, width `d_local`): pre-RMSNorm; causal sliding-window attention
+  (a byte sees itself and `window - 1` bytes before it) with grouped-query attention
+  (`n_heads` query heads share `n_kv_heads` key/value heads; Ainslie et al. 2023); ALiBi biases
+  and no position embeddings (Press et al. 2022, "Train Short, Test Long"), so a model can run on
+  any absolute position; SwiGLU MLP (Shazeer 2020); no biases anywhere but the router's scalar.
+  Attention runs through `F.scaled_dot_product_attention` with an additive float mask that holds
+  both the ALiBi bias and the window, built from absolute positions (`attention_bias`) and cached
+  per (T, device, dtype). `Attention` is split into `qkv` and `attend` so that an inference cache
+  can concatenate past keys/values and pass their absolute positions to `attention_bias`.
+- **Router** (Mixture-of-Depths, Raposo et al. 2024, expert choice): a scalar score per position,
+  read from the RMS-normalised residual after the `n_in` local blocks. In training
+  (`routing="topk"`) the top k = ceil(capacity * T) positions of each sequence are gathered in
+  position order, run through the latent blocks, projected back, multiplied by the router weight
+  *of the selected positions* (gathered with the same indices, not the first k weights) and added
+  to the residual at those positions. `router_gate: sigmoid` multiplies by sigmoid(score);
+  `straight_through` multiplies by 1 in the forward pass and passes sigmoid's gradient.
+- **Causal routing** (`routing="causal"`, inference): top-k looks at the future, so the router
+  is also trained with an auxiliary BCE loss whose logit is the score and whose target is top-k
+  membership (MoD section 3.5, the "auxiliary loss" option); at inference a position is routed
+  when its own score is > 0. `stats["causal_agreement"]` measures how often the two agree.
+- **Latent blocks** (width `d_latent`, the same block type): causal among the routed positions,
+  with ALiBi distances taken from their original byte positions and no window (a sequence
+  routes at most capacity * max_seq_len positions). Projections `d_local -> d_latent` in and
+  RMSNorm + `d_latent -> d_local` out.
+- **Baselines, same code** (`router`): `learned` is the above. `spacelike` routes SpaceByte's
+  rule positions (Slagle 2024; see `spacelike.py`) with the same latent blocks and a gate of 1.
+  Its count varies per sequence: it routes at most the first k = ceil(capacity * T) rule
+  positions (a causal cap: whether t is routed depends on bytes <= t only), padded to k slots in
+  training so that its cost is exactly what `flops_per_byte` counts; set `capacity` a little above
+  the corpus's rule rate (English prose: about 0.17-0.2; `stats["rule_dropped_frac"]` says how
+  many rule positions the cap dropped). In causal mode the cap is ceil(capacity * max_seq_len)
+  and the slots are padded only to the batch's largest count. `none` is a plain byte-level
+  Transformer: the `n_in + n_out` local blocks and nothing else (give it a larger `window`).
+- **Padded slots** (causal routing, spacelike) sit after every real slot with position T, so
+  that causal masking keeps real positions from seeing them, and carry a gate of 0.
+- **Multi-token prediction** (Gloeckle et al. 2024, "Better & Faster Large Language Models via
+  Multi-token Prediction"): head 1 is final norm + unembedding; head h >= 2 first adds its own
+  small SwiGLU residual MLP (`mtp_mlp_ratio`) to the trunk output, then shares the final norm
+  and unembedding, so each draft head has capacity of its own for self-speculative decoding.
+  Heads are evaluated one after another, so only one (B, T, 259) logit tensor is live at a time
+  in the forward pass. Loss = CE_1 + mtp_weight * mean(CE_2..CE_n) + aux_loss_weight * aux: the
+  mean keeps the loss scale independent of n_predict.
+- **Initialisation**: normal(0, init_std) for every matrix, residual output projections scaled
+  by 1/sqrt(2 * blocks) (GPT-2), norms at 1, router bias at 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pico.model.config import PAD, VOCAB_SIZE, ModelConfig
+from pico.model.spacelike import spacelike_boundaries
+
+IGNORE = -100  # target id that contributes no loss (cross_entropy's ignore_index)
+
+
+def hidden_width(d: int, ratio: float) -> int:
+    """SwiGLU hidden width: ratio * d rounded up to a multiple of 64."""
+    return 64 * math.ceil(ratio * d / 64)
+
+
+def n_routed(capacity: float, T: int) -> int:
+    """Positions routed per sequence of T bytes: ceil(capacity * T), at least 1."""
+    return max(1, math.ceil(round(capacity * T, 6)))
+
+
+def make_targets(seq: torch.Tensor, n_predict: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split packed bytes (B, T + n_predict) into inputs (B, T) and targets (B, T, n_predict).
+
+    targets[..., h-1] = seq[:, h:h+T] (head h predicts byte t+h). PAD targets become -100 so that
+    padding never trains any head. Pass the model's `n_predict` (or use `Pico.make_targets`);
+    the forward pass rejects targets whose last dimension does not match the model.
+    """
+    T = seq.shape[1] - n_predict
+    if T < 1:
+        raise ValueError(f"make_targets: sequence of {seq.shape[1]} ids is too short for n_predict={n_predict}")
+    targets = torch.stack([seq[:, h:h + T] for h in range(1, n_predict + 1)], dim=-1)
+    return seq[:, :T], targets.masked_fill(targets == PAD, IGNORE)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """ALiBi head slopes (Press et al. 2022): 2^(-8i/n) for i = 1..n, interleaved for non-powers of 2."""
+    def powers(n: int) -> list[float]:
+        return [2.0 ** (-8.0 * i / n) for i in range(1, n + 1)]
+
+    p = 2 ** math.floor(math.log2(n_heads))
+    slopes = powers(p) + powers(2 * p)[0::2][: n_heads - p]
+    return torch.tensor(slopes)
+
+
+def attention_bias(pos_q: torch.Tensor, pos_k: torch.Tensor, slopes: torch.Tensor,
+                   window: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Additive attention mask from absolute byte positions: ALiBi, causality and the window.
+
+    pos_q (..., Tq) and pos_k (..., Tk) hold positions; the result is (..., H, Tq, Tk) with
+    -slope * (q - k) where key k is visible (0 <= q - k < window) and -inf elsewhere.
+    """
+    dist = (pos_q.unsqueeze(-1) - pos_k.unsqueeze(-2)).unsqueeze(-3)  # (..., 1, Tq, Tk)
+    visible = dist >= 0
+    if window is not None:
+        visible = visible & (dist < window)
+    bias = -slopes.to(pos_q.device, dtype).view(-1, 1, 1) * dist.to(dtype)  # (..., H, Tq, Tk)
+    return bias.masked_fill(~visible, float("-inf"))
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned gain (Zhang & Sennrich 2019)."""
+
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention; position information comes only from the additive bias."""
+
+    def __init__(self, d: int, n_heads: int, n_kv_heads: int):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, d // n_heads
+        self.qkv_proj = nn.Linear(d, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=False)
+        self.out_proj = nn.Linear(d, d, bias=False)
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries (B, H, T, hd) and keys, values (B, Hkv, T, hd) of x (B, T, d)."""
+        B, T, _ = x.shape
+        q, k, v = self.qkv_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2).split(
+            [self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=1)
+        return q, k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Attention output (B, Tq, d) for queries against (possibly cached) keys and values."""
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=self.n_kv_heads != self.n_heads)
+        B, _, Tq, _ = y.shape
+        return self.out_proj(y.transpose(1, 2).reshape(B, Tq, -1))
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return self.attend(*self.qkv(x), bias)
+
+
+class SwiGLU(nn.Module):
+    """SwiGLU MLP (Shazeer 2020): down(silu(gate(x)) * up(x)), gate and up fused in one matmul."""
+
+    def __init__(self, d: int, hidden: int):
+        super().__init__()
+        self.gate_up = nn.Linear(d, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: x + attn(norm(x)), then + mlp(norm(x)). Local and latent alike."""
+
+    def __init__(self, d: int, n_heads: int, n_kv_heads: int, mlp_ratio: float, eps: float):
+        super().__init__()
+        self.attn_norm = RMSNorm(d, eps)
+        self.attn = Attention(d, n_heads, n_kv_heads)
+        self.mlp_norm = RMSNorm(d, eps)
+        self.mlp = SwiGLU(d, hidden_width(d, mlp_ratio))
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), bias)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+# ----------------------------------------------------------------------------- router
+
+
+@dataclass
+class Routing:
+    """Which positions go through the latent blocks, in slots ordered by position."""
+
+    idx: torch.Tensor    # (B, K) long: position each slot gathers from and adds back to
+    pos: torch.Tensor    # (B, K) long: ALiBi position of each slot (T for padding slots)
+    gate: torch.Tensor   # (B, K) weight on each slot's latent output (0 for padding slots)
+    mask: torch.Tensor   # (B, T) bool: routed positions
+    scores: torch.Tensor | None = None     # (B, T) router logits (learned router)
+    topk_mask: torch.Tensor | None = None  # (B, T) bool: training top-k membership (learned router)
+    rule: torch.Tensor | None = None       # (B, T) bool: SpaceByte rule positions, uncapped
+
+
+def pack_slots(mask: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first K routed positions of each row of mask (B, T), in order, padded after the real ones.
+
+    Returns idx (B, K) for gather/scatter, pos (B, K) with T on padding slots, valid (B, K).
+    """
+    T = mask.shape[1]
+    ar = torch.arange(T, device=mask.device)
+    key = torch.where(mask, ar, ar + T)  # routed positions sort first, in position order
+    first = key.sort(dim=1).values[:, :K]
+    valid = first < T
+    idx = torch.where(valid, first, first - T)
+    return idx, torch.where(valid, idx, torch.full_like(idx, T)), valid
+
+
+class Router(nn.Module):
+    """Mixture-of-Depths expert-choice router: one score per position from the normalised residual."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.norm = RMSNorm(cfg.d_local, cfg.norm_eps)
+        self.score = nn.Linear(cfg.d_local, 1, bias=True)
+
+    def weight(self, s: torch.Tensor) -> torch.Tensor:
+        """Gate on the latent output: sigmoid(s), or 1 forward with sigmoid's gradient."""
+        w = torch.sigmoid(s)
+        return w - w.detach() + 1.0 if self.cfg.router_gate == "straight_through" else w
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, routing: str) -> Routing:
+        """Route the residual x (B, T, d_local) of byte ids (B, T) with "topk" or "causal" decisions."""
+        cfg, (B, T) = self.cfg, ids.shape
+        rule = spacelike_boundaries(ids)
+        if cfg.router == "spacelike":
+            cap = n_routed(cfg.capacity, T if routing == "topk" else cfg.max_seq_len)
+            mask = rule & (rule.cumsum(1) <= cap)  # the first `cap` rule positions: causal
+            K = cap if routing == "topk" else max(int(mask.sum(1).max()), 1)
+            idx, pos, valid = pack_slots(mask, min(K, T))
+            return Routing(idx, pos, valid.to(x.dtype), mask, rule=rule)
+        scores = self.score(self.norm(x)).squeeze(-1)  # (B, T)
+        k = n_routed(cfg.capacity, T)
+        top = scores.topk(k, dim=1).indices.sort(dim=1).values  # (B, k), in position order
+        topk_mask = torch.zeros_like(rule).scatter_(1, top, True)
+        if routing == "topk":
+            idx, pos, valid, mask = top, top, None, topk_mask
+        else:
+            mask = scores > 0
+            idx, pos, valid = pack_slots(mask, max(int(mask.sum(1).max()), 1))
+        gate = self.weight(scores.gather(1, idx))  # weights of the selected positions
+        if valid is not None:
+            gate = gate * valid
+        return Routing(idx, pos, gate, mask, scores, topk_mask, rule)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class ModelOutput:
+    """What one forward pass returns (see the module docstring for the loss weighting)."""
+
+    logits: torch.Tensor | None          # (B, T, VOCAB_SIZE) next-byte logits
+    loss: torch.Tensor | None = None     # scalar training loss
+    head_losses: torch.Tensor | None = None  # (n_predict,) mean CE in nats per head, detached
+    aux_loss: torch.Tensor | None = None     # scalar router BCE (0 without a learned router)
+    routed: torch.Tensor | None = None       # (B, T) bool, None for router none
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class MTPHead(nn.Module):
+    """Residual SwiGLU of one draft head h >= 2: x + mlp(norm(x)), before the shared unembedding."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.d_local, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.d_local, hidden_width(cfg.d_local, cfg.mtp_mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.norm(x))
+
+
+class Pico(nn.Module):
+    """The Pico network for one ModelConfig; `forward(idx, targets, routing)` returns a ModelOutput."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        local = lambda: Block(cfg.d_local, cfg.n_heads, cfg.n_kv_heads, cfg.mlp_ratio, cfg.norm_eps)  # noqa: E731
+        self.embed = nn.Embedding(VOCAB_SIZE, cfg.d_local)
+        self.blocks_in = nn.ModuleList(local() for _ in range(cfg.n_in))
+        if cfg.router != "none":
+            self.router = Router(cfg)
+            self.latent_in = nn.Linear(cfg.d_local, cfg.d_latent, bias=False)
+            self.latent_blocks = nn.ModuleList(
+                Block(cfg.d_latent, cfg.n_latent_heads, cfg.n_latent_kv_heads, cfg.mlp_ratio, cfg.norm_eps)
+                for _ in range(cfg.n_latent))
+            self.latent_norm = RMSNorm(cfg.d_latent, cfg.norm_eps)
+            self.latent_out = nn.Linear(cfg.d_latent, cfg.d_local, bias=False)
+            self.register_buffer("latent_slopes", alibi_slopes(cfg.n_latent_heads), persistent=False)
+        self.blocks_out = nn.ModuleList(local() for _ in range(cfg.n_out))
+        self.norm = RMSNorm(cfg.d_local, cfg.norm_eps)
+        self.mtp_heads = nn.ModuleList(MTPHead(cfg) for _ in range(cfg.n_predict - 1))
+        self.unembed = nn.Linear(cfg.d_local, VOCAB_SIZE, bias=False)
+        self.register_buffer("local_slopes", alibi_slopes(cfg.n_heads), persistent=False)
+        self._bias_cache: dict[tuple, torch.Tensor] = {}
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        n_blocks = self.cfg.n_in + self.cfg.n_out + (self.cfg.n_latent if self.cfg.router != "none" else 0)
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                resid = name.endswith(("out_proj.weight", "down.weight", "latent_out.weight"))
+                nn.init.normal_(p, 0.0, self.cfg.init_std / (math.sqrt(2 * n_blocks) if resid else 1.0))
+            elif name.endswith("score.bias"):
+                nn.init.zeros_(p)
+
+    def local_bias(self, T: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """(n_heads, T, T) window + ALiBi mask of the local blocks, cached per (T, device, dtype)."""
+        key = (T, str(device), dtype)
+        if key not in self._bias_cache:
+            pos = torch.arange(T, device=device)
+            self._bias_cache[key] = attention_bias(pos, pos, self.local_slopes, self.cfg.window, dtype)
+        return self._bias_cache[key]
+
+    def latent(self, x: torch.Tensor, r: Routing) -> torch.Tensor:
+        """Gather the routed positions, run the latent blocks, add gate * output back at them."""
+        g = r.idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])  # (B, K, d_local)
+        z = self.latent_in(torch.gather(x, 1, g))  # (B, K, d_latent)
+        bias = attention_bias(r.pos, r.pos, self.latent_slopes, None, z.dtype)  # (B, H, K, K)
+        for blk in self.latent_blocks:
+            z = blk(z, bias)
+        delta = self.latent_out(self.latent_norm(z)) * r.gate.unsqueeze(-1).to(z.dtype)  # (B, K, d_local)
+        return x.scatter_add(1, g, delta)
+
+    def trunk(self, idx: torch.Tensor, routing: str = "topk") -> tuple[torch.Tensor, Routing | None]:
+        """Residual stream (B, T, d_local) before the final norm, and the routing used."""
+        if routing not in ("topk", "causal"):
+            raise ValueError(f"routing={routing!r}: use 'topk' (training) or 'causal' (inference)")
+        B, T = idx.shape
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {T} bytes exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        x = self.embed(idx)  # (B, T, d_local)
+        bias = self.local_bias(T, x.device, x.dtype)
+        for blk in self.blocks_in:
+            x = blk(x, bias)
+        r = None
+        if self.cfg.router != "none":
+            r = self.router(x, idx, routing)
+            x = self.latent(x, r)
+        for blk in self.blocks_out:
+            x = blk(x, bias)
+        return x, r
+
+    def head_logits(self, x: torch.Tensor, h: int) -> torch.Tensor:
+        """Logits (B, T, VOCAB_SIZE) of head h (1 = next byte) from the trunk output x."""
+        if h > 1:
+            x = self.mtp_heads[h - 2](x)
+        return self.unembed(self.norm(x))
+
+    def make_targets(self, seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`make_targets` with this model's n_predict."""
+        return make_targets(seq, self.cfg.n_predict)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, routing: str = "topk",
+                return_logits: bool = True) -> ModelOutput:
+        """Logits, and with targets (B, T, n_predict) the weighted loss, per-head losses and router stats."""
+        x, r = self.trunk(idx, routing)
+        aux = self.aux_loss(r, x)
+        stats = router_stats(r, aux) if r is not None else {}
+        routed = r.mask if r is not None else None
+        if targets is None:
+            return ModelOutput(self.head_logits(x, 1), aux_loss=aux, routed=routed, stats=stats)
+        n = self.cfg.n_predict
+        if targets.shape != (*idx.shape, n):
+            raise ValueError(f"targets have shape {tuple(targets.shape)}, expected {(*idx.shape, n)} "
+                             f"(make_targets(seq, n_predict={n}) builds them)")
+        logits, losses = None, []
+        for h in range(1, n + 1):  # one head at a time: a single logit tensor is live
+            lg = self.head_logits(x, h)
+            losses.append(F.cross_entropy(lg.flatten(0, 1).float(), targets[..., h - 1].flatten(),
+                                          ignore_index=IGNORE))
+            if h == 1 and return_logits:
+                logits = lg
+        loss = losses[0] + self.cfg.aux_loss_weight * aux
+        if n > 1:
+            loss = loss + self.cfg.mtp_weight * torch.stack(losses[1:]).mean()
+        return ModelOutput(logits, loss, torch.stack(losses).detach(), aux.detach(), routed, stats)
+
+    def aux_loss(self, r: Routing | None, x: torch.Tensor) -> torch.Tensor:
+        """BCE teaching score > 0 to mean "in the top k" (learned router), else 0."""
+        if r is None or r.scores is None:
+            return x.new_zeros(())
+        return F.binary_cross_entropy_with_logits(r.scores.float(), r.topk_mask.float())
+
+    def flops_per_byte(self, training: bool = True) -> float:
+        """FLOPs per byte of this model's config (see `pico.model.flops`)."""
+        from pico.model.flops import flops_per_byte
+
+        return flops_per_byte(self.cfg, training)
+
+
+@torch.no_grad()
+def router_stats(r: Routing, aux: torch.Tensor) -> dict[str, float]:
+    """Routing statistics for logging, gathered in one device-to-host copy."""
+    mask, rule = r.mask, r.rule
+    frac = mask.float().mean(1)
+    names = ["routed_frac_mean", "routed_frac_min", "routed_frac_max", "aux_loss",
+             "spacelike_share_of_routed", "routed_share_of_spacelike", "rule_frac"]
+    both = (mask & rule).sum().float()
+    vals = [frac.mean(), frac.min(), frac.max(), aux.float(),
+            both / mask.sum().clamp(min=1), both / rule.sum().clamp(min=1), rule.float().mean()]
+    if r.scores is not None:
+        s = r.scores.float().flatten()
+        q = torch.quantile(s[:: max(1, s.numel() // 65536)], torch.tensor([0.1, 0.5, 0.9], device=s.device))
+        names += ["score_mean", "score_std", "score_p10", "score_p50", "score_p90", "causal_agreement"]
+        vals += [s.mean(), s.std() if s.numel() > 1 else s.new_zeros(()), *q,
+                 ((r.scores > 0) == r.topk_mask).float().mean()]
+    else:  # spacelike: the decision is the same in both modes; report how many rule positions the cap dropped
+        names += ["causal_agreement", "rule_dropped_frac"]
+        vals += [torch.ones((), device=mask.device), 1 - (mask & rule).sum() / rule.sum().clamp(min=1)]
+    return dict(zip(names, torch.stack([v.float().to(mask.device) for v in vals]).tolist()))
+
+
+def build_model(cfg: ModelConfig) -> Pico:
+    """The Pico network of cfg, initialised from the current torch seed."""
+    return Pico(cfg)
