@@ -1,0 +1,561 @@
+"""Training and validation bytes: shards from `pico prep` -> packed sequences, per rank and worker, resumable.
+
+    shards = resolve_shards(cfg.data.train, "train")
+    loader = ByteBatches(shards, seq_len=512, batch_size=8, extra=n_predict, rank=r, world_size=w)
+    for batch in loader: ...            # LongTensor (B, T + extra), endless
+    ckpt["data"] = loader.state_dict()  # exact position after the last batch received
+
+Design choices, and why:
+
+- **One stream per worker ("slot").** Rank r's DataLoader worker w is slot r*W + w of
+  world_size*W slots. With at least as many shards as slots, each epoch deals the (seeded,
+  per-epoch reshuffled) shard list round-robin to slots; with fewer, every slot reads every
+  shard and keeps sample j of the p-th shard when (j + p) % slots == slot. Either way the slots
+  partition the data: within an epoch each document reaches exactly one slot once. A slot's
+  epochs are its own (slots with more bytes take longer), so "epoch" is counted per slot.
+- **Shuffle:** a buffer of `shuffle_buffer` documents per slot; each draw's index comes from a
+  counter-based hash of (seed, epoch, slot, draw), so the state needs the draw count, not an
+  RNG state. The buffer is drained at the end of an epoch, so epochs never mix documents.
+- **Packing:** each document is followed by EOS and appended to the slot's token stream;
+  sequences are windows of T + extra tokens taken with stride T, so every stream token is an
+  input exactly once and the `extra` tokens are the multi-token-prediction targets past the
+  window. The stream never restarts: the tail of epoch e is packed together with the start of
+  epoch e+1 (no padding and no dropped bytes in training; the trainer needs no mask).
+- **Exact resume:** each worker yields (batch, its state after that batch); the main process
+  keeps the state of the last batch it handed out per worker and which worker is next, so
+  prefetched batches never advance the state. A worker state names documents, not bytes:
+  (epoch, shard position, sample index) for the read cursor, for each document in the shuffle
+  buffer and for the documents still being packed (plus an offset into the first). Resuming
+  re-reads the few shards those documents come from (bounded: about one shuffle buffer's span).
+  On resume the DataLoader's worker ids are rotated so that its first batch comes from the
+  worker that was next.
+- **Corrupt input:** an unreadable shard or sample stops with a UserError naming the shard and
+  member, or, with skip_corrupt, is skipped and counted in `stats["corrupt_skipped"]`.
+
+Validation (`eval_sequences`) is unshuffled and needs no state: see its docstring.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import tarfile
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+import fsspec
+import numpy as np
+import torch
+import zstandard
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import tar_file_iterator
+
+from pico.model.config import EOS, PAD
+from pico.pipeline.errors import UserError
+
+STATE_VERSION = 1
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_MASK64 = (1 << 64) - 1
+_FIX = ("re-run `pico prep` for it, drop it from the data paths, or set data.skip_corrupt=true "
+        "to skip and count corrupt samples")
+
+DocId = tuple[int, int, int]  # (epoch, position of the shard in the slot's plan, sample index in the shard)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding shards
+
+
+def resolve_shards(paths: list[str], split: str) -> list[str]:
+    """Shard URLs of `split` from directories, globs, or explicit `.tar` paths/URLs (local or s3://).
+
+    A directory contributes the shards its `manifest.json` lists for `split` (in manifest order),
+    or, without a manifest, its `{split}-*.tar` files in name order. A shard named twice is kept
+    once. Raises UserError naming the path when a path matches nothing.
+    """
+    if not paths:
+        raise UserError(f"no {split} data paths given: set data.{split} to a shard directory, glob or .tar URL")
+    out: list[str] = []
+    for path in paths:
+        found = _resolve_one(str(path), split)
+        if not found:
+            raise UserError(f"{path}: no {split} shards found (expected {split}-*.tar files, a manifest.json "
+                            f"listing {split} shards, or a glob matching .tar files)")
+        out.extend(found)
+    return list(dict.fromkeys(out))
+
+
+def _resolve_one(path: str, split: str) -> list[str]:
+    fs, root = fsspec.core.url_to_fs(path)
+    local = "file" in _protocols(fs)
+
+    def url(p: str) -> str:
+        return p if local else fs.unstrip_protocol(p)
+
+    if _GLOB_CHARS.search(path):
+        return sorted(url(p) for p in fs.glob(root) if p.endswith(".tar"))
+    if path.endswith(".tar"):
+        if not fs.exists(root):
+            raise UserError(f"shard {path} does not exist")
+        return [url(root)]
+    if not fs.isdir(root):
+        raise UserError(f"{path} does not exist (expected a directory written by `pico prep`, a glob, or a .tar shard)")
+    root = root.rstrip("/")
+    manifest = f"{root}/manifest.json"
+    if fs.exists(manifest):
+        try:
+            with fs.open(manifest, "rb") as f:
+                entries = json.load(f)["shards"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{url(manifest)} is not a valid manifest ({e}); re-run `pico prep`") from None
+        names = [e["name"] for e in entries if e.get("split") == split]
+        if not names:
+            splits = sorted({str(e.get("split")) for e in entries})
+            raise UserError(f"{url(manifest)} lists no {split} shards (it has: {', '.join(splits) or 'none'})")
+        return [url(f"{root}/{n}") for n in names]
+    return sorted(url(p) for p in fs.glob(f"{root}/{split}-*.tar"))
+
+
+def _protocols(fs: Any) -> tuple[str, ...]:
+    p = fs.protocol
+    return (p,) if isinstance(p, str) else tuple(p)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading one shard
+
+
+class _Corrupt(Exception):
+    """A shard or sample that cannot be read; `where` names the shard and member."""
+
+    def __init__(self, where: str, reason: str):
+        super().__init__(f"{where}: {reason}")
+
+
+def _samples(url: str, start: int = 0) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+    """(index, key, {extension: bytes}) of each sample in a shard, streamed, from sample `start` on."""
+    try:
+        f = fsspec.open(url, "rb").open()
+    except Exception as e:  # missing file, no permission, bad URL: all "cannot open"
+        raise _Corrupt(f"shard {url}", f"cannot open ({type(e).__name__}: {e})") from None
+    key, members, index, last = None, {}, -1, "(start of archive)"
+    with f:
+        try:
+            for item in tar_file_iterator(f):
+                last = item["fname"]
+                k, _, ext = os.path.basename(last).partition(".")
+                if k != key:
+                    if key is not None and index >= start:
+                        yield index, key, members
+                    key, members, index = k, {}, index + 1
+                if index >= start:
+                    members[ext] = item["data"]
+        except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+            raise _Corrupt(f"shard {url}, after member {last}", f"unreadable tar ({e})") from None
+    if key is not None and index >= start:
+        yield index, key, members
+
+
+def _decode(url: str, key: str, members: dict[str, bytes], dctx: zstandard.ZstdDecompressor) -> bytes:
+    """The document bytes of one sample, checked against the length its JSON records."""
+    for ext in ("bin.zst", "json"):
+        if ext not in members:
+            raise _Corrupt(f"shard {url}, member {key}.{ext}", f"missing (sample has: {', '.join(sorted(members))})")
+    obj = dctx.decompressobj()
+    try:
+        doc = obj.decompress(members["bin.zst"])
+    except zstandard.ZstdError as e:
+        raise _Corrupt(f"shard {url}, member {key}.bin.zst", f"not a zstd frame ({e})") from None
+    if not obj.eof:
+        raise _Corrupt(f"shard {url}, member {key}.bin.zst", "truncated zstd frame")
+    try:
+        expected = json.loads(members["json"]).get("bytes")
+    except (ValueError, AttributeError) as e:
+        raise _Corrupt(f"shard {url}, member {key}.json", f"not a JSON object ({e})") from None
+    if expected is not None and expected != len(doc):
+        raise _Corrupt(f"shard {url}, member {key}.bin.zst", f"{len(doc)} bytes, but {key}.json says {expected}")
+    return doc
+
+
+def _hash_index(n: int, *keys: int) -> int:
+    """A uniform-enough index in [0, n) from integer keys (splitmix64 finaliser, chained)."""
+    h = 0x9E3779B97F4A7C15
+    for k in keys:
+        h = (h ^ (k & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
+        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & _MASK64
+        h ^= h >> 31
+    return h % n
+
+
+# ---------------------------------------------------------------------------------------------
+# One worker's stream: shards -> documents -> shuffle buffer -> packed windows -> batches
+
+
+class _SlotStream:
+    """The endless batch stream of slot `slot` of `n_slots`; its state is a few small lists."""
+
+    def __init__(self, shards: list[str], slot: int, n_slots: int, seq_len: int, extra: int, batch_size: int,
+                 seed: int, shuffle_buffer: int, skip_corrupt: bool, state: dict | None = None):
+        self.shards, self.slot, self.n_slots = shards, slot, n_slots
+        self.seq_len, self.extra, self.batch_size = seq_len, extra, batch_size
+        self.seed, self.buffer_size, self.skip_corrupt = seed, shuffle_buffer, skip_corrupt
+        self._dctx = zstandard.ZstdDecompressor()
+        self._plans: dict[int, list[tuple[str, int]]] = {}
+        # read cursor and counters
+        self.epoch = self.pos = self.sample = self.draws = self.epoch_docs = 0
+        self.docs = self.bytes = self.corrupt = 0
+        self.buffer: list[tuple[DocId, bytes]] = []
+        # packing: `tokens` is the unconsumed stream; it starts `offset` tokens into pending[0]
+        self.pending: deque[tuple[DocId, int]] = deque()  # (doc id, its length + 1 for EOS)
+        self.offset = 0
+        self.tokens = np.empty(0, dtype=np.uint16)
+        if state is not None:
+            self._restore(state)
+
+    def plan(self, epoch: int) -> list[tuple[str, int]]:
+        """This slot's (shard URL, phase) list for an epoch; phase -1 = the whole shard, else samples j % n == phase."""
+        if epoch not in self._plans:
+            order = list(self.shards)
+            random.Random(f"pico-shards:{self.seed}:{epoch}").shuffle(order)
+            n = self.n_slots
+            if len(order) >= n:
+                plan = [(u, -1) for u in order[self.slot::n]]
+            else:
+                plan = [(u, (self.slot - p) % n) for p, u in enumerate(order)]
+            self._plans = {epoch: plan, **{e: p for e, p in self._plans.items() if e >= epoch - 1}}
+        return self._plans[epoch]
+
+    def _read(self, url: str, phase: int, start: int) -> Iterator[tuple[int, bytes | None]]:
+        """(sample index, document) this slot takes from a shard; None for a skipped corrupt sample or shard."""
+        try:
+            for j, key, members in _samples(url, start):
+                if phase >= 0 and j % self.n_slots != phase:
+                    continue
+                try:
+                    doc = _decode(url, key, members, self._dctx)
+                except _Corrupt as e:
+                    if not self.skip_corrupt:
+                        raise UserError(f"corrupt sample in {e}; {_FIX}") from None
+                    doc = None
+                yield j, doc
+        except _Corrupt as e:
+            if not self.skip_corrupt:
+                raise UserError(f"corrupt {e}; {_FIX}") from None
+            yield -1, None
+
+    def _draw(self, n: int) -> int:
+        i = _hash_index(n, self.seed, self.epoch, self.slot, self.draws)
+        self.draws += 1
+        return i
+
+    def documents(self) -> Iterator[tuple[DocId, bytes]]:
+        """Documents in shuffled order, epoch after epoch; the cursor fields always describe what is left."""
+        while True:
+            plan = self.plan(self.epoch)
+            while self.pos < len(plan):
+                url, phase = plan[self.pos]
+                for j, doc in self._read(url, phase, self.sample):
+                    if doc is None:
+                        self.corrupt += 1
+                        if j >= 0:
+                            self.sample = j + 1
+                        continue
+                    self.sample = j + 1
+                    self.docs, self.bytes, self.epoch_docs = self.docs + 1, self.bytes + len(doc), self.epoch_docs + 1
+                    item = ((self.epoch, self.pos, j), doc)
+                    if len(self.buffer) < self.buffer_size:
+                        self.buffer.append(item)
+                        continue
+                    i = self._draw(len(self.buffer))
+                    item, self.buffer[i] = self.buffer[i], item
+                    yield item
+                self.pos, self.sample = self.pos + 1, 0
+            while self.buffer:  # end of epoch: drain in random order
+                i = self._draw(len(self.buffer))
+                self.buffer[i], self.buffer[-1] = self.buffer[-1], self.buffer[i]
+                yield self.buffer.pop()
+            if self.epoch_docs == 0:
+                raise UserError(
+                    f"loader slot {self.slot} of {self.n_slots} (rank * num_workers + worker) found no readable "
+                    f"documents in epoch {self.epoch}: {len(self.shards)} shard(s) hold too few samples or are all "
+                    "corrupt; use fewer ranks or workers, or more shards")
+            self.epoch, self.pos, self.sample, self.draws, self.epoch_docs = self.epoch + 1, 0, 0, 0, 0
+
+    def _push(self, doc_id: DocId, doc: bytes) -> None:
+        arr = np.frombuffer(doc, dtype=np.uint8)
+        self.tokens = np.concatenate([self.tokens, arr, np.array([EOS], dtype=np.uint16)], dtype=np.uint16)
+        self.pending.append((doc_id, len(doc) + 1))
+
+    def _consume(self, n: int) -> None:
+        self.tokens = self.tokens[n:]
+        self.offset += n
+        while self.pending and self.offset >= self.pending[0][1]:
+            self.offset -= self.pending.popleft()[1]
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, dict]]:
+        """(batch (B, T + extra) int64, state after it) forever."""
+        T, width, B = self.seq_len, self.seq_len + self.extra, self.batch_size
+        docs = self.documents()
+        rows: list[np.ndarray] = []
+        while True:
+            n = min((len(self.tokens) - self.extra) // T, B - len(rows)) if len(self.tokens) >= width else 0
+            if n > 0:
+                rows.extend(self.tokens[i * T:i * T + width] for i in range(n))
+                self._consume(n * T)
+                if len(rows) == B:
+                    batch = torch.from_numpy(np.stack(rows).astype(np.int64))
+                    rows = []
+                    yield batch, self.state()
+                continue
+            self._push(*next(docs))
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos, "sample": self.sample, "draws": self.draws,
+                "epoch_docs": self.epoch_docs, "docs": self.docs, "bytes": self.bytes, "corrupt": self.corrupt,
+                "buffer": [list(d) for d, _ in self.buffer], "pending": [list(d) for d, _ in self.pending],
+                "offset": self.offset}
+
+    def _restore(self, s: dict) -> None:
+        for k in ("epoch", "pos", "sample", "draws", "epoch_docs", "docs", "bytes", "corrupt", "offset"):
+            setattr(self, k, int(s[k]))
+        buffer_ids = [tuple(d) for d in s["buffer"]]
+        pending_ids = [tuple(d) for d in s["pending"]]
+        docs = self._fetch(set(buffer_ids) | set(pending_ids))
+        self.buffer = [(d, docs[d]) for d in buffer_ids]
+        self.pending = deque((d, len(docs[d]) + 1) for d in pending_ids)
+        parts = [np.frombuffer(docs[d], dtype=np.uint8).astype(np.uint16) for d in pending_ids]
+        stream = np.concatenate([x for p in parts for x in (p, np.array([EOS], np.uint16))] or [np.empty(0, np.uint16)])
+        self.tokens = stream[self.offset:]
+
+    def _fetch(self, ids: set[DocId]) -> dict[DocId, bytes]:
+        """Re-read the documents a saved state refers to (grouped by shard, each shard read up to its last one)."""
+        by_shard: dict[tuple[int, int], set[int]] = {}
+        for e, p, j in ids:
+            by_shard.setdefault((e, p), set()).add(j)
+        out: dict[DocId, bytes] = {}
+        try:
+            for (e, p), wanted in sorted(by_shard.items()):
+                self._fetch_shard(e, p, wanted, out)
+        except _Corrupt as e:
+            raise UserError(f"cannot resume the loader: corrupt {e}") from None
+        return out
+
+    def _fetch_shard(self, e: int, p: int, wanted: set[int], out: dict[DocId, bytes]) -> None:
+        """Re-read the wanted samples of shard p of epoch e's plan into `out`."""
+        plan = self.plan(e)
+        if p >= len(plan):
+            raise UserError(f"cannot resume the loader: its state names shard {p} of epoch {e}, but this slot "
+                            f"has {len(plan)}; the shard list changed since the checkpoint")
+        url, _ = plan[p]
+        for j, key, members in _samples(url, min(wanted)):
+            if j in wanted:
+                out[(e, p, j)] = _decode(url, key, members, self._dctx)
+                wanted.discard(j)
+                if not wanted:
+                    break
+        if wanted:
+            raise UserError(f"cannot resume the loader: shard {url} no longer has sample(s) {sorted(wanted)}; "
+                            "the shards changed since the checkpoint")
+
+
+# ---------------------------------------------------------------------------------------------
+# The loader the trainer uses
+
+
+class _WorkerStreams(IterableDataset):
+    """DataLoader side: each worker runs one slot and yields (logical worker, batch, state) or an error."""
+
+    def __init__(self, args: dict, states: list[dict | None], rotation: int):
+        self.args, self.states, self.rotation = args, states, rotation
+
+    def __iter__(self):
+        info = get_worker_info()
+        n = len(self.states)
+        logical = ((info.id if info else 0) + self.rotation) % n
+        a = self.args
+        try:
+            stream = _SlotStream(a["shards"], a["rank"] * n + logical, a["world_size"] * n, a["seq_len"], a["extra"],
+                                 a["batch_size"], a["seed"], a["shuffle_buffer"], a["skip_corrupt"],
+                                 self.states[logical])
+            for batch, state in stream.batches():
+                yield logical, batch, state
+        except UserError as e:  # hand the message to the main process, which raises it cleanly
+            yield logical, None, str(e)
+
+
+class ByteBatches:
+    """Endless, shuffled, packed training batches (B, seq_len + extra) for one rank; exactly resumable.
+
+    Every token of a row is an input except the last `extra`, which are the next row's first
+    `extra` inputs (targets of the MTP heads). Documents end in EOS; training rows hold no PAD.
+    `state_dict()` is per rank: save each rank's (it is a few KB), load it into a loader built
+    with the same shards, rank, world_size, num_workers, seed and shuffle_buffer.
+    """
+
+    def __init__(self, shards: list[str], seq_len: int, batch_size: int, extra: int = 0, rank: int = 0,
+                 world_size: int = 1, num_workers: int = 0, seed: int = 0, shuffle_buffer: int = 256,
+                 skip_corrupt: bool = False):
+        if not shards:
+            raise UserError("ByteBatches got no shards; check data.train (resolve_shards finds them)")
+        if seq_len < 1 or batch_size < 1 or extra < 0 or shuffle_buffer < 1:
+            raise UserError(f"ByteBatches: need seq_len >= 1, batch_size >= 1, extra >= 0, shuffle_buffer >= 1 "
+                            f"(got {seq_len}, {batch_size}, {extra}, {shuffle_buffer})")
+        if not 0 <= rank < world_size:
+            raise UserError(f"ByteBatches: rank {rank} is outside world_size {world_size}")
+        self._args = dict(shards=list(shards), rank=rank, world_size=world_size, seq_len=seq_len, extra=extra,
+                          batch_size=batch_size, seed=seed, shuffle_buffer=shuffle_buffer, skip_corrupt=skip_corrupt)
+        self.num_workers = num_workers
+        self._states: list[dict | None] = [None] * max(1, num_workers)
+        self._next = 0
+        self._batches = 0
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        a, n = self._args, len(self._states)
+        if self.num_workers == 0:
+            stream = _SlotStream(a["shards"], a["rank"], a["world_size"], a["seq_len"], a["extra"], a["batch_size"],
+                                 a["seed"], a["shuffle_buffer"], a["skip_corrupt"], self._states[0])
+            for batch, state in stream.batches():
+                self._states[0] = state
+                self._batches += 1
+                yield batch
+            return
+        loader = DataLoader(_WorkerStreams(a, list(self._states), self._next), batch_size=None,
+                            num_workers=self.num_workers, prefetch_factor=4)
+        for logical, batch, state in loader:
+            if batch is None:
+                raise UserError(state)
+            self._states[logical] = state
+            self._next = (logical + 1) % n
+            self._batches += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        """The position after the last batch handed out: small and JSON-serialisable."""
+        return {"version": STATE_VERSION, **self._identity(), "next_worker": self._next, "batches": self._batches,
+                "workers": [None if s is None else dict(s) for s in self._states]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state`: the next batch is the one an uninterrupted run would have produced next."""
+        if state.get("version") != STATE_VERSION:
+            raise UserError(f"loader state version {state.get('version')} is not {STATE_VERSION}; it was written by "
+                            "another pico version")
+        for key, value in self._identity().items():
+            if key in ("seq_len", "batch_size", "extra"):
+                continue  # the document stream does not depend on these; changing them is allowed
+            if state.get(key) != value:
+                raise UserError(f"cannot resume the loader: the checkpoint has {key}={state.get(key)!r}, this run has "
+                                f"{value!r}; resume with the same data paths, world size, data.num_workers, seed "
+                                "and data.shuffle_buffer")
+        self._states = [None if s is None else dict(s) for s in state["workers"]]
+        self._next = int(state["next_worker"])
+        self._batches = int(state["batches"])
+
+    def _identity(self) -> dict:
+        a = self._args
+        names = "\n".join(os.path.basename(s) for s in a["shards"]).encode()
+        return {"rank": a["rank"], "world_size": a["world_size"], "num_workers": self.num_workers,
+                "seed": a["seed"], "shuffle_buffer": a["shuffle_buffer"], "seq_len": a["seq_len"],
+                "extra": a["extra"], "batch_size": a["batch_size"],
+                "shards": hashlib.sha256(names).hexdigest()[:16]}
+
+    @property
+    def stats(self) -> dict:
+        """Counters as of the last batch handed out (documents and bytes read from shards so far)."""
+        started = [s for s in self._states if s is not None]
+        return {"epoch": min((s["epoch"] for s in started), default=0),
+                "worker_epochs": [s["epoch"] if s else 0 for s in self._states],
+                "documents": sum(s["docs"] for s in started), "bytes": sum(s["bytes"] for s in started),
+                "corrupt_skipped": sum(s["corrupt"] for s in started), "batches": self._batches}
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def eval_sequences(shards: list[str], seq_len: int, extra: int = 0, batch_size: int = 8, rank: int = 0,
+                   world_size: int = 1, max_batches: int | None = None,
+                   skip_corrupt: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Deterministic, unshuffled, one pass: (batch (B, T + extra) int64, n_valid (B,) int64).
+
+    The validation stream is EOS, doc_0, EOS, doc_1, EOS, ... over all shards in order (the
+    leading EOS gives the first byte the same context a document start has in training). Window k
+    is stream[kT : kT + T + extra] padded with PAD, and goes to rank k % world_size. Its
+    next-byte targets are row[1:T+1]: every stream position after the first, every document byte
+    and every EOS, is a next-byte target exactly once across ranks.
+
+    Ignoring padding: targets equal to PAD are not data (for head h, targets row[h:T+h]); for
+    the next-byte head, equivalently, only the first n_valid[i] targets of row i count. Rows of
+    all PAD (n_valid 0) fill the last batch, and every rank yields the same number of batches
+    (so collective ops in the forward pass stay in step): each rank reads the whole split, and
+    stops after max_batches batches when given. For bits per byte over bytes only, also ignore
+    targets equal to EOS.
+    """
+    T, width, world = seq_len, seq_len + extra, world_size
+    limit = None if max_batches is None else max_batches * batch_size * world
+    dctx = zstandard.ZstdDecompressor()
+    tokens = np.array([EOS], dtype=np.uint16)
+    k = 0  # next window index
+    rows: list[np.ndarray] = []
+    valid: list[int] = []
+    yielded = 0
+
+    def window(n_valid: int) -> None:
+        nonlocal tokens, k
+        if k % world == rank:
+            row = np.full(width, PAD, dtype=np.uint16)
+            part = tokens[:width]
+            row[:len(part)] = part
+            rows.append(row)
+            valid.append(n_valid)
+        k += 1
+        tokens = tokens[T:]
+
+    def flush(pad_to: int) -> tuple[torch.Tensor, torch.Tensor]:
+        nonlocal rows, valid
+        while len(rows) < pad_to:
+            rows.append(np.full(width, PAD, dtype=np.uint16))
+            valid.append(0)
+        out = torch.from_numpy(np.stack(rows).astype(np.int64)), torch.tensor(valid, dtype=torch.long)
+        rows, valid = [], []
+        return out
+
+    for url in shards:
+        for j, doc in _eval_documents(url, dctx, skip_corrupt):
+            arr = np.frombuffer(doc, dtype=np.uint8)
+            tokens = np.concatenate([tokens, arr, np.array([EOS], dtype=np.uint16)], dtype=np.uint16)
+            while len(tokens) >= width and (limit is None or k < limit):
+                window(T)
+                if len(rows) == batch_size:
+                    yield flush(batch_size)
+                    yielded += 1
+            if limit is not None and k >= limit:
+                return
+    while len(tokens) > 1 and (limit is None or k < limit):  # the tail: windows with fewer than T targets
+        window(min(T, len(tokens) - 1))
+        if len(rows) == batch_size:
+            yield flush(batch_size)
+            yielded += 1
+    per_rank_max = -(-k // world)  # rank 0 has the most windows
+    total = -(-per_rank_max // batch_size)
+    if max_batches is not None:
+        total = min(total, max_batches)
+    while yielded < total:
+        yield flush(batch_size)
+        yielded += 1
+
+
+def _eval_documents(url: str, dctx: zstandard.ZstdDecompressor, skip_corrupt: bool) -> Iterator[tuple[int, bytes]]:
+    try:
+        for j, key, members in _samples(url):
+            try:
+                yield j, _decode(url, key, members, dctx)
+            except _Corrupt as e:
+                if not skip_corrupt:
+                    raise UserError(f"corrupt sample in {e}; {_FIX}") from None
+    except _Corrupt as e:
+        if not skip_corrupt:
+            raise UserError(f"corrupt {e}; {_FIX}") from None

@@ -1,0 +1,318 @@
+"""The training loader and validation sequences, on real shards (webdataset tar + zstd), local and on S3."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+import zstandard
+
+from pico.model.config import EOS, PAD
+from pico.pipeline.data import ByteBatches, eval_sequences, resolve_shards
+from pico.pipeline.errors import UserError
+
+T, EXTRA, B = 32, 3, 4
+
+
+def make_docs(n: int, seed: int) -> list[bytes]:
+    """Distinct documents of mixed lengths: most shorter than a window, some spanning several."""
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        length = rng.choice([1, 5, 20, 40, 90, 150])
+        body = bytes(rng.randrange(256) for _ in range(length))
+        docs.append(f"{seed}:{i}|".encode() + body)
+    return docs
+
+
+def write_dataset(root: Path, shards: dict[str, list[list[bytes]]]) -> Path:
+    """Shards in `pico prep`'s format: {split}-NNNNNN.tar of {key}.bin.zst + {key}.json, and manifest.json."""
+    root.mkdir(parents=True, exist_ok=True)
+    entries = []
+    zc = zstandard.ZstdCompressor()
+    for split, groups in shards.items():
+        for index, docs in enumerate(groups):
+            name = f"{split}-{index:06d}.tar"
+            with wds.TarWriter(str(root / name)) as w:
+                for doc in docs:
+                    key = hashlib.sha1(doc).hexdigest()[:16]
+                    meta = {"source": "test", "id": key, "chunk": 0, "n_chunks": 1, "bytes": len(doc)}
+                    w.write({"__key__": key, "bin.zst": zc.compress(doc), "json": json.dumps(meta).encode()})
+            entries.append({"name": name, "split": split, "samples": len(docs),
+                            "raw_bytes": sum(map(len, docs)), "sha256": ""})
+    (root / "manifest.json").write_text(json.dumps({"shards": entries}))
+    return root
+
+
+def split_docs(docs: list[bytes], n_shards: int) -> list[list[bytes]]:
+    per = len(docs) // n_shards
+    return [docs[i * per:(i + 1) * per] for i in range(n_shards)]
+
+
+def take(loader, n: int) -> list[torch.Tensor]:
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def stream_of(batches: list[torch.Tensor]) -> list[int]:
+    """One worker's token stream, rebuilt from its rows (checking that rows overlap by EXTRA)."""
+    rows = [r for b in batches for r in b.tolist()]
+    for a, b in zip(rows, rows[1:]):
+        assert a[T:] == b[:EXTRA], "consecutive windows must overlap by `extra` tokens"
+    return [t for r in rows for t in r[:T]]
+
+
+def documents_in(stream: list[int], n: int) -> list[bytes]:
+    """The first n EOS-terminated documents of a stream."""
+    out, cur = [], []
+    for t in stream:
+        if t == EOS:
+            out.append(bytes(cur))
+            cur = []
+            if len(out) == n:
+                return out
+        else:
+            assert 0 <= t < 256, f"unexpected token {t} in a training row"
+            cur.append(t)
+    raise AssertionError(f"stream holds only {len(out)} complete documents, wanted {n}")
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    docs = make_docs(48, seed=1)
+    val = make_docs(20, seed=2)
+    root = write_dataset(tmp_path / "ds", {"train": split_docs(docs, 8), "val": split_docs(val, 2)})
+    return root, docs, val
+
+
+# ---------------------------------------------------------------------------------------------
+# resolve_shards
+
+
+def test_resolve_shards_forms(dataset, tmp_path):
+    root, _, _ = dataset
+    via_manifest = resolve_shards([str(root)], "train")
+    assert [Path(s).name for s in via_manifest] == [f"train-{i:06d}.tar" for i in range(8)]
+    assert resolve_shards([str(root / "val-*.tar")], "val") == resolve_shards([str(root)], "val")
+    explicit = str(root / "train-000003.tar")
+    assert resolve_shards([explicit, explicit], "train") == [explicit]
+    (root / "manifest.json").unlink()  # without a manifest: {split}-*.tar in name order
+    assert resolve_shards([str(root)], "train") == via_manifest
+
+    missing = str(tmp_path / "nope")
+    with pytest.raises(UserError, match=missing):
+        resolve_shards([missing], "train")
+    with pytest.raises(UserError, match="no val shards"):
+        resolve_shards([str(tmp_path / "ds" / "*.nothing")], "val")
+    with pytest.raises(UserError, match="does not exist"):
+        resolve_shards([str(root / "train-000099.tar")], "train")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training batches
+
+
+@pytest.mark.parametrize("n_shards, docs_per_shard", [(8, 6), (3, 8)], ids=["shard-split", "sample-split"])
+def test_two_ranks_two_workers_cover_an_epoch_exactly_once(tmp_path, n_shards, docs_per_shard):
+    """Reassemble every worker's stream from its rows: the first epoch holds each document once, on one rank."""
+    docs = make_docs(n_shards * docs_per_shard, seed=3)
+    shards = resolve_shards([str(write_dataset(tmp_path, {"train": split_docs(docs, n_shards)}))], "train")
+    world, workers = 2, 2
+    # Both cases give every worker the same number of documents per epoch: 8 shards -> 2 whole
+    # shards each; 3 shards of 8 -> 2 samples of each shard each.
+    per_slot = len(docs) // (world * workers)
+    longest = max(map(len, docs)) + 1
+    n_batches = workers * (per_slot * longest // (B * T) + 2)
+    seen = []
+    for rank in range(world):
+        loader = ByteBatches(shards, seq_len=T, batch_size=B, extra=EXTRA, rank=rank, world_size=world,
+                             num_workers=workers, seed=7, shuffle_buffer=4)
+        batches = take(loader, n_batches)
+        assert all(b.shape == (B, T + EXTRA) and b.dtype == torch.long for b in batches)
+        for w in range(workers):  # the DataLoader hands out worker 0, 1, 0, 1, ...
+            seen += documents_in(stream_of(batches[w::workers]), per_slot)
+        assert loader.stats["documents"] >= per_slot * workers
+    assert Counter(seen) == Counter(docs)
+
+
+def test_exact_resume_with_workers(dataset):
+    root, docs, _ = dataset
+    shards = resolve_shards([str(root)], "train")
+    kw = dict(seq_len=T, batch_size=B, extra=EXTRA, rank=1, world_size=2, seed=5, shuffle_buffer=3)
+    first = ByteBatches(shards, num_workers=2, **kw)
+    it = iter(first)
+    for _ in range(7):  # odd: the resumed loader must start with worker 1
+        next(it)
+    state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint stores
+    assert len(json.dumps(state)) < 4000
+    expected = [next(it) for _ in range(30)]  # runs past the end of the first epoch
+    assert first.stats["epoch"] >= 1
+
+    resumed = ByteBatches(shards, num_workers=2, **kw)
+    resumed.load_state_dict(state)
+    got = take(resumed, 30)
+    for a, b in zip(expected, got):
+        assert torch.equal(a, b)
+    assert resumed.state_dict() == first.state_dict()
+
+    other = ByteBatches(shards, num_workers=1, **kw)
+    with pytest.raises(UserError, match="num_workers"):
+        other.load_state_dict(state)
+
+
+def test_exact_resume_in_process(dataset):
+    root, _, _ = dataset
+    shards = resolve_shards([str(root)], "train")
+    kw = dict(seq_len=T, batch_size=B, extra=EXTRA, seed=2, shuffle_buffer=5)
+    first = ByteBatches(shards, **kw)
+    it = iter(first)
+    for _ in range(11):
+        next(it)
+    state = json.loads(json.dumps(first.state_dict()))
+    expected = [next(it) for _ in range(25)]
+    resumed = ByteBatches(shards, **kw)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(expected, take(resumed, 25)))
+
+
+def test_deterministic_by_seed(dataset):
+    root, _, _ = dataset
+    shards = resolve_shards([str(root)], "train")
+    run = lambda seed: torch.stack(take(ByteBatches(shards, seq_len=T, batch_size=B, seed=seed), 12))  # noqa: E731
+    assert torch.equal(run(3), run(3))
+    assert not torch.equal(run(3), run(4))
+
+
+def test_epochs_reshuffle_and_never_pad(dataset):
+    root, docs, _ = dataset
+    shards = resolve_shards([str(root)], "train")
+    total = sum(len(d) + 1 for d in docs)
+    loader = ByteBatches(shards, seq_len=T, batch_size=B, seed=0, shuffle_buffer=8)
+    stream = stream_of_plain(take(loader, 2 * total // (B * T) + 2))
+    epoch0, epoch1 = documents_in(stream, len(docs)), documents_in(stream, 2 * len(docs))[len(docs):]
+    assert sorted(epoch0) == sorted(docs) == sorted(epoch1)
+    assert epoch0 != epoch1  # reshuffled per epoch
+    assert PAD not in stream
+    assert loader.stats["epoch"] == 2 or loader.stats["epoch"] == 1
+
+
+def stream_of_plain(batches: list[torch.Tensor]) -> list[int]:
+    return [t for b in batches for r in b.tolist() for t in r[:T]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Corrupt input
+
+
+def test_corrupt_sample_error_and_counted_skip(tmp_path):
+    docs = make_docs(12, seed=4)
+    root = write_dataset(tmp_path, {"train": split_docs(docs, 2)})
+    bad_key = hashlib.sha1(docs[2]).hexdigest()[:16]
+    rewrite_member(root / "train-000000.tar", f"{bad_key}.bin.zst", b"this is not zstd")
+    shards = resolve_shards([str(root)], "train")
+
+    with pytest.raises(UserError, match=rf"train-000000\.tar, member {bad_key}\.bin\.zst"):
+        take(ByteBatches(shards, seq_len=T, batch_size=B), 30)
+    loader = ByteBatches(shards, seq_len=T, batch_size=B, skip_corrupt=True, num_workers=1)
+    good = [d for i, d in enumerate(docs) if i != 2]
+    n = sum(len(d) + 1 for d in good) // (B * T)
+    stream = stream_of_plain(take(loader, n))
+    assert loader.stats["corrupt_skipped"] == 1
+    assert set(documents_in(stream, len(good) - 3)) <= set(good)
+
+
+def test_truncated_shard_error_names_shard(tmp_path):
+    docs = make_docs(12, seed=5)
+    root = write_dataset(tmp_path, {"train": split_docs(docs, 2)})
+    path = root / "train-000001.tar"
+    path.write_bytes(path.read_bytes()[:1500])
+    shards = resolve_shards([str(root)], "train")
+    with pytest.raises(UserError, match=r"train-000001\.tar"):
+        take(ByteBatches(shards, seq_len=T, batch_size=B, num_workers=1), 40)
+    loader = ByteBatches(shards, seq_len=T, batch_size=B, skip_corrupt=True)
+    take(loader, 20)
+    assert loader.stats["corrupt_skipped"] >= 1
+
+
+def rewrite_member(tar_path: Path, member: str, data: bytes) -> None:
+    import tarfile
+
+    members = []
+    with tarfile.open(tar_path) as tf:
+        for info in tf:
+            members.append((info, data if info.name == member else tf.extractfile(info).read()))
+    with tarfile.open(tar_path, "w") as tf:
+        for info, payload in members:
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation sequences
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_eval_covers_every_byte_once(dataset, world):
+    root, _, val = dataset
+    shards = resolve_shards([str(root)], "val")
+    expected = [EOS] + [t for d in val for t in (*d, EOS)]
+    per_rank = [list(eval_sequences(shards, T, EXTRA, B, rank=r, world_size=world)) for r in range(world)]
+    assert len({len(p) for p in per_rank}) == 1, "every rank must yield the same number of batches"
+    windows = {}
+    for r, batches in enumerate(per_rank):
+        for b, (x, n_valid) in enumerate(batches):
+            assert x.shape == (B, T + EXTRA)
+            for i in range(B):
+                k = (b * B + i) * world + r
+                windows[k] = (x[i].tolist(), int(n_valid[i]))
+    targets, stream = [], []
+    for k in sorted(windows):
+        row, n = windows[k]
+        if n == 0:
+            assert all(t == PAD for t in row)
+            continue
+        stream += row[:T]
+        targets += row[1:1 + n]
+        assert all(t == PAD for t in row[1 + n:T + 1])
+    assert targets == expected[1:]  # every validation byte (and separator) is a target exactly once
+    assert stream[:len(expected)] == expected
+
+    capped = [list(eval_sequences(shards, T, EXTRA, B, rank=r, world_size=world, max_batches=2)) for r in range(world)]
+    assert [len(c) for c in capped] == [2] * world
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(capped[0], per_rank[0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# S3
+
+
+@pytest.mark.s3
+def test_s3_shards_match_local(dataset, s3_server):
+    import fsspec
+
+    root, _, val = dataset
+    fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": s3_server})
+    fs.mkdir("pico-test")
+    fs.put(str(root) + "/", "pico-test/ds/", recursive=True)
+    fsspec.filesystem("s3").invalidate_cache()
+
+    remote = resolve_shards(["s3://pico-test/ds"], "train")
+    assert remote[0] == "s3://pico-test/ds/train-000000.tar" and len(remote) == 8
+    assert resolve_shards(["s3://pico-test/ds/val-*.tar"], "val") == ["s3://pico-test/ds/val-000000.tar",
+                                                                      "s3://pico-test/ds/val-000001.tar"]
+    local = resolve_shards([str(root)], "train")
+    kw = dict(seq_len=T, batch_size=B, extra=EXTRA, seed=1, num_workers=2)
+    assert all(torch.equal(a, b) for a, b in zip(take(ByteBatches(remote, **kw), 10), take(ByteBatches(local, **kw), 10)))
+    got = [x for x, _ in eval_sequences(resolve_shards(["s3://pico-test/ds"], "val"), T, EXTRA, B)]
+    want = [x for x, _ in eval_sequences(resolve_shards([str(root)], "val"), T, EXTRA, B)]
+    assert all(torch.equal(a, b) for a, b in zip(got, want)) and len(got) == len(want)
+    with pytest.raises(UserError, match="s3://pico-test/missing"):
+        resolve_shards(["s3://pico-test/missing"], "train")
