@@ -11,8 +11,11 @@ For a weight W (m, n) with gradient G, each step:
     L  <- s L + (1 - s) G G^T,  R <- s R + (1 - s) G^T G
     every f steps: Q <- QR(P Q) for P in (L, R), columns first sorted by Q^T P Q's diagonal
 
-The first step fills L and R from the first gradient and takes their full eigendecomposition
-(eigh) before updating. Keeping M in the original basis (as the paper does) makes a refreshed
+The first gradient only fills L and R and gives their full eigendecomposition (eigh); the
+weights move from the second step on, and t counts these Adam steps. The first gradient rotated
+into its own eigenbasis is diagonal (Q_L^T G Q_R is G's singular values), so an update from it
+would be Adam's normalisation of rounding noise off the diagonal: full-size steps in random
+directions. Tensors with no rotated dimension (plain Adam) update from the first step. Keeping M in the original basis (as the paper does) makes a refreshed
 basis, column order and signs included, need no correction of M; V's entries are permuted
 with the sorted columns so that each stays with its eigen-direction. Dimensions longer than
 `max_precond_dim`, and 1-D parameters unless `precondition_1d`, get no rotation (Q = I): a
@@ -210,9 +213,10 @@ class SOAP(torch.optim.Optimizer):
         state = self.state[p]
         shape = work_shape(p.shape, group["max_precond_dim"], group["merge_dims"])
         g = p.grad.reshape(shape)
-        first = not state
-        if first:
+        if not state:
             self._init_state(state, g, group)
+            if any(q is not None for q in state["Q"]):
+                return  # the first gradient only seeds the preconditioner (see the module docstring)
         state["step"] += 1
         t = state["step"]
         b1, b2 = group["betas"]
@@ -236,10 +240,9 @@ class SOAP(torch.optim.Optimizer):
             p.mul_(1 - group["lr"] * group["weight_decay"])
         p.add_(update.view_as(p), alpha=-group["lr"])
 
-        if not first:
-            self._accumulate(state, g, group["shampoo_beta"])
-            if t % group["precondition_frequency"] == 0:
-                self._refresh(state)
+        self._accumulate(state, g, group["shampoo_beta"])
+        if t % group["precondition_frequency"] == 0:
+            self._refresh(state)
 
     def _init_state(self, state: dict[str, Any], g: torch.Tensor, group: dict[str, Any]) -> None:
         """Zero moments; Kronecker factors from the first gradient and their full eigenbases."""
