@@ -183,6 +183,40 @@ def test_exact_resume_in_process(dataset):
     assert all(torch.equal(a, b) for a, b in zip(expected, take(resumed, 25)))
 
 
+def test_resume_from_every_position(tmp_path):
+    """Save after each of many batches (mid-document, mid-shard, across the epoch end); each resume continues exactly."""
+    docs = make_docs(24, seed=6)
+    shards = resolve_shards([str(write_dataset(tmp_path, {"train": split_docs(docs, 3)}))], "train")
+    # Short windows with a long overlap (extra > seq_len), one per batch: many states hold the
+    # tail of one epoch's last document together with the next epoch's first.
+    kw = dict(seq_len=8, batch_size=1, extra=20, seed=9, shuffle_buffer=4)
+    loader = ByteBatches(shards, **kw)
+    it = iter(loader)
+    n = sum(len(d) + 1 for d in docs) // 8 + 4  # a little past the first epoch
+    batches, states = [], []
+    for _ in range(n + 2):
+        batches.append(next(it))
+        states.append(json.loads(json.dumps(loader.state_dict())))
+    epochs_pending = [{e for e, _, _ in s["workers"][0]["pending"]} for s in states]
+    assert any(len(e) == 2 for e in epochs_pending), "some state should straddle the epoch boundary"
+    for i in range(n):
+        resumed = ByteBatches(shards, **kw)
+        resumed.load_state_dict(states[i])
+        again = take(resumed, 2)
+        assert torch.equal(again[0], batches[i + 1]) and torch.equal(again[1], batches[i + 2]), f"resume after batch {i}"
+
+
+def test_missing_shard_error_names_it(dataset):
+    root, _, _ = dataset
+    shards = resolve_shards([str(root)], "train")
+    (root / "train-000004.tar").unlink()
+    with pytest.raises(UserError, match=r"train-000004\.tar.*cannot open"):
+        take(ByteBatches(shards, seq_len=T, batch_size=B), 200)
+    loader = ByteBatches(shards, seq_len=T, batch_size=B, skip_corrupt=True)
+    take(loader, 60)
+    assert loader.stats["corrupt_skipped"] >= 1
+
+
 def test_deterministic_by_seed(dataset):
     root, _, _ = dataset
     shards = resolve_shards([str(root)], "train")
