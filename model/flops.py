@@ -20,6 +20,8 @@ pass); training = 3 x forward (the backward pass costs twice the forward).
 
 from __future__ import annotations
 
+import dataclasses
+
 from pico.model.config import VOCAB_SIZE, ModelConfig
 from pico.model.pico import hidden_width, n_routed
 
@@ -72,3 +74,24 @@ def param_count(cfg: ModelConfig) -> int:
         n += cfg.n_latent * _block_params(cfg.d_latent, cfg.n_latent_heads, cfg.n_latent_kv_heads, cfg.mlp_ratio)
     n += (cfg.n_predict - 1) * (d + 3 * d * hidden_width(d, cfg.mtp_mlp_ratio))
     return n
+
+
+def match_flops(cfg: ModelConfig, target: float, field: str, candidates, training: bool = True) -> ModelConfig:
+    """cfg with `field` set to the candidate whose FLOPs per byte come closest to `target`.
+
+    For configuring baselines at equal compute, e.g. the width of a `router: none` model that
+    costs what a Pico costs: `match_flops(none_cfg, flops_per_byte(pico_cfg), "d_local", range(64, 513, 8))`.
+    Candidates that the config rejects (say, a width that n_heads does not divide) are skipped.
+    """
+    best, best_gap = None, float("inf")
+    for value in candidates:
+        try:
+            trial = dataclasses.replace(cfg, **{field: value})
+        except ValueError:
+            continue
+        gap = abs(flops_per_byte(trial, training) - target)
+        if gap < best_gap:
+            best, best_gap = trial, gap
+    if best is None:
+        raise ValueError(f"match_flops: no valid config among the candidates for {field}")
+    return best
