@@ -1,0 +1,373 @@
+"""Running a prep job on Ray: plan units, run each as a task, assemble the manifest.
+
+A job is cut into units: consecutive runs of input files (in input order), each up to
+--unit-bytes as stored. A unit is one Ray task. It reads its files, writes its own shards
+under `_work/u{unit:06d}/` and, last, a completion marker `done.json` with its counts and shard
+records. What a unit writes depends only on its files and the options, never on which worker
+runs it or when, so a rerun after a kill -9 (of the driver or a worker) redoes only the units
+without a marker and ends with the same bytes. When every unit is done, the driver numbers the
+shards in unit order, moves them to their final names and writes manifest.json last.
+
+With --dedup a first pass hashes every document (one task per unit, `hashes.bin` as its
+marker); the driver then keeps the first occurrence of each content hash in input order and
+hands every unit the ordinals it must drop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sys
+import time
+from typing import Callable, Iterator
+
+from pico.data_prep.config import PrepConfig
+from pico.data_prep.shards import TarShardWriter, compressor, sample_key, shard_name, split_of, SHARD_NAME
+from pico.data_prep.sources import Doc, InputFile, Skip, expand_inputs, iter_documents
+from pico.data_prep.store import Store
+from pico.pipeline.errors import UserError
+
+MANIFEST = "manifest.json"
+WORK = "_work"
+MAX_WARNINGS = 20  # failures printed on stderr; the manifest lists all of them
+
+
+def unit_dir(unit: int) -> str:
+    return f"{WORK}/u{unit:06d}"
+
+
+def plan_units(files: list[InputFile], unit_bytes: int) -> list[list[InputFile]]:
+    """Consecutive runs of files of at most unit_bytes (a larger file is a unit on its own)."""
+    units: list[list[InputFile]] = []
+    size = 0
+    for f in files:
+        if not units or (units[-1] and size + f.size > unit_bytes):
+            units.append([])
+            size = 0
+        units[-1].append(f)
+        size += f.size
+    return units
+
+
+# ---------------------------------------------------------------------------------------------
+# The work of one unit (runs inside a Ray task)
+
+
+def _unit_items(cfg: PrepConfig, files: list[list]) -> Iterator[tuple[int | None, Doc | Skip]]:
+    """(ordinal, Doc) for every readable document, (None, Skip) for the rest, in input order."""
+    ordinal = 0
+    for url, size in files:
+        for item in iter_documents(InputFile(url, size), cfg.format, cfg.text_field, cfg.id_field, cfg.chunk_bytes):
+            if isinstance(item, Doc):
+                yield ordinal, item
+                ordinal += 1
+            else:
+                yield None, item
+
+
+def _clear_partial(store: Store, prefix: str) -> None:
+    """Remove temporary files a killed attempt of this unit left behind."""
+    if not store.remote:
+        for name in os.listdir(store.path(prefix)) if os.path.isdir(store.path(prefix)) else []:
+            if name.endswith(".tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(store.path(prefix), name))
+
+
+def hash_unit(options: dict, unit: int, files: list[list]) -> dict:
+    """Dedup pass: the 16-byte content hash of every readable document of the unit, in order."""
+    cfg, store = PrepConfig(**options), Store(options["output"])
+    hashes = bytearray()
+    for ordinal, item in _unit_items(cfg, files):
+        if ordinal is None:
+            if cfg.fail_fast and item.kind == "failed":
+                return {"unit": unit, "fatal": item.message()}
+            continue
+        h = hashlib.blake2b(digest_size=16)
+        for chunk in item.chunks():
+            h.update(chunk)
+        hashes += h.digest()
+    store.write_bytes(f"{unit_dir(unit)}/hashes.bin", bytes(hashes))
+    return {"unit": unit, "hashes": bytes(hashes)}
+
+
+def run_unit(options: dict, unit: int, files: list[list], drop: list[int]) -> dict:
+    """Write the shards of one unit and its completion marker; return the marker's record."""
+    cfg, store = PrepConfig(**options), Store(options["output"])
+    prefix = unit_dir(unit)
+    _clear_partial(store, prefix)
+    cctx, dropped = compressor(cfg.zstd_level), set(drop)
+    writers = {split: TarShardWriter(split, cfg.shard_bytes,
+                                     lambda s, j: store.open_write(f"{prefix}/{shard_name(s, j)}"))
+               for split in ("train", "val")}
+    docs = dict.fromkeys(("read", "written", "deduplicated", "empty", "failed"), 0)
+    skipped, raw_bytes = [], 0
+    for ordinal, item in _unit_items(cfg, files):
+        docs["read"] += 1
+        if ordinal is None:
+            docs[item.kind] += 1
+            skipped.append(item.record())
+            if cfg.fail_fast and item.kind == "failed":
+                return {"unit": unit, "fatal": item.message()}
+            continue
+        if ordinal in dropped:
+            docs["deduplicated"] += 1
+            continue
+        identity = item.identity
+        writer = writers[split_of(identity, cfg.val_fraction)]
+        n = 0
+        for n, chunk in enumerate(item.chunks(), 1):
+            meta = {"source": item.source, "id": item.id, "chunk": n - 1, "n_chunks": item.n_chunks, "bytes": len(chunk)}
+            writer.write(sample_key(identity, n - 1, item.n_chunks), len(chunk), cctx.compress(chunk),
+                         json.dumps(meta, separators=(",", ":")).encode())
+            raw_bytes += len(chunk)
+        if n != item.n_chunks:
+            raise RuntimeError(f"{item.source} changed while it was read ({n} chunks instead of {item.n_chunks})")
+        docs["written"] += 1
+    for w in writers.values():
+        w.close()
+    record = {"unit": unit, "shards": [s.record() for w in writers.values() for s in w.done], "documents": docs,
+              "skipped": skipped, "input_bytes": sum(size for _, size in files), "raw_bytes": raw_bytes}
+    store.write_bytes(f"{prefix}/done.json", json.dumps(record).encode())
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None, workers: int | None):
+    """This process's Ray if it has one; else connect to `address`, or start a local Ray.
+
+    Only a Ray started (or connected) here is shut down here.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=workers or os.cpu_count(), include_dashboard=False, object_store_memory=200_000_000)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def _task(ray, fn: Callable):
+    """`fn` as a Ray task of one CPU, retried if its worker dies; the driver's AWS_* settings go along
+    so that workers of an already running local Ray reach the same S3 endpoint."""
+    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    opts: dict = {"num_cpus": 1, "max_retries": 3}
+    if env:
+        opts["runtime_env"] = {"env_vars": env}
+    return ray.remote(**opts)(fn)
+
+
+class _Progress:
+    """A tqdm bar over input bytes on stderr, with raw output throughput; prints failures above it."""
+
+    def __init__(self, enabled: bool, desc: str, total: int, initial: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+                        file=sys.stderr, disable=not enabled, dynamic_ncols=True)
+        self.t0, self.raw, self.warned = time.perf_counter(), 0, 0
+
+    def unit_done(self, record: dict, input_bytes: int) -> None:
+        self.raw += record.get("raw_bytes", 0)
+        for s in record.get("skipped", []):
+            if "empty document" == s["reason"]:
+                continue
+            self.warned += 1
+            if self.warned <= MAX_WARNINGS:
+                where = s["source"] if s["line"] is None else f"{s['source']} line {s['line']}"
+                self.bar.write(f"pico prep: skipped {where}: {s['reason']}", file=sys.stderr)
+            elif self.warned == MAX_WARNINGS + 1:
+                self.bar.write("pico prep: more documents skipped; manifest.json lists them all", file=sys.stderr)
+        rate = self.raw / max(time.perf_counter() - self.t0, 1e-9) / 1e6
+        self.bar.set_postfix_str(f"raw {rate:.1f} MB/s", refresh=False)
+        self.bar.update(input_bytes)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _run_tasks(ray, remote, args: dict[int, tuple], window: int, sizes: dict[int, int], bar: _Progress) -> dict[int, dict]:
+    """Run remote(*args[u]) for every unit u, at most `window` at once, largest first."""
+    order = sorted(args, key=lambda u: (-sizes[u], u))
+    running: dict = {}
+    results: dict[int, dict] = {}
+    try:
+        while order or running:
+            while order and len(running) < window:
+                u = order.pop(0)
+                running[remote.remote(*args[u])] = u
+            ready, _ = ray.wait(list(running), num_returns=1)
+            for ref in ready:
+                u = running.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except Exception as e:
+                    raise UserError(f"unit {u} (first input {args[u][2][0][0]}) failed: {e}\n"
+                                    "Finished units are kept: rerun the same command to resume.") from None
+                if "fatal" in result:
+                    raise UserError(f"{result['fatal']} (stopped by --fail-fast)")
+                results[u] = result
+                bar.unit_done(result, sizes[u])
+    finally:
+        for ref in running:
+            ray.cancel(ref, force=True)
+    return results
+
+
+def _load_json(store: Store, rel: str) -> dict | None:
+    data = store.read_bytes(rel)
+    return None if data is None else json.loads(data)
+
+
+def _start_or_resume(store: Store, cfg: PrepConfig, plan: dict) -> bool:
+    """Check that the output is ours to write; True when an earlier run of this job is resumed."""
+    old = _load_json(store, f"{WORK}/plan.json")
+    if old is not None:
+        if old == plan:
+            return True
+        changed = sorted(k for k in plan["options"] if plan["options"][k] != old["options"].get(k))
+        what = f"options {', '.join(changed)}" if changed else "the list of input files"
+        raise UserError(f"{store.display()} holds an unfinished job whose {what} differ from this one. "
+                        "Rerun with the same inputs and options to resume it, or pass --overwrite to start over.")
+    if any(SHARD_NAME.match(n) for n in store.list()):
+        raise UserError(f"{store.display()} already holds shards but no manifest.json; "
+                        "choose an empty output or pass --overwrite")
+    store.check_writable()
+    store.write_bytes(f"{WORK}/plan.json", json.dumps(plan).encode())
+    return False
+
+
+def _clear(store: Store) -> None:
+    for name in store.list():
+        if SHARD_NAME.match(name) or name == MANIFEST:
+            store.remove(name)
+    store.remove(WORK)
+
+
+def _dedup_drops(ray, cfg: PrepConfig, store: Store, units, window: int, progress: bool) -> dict[int, list[int]]:
+    """Ordinals to drop per unit: every document whose content hash an earlier one already had."""
+    hashes: dict[int, bytes] = {}
+    for u in range(len(units)):
+        data = store.read_bytes(f"{unit_dir(u)}/hashes.bin")
+        if data is not None:
+            hashes[u] = data
+    options = cfg.to_dict()
+    args = {u: (options, u, [[f.url, f.size] for f in units[u]]) for u in range(len(units)) if u not in hashes}
+    sizes = {u: sum(f.size for f in units[u]) for u in range(len(units))}
+    bar = _Progress(progress, "prep (dedup pass)", sum(sizes.values()), sum(sizes[u] for u in hashes))
+    try:
+        for u, r in _run_tasks(ray, _task(ray, hash_unit), args, window, sizes, bar).items():
+            hashes[u] = r["hashes"]
+    finally:
+        bar.close()
+    seen: set[bytes] = set()
+    drops: dict[int, list[int]] = {}
+    for u in range(len(units)):
+        h = hashes[u]
+        for k in range(0, len(h), 16):
+            digest = h[k:k + 16]
+            if digest in seen:
+                drops.setdefault(u, []).append(k // 16)
+            else:
+                seen.add(digest)
+    return drops
+
+
+def _finalize(store: Store, cfg: PrepConfig, records: list[dict], input_problems: list[Skip]) -> dict:
+    """Give shards their final names in unit order, move them there, write the manifest last."""
+    shards, moves, next_index = [], [], {"train": 0, "val": 0}
+    for rec in records:
+        for s in rec["shards"]:
+            name = shard_name(s["split"], next_index[s["split"]])
+            next_index[s["split"]] += 1
+            moves.append((f"{unit_dir(rec['unit'])}/{shard_name(s['split'], s['index'])}", name))
+            shards.append({"name": name, "split": s["split"], "samples": s["samples"], "raw_bytes": s["raw_bytes"],
+                           "compressed_bytes": s["compressed_bytes"], "sha256": s["sha256"]})
+    shards.sort(key=lambda s: (s["split"] != "train", s["name"]))
+    store.refresh()
+    for src, dst in moves:
+        if store.exists(src):
+            store.move(src, dst)
+        elif not store.exists(dst):  # neither in _work nor moved by an earlier, killed finalize
+            raise UserError(f"shard {store.display(src)} is missing; rerun with --overwrite to start over")
+    totals = {}
+    for split in ("train", "val"):
+        mine = [s for s in shards if s["split"] == split]
+        totals[split] = {"shards": len(mine), **{k: sum(s[k] for s in mine)
+                                                 for k in ("samples", "raw_bytes", "compressed_bytes")}}
+    documents = {k: sum(r["documents"][k] for r in records)
+                 for k in ("read", "written", "deduplicated", "empty", "failed")}
+    manifest = {"version": 1, "shards": shards, "totals": totals, "documents": documents,
+                "skipped": [p.record() for p in input_problems] + [s for r in records for s in r["skipped"]],
+                "config": cfg.output_options()}
+    store.write_bytes(MANIFEST, json.dumps(manifest, indent=1).encode() + b"\n")
+    store.remove(WORK)
+    return manifest
+
+
+def run_job(cfg: PrepConfig, progress: bool = True) -> tuple[dict, dict]:
+    """Run (or resume, or find finished) the job `cfg`; return its manifest and run statistics."""
+    t0 = time.perf_counter()
+    store = Store(cfg.output)
+    stats = {"output": store.display(), "units": 0, "units_run": 0, "units_resumed": 0}
+    if cfg.overwrite:
+        _clear(store)
+    manifest = _load_json(store, MANIFEST)
+    if manifest is not None:
+        if manifest.get("config") != cfg.output_options():
+            raise UserError(f"{store.display(MANIFEST)} records a finished job with other options; "
+                            "choose another output or pass --overwrite")
+        store.remove(WORK)  # a finalize killed after the manifest was written
+        return manifest, {**stats, "already_complete": True, "seconds": time.perf_counter() - t0}
+
+    files, input_problems = expand_inputs(cfg.inputs, exclude=None if store.remote else store.root)
+    for p in input_problems:
+        print(f"pico prep: skipped input {p.message()}", file=sys.stderr)
+    if not files:
+        raise UserError("no input matched: " + "; ".join(p.message() for p in input_problems))
+    if cfg.fail_fast and input_problems:
+        raise UserError(f"{input_problems[0].message()} (stopped by --fail-fast)")
+    units = plan_units(files, cfg.unit_bytes)
+    plan = json.loads(json.dumps({"options": cfg.output_options(),
+                                  "units": [[[f.url, f.size] for f in u] for u in units]}))
+    _start_or_resume(store, cfg, plan)
+
+    records: dict[int, dict] = {}
+    for u in range(len(units)):
+        rec = _load_json(store, f"{unit_dir(u)}/done.json")
+        if rec is not None:
+            records[u] = rec
+    stats.update(units=len(units), units_resumed=len(records))
+    sizes = {u: sum(f.size for f in units[u]) for u in range(len(units))}
+    if len(records) < len(units):
+        with ray_session(cfg.ray_address, cfg.workers) as ray:
+            window = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+            drops = _dedup_drops(ray, cfg, store, units, window, progress) if cfg.dedup else {}
+            options = cfg.to_dict()
+            args = {u: (options, u, [[f.url, f.size] for f in units[u]], drops.get(u, []))
+                    for u in range(len(units)) if u not in records}
+            bar = _Progress(progress, "prep", sum(sizes.values()), sum(sizes[u] for u in records))
+            try:
+                records.update(_run_tasks(ray, _task(ray, run_unit), args, window, sizes, bar))
+            finally:
+                bar.close()
+        stats["units_run"] = len(args)
+    manifest = _finalize(store, cfg, [records[u] for u in range(len(units))], input_problems)
+    seconds = time.perf_counter() - t0
+    raw = manifest["totals"]["train"]["raw_bytes"] + manifest["totals"]["val"]["raw_bytes"]
+    stats.update(seconds=seconds, input_bytes=sum(sizes.values()), raw_bytes=raw,
+                 raw_mb_per_s=raw / seconds / 1e6 if seconds else 0.0)
+    return manifest, stats

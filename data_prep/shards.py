@@ -1,0 +1,194 @@
+"""The shard format: WebDataset tar files of zstd-compressed documents.
+
+A sample is two tar members sharing a key: `{key}.bin.zst` (one zstd frame, content size and
+checksum recorded, of the raw document bytes) and `{key}.json` (source, id, chunk, n_chunks,
+bytes). The key is 24 hex digits of a hash of the document identity, plus `_c{chunk:05d}` when
+a large document is split. Tar headers carry no time, owner or mode that varies, so the same
+samples always make the same bytes (and the same sha256).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import tarfile
+from dataclasses import dataclass, field
+from typing import BinaryIO, Iterator
+
+import zstandard
+
+SHARD_NAME = re.compile(r"^(train|val)-(\d{6})\.tar$")
+KEY = re.compile(r"^[0-9a-f]{16,}(_c\d{5})?$")
+RECORD = 10240  # tar files are padded to a multiple of this (the tar default)
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def sample_key(identity: bytes, chunk: int, n_chunks: int) -> str:
+    base = identity[:12].hex()
+    return base if n_chunks == 1 else f"{base}_c{chunk:05d}"
+
+
+def split_of(identity: bytes, val_fraction: float) -> str:
+    """train or val, from bytes of the identity hash that the key does not show."""
+    return "val" if int.from_bytes(identity[8:16], "big") < val_fraction * 2**64 else "train"
+
+
+def compressor(level: int) -> zstandard.ZstdCompressor:
+    return zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=True)
+
+
+def _member(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = size, 0o444, 0
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+
+
+def _padding(n: int) -> bytes:
+    return b"\0" * (-n % 512)
+
+
+def sample_bytes(key: str, payload: bytes, meta: bytes) -> bytes:
+    """The tar bytes of one sample (headers, data, padding), as `tar` writes them."""
+    return b"".join((_member(f"{key}.bin.zst", len(payload)), payload, _padding(len(payload)),
+                     _member(f"{key}.json", len(meta)), meta, _padding(len(meta))))
+
+
+@dataclass
+class ShardStats:
+    """What the manifest records about one shard."""
+
+    split: str
+    index: int  # within the unit that wrote it; the final name is assigned when all units are done
+    samples: int = 0
+    raw_bytes: int = 0
+    compressed_bytes: int = 0
+    file_bytes: int = 0
+    sha256: str = ""
+    _hash: object = field(default_factory=hashlib.sha256, repr=False)
+
+    def record(self) -> dict:
+        return {"split": self.split, "index": self.index, "samples": self.samples, "raw_bytes": self.raw_bytes,
+                "compressed_bytes": self.compressed_bytes, "file_bytes": self.file_bytes, "sha256": self.sha256}
+
+
+class TarShardWriter:
+    """Writes samples of one split into consecutive shards, rolling over by tar file size.
+
+    `opener(split, index)` returns (file, commit): the file to write, and a function that makes
+    the finished file visible under its real name (a rename, or an upload).
+    """
+
+    def __init__(self, split: str, shard_bytes: int, opener):
+        self.split, self.shard_bytes, self.opener = split, shard_bytes, opener
+        self.done: list[ShardStats] = []
+        self._file: BinaryIO | None = None
+        self._commit = None
+        self._stats: ShardStats | None = None
+
+    def write(self, key: str, raw_len: int, payload: bytes, meta: bytes) -> None:
+        data = sample_bytes(key, payload, meta)
+        s = self._stats
+        if s is not None and s.samples and s.file_bytes + len(data) + 1024 > self.shard_bytes:
+            self.close()
+        if self._stats is None:
+            self._stats = ShardStats(self.split, len(self.done))
+            self._file, self._commit = self.opener(self.split, self._stats.index)
+        self._put(data)
+        self._stats.samples += 1
+        self._stats.raw_bytes += raw_len
+        self._stats.compressed_bytes += len(payload)
+
+    def _put(self, data: bytes) -> None:
+        self._file.write(data)
+        self._stats._hash.update(data)
+        self._stats.file_bytes += len(data)
+
+    def close(self) -> None:
+        """Finish the open shard (end-of-archive blocks, padding), commit it under its name."""
+        if self._stats is None:
+            return
+        end = 1024 + (-(self._stats.file_bytes + 1024) % RECORD)
+        self._put(b"\0" * end)
+        self._file.close()
+        self._commit()
+        self._stats.sha256 = self._stats._hash.hexdigest()
+        self.done.append(self._stats)
+        self._stats = self._file = self._commit = None
+
+
+@dataclass
+class Sample:
+    """One sample read back from a shard."""
+
+    key: str
+    payload: bytes | None
+    meta: bytes | None
+
+
+def iter_tar_samples(stream: BinaryIO) -> Iterator[Sample]:
+    """Samples of a shard in stored order; members are grouped by key (the part before the first dot)."""
+    current: Sample | None = None
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, ext = member.name.partition(".")
+            data = tar.extractfile(member).read()
+            if current is not None and current.key != key:
+                yield current
+                current = None
+            if current is None:
+                current = Sample(key, None, None)
+            if ext == "bin.zst":
+                current.payload = data
+            elif ext == "json":
+                current.meta = data
+    if current is not None:
+        yield current
+
+
+def decode_sample(sample: Sample) -> tuple[bytes, dict]:
+    """The raw bytes and metadata of a sample; raises ValueError naming what is wrong."""
+    if sample.payload is None or sample.meta is None:
+        missing = "bin.zst" if sample.payload is None else "json"
+        raise ValueError(f"sample {sample.key} has no {sample.key}.{missing} member")
+    try:
+        meta = json.loads(sample.meta)
+    except ValueError as e:
+        raise ValueError(f"sample {sample.key}: metadata is not valid JSON: {e}") from None
+    try:
+        size = zstandard.frame_content_size(sample.payload)
+        if size < 0:
+            raise ValueError(f"sample {sample.key}: the zstd frame does not record its content size")
+        raw = zstandard.ZstdDecompressor().decompress(sample.payload)
+    except zstandard.ZstdError as e:
+        raise ValueError(f"sample {sample.key}: payload does not decompress: {e}") from None
+    return raw, meta
+
+
+class HashingReader(io.RawIOBase):
+    """Reads through to `raw`, hashing and counting every byte."""
+
+    def __init__(self, raw: BinaryIO):
+        self.raw, self.sha, self.n = raw, hashlib.sha256(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self.raw.read(len(b))
+        b[: len(data)] = data
+        self.sha.update(data)
+        self.n += len(data)
+        return len(data)
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass

@@ -1,0 +1,345 @@
+"""Finding input files and reading documents out of them, one at a time.
+
+`expand_inputs` turns --input arguments (paths, directories, globs, fsspec URLs) into a sorted
+list of files. `iter_documents` streams one file and yields a `Doc` for every document and a
+`Skip` for every empty or unreadable one, so that the caller can count both. Nothing here holds
+more than one document (or one chunk of a large one) in memory.
+"""
+
+from __future__ import annotations
+
+import bz2
+import glob
+import gzip
+import hashlib
+import io
+import json
+import lzma
+import os
+import zlib
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import zstandard
+
+BLOCK = 1 << 20
+COMPRESSED = (".gz", ".zst", ".zstd", ".xz", ".bz2")
+JSONL = (".jsonl", ".ndjson")
+# What a broken compressed stream or a failing read raises, across gzip, xz, bz2 and zstd.
+READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, zstandard.ZstdError)
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One input file: an absolute local path or an fsspec URL, and its size as stored."""
+
+    url: str
+    size: int
+
+
+@dataclass
+class Doc:
+    """A readable, non-empty document. `chunks()` yields its bytes in pieces of at most chunk_bytes."""
+
+    source: str
+    id: str
+    line: int | None
+    size: int
+    n_chunks: int
+    chunks: Callable[[], Iterator[bytes]]
+
+    @property
+    def identity(self) -> bytes:
+        """16 bytes naming the document (source and line), independent of its content."""
+        locator = "" if self.line is None else str(self.line)
+        return hashlib.blake2b(f"{self.source}\n{locator}".encode("utf-8", "surrogateescape"), digest_size=16).digest()
+
+
+@dataclass
+class Skip:
+    """A document that is not written: kind is "empty" or "failed"; reason says why."""
+
+    kind: str
+    source: str
+    line: int | None
+    reason: str
+
+    def record(self) -> dict:
+        return {"source": self.source, "line": self.line, "reason": self.reason}
+
+    def message(self) -> str:
+        where = self.source if self.line is None else f"{self.source} line {self.line}"
+        return f"{where}: {self.reason}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Listing
+
+
+def is_url(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def expand_inputs(patterns: list[str], exclude: str | None = None) -> tuple[list[InputFile], list[Skip]]:
+    """Every file named by `patterns`, sorted within each pattern, first occurrence kept.
+
+    A pattern that matches nothing (or a bucket that cannot be listed) becomes a Skip naming it.
+    `exclude` is a local directory to leave out (the job's own output inside an input tree).
+    """
+    files: list[InputFile] = []
+    problems: list[Skip] = []
+    seen: set[str] = set()
+    for pattern in patterns:
+        try:
+            found = _expand_url(pattern) if is_url(pattern) else _expand_local(pattern, exclude)
+        except Exception as e:  # listing a remote store can fail in many ways; all of them are the input's
+            problems.append(Skip("failed", pattern, None, f"cannot list input: {type(e).__name__}: {e}"))
+            continue
+        if not found:
+            problems.append(Skip("failed", pattern, None, "no file matched this input"))
+        for f in found:
+            if f.url not in seen:
+                seen.add(f.url)
+                files.append(f)
+    return files, problems
+
+
+def _expand_local(pattern: str, exclude: str | None) -> list[InputFile]:
+    pattern = os.path.abspath(os.path.expanduser(pattern.removeprefix("file://")))
+    roots = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
+    out: list[str] = []
+    for root in roots:
+        if os.path.isdir(root):
+            for d, dirs, names in os.walk(root):
+                dirs[:] = sorted(x for x in dirs if not x.startswith(".") and os.path.join(d, x) != exclude)
+                out.extend(os.path.join(d, n) for n in sorted(names) if not n.startswith("."))
+        elif os.path.isfile(root):
+            out.append(root)
+    if exclude:
+        out = [p for p in out if not p.startswith(exclude + os.sep)]
+    return [InputFile(p, os.path.getsize(p)) for p in out]
+
+
+def _expand_url(pattern: str) -> list[InputFile]:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(pattern)
+    fs.invalidate_cache()
+    if glob.has_magic(path):
+        found = fs.glob(path, detail=True)
+    else:
+        info = fs.info(path)  # raises FileNotFoundError / PermissionError for a missing key or bucket
+        found = fs.find(path, detail=True) if info["type"] == "directory" else {path: info}
+    out = []
+    for p, info in sorted(found.items()):
+        name = p.rstrip("/").rsplit("/", 1)[-1]
+        if info.get("type") == "directory":
+            for q, sub in sorted(fs.find(p, detail=True).items()):
+                if not q.rsplit("/", 1)[-1].startswith("."):
+                    out.append(InputFile(fs.unstrip_protocol(q), int(sub.get("size") or 0)))
+        elif not name.startswith("."):
+            out.append(InputFile(fs.unstrip_protocol(p), int(info.get("size") or 0)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Opening, with decompression chosen by suffix
+
+
+def split_suffix(url: str) -> tuple[str, str]:
+    """("name.jsonl", ".gz") for name.jsonl.gz; the compression suffix is "" for plain files."""
+    lower = url.lower()
+    for suf in COMPRESSED:
+        if lower.endswith(suf):
+            return url[: -len(suf)], suf
+    return url, ""
+
+
+def open_raw(url: str) -> io.BufferedIOBase:
+    if is_url(url):
+        import fsspec
+
+        return fsspec.open(url, "rb", block_size=8 * BLOCK).open()
+    return open(url.removeprefix("file://"), "rb", buffering=BLOCK)
+
+
+def open_input(url: str) -> io.BufferedIOBase:
+    """A binary stream of the file's decompressed bytes."""
+    raw = open_raw(url)
+    suffix = split_suffix(url)[1].lower()
+    if suffix == ".gz":
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if suffix == ".xz":
+        return lzma.LZMAFile(raw)
+    if suffix == ".bz2":
+        return bz2.BZ2File(raw)
+    if suffix in (".zst", ".zstd"):
+        return io.BufferedReader(ZstdReader(raw), BLOCK)
+    return raw
+
+
+class ZstdReader(io.RawIOBase):
+    """Streams the frames of a zstd file one after another and raises on a truncated frame.
+
+    zstandard's own stream_reader returns a short read at a cut-off frame without an error; a
+    pretraining corpus must not lose the tail of a document silently.
+    """
+
+    def __init__(self, raw: io.BufferedIOBase, block: int = 1 << 16):
+        self._raw, self._block = raw, block
+        self._dctx = zstandard.ZstdDecompressor()
+        self._frame = None  # the decompressor of the frame in progress, None between frames
+        self._buf, self._pos, self._done = b"", 0, False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while self._pos >= len(self._buf) and not self._done:
+            data = self._raw.read(self._block)
+            if not data:
+                self._done = True
+                if self._frame is not None:
+                    raise EOFError("zstd stream ended inside a frame (the file is truncated)")
+                break
+            self._buf, self._pos = self._feed(data), 0
+        n = min(len(b), len(self._buf) - self._pos)
+        b[:n] = self._buf[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def _feed(self, data: bytes) -> bytes:
+        out = []
+        while data:
+            if self._frame is None:
+                self._frame = self._dctx.decompressobj()
+            out.append(self._frame.decompress(data))
+            if self._frame.eof:
+                data, self._frame = self._frame.unused_data, None
+            else:
+                data = b""
+        return b"".join(out)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+def read_upto(stream: io.BufferedIOBase, n: int) -> bytes:
+    """Exactly n bytes, or fewer at the end of the stream."""
+    parts, got = [], 0
+    while got < n:
+        part = stream.read(n - got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Documents
+
+
+def file_format(url: str, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    return "jsonl" if split_suffix(url)[0].lower().endswith(JSONL) else "raw"
+
+
+def iter_documents(f: InputFile, fmt: str, text_field: str, id_field: str, chunk_bytes: int) -> Iterator[Doc | Skip]:
+    """Every document of one input file, in file order (a whole file is one document unless JSON Lines)."""
+    if file_format(f.url, fmt) == "jsonl":
+        return _iter_jsonl(f.url, text_field, id_field, chunk_bytes)
+    return _iter_whole_file(f, chunk_bytes)
+
+
+def _describe(e: BaseException, url: str) -> str:
+    kind = {".gz": "gzip", ".xz": "xz", ".bz2": "bz2", ".zst": "zstd", ".zstd": "zstd"}.get(split_suffix(url)[1].lower())
+    what = f"corrupt or truncated {kind} data" if kind and not isinstance(e, FileNotFoundError) else "cannot read"
+    return f"{what}: {type(e).__name__}: {e}"
+
+
+def _in_memory(data: bytes, chunk_bytes: int) -> tuple[int, Callable[[], Iterator[bytes]]]:
+    n = max(1, -(-len(data) // chunk_bytes))
+    return n, lambda: (data[i * chunk_bytes:(i + 1) * chunk_bytes] for i in range(n))
+
+
+def _iter_whole_file(f: InputFile, chunk_bytes: int) -> Iterator[Doc | Skip]:
+    try:
+        stream = open_input(f.url)
+        head = read_upto(stream, chunk_bytes + 1)
+    except READ_ERRORS as e:
+        yield Skip("failed", f.url, None, _describe(e, f.url))
+        return
+    if not head:
+        stream.close()
+        yield Skip("empty", f.url, None, "empty document")
+        return
+    if len(head) <= chunk_bytes:
+        stream.close()
+        n, chunks = _in_memory(head, chunk_bytes)
+        yield Doc(f.url, f.url, None, len(head), n, chunks)
+        return
+    # A large document: learn its size first (a compressed one by decompressing it once without
+    # keeping it, which also finds corruption before any chunk is written), then stream chunks.
+    stream.close()
+    try:
+        size = f.size if not split_suffix(f.url)[1] else _count_bytes(f.url)
+    except READ_ERRORS as e:
+        yield Skip("failed", f.url, None, _describe(e, f.url))
+        return
+
+    def chunks() -> Iterator[bytes]:
+        with open_input(f.url) as s:
+            while chunk := read_upto(s, chunk_bytes):
+                yield chunk
+
+    yield Doc(f.url, f.url, None, size, -(-size // chunk_bytes), chunks)
+
+
+def _count_bytes(url: str) -> int:
+    with open_input(url) as s:
+        n = 0
+        while part := s.read(BLOCK):
+            n += len(part)
+        return n
+
+
+def _iter_jsonl(url: str, text_field: str, id_field: str, chunk_bytes: int) -> Iterator[Doc | Skip]:
+    line_no = 0
+    try:
+        stream = open_input(url)
+        for line in stream:
+            line_no += 1
+            if line.strip():
+                yield _parse_line(url, line_no, line, text_field, id_field, chunk_bytes)
+    except READ_ERRORS as e:
+        yield Skip("failed", url, line_no + 1, _describe(e, url))
+    else:
+        stream.close()
+
+
+def _parse_line(url: str, line_no: int, line: bytes, text_field: str, id_field: str, chunk_bytes: int) -> Doc | Skip:
+    try:
+        obj = json.loads(line)
+    except ValueError as e:
+        return Skip("failed", url, line_no, f"invalid JSON: {e}")
+    if not isinstance(obj, dict):
+        return Skip("failed", url, line_no, f"expected a JSON object, got {type(obj).__name__}")
+    if text_field not in obj:
+        fields = ", ".join(sorted(map(str, obj))[:10]) or "none"
+        return Skip("failed", url, line_no, f"missing text field {text_field!r} (fields: {fields}); "
+                                            "choose the field with --text-field")
+    text = obj[text_field]
+    if not isinstance(text, str):
+        return Skip("failed", url, line_no, f"field {text_field!r} is a {type(text).__name__}, not a string")
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return Skip("failed", url, line_no, f"field {text_field!r} holds an unpaired surrogate: {e}")
+    if not data:
+        return Skip("empty", url, line_no, "empty document")
+    doc_id = str(obj[id_field]) if obj.get(id_field) is not None else f"{url}#{line_no}"
+    n, chunks = _in_memory(data, chunk_bytes)
+    return Doc(url, doc_id, line_no, len(data), n, chunks)
