@@ -14,8 +14,10 @@ Design choices and their sources:
   any absolute position; SwiGLU MLP (Shazeer 2020); no biases anywhere but the router's scalar.
   Attention runs through `F.scaled_dot_product_attention` with an additive float mask that holds
   both the ALiBi bias and the window, built from absolute positions (`attention_bias`) and cached
-  per (T, device, dtype). `Attention` is split into `qkv` and `attend` so that an inference cache
-  can concatenate past keys/values and pass their absolute positions to `attention_bias`.
+  per (T, device, dtype). For an inference cache, `Block` and `Attention` take an optional
+  `cache` whose `update(k, v)` returns the past keys/values joined to the new ones; the caller
+  builds the bias from the absolute positions of the queries and the cached keys
+  (`attention_bias(pos_q, pos_k, slopes, window)`).
 - **Router** (Mixture-of-Depths, Raposo et al. 2024, expert choice): a scalar score per position,
   read from the RMS-normalised residual after the `n_in` local blocks. In training
   (`routing="topk"`) the top k = ceil(capacity * T) positions of each sequence are gathered in
@@ -154,8 +156,12 @@ class Attention(nn.Module):
         B, _, Tq, _ = y.shape
         return self.out_proj(y.transpose(1, 2).reshape(B, Tq, -1))
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        return self.attend(*self.qkv(x), bias)
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, cache=None) -> torch.Tensor:
+        """Attention of x (B, T, d); `cache.update(k, v)` may prepend past keys/values (inference)."""
+        q, k, v = self.qkv(x)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        return self.attend(q, k, v, bias)
 
 
 class SwiGLU(nn.Module):
@@ -181,8 +187,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(d, eps)
         self.mlp = SwiGLU(d, hidden_width(d, mlp_ratio))
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), bias)
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, cache=None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), bias, cache)
         return x + self.mlp(self.mlp_norm(x))
 
 

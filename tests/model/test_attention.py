@@ -77,3 +77,28 @@ def test_bias_from_absolute_positions_supports_a_cache_offset():
     full = attention_bias(torch.arange(13), torch.arange(13), slopes, window=5)
     part = attention_bias(torch.arange(10, 13), torch.arange(6, 13), slopes, window=5)
     assert_close(part, full[:, 10:13, 6:13])
+
+
+class AppendCache:
+    """The simplest key/value cache: keep everything, join along the time axis."""
+
+    def __init__(self):
+        self.k = self.v = None
+
+    def update(self, k, v):
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
+def test_block_run_byte_by_byte_through_a_cache_equals_the_full_pass():
+    cfg = tiny_config(window=4)
+    model = build_model(cfg)
+    block = model.blocks_in[0]
+    x = torch.randn(2, 10, cfg.d_local)
+    full = block(x, model.local_bias(10, x.device, x.dtype))
+    cache, steps = AppendCache(), []
+    for t in range(10):
+        bias = attention_bias(torch.tensor([t]), torch.arange(t + 1), model.local_slopes, cfg.window)
+        steps.append(block(x[:, t:t + 1], bias, cache))
+    assert_close(torch.cat(steps, dim=1), full)
