@@ -4,7 +4,7 @@ Vyas et al. 2024, "SOAP: Improving and Stabilizing Shampoo using Adam" (arXiv 24
 Algorithm 3 for the update and its QR step (one power iteration) for refreshing the basis.
 For a weight W (m, n) with gradient G, each step:
 
-    M  <- b1 M + (1 - b1) G                       # first moment, kept in the original basis
+    M  <- b1 M + (1 - b1) G                       # first moment
     G' =  Q_L^T G Q_R,  M' = Q_L^T M Q_R          # rotate into the eigenbasis
     V  <- b2 V + (1 - b2) G' * G'                 # second moment, kept in the rotated basis
     W  <- W (1 - lr wd) - lr Q_L [M'/(1-b1^t) / (sqrt(V/(1-b2^t)) + eps)] Q_R^T
@@ -12,14 +12,17 @@ For a weight W (m, n) with gradient G, each step:
     every f steps: Q <- QR(P Q) for P in (L, R), columns first sorted by Q^T P Q's diagonal
 
 The first gradient only fills L and R and gives their full eigendecomposition (eigh); the
-weights move from the second step on, and t counts these Adam steps. The first gradient rotated
-into its own eigenbasis is diagonal (Q_L^T G Q_R is G's singular values), so an update from it
-would be Adam's normalisation of rounding noise off the diagonal: full-size steps in random
-directions. Tensors with no rotated dimension (plain Adam) update from the first step. Keeping M in the original basis (as the paper does) makes a refreshed
-basis, column order and signs included, need no correction of M; V's entries are permuted
-with the sorted columns so that each stays with its eigen-direction. Dimensions longer than
-`max_precond_dim`, and 1-D parameters unless `precondition_1d`, get no rotation (Q = I): a
-tensor with no rotated dimension is plain Adam. Weight decay is decoupled (AdamW's).
+weights move from the second step on, and t counts these Adam steps. The first gradient
+rotated into its own eigenbasis is diagonal (Q_L^T G Q_R is G's singular values), so an update
+from it would be Adam's normalisation of rounding noise off the diagonal: full-size steps in
+random directions. Tensors with no rotated dimension (plain Adam) update from the first step.
+
+M is stored rotated, as M' (rotation is linear, so b1 M' + (1 - b1) G' is the paper's M
+rotated): one projection per step fewer. When the basis is refreshed, M' goes back with the
+old Q and on with the new one, so column order and signs need no bookkeeping; V's entries are
+permuted with the sorted columns so each stays with its eigen-direction. Dimensions longer
+than `max_precond_dim`, and 1-D parameters unless `precondition_1d`, get no rotation (Q = I):
+a tensor with no rotated dimension is plain Adam. Weight decay is decoupled (AdamW's).
 
 Sharding (ZeRO-1 at matrix granularity, as distributed Shampoo does). DeepSpeed runs at
 ZeRO stage 0: it all-reduces full gradients and hands this optimizer the real parameters.
@@ -99,7 +102,12 @@ def project(x: torch.Tensor, qs: list[torch.Tensor | None]) -> torch.Tensor:
     """x multiplied by Q_k^T along every dimension k (Q_L^T X Q_R for a matrix).
 
     Each tensordot contracts the leading dimension and appends the result as the last one,
-    so after one pass over all dimensions they are back in their original order."""
+    so after one pass over all dimensions they are back in their original order. Matrices
+    take plain matmuls, which avoid tensordot's transposed copies (2x faster going back)."""
+    if x.ndim == 2:
+        left, right = qs
+        x = x if left is None else left.T @ x
+        return x if right is None else x @ right
     for q in qs:
         x = x.movedim(0, -1) if q is None else torch.tensordot(x, q, dims=([0], [0]))
     return x
@@ -107,15 +115,24 @@ def project(x: torch.Tensor, qs: list[torch.Tensor | None]) -> torch.Tensor:
 
 def project_back(x: torch.Tensor, qs: list[torch.Tensor | None]) -> torch.Tensor:
     """The inverse rotation: x multiplied by Q_k along every dimension k (Q_L X Q_R^T)."""
+    if x.ndim == 2:
+        left, right = qs
+        x = x if left is None else left @ x
+        return x if right is None else x @ right.T
     for q in qs:
         x = x.movedim(0, -1) if q is None else torch.tensordot(x, q, dims=([0], [1]))
     return x
 
 
-def _outer(g: torch.Tensor, k: int) -> torch.Tensor:
-    """The mode-k Gram matrix G_(k) G_(k)^T (G G^T for k=0 of a matrix, G^T G for k=1)."""
+def _accumulate_factor(gg: torch.Tensor, g: torch.Tensor, k: int, beta: float) -> None:
+    """gg <- beta gg + (1 - beta) G_(k) G_(k)^T, the mode-k Gram matrix (G G^T for k=0 of a
+    matrix, G^T G for k=1); matrices take addmm in place, without a temporary."""
+    if g.ndim == 2:
+        a = g if k == 0 else g.T
+        gg.mul_(beta).addmm_(a, a.T, alpha=1 - beta)
+        return
     other = [d for d in range(g.ndim) if d != k]
-    return torch.tensordot(g, g, dims=(other, other))
+    gg.lerp_(torch.tensordot(g, g, dims=(other, other)), 1 - beta)
 
 
 def _eigenbasis(gg: torch.Tensor) -> torch.Tensor:
@@ -222,11 +239,10 @@ class SOAP(torch.optim.Optimizer):
         b1, b2 = group["betas"]
         qs = state["Q"]
 
-        m, v = state["exp_avg"], state["exp_avg_sq"]
-        m.mul_(b1).add_(g, alpha=1 - b1)
+        m_rot, v = state["exp_avg"], state["exp_avg_sq"]
         g_rot = project(g, qs)
+        m_rot.mul_(b1).add_(g_rot, alpha=1 - b1)
         v.mul_(b2).addcmul_(g_rot, g_rot, value=1 - b2)
-        m_rot = project(m, qs)
         if group["correct_bias"]:
             m_rot = m_rot / (1 - b1 ** t)
             denom = (v / (1 - b2 ** t)).sqrt_().add_(group["eps"])
@@ -258,14 +274,16 @@ class SOAP(torch.optim.Optimizer):
     def _accumulate(state: dict[str, Any], g: torch.Tensor, beta: float) -> None:
         for k, gg in enumerate(state["GG"]):
             if gg is not None:
-                gg.lerp_(_outer(g, k), 1 - beta)
+                _accumulate_factor(gg, g, k, beta)
 
     @staticmethod
     def _refresh(state: dict[str, Any]) -> None:
         """One power iteration plus QR per factor, warm-started from the current basis.
 
         Columns are first sorted by their Rayleigh quotients (the eigenvalue estimates) so the
-        basis stays ordered largest first; V is permuted the same way along that dimension."""
+        basis stays ordered largest first; V is permuted the same way along that dimension,
+        and M' is carried over into the new basis exactly (back with the old Q, on with the new)."""
+        m = project_back(state["exp_avg"], state["Q"])
         v = state["exp_avg_sq"]
         for k, (gg, q) in enumerate(zip(state["GG"], state["Q"])):
             if gg is None:
@@ -274,6 +292,7 @@ class SOAP(torch.optim.Optimizer):
             order = torch.argsort((q * ggq).sum(0), descending=True, stable=True)
             v = v.index_select(k, order)
             state["Q"][k] = torch.linalg.qr(ggq[:, order]).Q
+        state["exp_avg"] = project(m, state["Q"]).contiguous()
         state["exp_avg_sq"] = v
 
     # -----------------------------------------------------------------------------------------
