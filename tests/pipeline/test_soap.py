@@ -312,3 +312,33 @@ def test_deepspeed_stage0_two_ranks_equal_one_process(tmp_path, port, clip):
         for p0, p, q in zip(start, model.parameters(), res["params"]):
             assert _rel(q - p0, p.detach() - p0) <= 1e-5
     assert max(r["bytes"] for r in ranks) < opt.optimizer_state_bytes()
+
+
+def test_pico_routed_path_trains_with_soap():
+    from pico.model import ModelConfig, build_model, make_targets
+
+    from pico.pipeline.config import OptimConfig
+    from pico.pipeline.optim import build_optimizer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_local=32, n_heads=2, n_kv_heads=1, window=16, n_in=1, n_out=1, d_latent=64, n_latent=1,
+                      n_latent_heads=2, n_latent_kv_heads=1, router="learned", capacity=0.25, n_predict=2,
+                      max_seq_len=32)
+    model = build_model(cfg)
+    opt = build_optimizer(list(model.named_parameters()), OptimConfig(name="soap", lr=3e-3, precondition_frequency=3))
+    text = b"the quick brown fox jumps over the lazy dog; " * 4
+    seq = torch.tensor([list(text[i: i + 34]) for i in range(0, 64, 8)])
+    idx, targets = make_targets(seq, cfg.n_predict)
+    routed_latent = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith(("router.", "latent"))}
+    losses = []
+    for _ in range(12):
+        out = model(idx, targets)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    moved = {n for n, p in model.named_parameters() if n in routed_latent and not torch.equal(p, routed_latent[n])}
+    assert moved == set(routed_latent), set(routed_latent) - moved  # the router and latent blocks learn
+    assert any(len([q for q in st["Q"] if q is not None]) == 2 for st in opt.state.values())
