@@ -132,24 +132,58 @@ class Sample:
     meta: bytes | None
 
 
+class TruncatedTar(EOFError):
+    """The tar file ends inside a member or without its end-of-archive blocks."""
+
+
+def _read_exact(stream: BinaryIO, n: int) -> bytes:
+    parts, got = [], 0
+    while got < n:
+        part = stream.read(n - got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
+def iter_tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of every regular file in a tar stream; raises TruncatedTar or tarfile.HeaderError.
+
+    Read block by block rather than with tarfile's stream mode, which takes a cut-off file for
+    a finished one.
+    """
+    while True:
+        header = _read_exact(stream, 512)
+        if len(header) < 512:
+            raise TruncatedTar("the file ends without the end-of-archive blocks")
+        if header == bytes(512):
+            if _read_exact(stream, 512) != bytes(512):
+                raise TruncatedTar("the end-of-archive marker is incomplete")
+            return
+        info = tarfile.TarInfo.frombuf(header, "utf-8", "strict")
+        data = _read_exact(stream, info.size)
+        pad = _read_exact(stream, -info.size % 512)
+        if len(data) < info.size or len(pad) < -info.size % 512:
+            raise TruncatedTar(f"the file ends inside member {info.name}")
+        if info.isreg():
+            yield info.name, data
+
+
 def iter_tar_samples(stream: BinaryIO) -> Iterator[Sample]:
     """Samples of a shard in stored order; members are grouped by key (the part before the first dot)."""
     current: Sample | None = None
-    with tarfile.open(fileobj=stream, mode="r|") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.partition(".")
-            data = tar.extractfile(member).read()
-            if current is not None and current.key != key:
-                yield current
-                current = None
-            if current is None:
-                current = Sample(key, None, None)
-            if ext == "bin.zst":
-                current.payload = data
-            elif ext == "json":
-                current.meta = data
+    for name, data in iter_tar_members(stream):
+        key, _, ext = name.partition(".")
+        if current is not None and current.key != key:
+            yield current
+            current = None
+        if current is None:
+            current = Sample(key, None, None)
+        if ext == "bin.zst":
+            current.payload = data
+        elif ext == "json":
+            current.meta = data
     if current is not None:
         yield current
 

@@ -1,0 +1,207 @@
+"""Whole prep jobs on a real local Ray: round trip, bad inputs, dedup, split, resume, verify, CLI."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from pico.data_prep import prepare, verify
+from pico.data_prep.cli import main as prep_main
+from pico.data_prep.config import PrepConfig
+from pico.data_prep.job import run_job
+from pico.pipeline.errors import UserError
+
+from .conftest import read_documents, words
+
+pytestmark = pytest.mark.ray
+QUIET = {"progress": False}
+
+
+def adds_up(m: dict) -> bool:
+    d = m["documents"]
+    return d["read"] == d["written"] + d["deduplicated"] + d["empty"] + d["failed"]
+
+
+def shard_digests(out: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("*.tar"))}
+
+
+def without_output(m: dict) -> dict:
+    return {**m, "config": {k: v for k, v in m["config"].items() if k != "output"}}
+
+
+def test_round_trip_every_format_byte_exact(ray_local, corpus_dir, tmp_path):
+    root, expected = corpus_dir
+    out = tmp_path / "out"
+    m = prepare([str(root)], str(out), val_fraction=0.3, shard_bytes=8192, chunk_bytes=700, unit_bytes=3000, **QUIET)
+    assert read_documents(str(out)) == expected
+    assert m["documents"] == {"read": len(expected), "written": len(expected), "deduplicated": 0, "empty": 0, "failed": 0}
+    names = [s["name"] for s in m["shards"]]
+    for split in ("train", "val"):
+        mine = [n for n in names if n.startswith(split)]
+        assert mine == [f"{split}-{i:06d}.tar" for i in range(len(mine))] and mine
+        assert m["totals"][split]["shards"] == len(mine)
+    assert sorted(p.name for p in out.iterdir()) == sorted(names + ["manifest.json"])  # _work is gone
+    assert sum(t["raw_bytes"] for t in m["totals"].values()) == sum(map(len, expected.values()))
+    assert verify(str(out)) == []
+
+
+def test_bad_inputs_are_named_recorded_and_the_job_goes_on(ray_local, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "good.txt").write_bytes(b"good document")
+    (src / "bad.txt.gz").write_bytes(b"not gzip")
+    (src / "cut.txt.zst").write_bytes(zstandard.ZstdCompressor().compress(words(3, 3000))[:-100])
+    (src / "cut.txt.xz").write_bytes(b"\xfd7zXZ\x00 broken")
+    (src / "empty.txt").write_bytes(b"")
+    (src / "rows.jsonl").write_bytes(b'{"text": "one"}\n{oops\n{"body": "two"}\n{"text": ""}\n{"text": "three"}\n')
+    out = tmp_path / "out"
+    m = prepare([str(src), str(tmp_path / "missing" / "*.txt")], str(out), **QUIET)
+    assert m["documents"] == {"read": 10, "written": 3, "deduplicated": 0, "empty": 2, "failed": 5}
+    assert adds_up(m)
+    reasons = {(os.path.basename(s["source"]), s["line"]): s["reason"] for s in m["skipped"]}
+    assert reasons[("*.txt", None)] == "no file matched this input"
+    assert "corrupt or truncated gzip" in reasons[("bad.txt.gz", None)]
+    assert "corrupt or truncated zstd" in reasons[("cut.txt.zst", None)]
+    assert "corrupt or truncated xz" in reasons[("cut.txt.xz", None)]
+    assert reasons[("empty.txt", None)] == "empty document"
+    assert "invalid JSON" in reasons[("rows.jsonl", 2)] and "missing text field" in reasons[("rows.jsonl", 3)]
+    assert reasons[("rows.jsonl", 4)] == "empty document"
+    assert sorted(read_documents(str(out)).values()) == [b"good document", b"one", b"three"]
+
+    with pytest.raises(UserError, match=r"rows.jsonl line 2: invalid JSON.*--fail-fast"):
+        prepare([str(src / "rows.jsonl")], str(tmp_path / "ff"), fail_fast=True, **QUIET)
+    assert not (tmp_path / "ff" / "manifest.json").exists()
+
+
+def test_no_input_matched_is_an_error(tmp_path):
+    with pytest.raises(UserError, match=r"no input matched: .*nothing-here.*no file matched"):
+        prepare([str(tmp_path / "nothing-here")], str(tmp_path / "out"), **QUIET)
+
+
+def test_dedup_keeps_the_first_occurrence_and_is_deterministic(ray_local, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    same = words(5, 100)
+    (src / "a.txt").write_bytes(same)
+    (src / "b.txt.gz").write_bytes(gzip.compress(same))
+    (src / "c.jsonl").write_text("\n".join(json.dumps({"id": f"r{i}", "text": t}) for i, t in
+                                           enumerate([same.decode(), "unique", "unique", "other"])) + "\n")
+    runs = []
+    for name in ("x", "y"):
+        m = prepare([str(src)], str(tmp_path / name), dedup=True, unit_bytes=1, **QUIET)
+        runs.append((without_output(m), shard_digests(tmp_path / name)))
+    m = runs[0][0]
+    assert m["documents"] == {"read": 6, "written": 3, "deduplicated": 3, "empty": 0, "failed": 0}
+    docs = read_documents(str(tmp_path / "x"))
+    assert set(docs) == {str(src / "a.txt"), "r1", "r3"}
+    assert runs[0] == runs[1]
+    plain = prepare([str(src)], str(tmp_path / "z"), **QUIET)
+    assert plain["documents"]["written"] == 6
+
+
+def test_split_depends_only_on_document_identity(ray_local, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(40):
+        (src / f"d{i:02d}.txt").write_bytes(words(i, 30))
+    val_ids = []
+    for name, unit_bytes, workers in (("a", 1, 2), ("b", 1, 1), ("c", 10**6, 2)):
+        m = prepare([str(src)], str(tmp_path / name), val_fraction=0.3, unit_bytes=unit_bytes, workers=workers, **QUIET)
+        ids = set()
+        for s in m["shards"]:
+            if s["split"] == "val":
+                out = subprocess.run(["tar", "-xOf", str(tmp_path / name / s["name"]), "--wildcards", "*.json"],
+                                     capture_output=True, check=True).stdout
+                ids |= {json.loads(x)["id"] for x in out.replace(b"}{", b"}\n{").splitlines()}
+        val_ids.append(ids)
+    assert val_ids[0] == val_ids[1] == val_ids[2] and 4 <= len(val_ids[0]) <= 20
+    assert shard_digests(tmp_path / "a") == shard_digests(tmp_path / "b")  # same units, other worker count
+
+
+def test_rerun_of_a_finished_job_changes_nothing_and_other_options_are_refused(ray_local, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.txt").write_bytes(b"alpha")
+    out = str(tmp_path / "out")
+    first = prepare([str(src)], out, **QUIET)
+    again, stats = run_job(PrepConfig(inputs=[str(src)], output=out), progress=False)
+    assert again == first and stats["already_complete"]
+    with pytest.raises(UserError, match="other options.*--overwrite"):
+        prepare([str(src)], out, zstd_level=9, **QUIET)
+    assert prepare([str(src)], out, zstd_level=9, overwrite=True, **QUIET)["config"]["zstd_level"] == 9
+
+
+def test_resume_after_kill_9_of_the_driver_gives_identical_shards(ray_local, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(10):
+        (src / f"d{i}.txt").write_bytes(words(i, 60_000))
+    opts = {"zstd_level": 19, "unit_bytes": 1, "workers": 1, "val_fraction": 0.2, "shard_bytes": 150_000}
+    flags = [x for k, v in opts.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    killed = tmp_path / "killed"
+    address = ray_local.get_runtime_context().gcs_address
+    with open(tmp_path / "driver.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "pico.pipeline.cli", "prep", "--input", str(src), "--output",
+                                 str(killed), "--ray-address", address, "--no-progress", *flags], stderr=log, stdout=log)
+        deadline = time.monotonic() + 60
+        while len(list(killed.glob("_work/u*/done.json"))) < 2:
+            assert proc.poll() is None, (tmp_path / "driver.log").read_text()
+            assert time.monotonic() < deadline, "the driver made no progress in 60 s"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (killed / "manifest.json").exists()
+    time.sleep(1)  # let Ray reap the dead driver's task
+    resumed, stats = run_job(PrepConfig(inputs=[str(src)], output=str(killed), **opts), progress=False)
+    assert 2 <= stats["units_resumed"] < stats["units"] == 10
+    clean = prepare([str(src)], str(tmp_path / "clean"), **opts, **QUIET)
+    assert without_output(resumed) == without_output(clean)
+    assert shard_digests(killed) == shard_digests(tmp_path / "clean") and len(shard_digests(killed)) >= 10
+    assert verify(str(killed)) == []
+
+
+def test_verify_reports_flipped_byte_truncation_missing_and_extra_shards(ray_local, corpus_dir, tmp_path, capsys):
+    root, _ = corpus_dir
+    out = tmp_path / "out"
+    m = prepare([str(root)], str(out), shard_bytes=8192, val_fraction=0.2, **QUIET)
+    train = [s["name"] for s in m["shards"] if s["split"] == "train"]
+    assert len(train) >= 4
+    flipped, cut, gone = out / train[0], out / train[1], out / train[2]
+    data = bytearray(flipped.read_bytes())
+    data[700] ^= 0x01  # inside the first payload
+    flipped.write_bytes(bytes(data))
+    cut.write_bytes(cut.read_bytes()[:3000])
+    gone.rename(out / "train-999999.tar")
+    problems = verify(str(out))
+    text = "\n".join(problems)
+    assert f"{flipped}: sha256" in text and f"{flipped}: sample" in text
+    assert f"{cut}: truncated or corrupt tar" in text
+    assert f"{gone}: listed in manifest.json but missing" in text
+    assert f"{out / 'train-999999.tar'}: shard not listed" in text
+    assert prep_main(["verify", str(out)]) == 1
+    assert "problems" in capsys.readouterr().err
+    assert prep_main(["verify", str(tmp_path)]) == 1  # no manifest at all
+
+
+def test_cli_prints_one_json_object(ray_local, tmp_path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.txt").write_bytes(b"alpha")
+    (src / "b.jsonl").write_bytes(b'{"text": "beta"}\n')
+    assert prep_main(["--input", str(src), "--output", str(tmp_path / "out"), "--json", "--no-progress",
+                      "--shard-bytes", "64K"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["documents"]["written"] == 2 and summary["shards"]["train"] + summary["shards"]["val"] >= 1
+    assert prep_main(["verify", str(tmp_path / "out"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True

@@ -1,0 +1,103 @@
+"""The shard format: deterministic bytes, rollover by size, readable by tar, zstd and webdataset."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from pico.data_prep.shards import TarShardWriter, compressor, iter_tar_samples, decode_sample, sample_key
+
+from .conftest import words
+
+
+def write_shards(tmp_path, docs, shard_bytes):
+    def opener(split, j):
+        f = open(tmp_path / f"{split}-{j:06d}.tar", "wb")
+        return f, lambda: None
+    w = TarShardWriter("train", shard_bytes, opener)
+    cctx = compressor(3)
+    for i, data in enumerate(docs):
+        key = sample_key(bytes([i]) * 16, 0, 1)
+        meta = json.dumps({"source": "s", "id": str(i), "chunk": 0, "n_chunks": 1, "bytes": len(data)}).encode()
+        w.write(key, len(data), cctx.compress(data), meta)
+    w.close()
+    return w.done
+
+
+def test_rollover_by_bytes_and_identical_bytes_every_time(tmp_path):
+    docs = [words(i, 2000) for i in range(20)]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = write_shards(tmp_path / "a", docs, shard_bytes=20_000)
+    b = write_shards(tmp_path / "b", docs, shard_bytes=20_000)
+    assert len(a) > 2 and [s.sha256 for s in a] == [s.sha256 for s in b]
+    assert sum(s.samples for s in a) == 20
+    for s in a:
+        size = (tmp_path / "a" / f"train-{s.index:06d}.tar").stat().st_size
+        assert size == s.file_bytes and size % 10240 == 0
+        assert s.samples == 1 or size <= 20_000 + 10240  # only the end-of-archive padding may spill over
+
+
+def test_samples_read_back_in_order(tmp_path):
+    docs = [words(i, 50) for i in range(5)]
+    (shard,) = write_shards(tmp_path, docs, shard_bytes=1 << 30)
+    with open(tmp_path / "train-000000.tar", "rb") as f:
+        got = [decode_sample(s) for s in iter_tar_samples(f)]
+    assert [raw for raw, _ in got] == docs and [m["id"] for _, m in got] == ["0", "1", "2", "3", "4"]
+
+
+def test_webdataset_reads_the_shards(tmp_path):
+    import webdataset as wds
+    import zstandard
+
+    docs = [words(i, 50) for i in range(5)]
+    write_shards(tmp_path, docs, shard_bytes=1 << 30)
+    samples = list(wds.WebDataset(str(tmp_path / "train-000000.tar"), shardshuffle=False))
+    assert [s["__key__"] for s in samples] == [sample_key(bytes([i]) * 16, 0, 1) for i in range(5)]
+    assert [zstandard.ZstdDecompressor().decompress(s["bin.zst"]) for s in samples] == docs
+    assert json.loads(samples[0]["json"])["bytes"] == len(docs[0])
+
+
+@pytest.mark.skipif(shutil.which("tar") is None or shutil.which("zstd") is None,
+                    reason="needs the tar and zstd command-line tools (apt-get install zstd)")
+def test_tar_lists_and_zstd_cli_decompresses(tmp_path):
+    docs = [words(i, 500) for i in range(3)]
+    write_shards(tmp_path, docs, shard_bytes=1 << 30)
+    shard = str(tmp_path / "train-000000.tar")
+    names = subprocess.run(["tar", "-tf", shard], capture_output=True, text=True, check=True).stdout.split()
+    key = sample_key(bytes([1]) * 16, 0, 1)
+    assert names[2:4] == [f"{key}.bin.zst", f"{key}.json"]
+    payload = subprocess.run(["tar", "-xOf", shard, f"{key}.bin.zst"], capture_output=True, check=True).stdout
+    out = subprocess.run(["zstd", "-dc"], input=payload, capture_output=True, check=True).stdout
+    assert out == docs[1]
+    (tmp_path / "p.zst").write_bytes(payload)
+    listing = subprocess.run(["zstd", "-lv", str(tmp_path / "p.zst")], capture_output=True, text=True, check=True)
+    assert f"({len(docs[1])} B)" in listing.stdout and "Check: XXH64" in listing.stdout  # size and checksum recorded
+
+
+def test_keys_have_no_dots_and_chunk_suffix():
+    assert sample_key(b"\x01" * 16, 0, 1) == "01" * 12
+    assert sample_key(b"\x01" * 16, 3, 7) == "01" * 12 + "_c00003"
+
+
+def test_split_is_a_function_of_identity_only():
+    from pico.data_prep.shards import split_of
+
+    ids = [bytes([i, 255 - i]) * 8 for i in range(256)]
+    val = [split_of(i, 0.25) for i in ids]
+    assert val == [split_of(i, 0.25) for i in ids]
+    assert 30 < val.count("val") < 100
+    assert all(split_of(i, 0.0) == "train" for i in ids) and all(split_of(i, 1.0) == "val" for i in ids)
+
+
+def test_end_of_archive_makes_a_valid_empty_tail(tmp_path):
+    import tarfile
+
+    write_shards(tmp_path, [b"x"], shard_bytes=1 << 30)
+    data = (tmp_path / "train-000000.tar").read_bytes()
+    with tarfile.open(fileobj=io.BytesIO(data)) as t:
+        assert [m.name for m in t.getmembers()][1].endswith(".json")

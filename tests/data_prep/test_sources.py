@@ -1,0 +1,115 @@
+"""Reading inputs: every format byte-exact, every kind of bad input named by file and line."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import lzma
+
+import pytest
+import zstandard
+
+from pico.data_prep.sources import Doc, ZstdReader, expand_inputs, iter_documents
+
+from .conftest import words
+
+
+def read_all(path, chunk_bytes=1 << 20, fmt="auto", text_field="text"):
+    files, problems = expand_inputs([str(path)])
+    assert not problems
+    out = []
+    for f in files:
+        for item in iter_documents(f, fmt, text_field, "id", chunk_bytes):
+            out.append((item, b"".join(item.chunks())) if isinstance(item, Doc) else (item, None))
+    return out
+
+
+def test_every_format_reads_byte_exact(corpus_dir):
+    root, expected = corpus_dir
+    got = {item.id: data for item, data in read_all(root)}
+    assert got == expected
+
+
+def test_listing_is_sorted_skips_dotfiles_and_dedupes(tmp_path):
+    for name in ("b.txt", "a.txt", ".hidden", "sub/c.txt"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    files, problems = expand_inputs([str(tmp_path), str(tmp_path / "*.txt"), str(tmp_path / "nothing*")])
+    assert [f.url.rsplit("/", 2)[-1] for f in files] == ["a.txt", "b.txt", "c.txt"]
+    assert [p.reason for p in problems] == ["no file matched this input"]
+    assert problems[0].source.endswith("nothing*")
+
+
+def test_large_document_is_chunked_with_its_size_known_up_front(tmp_path):
+    text = words(7, 3000)
+    (tmp_path / "big.txt").write_bytes(text)
+    (tmp_path / "big.txt.zst").write_bytes(zstandard.ZstdCompressor().compress(text))
+    for item, data in read_all(tmp_path, chunk_bytes=1000):
+        assert data == text and item.size == len(text) and item.n_chunks == -(-len(text) // 1000)
+        assert all(len(c) <= 1000 for c in item.chunks())
+
+
+def test_zstd_reader_reads_concatenated_frames_and_rejects_a_cut_frame(tmp_path):
+    import io
+
+    c = zstandard.ZstdCompressor()
+    two = c.compress(b"first ") + c.compress(b"second")
+    assert io.BufferedReader(ZstdReader(io.BytesIO(two))).read() == b"first second"
+    cut = c.compress(words(1, 5000))[:-20]
+    with pytest.raises(EOFError, match="truncated"):
+        io.BufferedReader(ZstdReader(io.BytesIO(cut))).read()
+
+
+def _skips(path, **kw):
+    return [item for item, _ in read_all(path, **kw) if not isinstance(item, Doc)]
+
+
+@pytest.mark.parametrize("name,make,reason", [
+    ("bad.txt.gz", lambda: b"this is not gzip at all", "corrupt or truncated gzip"),
+    ("cut.txt.gz", lambda: gzip.compress(words(2, 4000))[:-300], "corrupt or truncated gzip"),
+    ("cut.txt.zst", lambda: zstandard.ZstdCompressor().compress(words(2, 4000))[:-300], "corrupt or truncated zstd"),
+    ("bad.txt.zst", lambda: b"\x28\xb5\x2f\xfd garbage garbage", "corrupt or truncated zstd"),
+    ("cut.txt.xz", lambda: lzma.compress(words(2, 4000))[:-300], "corrupt or truncated xz"),
+    ("bad.txt.xz", lambda: b"not xz", "corrupt or truncated xz"),
+])
+def test_corrupt_or_truncated_compressed_file(tmp_path, name, make, reason):
+    (tmp_path / name).write_bytes(make())
+    (skip,) = _skips(tmp_path / name)
+    assert skip.kind == "failed" and reason in skip.reason and skip.source.endswith(name) and skip.line is None
+
+
+def test_truncated_jsonl_names_the_line_where_it_broke(tmp_path):
+    lines = b"".join(json.dumps({"text": f"doc {i} " * 50}).encode() + b"\n" for i in range(400))
+    (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress(lines)[:-500])
+    items = read_all(tmp_path / "c.jsonl.gz")
+    docs = [i for i, _ in items if isinstance(i, Doc)]
+    (skip,) = [i for i, _ in items if not isinstance(i, Doc)]
+    assert len(docs) > 100 and skip.line == docs[-1].line + 1 and "truncated gzip" in skip.reason
+
+
+def test_bad_json_lines_are_named_and_the_rest_is_read(tmp_path):
+    rows = [b'{"text": "ok"}', b'{"text": broken', b'{"body": "x", "id": 3}', b'{"text": 5}', b'[1, 2]',
+            b'{"text": ""}', b"", b'{"text": "\\ud800"}', b'{"text": "last"}']
+    (tmp_path / "d.jsonl").write_bytes(b"\n".join(rows) + b"\n")
+    items = read_all(tmp_path / "d.jsonl")
+    assert [(i.line, d) for i, d in items if isinstance(i, Doc)] == [(1, b"ok"), (9, b"last")]
+    skips = {i.line: (i.kind, i.reason) for i, _ in items if not isinstance(i, Doc)}
+    assert skips[2][0] == "failed" and "invalid JSON" in skips[2][1]
+    assert "missing text field 'text' (fields: body, id)" in skips[3][1] and "--text-field" in skips[3][1]
+    assert "is a int, not a string" in skips[4][1]
+    assert "expected a JSON object" in skips[5][1]
+    assert skips[6] == ("empty", "empty document")
+    assert 7 not in skips  # a blank line is no document
+    assert "surrogate" in skips[8][1]
+
+
+def test_text_field_option(tmp_path):
+    (tmp_path / "e.jsonl").write_bytes(b'{"body": "hello", "id": "x"}\n')
+    ((item, data),) = read_all(tmp_path / "e.jsonl", text_field="body")
+    assert (item.id, data) == ("x", b"hello")
+
+
+def test_empty_file_is_an_empty_document(tmp_path):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "empty.txt.gz").write_bytes(gzip.compress(b""))
+    assert [(s.kind, s.reason) for s in _skips(tmp_path)] == [("empty", "empty document")] * 2
