@@ -208,7 +208,8 @@ class _SlotStream:
         # read cursor and counters
         self.epoch = self.pos = self.sample = self.draws = self.epoch_docs = 0
         self.docs = self.bytes = self.corrupt = 0
-        self.buffer: list[tuple[DocId, bytes]] = []
+        self.buffer_ids: list[DocId] = []  # kept apart from the bytes so a state snapshot is one list copy
+        self.buffer_docs: list[bytes] = []
         # packing: `tokens` is the unconsumed stream; it starts `offset` tokens into pending[0]
         self.pending: deque[tuple[DocId, int]] = deque()  # (doc id, its length + 1 for EOS)
         self.offset = 0
@@ -266,18 +267,22 @@ class _SlotStream:
                         continue
                     self.sample = j + 1
                     self.docs, self.bytes, self.epoch_docs = self.docs + 1, self.bytes + len(doc), self.epoch_docs + 1
-                    item = ((self.epoch, self.pos, j), doc)
-                    if len(self.buffer) < self.buffer_size:
-                        self.buffer.append(item)
+                    doc_id = (self.epoch, self.pos, j)
+                    if len(self.buffer_ids) < self.buffer_size:
+                        self.buffer_ids.append(doc_id)
+                        self.buffer_docs.append(doc)
                         continue
-                    i = self._draw(len(self.buffer))
-                    item, self.buffer[i] = self.buffer[i], item
-                    yield item
+                    i = self._draw(len(self.buffer_ids))
+                    out = self.buffer_ids[i], self.buffer_docs[i]
+                    self.buffer_ids[i], self.buffer_docs[i] = doc_id, doc
+                    yield out
                 self.pos, self.sample = self.pos + 1, 0
-            while self.buffer:  # end of epoch: drain in random order
-                i = self._draw(len(self.buffer))
-                self.buffer[i], self.buffer[-1] = self.buffer[-1], self.buffer[i]
-                yield self.buffer.pop()
+            ids, docs = self.buffer_ids, self.buffer_docs
+            while ids:  # end of epoch: drain in random order
+                i = self._draw(len(ids))
+                ids[i], ids[-1] = ids[-1], ids[i]
+                docs[i], docs[-1] = docs[-1], docs[i]
+                yield ids.pop(), docs.pop()
             if self.epoch_docs == 0:
                 raise UserError(
                     f"loader slot {self.slot} of {self.n_slots} (rank * num_workers + worker) found no readable "
@@ -296,8 +301,8 @@ class _SlotStream:
         while self.pending and self.offset >= self.pending[0][1]:
             self.offset -= self.pending.popleft()[1]
 
-    def batches(self) -> Iterator[tuple[torch.Tensor, dict]]:
-        """(batch (B, T + extra) int64, state after it) forever."""
+    def batches(self) -> Iterator[tuple[np.ndarray, dict]]:
+        """(batch (B, T + extra) uint16, state after it) forever."""
         T, width, B = self.seq_len, self.seq_len + self.extra, self.batch_size
         docs = self.documents()
         rows: list[np.ndarray] = []
@@ -307,17 +312,17 @@ class _SlotStream:
                 rows.extend(self.tokens[i * T:i * T + width] for i in range(n))
                 self._consume(n * T)
                 if len(rows) == B:
-                    batch = torch.from_numpy(np.stack(rows).astype(np.int64))
+                    batch = np.stack(rows)
                     rows = []
                     yield batch, self.state()
                 continue
             self._push(*next(docs))
 
     def state(self) -> dict:
+        """A snapshot, cheap enough to take after every batch (doc ids stay tuples until state_dict)."""
         return {"epoch": self.epoch, "pos": self.pos, "sample": self.sample, "draws": self.draws,
                 "epoch_docs": self.epoch_docs, "docs": self.docs, "bytes": self.bytes, "corrupt": self.corrupt,
-                "buffer": [list(d) for d, _ in self.buffer], "pending": [list(d) for d, _ in self.pending],
-                "offset": self.offset}
+                "buffer": self.buffer_ids.copy(), "pending": [d for d, _ in self.pending], "offset": self.offset}
 
     def _restore(self, s: dict) -> None:
         for k in ("epoch", "pos", "sample", "draws", "epoch_docs", "docs", "bytes", "corrupt", "offset"):
@@ -325,7 +330,8 @@ class _SlotStream:
         buffer_ids = [tuple(d) for d in s["buffer"]]
         pending_ids = [tuple(d) for d in s["pending"]]
         docs = self._fetch(set(buffer_ids) | set(pending_ids))
-        self.buffer = [(d, docs[d]) for d in buffer_ids]
+        self.buffer_ids = buffer_ids
+        self.buffer_docs = [docs[d] for d in buffer_ids]
         self.pending = deque((d, len(docs[d]) + 1) for d in pending_ids)
         parts = [np.frombuffer(docs[d], dtype=np.uint8).astype(np.uint16) for d in pending_ids]
         stream = np.concatenate([x for p in parts for x in (p, np.array([EOS], np.uint16))] or [np.empty(0, np.uint16)])
@@ -366,11 +372,27 @@ class _SlotStream:
 # The loader the trainer uses
 
 
-class _WorkerStreams(IterableDataset):
-    """DataLoader side: each worker runs one slot and yields (logical worker, batch, state) or an error."""
+def _as_is(item: Any) -> Any:
+    """DataLoader collate_fn that leaves worker output alone (the default would make tensors in the worker)."""
+    return item
 
-    def __init__(self, args: dict, states: list[dict | None], rotation: int):
-        self.args, self.states, self.rotation = args, states, rotation
+
+def _plain(state: dict) -> dict:
+    """A worker state with lists instead of tuples: what JSON gives back, so saved and live states compare equal."""
+    return {k: [list(d) for d in v] if isinstance(v, list) else v for k, v in state.items()}
+
+
+class _WorkerStreams(IterableDataset):
+    """DataLoader side: each worker runs one slot and yields (logical worker, batches, their states) or an error.
+
+    A worker hands over `chunk` batches per DataLoader item (the per-item cost of a DataLoader is
+    about 0.1 ms, more than packing a small batch). The first worker in this DataLoader's order,
+    logical worker `rotation`, starts with a shorter item of `first` batches when the previous
+    run stopped in the middle of one of its items.
+    """
+
+    def __init__(self, args: dict, states: list[dict | None], rotation: int, first: int, chunk: int):
+        self.args, self.states, self.rotation, self.first, self.chunk = args, states, rotation, first, chunk
 
     def __iter__(self):
         info = get_worker_info()
@@ -381,8 +403,14 @@ class _WorkerStreams(IterableDataset):
             stream = _SlotStream(a["shards"], a["rank"] * n + logical, a["world_size"] * n, a["seq_len"], a["extra"],
                                  a["batch_size"], a["seed"], a["shuffle_buffer"], a["skip_corrupt"],
                                  self.states[logical])
+            size = self.first if logical == self.rotation else self.chunk
+            batches, states = [], []
             for batch, state in stream.batches():
-                yield logical, batch, state
+                batches.append(batch)  # numpy, not a tensor: a pipe is much cheaper than shared memory here
+                states.append(state)
+                if len(batches) == size:
+                    yield logical, batches, states
+                    batches, states, size = [], [], self.chunk
         except UserError as e:  # hand the message to the main process, which raises it cleanly
             yield logical, None, str(e)
 
@@ -398,7 +426,7 @@ class ByteBatches:
 
     def __init__(self, shards: list[str], seq_len: int, batch_size: int, extra: int = 0, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, seed: int = 0, shuffle_buffer: int = 256,
-                 skip_corrupt: bool = False):
+                 skip_corrupt: bool = False, worker_chunk: int | None = None):
         if not shards:
             raise UserError("ByteBatches got no shards; check data.train (resolve_shards finds them)")
         if seq_len < 1 or batch_size < 1 or extra < 0 or shuffle_buffer < 1:
@@ -409,8 +437,11 @@ class ByteBatches:
         self._args = dict(shards=list(shards), rank=rank, world_size=world_size, seq_len=seq_len, extra=extra,
                           batch_size=batch_size, seed=seed, shuffle_buffer=shuffle_buffer, skip_corrupt=skip_corrupt)
         self.num_workers = num_workers
+        self.worker_chunk = worker_chunk or max(1, (1 << 16) // (batch_size * (seq_len + extra) * 2))
+        """Batches a worker hands over at a time (turns go worker 0, 1, ...); about 64 KB by default."""
         self._states: list[dict | None] = [None] * max(1, num_workers)
-        self._next = 0
+        self._next = 0  # the worker whose batch comes next
+        self._left = 0  # batches left in that worker's current turn (0: a whole turn)
         self._batches = 0
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -421,22 +452,27 @@ class ByteBatches:
             for batch, state in stream.batches():
                 self._states[0] = state
                 self._batches += 1
-                yield batch
+                yield torch.from_numpy(batch.astype(np.int64))
             return
-        loader = DataLoader(_WorkerStreams(a, list(self._states), self._next), batch_size=None,
-                            num_workers=self.num_workers, prefetch_factor=4)
-        for logical, batch, state in loader:
-            if batch is None:
-                raise UserError(state)
-            self._states[logical] = state
-            self._next = (logical + 1) % n
-            self._batches += 1
-            yield batch
+        chunk = self.worker_chunk
+        streams = _WorkerStreams(a, list(self._states), self._next, min(self._left, chunk) or chunk, chunk)
+        loader = DataLoader(streams, batch_size=None, num_workers=self.num_workers, prefetch_factor=4,
+                            collate_fn=_as_is)
+        for logical, batches, states in loader:
+            if batches is None:
+                raise UserError(states)
+            for i, (batch, state) in enumerate(zip(batches, states)):
+                left = len(batches) - 1 - i
+                self._states[logical] = state
+                self._next, self._left = (logical, left) if left else ((logical + 1) % n, 0)
+                self._batches += 1
+                yield torch.from_numpy(batch.astype(np.int64))
 
     def state_dict(self) -> dict:
         """The position after the last batch handed out: small and JSON-serialisable."""
-        return {"version": STATE_VERSION, **self._identity(), "next_worker": self._next, "batches": self._batches,
-                "workers": [None if s is None else dict(s) for s in self._states]}
+        return {"version": STATE_VERSION, **self._identity(), "next_worker": self._next, "next_left": self._left,
+                "batches": self._batches,
+                "workers": [None if s is None else _plain(s) for s in self._states]}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state`: the next batch is the one an uninterrupted run would have produced next."""
@@ -452,6 +488,7 @@ class ByteBatches:
                                 "and data.shuffle_buffer")
         self._states = [None if s is None else dict(s) for s in state["workers"]]
         self._next = int(state["next_worker"])
+        self._left = int(state["next_left"])
         self._batches = int(state["batches"])
 
     def _identity(self) -> dict:

@@ -134,38 +134,41 @@ def test_two_ranks_two_workers_cover_an_epoch_exactly_once(tmp_path, n_shards, d
     seen = []
     for rank in range(world):
         loader = ByteBatches(shards, seq_len=T, batch_size=B, extra=EXTRA, rank=rank, world_size=world,
-                             num_workers=workers, seed=7, shuffle_buffer=4)
+                             num_workers=workers, seed=7, shuffle_buffer=4, worker_chunk=2)
         batches = take(loader, n_batches)
         assert all(b.shape == (B, T + EXTRA) and b.dtype == torch.long for b in batches)
-        for w in range(workers):  # the DataLoader hands out worker 0, 1, 0, 1, ...
-            seen += documents_in(stream_of(batches[w::workers]), per_slot)
+        for w in range(workers):  # workers take turns of worker_chunk batches: 0, 0, 1, 1, 0, 0, ...
+            mine = [b for i, b in enumerate(batches) if i // 2 % workers == w]
+            seen += documents_in(stream_of(mine), per_slot)
         assert loader.stats["documents"] >= per_slot * workers
     assert Counter(seen) == Counter(docs)
 
 
 def test_exact_resume_with_workers(dataset):
+    """Run, save, continue; a new loader (2 workers) loaded with the state yields the same batches bit for bit."""
     root, docs, _ = dataset
     shards = resolve_shards([str(root)], "train")
-    kw = dict(seq_len=T, batch_size=B, extra=EXTRA, rank=1, world_size=2, seed=5, shuffle_buffer=3)
+    kw = dict(seq_len=T, batch_size=B, extra=EXTRA, rank=1, world_size=2, seed=5, shuffle_buffer=3, worker_chunk=3)
     first = ByteBatches(shards, num_workers=2, **kw)
     it = iter(first)
-    for _ in range(7):  # odd: the resumed loader must start with worker 1
-        next(it)
-    state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint stores
-    assert len(json.dumps(state)) < 4000
-    expected = [next(it) for _ in range(30)]  # runs past the end of the first epoch
+    batches, states = [], []
+    for _ in range(40):  # runs past the end of the first epoch
+        batches.append(next(it))
+        states.append(json.loads(json.dumps(first.state_dict())))  # what a checkpoint stores
     assert first.stats["epoch"] >= 1
-
-    resumed = ByteBatches(shards, num_workers=2, **kw)
-    resumed.load_state_dict(state)
-    got = take(resumed, 30)
-    for a, b in zip(expected, got):
-        assert torch.equal(a, b)
-    assert resumed.state_dict() == first.state_dict()
+    assert max(len(json.dumps(s)) for s in states) < 4000
+    # Workers take turns of 3 batches and prefetch ahead: resume inside worker 1's turn, at the
+    # end of worker 1's turn, and inside worker 0's turn.
+    for n in (4, 6, 7):
+        resumed = ByteBatches(shards, num_workers=2, **kw)
+        resumed.load_state_dict(states[n - 1])
+        got = take(resumed, 40 - n)
+        assert all(torch.equal(a, b) for a, b in zip(got, batches[n:])), f"resume after {n} batches"
+        assert resumed.state_dict() == states[-1]
 
     other = ByteBatches(shards, num_workers=1, **kw)
     with pytest.raises(UserError, match="num_workers"):
-        other.load_state_dict(state)
+        other.load_state_dict(states[0])
 
 
 def test_exact_resume_in_process(dataset):
