@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--signal-grace", type=int, default=None,
                    help="seconds before the time limit at which Slurm warns the job to checkpoint and requeue (default 300)")
     s.add_argument("--max-requeues", type=int, default=None, help="stop requeueing after this many restarts (default 20)")
-    s.add_argument("--name", help="job name (default: pico-<name of train.out_dir>)")
+    s.add_argument("--name", help="job name (default: the name of train.out_dir, prefixed with pico-)")
     s.add_argument("--dry-run", action="store_true", help="print the script and the plan; submit nothing")
     s.add_argument("--json", action="store_true", help="print one JSON object (job id or script, and the plan)")
 
@@ -110,7 +110,7 @@ def submit_slurm(args: argparse.Namespace, overrides: list[str]) -> int:
 
     workdir = Path.cwd()
     out_dir = (workdir / cfg.train.out_dir).resolve()
-    name = args.name or f"pico-{out_dir.name}"
+    name = args.name or (out_dir.name if out_dir.name.startswith("pico") else f"pico-{out_dir.name}")
     job = slurm.Job(name=name, config=out_dir / "slurm" / f"{name}.yaml", out_dir=out_dir, workdir=workdir)
     script = slurm.render(job, res)
     est = plan.estimate(cfg, res)
