@@ -52,7 +52,6 @@ import numpy as np
 import torch
 import zstandard
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import tar_file_iterator
 
 from pico.model.config import EOS, PAD
 from pico.pipeline.errors import UserError
@@ -137,7 +136,13 @@ class _Corrupt(Exception):
 
 
 def _samples(url: str, start: int = 0) -> Iterator[tuple[int, str, dict[str, bytes]]]:
-    """(index, key, {extension: bytes}) of each sample in a shard, streamed, from sample `start` on."""
+    """(index, key, {extension: bytes}) of each sample in a shard, streamed, from sample `start` on.
+
+    WebDataset's layout (members grouped by the key before the first dot), read with tarfile's
+    stream mode directly rather than webdataset's tar iterator, for one check that iterator
+    cannot make: a file cut off between two members ends the stream as if it were complete, so
+    the end-of-archive blocks are looked for after the last member.
+    """
     try:
         f = fsspec.open(url, "rb").open()
     except Exception as e:  # missing file, no permission, bad URL: all "cannot open"
@@ -145,15 +150,26 @@ def _samples(url: str, start: int = 0) -> Iterator[tuple[int, str, dict[str, byt
     key, members, index, last = None, {}, -1, "(start of archive)"
     with f:
         try:
-            for item in tar_file_iterator(f):
-                last = item["fname"]
+            tar = tarfile.open(fileobj=f, mode="r|")
+            for info in tar:
+                if not info.isreg():
+                    continue
+                last = info.name
                 k, _, ext = os.path.basename(last).partition(".")
                 if k != key:
                     if key is not None and index >= start:
                         yield index, key, members
                     key, members, index = k, {}, index + 1
+                data = tar.extractfile(info).read()
+                if len(data) != info.size:
+                    raise EOFError(f"member {last} is cut off")
                 if index >= start:
-                    members[ext] = item["data"]
+                    members[ext] = data
+                tar.members = []  # stream mode would otherwise keep every header
+            end = tar.offset
+            f.seek(0, os.SEEK_END)
+            if f.tell() < end + 1024:
+                raise EOFError("the file ends without the end-of-archive blocks (cut off?)")
         except (tarfile.TarError, OSError, EOFError, ValueError) as e:
             raise _Corrupt(f"shard {url}, after member {last}", f"unreadable tar ({e})") from None
     if key is not None and index >= start:
