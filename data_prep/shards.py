@@ -19,6 +19,8 @@ from typing import BinaryIO, Iterator
 
 import zstandard
 
+from pico.data_prep.sources import read_upto
+
 SHARD_NAME = re.compile(r"^(train|val)-(\d{6})\.tar$")
 KEY = re.compile(r"^[0-9a-f]{16,}(_c\d{5})?$")
 RECORD = 10240  # tar files are padded to a multiple of this (the tar default)
@@ -136,17 +138,6 @@ class TruncatedTar(EOFError):
     """The tar file ends inside a member or without its end-of-archive blocks."""
 
 
-def _read_exact(stream: BinaryIO, n: int) -> bytes:
-    parts, got = [], 0
-    while got < n:
-        part = stream.read(n - got)
-        if not part:
-            break
-        parts.append(part)
-        got += len(part)
-    return b"".join(parts)
-
-
 def iter_tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
     """(name, data) of every regular file in a tar stream; raises TruncatedTar or tarfile.HeaderError.
 
@@ -154,16 +145,16 @@ def iter_tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
     a finished one.
     """
     while True:
-        header = _read_exact(stream, 512)
+        header = read_upto(stream, 512)
         if len(header) < 512:
             raise TruncatedTar("the file ends without the end-of-archive blocks")
         if header == bytes(512):
-            if _read_exact(stream, 512) != bytes(512):
+            if read_upto(stream, 512) != bytes(512):
                 raise TruncatedTar("the end-of-archive marker is incomplete")
             return
         info = tarfile.TarInfo.frombuf(header, "utf-8", "strict")
-        data = _read_exact(stream, info.size)
-        pad = _read_exact(stream, -info.size % 512)
+        data = read_upto(stream, info.size)
+        pad = read_upto(stream, -info.size % 512)
         if len(data) < info.size or len(pad) < -info.size % 512:
             raise TruncatedTar(f"the file ends inside member {info.name}")
         if info.isreg():

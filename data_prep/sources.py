@@ -125,11 +125,20 @@ def _expand_url(pattern: str) -> list[InputFile]:
 
     fs, path = fsspec.core.url_to_fs(pattern)
     fs.invalidate_cache()
-    if glob.has_magic(path):
-        found = fs.glob(path, detail=True)
-    else:
-        info = fs.info(path)  # raises FileNotFoundError / PermissionError for a missing key or bucket
-        found = fs.find(path, detail=True) if info["type"] == "directory" else {path: info}
+    try:
+        if glob.has_magic(path):
+            found = fs.glob(path, detail=True)
+        else:
+            info = fs.info(path)  # raises FileNotFoundError / PermissionError for a missing key or bucket
+            found = fs.find(path, detail=True) if info["type"] == "directory" else {path: info}
+    except FileNotFoundError:
+        found = {}
+    if not found:  # say whether the bucket itself is missing or unreachable, the likelier mistake
+        top = path.split("/", 1)[0]
+        try:
+            fs.info(top)
+        except Exception as e:
+            raise OSError(f"bucket {top!r} does not exist or cannot be reached ({type(e).__name__}: {e})") from None
     out = []
     for p, info in sorted(found.items()):
         name = p.rstrip("/").rsplit("/", 1)[-1]
@@ -159,7 +168,8 @@ def open_raw(url: str) -> io.BufferedIOBase:
     if is_url(url):
         import fsspec
 
-        return fsspec.open(url, "rb", block_size=8 * BLOCK).open()
+        fs, path = fsspec.core.url_to_fs(url)
+        return fs.open(path, "rb", block_size=8 * BLOCK)
     return open(url.removeprefix("file://"), "rb", buffering=BLOCK)
 
 

@@ -20,6 +20,7 @@ META_FIELDS = ("source", "id", "chunk", "n_chunks", "bytes")
 def verify(output: str, on_shard: Callable[[str], None] | None = None) -> list[str]:
     """Every problem found in the shards at `output` (an empty list means all is well)."""
     store = Store(output)
+    store.refresh()  # a cached listing or ETag would hide changes made since
     data = store.read_bytes("manifest.json")
     if data is None:
         return [f"{store.display('manifest.json')}: missing; the job has not finished (rerun pico prep) "
