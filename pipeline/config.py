@@ -46,6 +46,8 @@ class DataConfig:
     """Loader worker processes per rank (0 = load in the training process)."""
     shuffle_buffer: int = 256
     """Documents held in the seeded shuffle buffer of each loader worker."""
+    shuffle_buffer_bytes: int = 64 * 2**20
+    """Cap on the bytes held in each worker's shuffle buffer (documents can be 16 MiB chunks), so memory stays bounded."""
     skip_corrupt: bool = False
     """Skip (and count) corrupt shards or samples instead of stopping with an error."""
 
@@ -54,8 +56,8 @@ class DataConfig:
             raise ConfigError(f"data.seq_len={self.seq_len} must be >= 2")
         if self.batch_size < 1:
             raise ConfigError(f"data.batch_size={self.batch_size} must be >= 1")
-        if self.num_workers < 0 or self.shuffle_buffer < 1:
-            raise ConfigError("data.num_workers must be >= 0 and data.shuffle_buffer >= 1")
+        if self.num_workers < 0 or self.shuffle_buffer < 1 or self.shuffle_buffer_bytes < 1:
+            raise ConfigError("data.num_workers must be >= 0, data.shuffle_buffer and data.shuffle_buffer_bytes >= 1")
 
 
 @dataclass

@@ -13,7 +13,8 @@ Design choices, and why:
   shard and keeps sample j of the p-th shard when (j + p) % slots == slot. Either way the slots
   partition the data: within an epoch each document reaches exactly one slot once. A slot's
   epochs are its own (slots with more bytes take longer), so "epoch" is counted per slot.
-- **Shuffle:** a buffer of `shuffle_buffer` documents per slot; each draw's index comes from a
+- **Shuffle:** a buffer of up to `shuffle_buffer` documents and about `shuffle_buffer_bytes`
+  (documents can be 16 MiB chunks; the byte cap bounds memory) per slot; each draw's index comes from a
   counter-based hash of (seed, epoch, slot, draw), so the state needs the draw count, not an
   RNG state. The buffer is drained at the end of an epoch, so epochs never mix documents.
 - **Packing:** each document is followed by EOS and appended to the slot's token stream;
@@ -215,10 +216,12 @@ class _SlotStream:
     """The endless batch stream of slot `slot` of `n_slots`; its state is a few small lists."""
 
     def __init__(self, shards: list[str], slot: int, n_slots: int, seq_len: int, extra: int, batch_size: int,
-                 seed: int, shuffle_buffer: int, skip_corrupt: bool, state: dict | None = None):
+                 seed: int, shuffle_buffer: int, shuffle_buffer_bytes: int, skip_corrupt: bool,
+                 state: dict | None = None):
         self.shards, self.slot, self.n_slots = shards, slot, n_slots
         self.seq_len, self.extra, self.batch_size = seq_len, extra, batch_size
         self.seed, self.buffer_size, self.skip_corrupt = seed, shuffle_buffer, skip_corrupt
+        self.buffer_max_bytes = shuffle_buffer_bytes
         self._dctx = zstandard.ZstdDecompressor()
         self._plans: dict[int, list[tuple[str, int]]] = {}
         # read cursor and counters
@@ -226,6 +229,7 @@ class _SlotStream:
         self.docs = self.bytes = self.corrupt = 0
         self.buffer_ids: list[DocId] = []  # kept apart from the bytes so a state snapshot is one list copy
         self.buffer_docs: list[bytes] = []
+        self.buffer_bytes = 0
         # packing: `tokens` is the unconsumed stream; it starts `offset` tokens into pending[0]
         self.pending: deque[tuple[DocId, int]] = deque()  # (doc id, its length + 1 for EOS)
         self.offset = 0
@@ -264,10 +268,15 @@ class _SlotStream:
                 raise UserError(f"corrupt {e}; {_FIX}") from None
             yield -1, None
 
-    def _draw(self, n: int) -> int:
-        i = _hash_index(n, self.seed, self.epoch, self.slot, self.draws)
+    def _take(self) -> tuple[DocId, bytes]:
+        """Remove and return a random document of the shuffle buffer."""
+        ids, docs = self.buffer_ids, self.buffer_docs
+        i = _hash_index(len(ids), self.seed, self.epoch, self.slot, self.draws)
         self.draws += 1
-        return i
+        ids[i], ids[-1] = ids[-1], ids[i]
+        docs[i], docs[-1] = docs[-1], docs[i]
+        self.buffer_bytes -= len(docs[-1])
+        return ids.pop(), docs.pop()
 
     def documents(self) -> Iterator[tuple[DocId, bytes]]:
         """Documents in shuffled order, epoch after epoch; the cursor fields always describe what is left."""
@@ -281,24 +290,19 @@ class _SlotStream:
                         if j >= 0:
                             self.sample = j + 1
                         continue
+                    # Make room, then take the document in. The cursor moves past it only
+                    # after the draws, so a resume from any of these yields redoes the same draws.
+                    while self.buffer_ids and (len(self.buffer_ids) >= self.buffer_size
+                                               or self.buffer_bytes + len(doc) > self.buffer_max_bytes):
+                        yield self._take()
                     self.sample = j + 1
                     self.docs, self.bytes, self.epoch_docs = self.docs + 1, self.bytes + len(doc), self.epoch_docs + 1
-                    doc_id = (self.epoch, self.pos, j)
-                    if len(self.buffer_ids) < self.buffer_size:
-                        self.buffer_ids.append(doc_id)
-                        self.buffer_docs.append(doc)
-                        continue
-                    i = self._draw(len(self.buffer_ids))
-                    out = self.buffer_ids[i], self.buffer_docs[i]
-                    self.buffer_ids[i], self.buffer_docs[i] = doc_id, doc
-                    yield out
+                    self.buffer_ids.append((self.epoch, self.pos, j))
+                    self.buffer_docs.append(doc)
+                    self.buffer_bytes += len(doc)
                 self.pos, self.sample = self.pos + 1, 0
-            ids, docs = self.buffer_ids, self.buffer_docs
-            while ids:  # end of epoch: drain in random order
-                i = self._draw(len(ids))
-                ids[i], ids[-1] = ids[-1], ids[i]
-                docs[i], docs[-1] = docs[-1], docs[i]
-                yield ids.pop(), docs.pop()
+            while self.buffer_ids:  # end of epoch: drain in random order
+                yield self._take()
             if self.epoch_docs == 0:
                 raise UserError(
                     f"loader slot {self.slot} of {self.n_slots} (rank * num_workers + worker) found no readable "
@@ -348,6 +352,7 @@ class _SlotStream:
         docs = self._fetch(set(buffer_ids) | set(pending_ids))
         self.buffer_ids = buffer_ids
         self.buffer_docs = [docs[d] for d in buffer_ids]
+        self.buffer_bytes = sum(map(len, self.buffer_docs))
         self.pending = deque((d, len(docs[d]) + 1) for d in pending_ids)
         parts = [np.frombuffer(docs[d], dtype=np.uint8).astype(np.uint16) for d in pending_ids]
         stream = np.concatenate([x for p in parts for x in (p, np.array([EOS], np.uint16))] or [np.empty(0, np.uint16)])
@@ -417,8 +422,8 @@ class _WorkerStreams(IterableDataset):
         a = self.args
         try:
             stream = _SlotStream(a["shards"], a["rank"] * n + logical, a["world_size"] * n, a["seq_len"], a["extra"],
-                                 a["batch_size"], a["seed"], a["shuffle_buffer"], a["skip_corrupt"],
-                                 self.states[logical])
+                                 a["batch_size"], a["seed"], a["shuffle_buffer"], a["shuffle_buffer_bytes"],
+                                 a["skip_corrupt"], self.states[logical])
             size = self.first if logical == self.rotation else self.chunk
             batches, states = [], []
             for batch, state in stream.batches():
@@ -437,12 +442,12 @@ class ByteBatches:
     Every token of a row is an input except the last `extra`, which are the next row's first
     `extra` inputs (targets of the MTP heads). Documents end in EOS; training rows hold no PAD.
     `state_dict()` is per rank: save each rank's (it is a few KB), load it into a loader built
-    with the same shards, rank, world_size, num_workers, seed and shuffle_buffer.
+    with the same shards, rank, world_size, num_workers, seed and shuffle buffer limits.
     """
 
     def __init__(self, shards: list[str], seq_len: int, batch_size: int, extra: int = 0, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, seed: int = 0, shuffle_buffer: int = 256,
-                 skip_corrupt: bool = False, worker_chunk: int | None = None):
+                 skip_corrupt: bool = False, shuffle_buffer_bytes: int = 64 << 20, worker_chunk: int | None = None):
         if not shards:
             raise UserError("ByteBatches got no shards; check data.train (resolve_shards finds them)")
         if seq_len < 1 or batch_size < 1 or extra < 0 or shuffle_buffer < 1:
@@ -451,7 +456,8 @@ class ByteBatches:
         if not 0 <= rank < world_size:
             raise UserError(f"ByteBatches: rank {rank} is outside world_size {world_size}")
         self._args = dict(shards=list(shards), rank=rank, world_size=world_size, seq_len=seq_len, extra=extra,
-                          batch_size=batch_size, seed=seed, shuffle_buffer=shuffle_buffer, skip_corrupt=skip_corrupt)
+                          batch_size=batch_size, seed=seed, shuffle_buffer=shuffle_buffer,
+                          shuffle_buffer_bytes=shuffle_buffer_bytes, skip_corrupt=skip_corrupt)
         self.num_workers = num_workers
         self.worker_chunk = worker_chunk or max(1, (1 << 16) // (batch_size * (seq_len + extra) * 2))
         """Batches a worker hands over at a time (turns go worker 0, 1, ...); about 64 KB by default."""
@@ -464,7 +470,8 @@ class ByteBatches:
         a, n = self._args, len(self._states)
         if self.num_workers == 0:
             stream = _SlotStream(a["shards"], a["rank"], a["world_size"], a["seq_len"], a["extra"], a["batch_size"],
-                                 a["seed"], a["shuffle_buffer"], a["skip_corrupt"], self._states[0])
+                                 a["seed"], a["shuffle_buffer"], a["shuffle_buffer_bytes"], a["skip_corrupt"],
+                                 self._states[0])
             for batch, state in stream.batches():
                 self._states[0] = state
                 self._batches += 1
@@ -501,7 +508,7 @@ class ByteBatches:
             if state.get(key) != value:
                 raise UserError(f"cannot resume the loader: the checkpoint has {key}={state.get(key)!r}, this run has "
                                 f"{value!r}; resume with the same data paths, world size, data.num_workers, seed "
-                                "and data.shuffle_buffer")
+                                "and data.shuffle_buffer(_bytes)")
         self._states = [None if s is None else dict(s) for s in state["workers"]]
         self._next = int(state["next_worker"])
         self._left = int(state["next_left"])
@@ -511,7 +518,8 @@ class ByteBatches:
         a = self._args
         names = "\n".join(os.path.basename(s) for s in a["shards"]).encode()
         return {"rank": a["rank"], "world_size": a["world_size"], "num_workers": self.num_workers,
-                "seed": a["seed"], "shuffle_buffer": a["shuffle_buffer"], "seq_len": a["seq_len"],
+                "seed": a["seed"], "shuffle_buffer": a["shuffle_buffer"],
+                "shuffle_buffer_bytes": a["shuffle_buffer_bytes"], "seq_len": a["seq_len"],
                 "extra": a["extra"], "batch_size": a["batch_size"],
                 "shards": hashlib.sha256(names).hexdigest()[:16]}
 

@@ -186,13 +186,14 @@ def test_exact_resume_in_process(dataset):
     assert all(torch.equal(a, b) for a, b in zip(expected, take(resumed, 25)))
 
 
-def test_resume_from_every_position(tmp_path):
+@pytest.mark.parametrize("buffer_bytes", [1 << 20, 150], ids=["count-bound", "byte-bound"])
+def test_resume_from_every_position(tmp_path, buffer_bytes):
     """Save after each of many batches (mid-document, mid-shard, across the epoch end); each resume continues exactly."""
     docs = make_docs(24, seed=6)
     shards = resolve_shards([str(write_dataset(tmp_path, {"train": split_docs(docs, 3)}))], "train")
     # Short windows with a long overlap (extra > seq_len), one per batch: many states hold the
     # tail of one epoch's last document together with the next epoch's first.
-    kw = dict(seq_len=8, batch_size=1, extra=20, seed=9, shuffle_buffer=4)
+    kw = dict(seq_len=8, batch_size=1, extra=20, seed=9, shuffle_buffer=4, shuffle_buffer_bytes=buffer_bytes)
     loader = ByteBatches(shards, **kw)
     it = iter(loader)
     n = sum(len(d) + 1 for d in docs) // 8 + 4  # a little past the first epoch
@@ -202,6 +203,7 @@ def test_resume_from_every_position(tmp_path):
         states.append(json.loads(json.dumps(loader.state_dict())))
     epochs_pending = [{e for e, _, _ in s["workers"][0]["pending"]} for s in states]
     assert any(len(e) == 2 for e in epochs_pending), "some state should straddle the epoch boundary"
+    assert sorted(documents_in(stream_of_plain(batches, 8), len(docs))) == sorted(docs)
     for i in range(n):
         resumed = ByteBatches(shards, **kw)
         resumed.load_state_dict(states[i])
@@ -241,8 +243,8 @@ def test_epochs_reshuffle_and_never_pad(dataset):
     assert loader.stats["epoch"] == 2 or loader.stats["epoch"] == 1
 
 
-def stream_of_plain(batches: list[torch.Tensor]) -> list[int]:
-    return [t for b in batches for r in b.tolist() for t in r[:T]]
+def stream_of_plain(batches: list[torch.Tensor], seq_len: int = T) -> list[int]:
+    return [t for b in batches for r in b.tolist() for t in r[:seq_len]]
 
 
 # ---------------------------------------------------------------------------------------------
