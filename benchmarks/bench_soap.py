@@ -1,0 +1,265 @@
+"""SOAP vs AdamW on Pico at quickstart size, side by side, through the real trainer.
+
+    python benchmarks/bench_soap.py                      # ~15 CPU minutes
+    python benchmarks/bench_soap.py --steps 60 --soap-lrs 3e-3 --adamw-lrs 3e-3   # a smoke run
+
+1. Shards: `pico prep` of ../shared/corpus into a scratch directory (reused when present).
+2. Training: `pico train --config configs/quickstart.yaml` for each optimizer and learning
+   rate of a small sweep, same seed, data order and schedule; validation bits per byte every
+   `--eval-every` steps. The best learning rate of each optimizer is the one with the lowest
+   final validation bpb; AdamW's best final bpb is the target, and SOAP's steps to reach it
+   are read off its validation curve (linear between evaluations).
+3. Time per step: the trainer's own throughput (evaluation and checkpoints excluded), and
+   the optimizer step alone on Pico's real gradients.
+4. Optimizer state per rank with 1 and 2 gloo ranks, through DeepSpeed at ZeRO stage 0.
+
+One JSON line per measurement on stdout; everything lands in benchmarks/results/soap_*.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+CORPUS = REPO.parent / "shared" / "corpus"
+CONFIG = REPO / "configs" / "quickstart.yaml"
+
+
+def emit(record: dict, sink: list[dict]) -> None:
+    sink.append(record)
+    print(json.dumps(record), flush=True)
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e.setdefault("OMP_NUM_THREADS", "1")  # a shared machine: one core per process
+    e.setdefault("DS_ACCELERATOR", "cpu")
+    e.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "pico-torch-extensions"))
+    e["WANDB_MODE"] = "disabled"
+    return e
+
+
+def prepare_shards(scratch: Path) -> Path:
+    shards = scratch / "shards"
+    if (shards / "manifest.json").exists():
+        return shards
+    subprocess.run([sys.executable, "-m", "pico.pipeline.cli", "prep", "--input", str(CORPUS), "--output",
+                    str(shards), "--workers", "1", "--shard-bytes", "16M", "--no-progress"],
+                   check=True, env=env(), cwd=REPO)
+    return shards
+
+
+def train(name: str, lr: float, args, shards: Path, scratch: Path) -> list[dict]:
+    """One `pico train` run; returns its metrics.jsonl records."""
+    out = scratch / "runs" / f"{name}_lr{lr:g}"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "pico.pipeline.cli", "train", "--config", str(CONFIG), "--no-progress",
+           f"--optim.name={name}", f"--optim.lr={lr}", f"--train.steps={args.steps}",
+           f"--train.eval_every={args.eval_every}", f"--train.eval_batches={args.eval_batches}",
+           f"--train.log_every={args.log_every}", f"--data.train=[{shards}]", f"--train.out_dir={out}",
+           "--logging.wandb_mode=disabled", f"--checkpoint.every={10 * args.steps}"]
+    subprocess.run(cmd, check=True, env=env(), cwd=REPO, stdout=subprocess.DEVNULL)
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def curves(records: list[dict]) -> tuple[list[tuple[int, float]], list[tuple[int, float]], float]:
+    """(val bpb curve, train loss curve, median seconds per step) from metrics.jsonl."""
+    val = [(r["step"], r["val/bpb"]) for r in records if "val/bpb" in r]
+    tr = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    first = next(r for r in records if "bytes_seen" in r)
+    bytes_per_step = first["bytes_seen"] / first["step"]
+    rates = [r["bytes_per_s"] for r in records if "bytes_per_s" in r][1:]  # the first window holds warm-up
+    return val, tr, bytes_per_step / statistics.median(rates)
+
+
+def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
+    """First step where the curve is at or below target, linear between evaluations."""
+    prev = None
+    for step, value in curve:
+        if value <= target:
+            if prev is None or prev[1] == value:
+                return float(step)
+            s0, v0 = prev
+            return s0 + (step - s0) * (v0 - target) / (v0 - value)
+        prev = (step, value)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer-level measurements (state bytes per rank, optimizer step time) on Pico's gradients
+
+
+def _state_worker(rank: int, world: int, port: int, out: str, steps: int) -> None:
+    import deepspeed
+    import torch
+
+    from pico.model import build_model, make_targets
+    from pico.pipeline.config import load_config
+    from pico.pipeline.optim import build_optimizer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    cfg = load_config(CONFIG)
+    result = {}
+    for name in ("soap", "adamw"):
+        cfg.optim.name = name
+        torch.manual_seed(0)
+        model = build_model(cfg.model)
+        opt = build_optimizer(list(model.named_parameters()), cfg.optim)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config={
+            "train_micro_batch_size_per_gpu": cfg.data.batch_size, "gradient_clipping": 1.0,
+            "zero_optimization": {"stage": 0}, "steps_per_print": 10**9})
+        gen = torch.Generator().manual_seed(rank)
+        times = []
+        for _ in range(steps):
+            seq = torch.randint(0, 256, (cfg.data.batch_size, cfg.data.seq_len + cfg.model.n_predict), generator=gen)
+            idx, tgt = make_targets(seq, cfg.model.n_predict)
+            engine.backward(engine(idx, tgt).loss)  # stage 0: gradients are all-reduced here
+            t0 = time.perf_counter()
+            opt.step()  # the optimizer alone, sharing of new values included
+            times.append(time.perf_counter() - t0)
+            opt.zero_grad()
+        adam_bytes = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
+                         if isinstance(v, torch.Tensor))
+        result[name] = {"state_bytes": opt.optimizer_state_bytes() if name == "soap" else adam_bytes,
+                        "opt_step_s": times}
+        if name == "soap" and world > 1:  # the two ways new values reach the other ranks
+            for sync in ("allgather", "broadcast"):
+                opt.sync = sync
+                share_s = []
+                for _ in range(5):
+                    t0 = time.perf_counter()
+                    opt._share(opt.sharding())
+                    share_s.append(time.perf_counter() - t0)
+                result[name][f"share_{sync}_s"] = share_s
+    torch.save(result, f"{out}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def optimizer_level(steps: int, scratch: Path) -> dict[int, list[dict]]:
+    import socket
+
+    import torch
+    import torch.multiprocessing as mp
+
+    for k, v in env().items():
+        os.environ.setdefault(k, v)
+    found = {}
+    for world in (1, 2):
+        folder = scratch / f"state_{world}"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.spawn(_state_worker, args=(world, port, str(folder), steps), nprocs=world, join=True)
+        found[world] = [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def plot(runs: dict[tuple[str, float], dict], target: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_val, ax_tr) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colours = {"adamw": "tab:blue", "soap": "tab:red"}
+    for (name, lr), run in sorted(runs.items()):
+        style = "-" if run["best"] else ":"
+        label = f"{name} lr={lr:g}" + (" (best)" if run["best"] else "")
+        ax_val.plot(*zip(*run["val"]), style, marker="o", ms=3, color=colours[name], label=label)
+        steps, losses = zip(*run["train"])
+        ax_tr.plot(steps, losses, style, color=colours[name], label=label)
+    ax_val.axhline(target, color="grey", lw=0.8, ls="--", label="AdamW best final")
+    ax_val.set(xlabel="step", ylabel="validation bits per byte", title="Pico quickstart: validation")
+    ax_tr.set(xlabel="step", ylabel="training loss (all heads)", title="training loss")
+    for ax in (ax_val, ax_tr):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--eval-every", type=int, default=25)
+    ap.add_argument("--eval-batches", type=int, default=8)
+    ap.add_argument("--log-every", type=int, default=5)
+    ap.add_argument("--soap-lrs", default="1e-3,3e-3")
+    ap.add_argument("--adamw-lrs", default="1e-3,3e-3")
+    ap.add_argument("--state-steps", type=int, default=11, help="gradients in the 1 vs 2 rank measurement (the 11th refreshes the basis)")
+    ap.add_argument("--scratch", default="/tmp/pico-bench-soap", help="shards and run directories (not committed)")
+    ap.add_argument("--tag", default="quickstart", help="suffix of the result files")
+    args = ap.parse_args()
+    scratch = Path(args.scratch)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    records: list[dict] = []
+    shards = prepare_shards(scratch)
+
+    runs: dict[tuple[str, float], dict] = {}
+    for name, lrs in (("adamw", args.adamw_lrs), ("soap", args.soap_lrs)):
+        for lr in (float(x) for x in lrs.split(",")):
+            t0 = time.perf_counter()
+            val, tr, step_s = curves(train(name, lr, args, shards, scratch))
+            runs[(name, lr)] = {"val": val, "train": tr, "step_s": step_s, "best": False}
+            emit({"bench": "soap", "what": "run", "optimizer": name, "lr": lr, "steps": args.steps,
+                  "final_val_bpb": val[-1][1], "val_curve": val, "s_per_step": step_s,
+                  "wall_s": time.perf_counter() - t0}, records)
+
+    best = {}
+    for name in ("adamw", "soap"):
+        lr = min((lr for n, lr in runs if n == name), key=lambda lr: runs[(name, lr)]["val"][-1][1])
+        runs[(name, lr)]["best"] = True
+        best[name] = runs[(name, lr)] | {"lr": lr}
+    target = best["adamw"]["val"][-1][1]
+    adamw_steps = steps_to_reach(best["adamw"]["val"], target)
+    soap_steps = steps_to_reach(best["soap"]["val"], target)
+    emit({"bench": "soap", "what": "steps_to_adamw_final", "target_val_bpb": target,
+          "adamw_lr": best["adamw"]["lr"], "soap_lr": best["soap"]["lr"], "adamw_steps": adamw_steps,
+          "soap_steps": soap_steps, "ratio": None if soap_steps is None else soap_steps / adamw_steps,
+          "goal": 0.65, "soap_final_val_bpb": best["soap"]["val"][-1][1]}, records)
+    emit({"bench": "soap", "what": "time_per_step", "source": "trainer throughput (eval excluded)",
+          "adamw_s": best["adamw"]["step_s"], "soap_s": best["soap"]["step_s"],
+          "ratio": best["soap"]["step_s"] / best["adamw"]["step_s"]}, records)
+
+    per_world = optimizer_level(args.state_steps, scratch)
+    for world, ranks in per_world.items():
+        for name in ("soap", "adamw"):
+            # the first gradient builds state (SOAP: eigh); the mean of the rest includes one refresh
+            step_s = statistics.mean(t for r in ranks for t in r[name]["opt_step_s"][1:])
+            emit({"bench": "soap", "what": "optimizer_state_per_rank", "optimizer": name, "world_size": world,
+                  "state_bytes_per_rank": [r[name]["state_bytes"] for r in ranks],
+                  "state_mb_max_rank": max(r[name]["state_bytes"] for r in ranks) / 2**20,
+                  "opt_step_s_mean": step_s}, records)
+        if world > 1:
+            emit({"bench": "soap", "what": "share_new_values", "world_size": world,
+                  **{f"{sync}_s_median": statistics.median(t for r in ranks for t in r["soap"][f"share_{sync}_s"])
+                     for sync in ("allgather", "broadcast")}}, records)
+
+    stem = RESULTS / f"soap_{args.tag}"
+    stem.with_suffix(".jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    plot(runs, target, stem.with_suffix(".png"))
+    print(json.dumps({"bench": "soap", "what": "written", "files": [str(stem.with_suffix(s).relative_to(REPO))
+                                                                   for s in (".jsonl", ".png")]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
