@@ -59,6 +59,7 @@ from pico.pipeline.errors import UserError
 
 STATE_VERSION = 1
 _GLOB_CHARS = re.compile(r"[*?\[]")
+_SPLIT_NAME = re.compile(r"^(train|val)-\d+\.tar$")
 _MASK64 = (1 << 64) - 1
 _FIX = ("re-run `pico prep` for it, drop it from the data paths, or set data.skip_corrupt=true "
         "to skip and count corrupt samples")
@@ -74,8 +75,9 @@ def resolve_shards(paths: list[str], split: str) -> list[str]:
     """Shard URLs of `split` from directories, globs, or explicit `.tar` paths/URLs (local or s3://).
 
     A directory contributes the shards its `manifest.json` lists for `split` (in manifest order),
-    or, without a manifest, its `{split}-*.tar` files in name order. A shard named twice is kept
-    once. Raises UserError naming the path when a path matches nothing.
+    or, without a manifest, its `{split}-*.tar` files in name order. A glob keeps the .tar files
+    it matches except those named for the other split (`val-000003.tar` when split is train);
+    an explicit .tar path is taken as given. A shard named twice is kept once. Raises UserError naming the path when a path matches nothing.
     """
     if not paths:
         raise UserError(f"no {split} data paths given: set data.{split} to a shard directory, glob or .tar URL")
@@ -96,8 +98,8 @@ def _resolve_one(path: str, split: str) -> list[str]:
     def url(p: str) -> str:
         return p if local else fs.unstrip_protocol(p)
 
-    if _GLOB_CHARS.search(path):
-        return sorted(url(p) for p in fs.glob(root) if p.endswith(".tar"))
+    if _GLOB_CHARS.search(path):  # `shards/*.tar` must not hand the val shards to training
+        return sorted(url(p) for p in fs.glob(root) if p.endswith(".tar") and _of_split(os.path.basename(p), split))
     if path.endswith(".tar"):
         if not fs.exists(root):
             raise UserError(f"shard {path} does not exist")
@@ -118,6 +120,12 @@ def _resolve_one(path: str, split: str) -> list[str]:
             raise UserError(f"{url(manifest)} lists no {split} shards (it has: {', '.join(splits) or 'none'})")
         return [url(f"{root}/{n}") for n in names]
     return sorted(url(p) for p in fs.glob(f"{root}/{split}-*.tar"))
+
+
+def _of_split(name: str, split: str) -> bool:
+    """False only for a shard named for another split (val-000003.tar when split is train)."""
+    m = _SPLIT_NAME.match(name)
+    return m is None or m.group(1) == split
 
 
 def _protocols(fs: Any) -> tuple[str, ...]:

@@ -102,6 +102,7 @@ def test_resolve_shards_forms(dataset, tmp_path):
     via_manifest = resolve_shards([str(root)], "train")
     assert [Path(s).name for s in via_manifest] == [f"train-{i:06d}.tar" for i in range(8)]
     assert resolve_shards([str(root / "val-*.tar")], "val") == resolve_shards([str(root)], "val")
+    assert resolve_shards([str(root / "*.tar")], "train") == via_manifest  # a glob never mixes in val shards
     explicit = str(root / "train-000003.tar")
     assert resolve_shards([explicit, explicit], "train") == [explicit]
     (root / "manifest.json").unlink()  # without a manifest: {split}-*.tar in name order
