@@ -141,7 +141,8 @@ def _state_worker(rank: int, world: int, port: int, out: str, steps: int) -> Non
                 share_s = []
                 for _ in range(5):
                     t0 = time.perf_counter()
-                    opt._share(opt.sharding())
+                    with torch.no_grad():
+                        opt._share(opt.sharding())
                     share_s.append(time.perf_counter() - t0)
                 result[name][f"share_{sync}_s"] = share_s
     torch.save(result, f"{out}/rank{rank}.pt")
