@@ -76,8 +76,9 @@ def resolve_shards(paths: list[str], split: str) -> list[str]:
 
     A directory contributes the shards its `manifest.json` lists for `split` (in manifest order),
     or, without a manifest, its `{split}-*.tar` files in name order. A glob keeps the .tar files
-    it matches except those named for the other split (`val-000003.tar` when split is train);
-    an explicit .tar path is taken as given. A shard named twice is kept once. Raises UserError naming the path when a path matches nothing.
+    it matches except those named for the other split (`val-000003.tar` when split is train),
+    and naming such a shard explicitly is an error; other .tar names are taken as given. A
+    shard named twice is kept once. Raises UserError naming the path when a path matches nothing.
     """
     if not paths:
         raise UserError(f"no {split} data paths given: set data.{split} to a shard directory, glob or .tar URL")
@@ -103,6 +104,8 @@ def _resolve_one(path: str, split: str) -> list[str]:
     if path.endswith(".tar"):
         if not fs.exists(root):
             raise UserError(f"shard {path} does not exist")
+        if not _of_split(os.path.basename(root), split):
+            raise UserError(f"shard {path} is named for another split than {split}; list {split} shards here")
         return [url(root)]
     if not fs.isdir(root):
         raise UserError(f"{path} does not exist (expected a directory written by `pico prep`, a glob, or a .tar shard)")

@@ -115,6 +115,8 @@ def test_resolve_shards_forms(dataset, tmp_path):
         resolve_shards([str(tmp_path / "ds" / "*.nothing")], "val")
     with pytest.raises(UserError, match="does not exist"):
         resolve_shards([str(root / "train-000099.tar")], "train")
+    with pytest.raises(UserError, match="another split"):
+        resolve_shards([explicit], "val")
 
 
 # ---------------------------------------------------------------------------------------------
