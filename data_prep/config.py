@@ -70,6 +70,8 @@ class PrepConfig:
         for name in ("shard_bytes", "chunk_bytes", "unit_bytes"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 1")
+        if self.chunk_bytes > 4 << 30:
+            raise UserError(f"--chunk-bytes={self.chunk_bytes} exceeds 4G (a tar member holds at most 8 GiB)")
         if self.workers is not None and self.workers < 1:
             raise UserError(f"--workers={self.workers} must be >= 1")
 

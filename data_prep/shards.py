@@ -45,11 +45,21 @@ def compressor(level: int) -> zstandard.ZstdCompressor:
 
 
 def _member(name: str, size: int) -> bytes:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = size, 0o444, 0
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+    """A ustar header for a read-only regular file with owner 0 and time 0.
+
+    Built by hand (tarfile's TarInfo.tobuf makes the same bytes, see the tests, at a tenth of
+    the speed, which shows at thousands of small documents per second).
+    """
+    raw = name.encode("ascii")
+    if len(raw) > 100:
+        raise ValueError(f"member name {name!r} is longer than 100 bytes")
+    head = raw.ljust(100, b"\0") + _MODE_IDS + b"%011o\0" % size + b"00000000000\0"
+    return head + b"%06o\0 " % (sum(head) + _TAIL_SUM) + _TAIL
+
+
+_MODE_IDS = b"0000444\0" + b"0000000\0" * 2  # mode r--r--r--, uid 0, gid 0
+_TAIL = b"0" + bytes(100) + b"ustar\x0000" + bytes(64 + 16 + 167)  # regular file, no link, owner or device names
+_TAIL_SUM = sum(_TAIL) + 8 * ord(" ")  # the checksum counts its own field as spaces
 
 
 def _padding(n: int) -> bytes:

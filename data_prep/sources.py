@@ -184,7 +184,7 @@ def open_input(url: str) -> io.BufferedIOBase:
     if suffix == ".bz2":
         return bz2.BZ2File(raw)
     if suffix in (".zst", ".zstd"):
-        return io.BufferedReader(ZstdReader(raw), BLOCK)
+        return ZstdReader(raw)  # JSON Lines wrap it in a BufferedReader for readline
     return raw
 
 
@@ -204,19 +204,38 @@ class ZstdReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, b) -> int:
-        while self._pos >= len(self._buf) and not self._done:
+    def _fill(self) -> bool:
+        """Decompress the next input block into the buffer; False at the clean end of the stream."""
+        while self._pos >= len(self._buf):
+            if self._done:
+                return False
             data = self._raw.read(self._block)
             if not data:
                 self._done = True
                 if self._frame is not None:
                     raise EOFError("zstd stream ended inside a frame (the file is truncated)")
-                break
+                return False
             self._buf, self._pos = self._feed(data), 0
+        return True
+
+    def readinto(self, b) -> int:
+        if not self._fill():
+            return 0
         n = min(len(b), len(self._buf) - self._pos)
-        b[:n] = self._buf[self._pos:self._pos + n]
+        b[:n] = memoryview(self._buf)[self._pos:self._pos + n]
         self._pos += n
         return n
+
+    def read(self, n: int = -1) -> bytes:
+        """Up to n bytes (all with n < 0), joined once; faster than readinto for whole documents."""
+        parts, got = [], 0
+        while (n < 0 or got < n) and self._fill():
+            take = len(self._buf) - self._pos if n < 0 else min(n - got, len(self._buf) - self._pos)
+            whole = self._pos == 0 and take == len(self._buf)
+            parts.append(self._buf if whole else self._buf[self._pos:self._pos + take])
+            self._pos += take
+            got += take
+        return b"".join(parts)
 
     def _feed(self, data: bytes) -> bytes:
         out = []
@@ -275,10 +294,33 @@ def _in_memory(data: bytes, chunk_bytes: int) -> tuple[int, Callable[[], Iterato
     return n, lambda: (data[i * chunk_bytes:(i + 1) * chunk_bytes] for i in range(n))
 
 
+def _small_zstd(url: str, size: int, chunk_bytes: int) -> bytes | None:
+    """The document of a one-frame .zst file that records a content size <= chunk_bytes, in one call.
+
+    About twice as fast as streaming for the common small file; None sends every other case
+    (several frames, no recorded size, bad data) down the streaming path, which names errors.
+    """
+    if size > chunk_bytes or not split_suffix(url)[1].lower().startswith(".zst"):
+        return None
+    with open_raw(url) as f:
+        data = f.read()
+    try:
+        n = zstandard.frame_content_size(data)
+        if 0 <= n <= chunk_bytes:
+            return zstandard.ZstdDecompressor().decompress(data, allow_extra_data=False)
+    except zstandard.ZstdError:
+        pass
+    return None
+
+
 def _iter_whole_file(f: InputFile, chunk_bytes: int) -> Iterator[Doc | Skip]:
     try:
-        stream = open_input(f.url)
-        head = read_upto(stream, chunk_bytes + 1)
+        head = _small_zstd(f.url, f.size, chunk_bytes)
+        if head is not None:
+            stream = io.BytesIO()
+        else:
+            stream = open_input(f.url)
+            head = read_upto(stream, chunk_bytes + 1)
     except READ_ERRORS as e:
         yield Skip("failed", f.url, None, _describe(e, f.url))
         return
@@ -320,6 +362,8 @@ def _iter_jsonl(url: str, text_field: str, id_field: str, chunk_bytes: int) -> I
     line_no = 0
     try:
         stream = open_input(url)
+        if isinstance(stream, ZstdReader):
+            stream = io.BufferedReader(stream, BLOCK)
         for line in stream:
             line_no += 1
             if line.strip():

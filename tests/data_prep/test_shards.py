@@ -101,3 +101,14 @@ def test_end_of_archive_makes_a_valid_empty_tail(tmp_path):
     data = (tmp_path / "train-000000.tar").read_bytes()
     with tarfile.open(fileobj=io.BytesIO(data)) as t:
         assert [m.name for m in t.getmembers()][1].endswith(".json")
+
+
+@pytest.mark.parametrize("name,size", [("ab" * 12 + ".bin.zst", 123), ("x.json", 0), ("ab" * 12 + "_c00003.json", 8**11 - 1)])
+def test_hand_made_tar_header_equals_tarfiles(name, size):
+    import tarfile
+
+    from pico.data_prep.shards import _member
+
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime, info.uid, info.gid, info.uname, info.gname = size, 0o444, 0, 0, 0, "", ""
+    assert _member(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")

@@ -1,0 +1,118 @@
+"""Prep throughput against zstandard's own single-core compression, and 1 vs 2 Ray workers.
+
+    nice python benchmarks/bench_prep.py [--corpus ../shared/corpus] [--level 3] [--repeats 3]
+
+Both sides see the same documents (the corpus decompressed, one document per file or JSON line)
+at the same zstd level, in the same run. The baseline compresses each document with one
+ZstdCompressor in a loop, nothing else: the ceiling of one core. Prep does the whole job: list,
+read and decompress the inputs, parse JSON, hash, compress, write tar shards with sha256, and
+assemble the manifest, as Ray tasks; its time excludes starting Ray (started once, reused).
+Prints one JSON line per measurement, writes benchmarks/results/prep_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def corpus_documents(corpus: Path, text_field: str = "text") -> list[bytes]:
+    """The corpus's documents, decompressed, in memory (what prep writes, without the reading)."""
+    from pico.data_prep.sources import Doc, expand_inputs, iter_documents
+
+    files, _ = expand_inputs([str(corpus)])
+    return [b"".join(d.chunks()) for f in files for d in iter_documents(f, "auto", text_field, "id", 1 << 30)
+            if isinstance(d, Doc)]
+
+
+def zstd_baseline(docs: list[bytes], level: int) -> float:
+    """Seconds for one core to compress every document, as prep does (one frame each, same options)."""
+    from pico.data_prep.shards import compressor
+
+    cctx = compressor(level)
+    t0 = time.perf_counter()
+    for d in docs:
+        cctx.compress(d)
+    return time.perf_counter() - t0
+
+
+def prep_once(corpus: Path, workers: int, level: int, unit_bytes: int, shard_bytes: int) -> tuple[float, dict]:
+    from pico.data_prep.config import PrepConfig
+    from pico.data_prep.job import run_job
+
+    out = Path(tempfile.mkdtemp(prefix="bench-prep-"))
+    try:
+        cfg = PrepConfig(inputs=[str(corpus)], output=str(out / "shards"), workers=workers, zstd_level=level,
+                         unit_bytes=unit_bytes, shard_bytes=shard_bytes)
+        t0 = time.perf_counter()
+        manifest, _ = run_job(cfg, progress=False)
+        return time.perf_counter() - t0, manifest
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def emit(row: dict, rows: list[dict]) -> None:
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--corpus", default=str(REPO.parent / "shared" / "corpus"))
+    ap.add_argument("--level", type=int, default=3, help="zstd level for both sides")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each side; the fastest counts")
+    ap.add_argument("--unit-bytes", type=int, default=2 << 20, help="prep's --unit-bytes (input bytes per Ray task)")
+    ap.add_argument("--shard-bytes", type=int, default=64 << 20)
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "prep_throughput.json"))
+    args = ap.parse_args()
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    corpus = Path(args.corpus)
+    docs = corpus_documents(corpus)
+    raw = sum(map(len, docs))
+    rows: list[dict] = []
+    env = {"cpus": os.cpu_count(), "load_avg_1m_before": os.getloadavg()[0], "python": platform.python_version(),
+           "machine": platform.machine(), "level": args.level, "corpus_docs": len(docs), "corpus_raw_bytes": raw}
+    emit({"measurement": "setup", **env}, rows)
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200_000_000, log_to_driver=False)
+    try:
+        prep_once(corpus, 2, args.level, args.unit_bytes, args.shard_bytes)  # warm the workers' imports
+        best = {"zstd": float("inf"), 1: float("inf"), 2: float("inf")}
+        for r in range(args.repeats):  # interleaved, so a burst of load from others hits every side alike
+            best["zstd"] = min(best["zstd"], zstd_baseline(docs, args.level))
+            for w in (1, 2):
+                t, manifest = prep_once(corpus, w, args.level, args.unit_bytes, args.shard_bytes)
+                written = sum(t_["raw_bytes"] for t_ in manifest["totals"].values())
+                assert written == raw, (written, raw)
+                best[w] = min(best[w], t)
+    finally:
+        ray.shutdown()
+
+    base = raw / best["zstd"] / 1e6
+    emit({"measurement": "zstd_single_core", "level": args.level, "seconds": round(best["zstd"], 3),
+          "raw_mb_per_s": round(base, 1)}, rows)
+    for w in (1, 2):
+        per_worker = raw / best[w] / w / 1e6
+        emit({"measurement": "prep", "workers": w, "level": args.level, "seconds": round(best[w], 3),
+              "raw_mb_per_s": round(raw / best[w] / 1e6, 1), "raw_mb_per_s_per_worker": round(per_worker, 1),
+              "vs_zstd_single_core": round(per_worker / base, 3), "goal": 0.8}, rows)
+    emit({"measurement": "scaling", "workers": [1, 2], "speedup": round(best[1] / best[2], 3), "goal": 1.7,
+          "load_avg_1m_after": os.getloadavg()[0]}, rows)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"command": " ".join(["python"] + sys.argv), "results": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
