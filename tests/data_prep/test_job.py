@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -142,12 +143,28 @@ def test_rerun_of_a_finished_job_changes_nothing_and_other_options_are_refused(r
     assert prepare([str(src)], out, zstd_level=9, overwrite=True, **QUIET)["config"]["zstd_level"] == 9
 
 
+def kill_one_worker(out: Path, after_done: int, victims: list[int], timeout: float = 60) -> None:
+    """kill -9 the Ray worker running a unit of the job at `out`, once `after_done` units are done."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(list(out.glob("_work/u*/done.json"))) >= after_done:
+            for p in psutil.process_iter(["pid", "cmdline"]):
+                if (p.info["cmdline"] or [""])[0].startswith("ray::run_unit"):
+                    os.kill(p.info["pid"], signal.SIGKILL)
+                    victims.append(p.info["pid"])
+                    return
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
 def test_resume_after_kill_9_of_the_driver_gives_identical_shards(ray_local, tmp_path):
     src = tmp_path / "in"
     src.mkdir()
     for i in range(10):
-        (src / f"d{i}.txt").write_bytes(words(i, 60_000))
-    opts = {"zstd_level": 19, "unit_bytes": 1, "workers": 1, "val_fraction": 0.2, "shard_bytes": 150_000}
+        (src / f"d{i}.txt").write_bytes(words(i, 30_000))
+    opts = {"zstd_level": 19, "unit_bytes": 1, "workers": 1, "val_fraction": 0.2, "shard_bytes": 80_000}
     flags = [x for k, v in opts.items() for x in (f"--{k.replace('_', '-')}", str(v))]
     killed = tmp_path / "killed"
     address = ray_local.get_runtime_context().gcs_address
@@ -163,7 +180,14 @@ def test_resume_after_kill_9_of_the_driver_gives_identical_shards(ray_local, tmp
         proc.wait()
     assert not (killed / "manifest.json").exists()
     time.sleep(1)  # let Ray reap the dead driver's task
+    # the rerun loses a worker to kill -9 as well: Ray retries that unit from scratch
+    done_before = len(list(killed.glob("_work/u*/done.json")))
+    victims: list[int] = []
+    killer = threading.Thread(target=kill_one_worker, args=(killed, done_before + 1, victims), daemon=True)
+    killer.start()
     resumed, stats = run_job(PrepConfig(inputs=[str(src)], output=str(killed), **opts), progress=False)
+    killer.join()
+    assert victims, "no Ray worker was running a unit to kill"
     assert 2 <= stats["units_resumed"] < stats["units"] == 10
     clean = prepare([str(src)], str(tmp_path / "clean"), **opts, **QUIET)
     assert without_output(resumed) == without_output(clean)
