@@ -22,9 +22,10 @@ Design choices, and why:
   input exactly once and the `extra` tokens are the multi-token-prediction targets past the
   window. The stream never restarts: the tail of epoch e is packed together with the start of
   epoch e+1 (no padding and no dropped bytes in training; the trainer needs no mask).
-- **Exact resume:** each worker yields (batch, its state after that batch); the main process
-  keeps the state of the last batch it handed out per worker and which worker is next, so
-  prefetched batches never advance the state. A worker state names documents, not bytes:
+- **Exact resume:** each worker yields a few batches at a time with its state after them; the
+  main process keeps, per worker, the state after its last item handed out in full, plus which
+  worker is next and how many tokens of its current item are already out (replayed on resume,
+  at most one item), so prefetched batches never advance the state. A worker state names documents, not bytes:
   (epoch, shard position, sample index) for the read cursor, for each document in the shuffle
   buffer and for the documents still being packed (plus an offset into the first). Resuming
   re-reads the few shards those documents come from (bounded: about one shuffle buffer's span).
@@ -247,6 +248,7 @@ class _SlotStream:
         self.tokens = np.empty(0, dtype=np.uint16)
         if state is not None:
             self._restore(state)
+        self._docs = self.documents()
 
     def plan(self, epoch: int) -> list[tuple[str, int]]:
         """This slot's (shard URL, phase) list for an epoch; phase -1 = the whole shard, else samples j % n == phase."""
@@ -332,10 +334,9 @@ class _SlotStream:
         while self.pending and self.offset >= self.pending[0][1]:
             self.offset -= self.pending.popleft()[1]
 
-    def batches(self) -> Iterator[tuple[np.ndarray, dict]]:
-        """(batch (B, T + extra) uint16, state after it) forever."""
+    def batches(self) -> Iterator[np.ndarray]:
+        """Batches (B, T + extra) uint16, forever; between two, `state()` is the position after the last."""
         T, width, B = self.seq_len, self.seq_len + self.extra, self.batch_size
-        docs = self.documents()
         rows: list[np.ndarray] = []
         while True:
             n = min((len(self.tokens) - self.extra) // T, B - len(rows)) if len(self.tokens) >= width else 0
@@ -345,9 +346,18 @@ class _SlotStream:
                 if len(rows) == B:
                     batch = np.stack(rows)
                     rows = []
-                    yield batch, self.state()
+                    yield batch
                 continue
-            self._push(*next(docs))
+            self._push(*next(self._docs))
+
+    def advance(self, n_tokens: int) -> None:
+        """Move the stream on by n_tokens inputs, as if batches holding that many had been taken."""
+        while len(self.tokens) < n_tokens:
+            self._push(*next(self._docs))
+        self._consume(n_tokens)
+
+    def counters(self) -> dict:
+        return {"epoch": self.epoch, "docs": self.docs, "bytes": self.bytes, "corrupt": self.corrupt}
 
     def state(self) -> dict:
         """A snapshot, cheap enough to take after every batch (doc ids stay tuples until state_dict)."""
@@ -415,16 +425,18 @@ def _plain(state: dict) -> dict:
 
 
 class _WorkerStreams(IterableDataset):
-    """DataLoader side: each worker runs one slot and yields (logical worker, batches, their states) or an error.
+    """DataLoader side: each worker runs one slot and yields (logical worker, batches, state after them) or an error.
 
-    A worker hands over `chunk` batches per DataLoader item (the per-item cost of a DataLoader is
-    about 0.1 ms, more than packing a small batch). The first worker in this DataLoader's order,
-    logical worker `rotation`, starts with a shorter item of `first` batches when the previous
-    run stopped in the middle of one of its items.
+    A worker hands over `chunk` batches per DataLoader item, with one state for the lot (the
+    per-item cost of a DataLoader, mostly pickling, is more than packing a small batch). The
+    first worker in this DataLoader's order, logical worker `rotation`, was stopped in the middle
+    of an item when `skip` > 0: it restores the state from before that item, moves on by the
+    `skip` tokens already handed out, and finishes the item with `first` batches.
     """
 
-    def __init__(self, args: dict, states: list[dict | None], rotation: int, first: int, chunk: int):
-        self.args, self.states, self.rotation, self.first, self.chunk = args, states, rotation, first, chunk
+    def __init__(self, args: dict, states: list[dict | None], rotation: int, skip: int, first: int, chunk: int):
+        self.args, self.states, self.rotation = args, states, rotation
+        self.skip, self.first, self.chunk = skip, first, chunk
 
     def __iter__(self):
         info = get_worker_info()
@@ -435,16 +447,19 @@ class _WorkerStreams(IterableDataset):
             stream = _SlotStream(a["shards"], a["rank"] * n + logical, a["world_size"] * n, a["seq_len"], a["extra"],
                                  a["batch_size"], a["seed"], a["shuffle_buffer"], a["shuffle_buffer_bytes"],
                                  a["skip_corrupt"], self.states[logical])
-            size = self.first if logical == self.rotation else self.chunk
-            batches, states = [], []
-            for batch, state in stream.batches():
+            size = self.chunk
+            if logical == self.rotation:
+                stream.advance(self.skip)
+                size = self.first
+            batches, counters = [], []
+            for batch in stream.batches():
                 batches.append(batch)  # numpy, not a tensor: a pipe is much cheaper than shared memory here
-                states.append(state)
+                counters.append(stream.counters())
                 if len(batches) == size:
-                    yield logical, batches, states
-                    batches, states, size = [], [], self.chunk
+                    yield logical, batches, counters, stream.state()
+                    batches, counters, size = [], [], self.chunk
         except UserError as e:  # hand the message to the main process, which raises it cleanly
-            yield logical, None, str(e)
+            yield logical, None, None, str(e)
 
 
 class ByteBatches:
@@ -452,8 +467,8 @@ class ByteBatches:
 
     Every token of a row is an input except the last `extra`, which are the next row's first
     `extra` inputs (targets of the MTP heads). Documents end in EOS; training rows hold no PAD.
-    `state_dict()` is per rank: save each rank's (it is a few KB), load it into a loader built
-    with the same shards, rank, world_size, num_workers, seed and shuffle buffer limits.
+    `state_dict()` is per rank: save each rank's (a few KB), load it into a loader built with the
+    same arguments (shards, shapes, rank, world_size, num_workers, seed, shuffle buffer limits).
     """
 
     def __init__(self, shards: list[str], seq_len: int, batch_size: int, extra: int = 0, rank: int = 0,
@@ -470,11 +485,15 @@ class ByteBatches:
                           batch_size=batch_size, seed=seed, shuffle_buffer=shuffle_buffer,
                           shuffle_buffer_bytes=shuffle_buffer_bytes, skip_corrupt=skip_corrupt)
         self.num_workers = num_workers
-        self.worker_chunk = worker_chunk or max(1, (1 << 16) // (batch_size * (seq_len + extra) * 2))
+        self.worker_chunk = worker_chunk or min(32, max(1, (1 << 16) // (batch_size * (seq_len + extra) * 2)))
         """Batches a worker hands over at a time (turns go worker 0, 1, ...); about 64 KB by default."""
         self._states: list[dict | None] = [None] * max(1, num_workers)
-        self._next = 0  # the worker whose batch comes next
-        self._left = 0  # batches left in that worker's current turn (0: a whole turn)
+        self._counters: list[dict | None] = [None] * max(1, num_workers)  # fresher than _states with workers
+        # Per worker, the state after its last item handed out in full; the next worker may be
+        # part way through an item: `_skip` input tokens of it handed out, `_left` batches to go.
+        self._next = 0
+        self._skip = 0
+        self._left = 0
         self._batches = 0
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -483,29 +502,33 @@ class ByteBatches:
             stream = _SlotStream(a["shards"], a["rank"], a["world_size"], a["seq_len"], a["extra"], a["batch_size"],
                                  a["seed"], a["shuffle_buffer"], a["shuffle_buffer_bytes"], a["skip_corrupt"],
                                  self._states[0])
-            for batch, state in stream.batches():
-                self._states[0] = state
+            for batch in stream.batches():
+                self._states[0] = stream.state()
+                self._counters[0] = stream.counters()
                 self._batches += 1
                 yield torch.from_numpy(batch.astype(np.int64))
             return
-        chunk = self.worker_chunk
-        streams = _WorkerStreams(a, list(self._states), self._next, min(self._left, chunk) or chunk, chunk)
+        chunk, tokens_per_batch = self.worker_chunk, a["batch_size"] * a["seq_len"]
+        streams = _WorkerStreams(a, list(self._states), self._next, self._skip, self._left or chunk, chunk)
         loader = DataLoader(streams, batch_size=None, num_workers=self.num_workers, prefetch_factor=4,
                             collate_fn=_as_is)
-        for logical, batches, states in loader:
+        for logical, batches, counters, state in loader:
             if batches is None:
-                raise UserError(states)
-            for i, (batch, state) in enumerate(zip(batches, states)):
-                left = len(batches) - 1 - i
-                self._states[logical] = state
-                self._next, self._left = (logical, left) if left else ((logical + 1) % n, 0)
+                raise UserError(state)
+            for i, batch in enumerate(batches):
+                self._counters[logical] = counters[i]
+                if i + 1 < len(batches):
+                    self._next, self._skip, self._left = logical, self._skip + tokens_per_batch, len(batches) - 1 - i
+                else:
+                    self._states[logical] = state
+                    self._next, self._skip, self._left = (logical + 1) % n, 0, 0
                 self._batches += 1
                 yield torch.from_numpy(batch.astype(np.int64))
 
     def state_dict(self) -> dict:
         """The position after the last batch handed out: small and JSON-serialisable."""
-        return {"version": STATE_VERSION, **self._identity(), "next_worker": self._next, "next_left": self._left,
-                "batches": self._batches,
+        return {"version": STATE_VERSION, **self._identity(), "next_worker": self._next, "next_skip": self._skip,
+                "next_left": self._left, "batches": self._batches, "counters": self._counters,
                 "workers": [None if s is None else _plain(s) for s in self._states]}
 
     def load_state_dict(self, state: dict) -> None:
@@ -514,14 +537,13 @@ class ByteBatches:
             raise UserError(f"loader state version {state.get('version')} is not {STATE_VERSION}; it was written by "
                             "another pico version")
         for key, value in self._identity().items():
-            if key in ("seq_len", "batch_size", "extra"):
-                continue  # the document stream does not depend on these; changing them is allowed
             if state.get(key) != value:
                 raise UserError(f"cannot resume the loader: the checkpoint has {key}={state.get(key)!r}, this run has "
-                                f"{value!r}; resume with the same data paths, world size, data.num_workers, seed "
-                                "and data.shuffle_buffer(_bytes)")
+                                f"{value!r}; resume with the same data paths and data settings, world size and seed")
         self._states = [None if s is None else dict(s) for s in state["workers"]]
+        self._counters = list(state.get("counters") or self._states)
         self._next = int(state["next_worker"])
+        self._skip = int(state["next_skip"])
         self._left = int(state["next_left"])
         self._batches = int(state["batches"])
 
@@ -531,15 +553,15 @@ class ByteBatches:
         return {"rank": a["rank"], "world_size": a["world_size"], "num_workers": self.num_workers,
                 "seed": a["seed"], "shuffle_buffer": a["shuffle_buffer"],
                 "shuffle_buffer_bytes": a["shuffle_buffer_bytes"], "seq_len": a["seq_len"],
-                "extra": a["extra"], "batch_size": a["batch_size"],
+                "extra": a["extra"], "batch_size": a["batch_size"], "worker_chunk": self.worker_chunk,
                 "shards": hashlib.sha256(names).hexdigest()[:16]}
 
     @property
     def stats(self) -> dict:
-        """Counters as of the last batch handed out (documents and bytes read from shards so far)."""
-        started = [s for s in self._states if s is not None]
+        """Counters as of the last batch handed out: epoch, documents and bytes read from shards so far, ..."""
+        started = [s for s in self._counters if s is not None]
         return {"epoch": min((s["epoch"] for s in started), default=0),
-                "worker_epochs": [s["epoch"] if s else 0 for s in self._states],
+                "worker_epochs": [s["epoch"] if s else 0 for s in self._counters],
                 "documents": sum(s["docs"] for s in started), "bytes": sum(s["bytes"] for s in started),
                 "corrupt_skipped": sum(s["corrupt"] for s in started), "batches": self._batches}
 
