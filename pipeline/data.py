@@ -10,27 +10,29 @@ Design choices, and why:
 - **One stream per worker ("slot").** Rank r's DataLoader worker w is slot r*W + w of
   world_size*W slots. With at least as many shards as slots, each epoch deals the (seeded,
   per-epoch reshuffled) shard list round-robin to slots; with fewer, every slot reads every
-  shard and keeps sample j of the p-th shard when (j + p) % slots == slot. Either way the slots
-  partition the data: within an epoch each document reaches exactly one slot once. A slot's
-  epochs are its own (slots with more bytes take longer), so "epoch" is counted per slot.
-- **Shuffle:** a buffer of up to `shuffle_buffer` documents and about `shuffle_buffer_bytes`
-  (documents can be 16 MiB chunks; the byte cap bounds memory) per slot; each draw's index comes from a
-  counter-based hash of (seed, epoch, slot, draw), so the state needs the draw count, not an
-  RNG state. The buffer is drained at the end of an epoch, so epochs never mix documents.
+  shard and keeps sample j of the p-th shard when (j + p) % slots == slot (correct, but each
+  slot then reads all the bytes: prepare many more shards than slots for real runs). Either way
+  the slots partition the data: within an epoch each document reaches exactly one slot once. A
+  slot's epochs are its own (a slot dealt one shard more than another takes longer), so
+  "epoch" is counted per slot and `stats["epoch"]` is the slowest slot's.
+- **Shuffle:** per slot, a buffer of at most `shuffle_buffer` documents and about
+  `shuffle_buffer_bytes` (documents can be 16 MiB chunks; the byte cap bounds memory). Each
+  draw's index is a counter-based hash of (seed, epoch, slot, draw), so the state holds a draw
+  count, not an RNG state. The buffer drains at the end of an epoch, so epochs never mix.
 - **Packing:** each document is followed by EOS and appended to the slot's token stream;
   sequences are windows of T + extra tokens taken with stride T, so every stream token is an
   input exactly once and the `extra` tokens are the multi-token-prediction targets past the
   window. The stream never restarts: the tail of epoch e is packed together with the start of
   epoch e+1 (no padding and no dropped bytes in training; the trainer needs no mask).
-- **Exact resume:** each worker yields a few batches at a time with its state after them; the
-  main process keeps, per worker, the state after its last item handed out in full, plus which
-  worker is next and how many tokens of its current item are already out (replayed on resume,
-  at most one item), so prefetched batches never advance the state. A worker state names documents, not bytes:
-  (epoch, shard position, sample index) for the read cursor, for each document in the shuffle
-  buffer and for the documents still being packed (plus an offset into the first). Resuming
-  re-reads the few shards those documents come from (bounded: about one shuffle buffer's span).
-  On resume the DataLoader's worker ids are rotated so that its first batch comes from the
-  worker that was next.
+- **Exact resume:** each worker hands over a few batches at a time with its state after them.
+  The main process keeps, per worker, the state after its last item handed out in full, plus
+  which worker is next and how many tokens of that worker's current item are already out
+  (replayed on resume: at most one item). Prefetched batches never advance the state. A worker
+  state names documents, not bytes: (epoch, shard position, sample index) for the read cursor,
+  for each document in the shuffle buffer and for the documents still being packed (plus an
+  offset into the first). Resuming re-reads the few shards those documents come from (bounded:
+  about one shuffle buffer's span). The new DataLoader's worker ids are rotated so that its
+  first batch comes from the worker that was next.
 - **Corrupt input:** an unreadable shard or sample stops with a UserError naming the shard and
   member, or, with skip_corrupt, is skipped and counted in `stats["corrupt_skipped"]`.
 

@@ -191,7 +191,7 @@ def test_exact_resume_in_process(dataset):
 
 @pytest.mark.parametrize("buffer_bytes", [1 << 20, 150], ids=["count-bound", "byte-bound"])
 def test_resume_from_every_position(tmp_path, buffer_bytes):
-    """Save after each of many batches (mid-document, mid-shard, across the epoch end); each resume continues exactly."""
+    """Save after each of many batches (mid-document, mid-shard, across the epoch end); every resume is exact."""
     docs = make_docs(24, seed=6)
     shards = resolve_shards([str(write_dataset(tmp_path, {"train": split_docs(docs, 3)}))], "train")
     # Short windows with a long overlap (extra > seq_len), one per batch: many states hold the
@@ -211,7 +211,8 @@ def test_resume_from_every_position(tmp_path, buffer_bytes):
         resumed = ByteBatches(shards, **kw)
         resumed.load_state_dict(states[i])
         again = take(resumed, 2)
-        assert torch.equal(again[0], batches[i + 1]) and torch.equal(again[1], batches[i + 2]), f"resume after batch {i}"
+        assert torch.equal(again[0], batches[i + 1]), f"resume after batch {i}"
+        assert torch.equal(again[1], batches[i + 2]), f"resume after batch {i}"
 
 
 def test_missing_shard_error_names_it(dataset):
@@ -359,7 +360,8 @@ def test_s3_shards_match_local(dataset, s3_server):
                                                                       "s3://pico-test/ds/val-000001.tar"]
     local = resolve_shards([str(root)], "train")
     kw = dict(seq_len=T, batch_size=B, extra=EXTRA, seed=1, num_workers=2)
-    assert all(torch.equal(a, b) for a, b in zip(take(ByteBatches(remote, **kw), 10), take(ByteBatches(local, **kw), 10)))
+    pairs = zip(take(ByteBatches(remote, **kw), 10), take(ByteBatches(local, **kw), 10))
+    assert all(torch.equal(a, b) for a, b in pairs)
     got = [x for x, _ in eval_sequences(resolve_shards(["s3://pico-test/ds"], "val"), T, EXTRA, B)]
     want = [x for x, _ in eval_sequences(resolve_shards([str(root)], "val"), T, EXTRA, B)]
     assert all(torch.equal(a, b) for a, b in zip(got, want)) and len(got) == len(want)
