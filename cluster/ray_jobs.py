@@ -32,10 +32,28 @@ def client(address: str | None):
     if "://" not in address:
         address = f"http://{address}"
     try:
-        return JobSubmissionClient(address)
-    except Exception as e:  # ray raises ConnectionError, ValueError or RuntimeError here
+        return JobSubmissionClient(address, headers=_auth_headers())
+    except Exception as e:  # ray raises ConnectionError, ValueError, RuntimeError or AuthenticationError here
         raise UserError(f"cannot reach the Ray dashboard at {address}: {e}. Is the head running with its dashboard "
-                        "(`ray start --head --dashboard-host 0.0.0.0`), and is the port 8265 (the default)?") from None
+                        "(`ray start --head --dashboard-host 0.0.0.0`), on port 8265 (the default)? A cluster with "
+                        "token authentication needs its token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or "
+                        "~/.ray/auth_token (`ray get-auth-token`)") from None
+
+
+def _auth_headers() -> dict[str, str]:
+    """The cluster token as a bearer header, when there is one and RAY_AUTH_MODE does not decide.
+
+    Ray >= 2.59 turns token authentication on by default for clusters started where a token
+    exists, but its job client only sends the token when RAY_AUTH_MODE=token is set. Sending it
+    whenever one is found lets `pico submit ray` reach both kinds of cluster.
+    """
+    if os.environ.get("RAY_AUTH_MODE"):
+        return {}  # Ray's own client follows the explicit mode
+    token = os.environ.get("RAY_AUTH_TOKEN", "")
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+    if not token and os.path.isfile(path):
+        token = Path(path).read_text().strip()
+    return {"authorization": f"Bearer {token}"} if token else {}
 
 
 def entrypoint(args: list[str]) -> str:

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import random
+import secrets
 import shutil
 import signal
 import subprocess
@@ -109,32 +110,73 @@ def write_shards(root: Path, docs: int = 24, seed: int = 0) -> Path:
 
 
 def _ray_processes(marker: str):
+    """Processes of the head started with PICO_TEST_RAY_HEAD=marker in their environment.
+
+    The environment is inherited by every process Ray starts, including the agents and
+    workers whose command line Ray rewrites (ray::DashboardAgent), so it finds them all.
+    """
     import psutil
 
+    # read /proc directly: Ray rewrites process titles over the start of the environment block,
+    # which psutil.Process.environ() then misparses
+    want = f"PICO_TEST_RAY_HEAD={marker}".encode()
     found = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
+    for pid in psutil.pids():
         try:
-            if any(marker in part for part in (p.info["cmdline"] or [])):
-                found.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if pid != os.getpid() and want in f.read().split(b"\0"):
+                    found.append(psutil.Process(pid))
+        except (OSError, psutil.NoSuchProcess):
             continue
     return found
 
 
+def _stop(procs, grace: float = 5.0) -> None:
+    """TERM, then KILL what is still running after `grace` s (a zombie counts as stopped)."""
+    import psutil
+
+    def running(p) -> bool:
+        try:
+            return p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    end = time.monotonic() + grace
+    while time.monotonic() < end and any(running(p) for p in procs):
+        time.sleep(0.2)
+    for p in procs:
+        if running(p):
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
 @pytest.fixture(scope="session")
 def ray_head():
-    """`ray start --head` on loopback with its dashboard, in a temp dir of its own; yields the dashboard URL.
+    """`ray start --head` on loopback with its dashboard and token auth, in a temp dir of its own.
 
-    Teardown kills exactly the processes whose command line names that temp dir (plain
-    `ray stop` would stop every Ray on the machine).
+    Yields the dashboard URL and the token file.
+
+    Teardown stops exactly the processes that carry this head's marker in their environment
+    (plain `ray stop` would stop every Ray on the machine).
     """
     ray_bin = Path(sys.executable).with_name("ray")
     if not ray_bin.exists():
         pytest.skip(f"{ray_bin} not found (pip install 'ray[default]')")
     temp = tempfile.mkdtemp(prefix="pico-ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
     port, dash = free_port(), free_port()
+    # token authentication on, with a token of this cluster's own (what Ray >= 2.59 does by default)
+    token = Path(temp) / "auth_token"
+    token.write_text(secrets.token_hex(32))
     env = dict(os.environ, PATH=f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}",
-               RAY_USAGE_STATS_ENABLED="0")
+               RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
+               PICO_TEST_RAY_HEAD=temp)
     started = subprocess.run(
         [str(ray_bin), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=1",
@@ -148,20 +190,8 @@ def ray_head():
     try:
         if started.returncode != 0:
             pytest.fail(f"ray start failed:\n{started.stdout}\n{started.stderr}")
-        yield f"http://127.0.0.1:{dash}"
+        yield {"address": f"http://127.0.0.1:{dash}", "token_path": str(token)}
     finally:
-        procs = _ray_processes(temp)
-        for p in procs:
-            try:
-                p.send_signal(signal.SIGTERM)
-            except Exception:
-                pass
-        import psutil
-
-        _, alive = psutil.wait_procs(procs, timeout=15)
-        for p in alive:
-            try:
-                p.kill()
-            except Exception:
-                pass
+        for _ in range(2):  # a second pass catches anything started while the first one stopped
+            _stop(_ray_processes(temp))
         shutil.rmtree(temp, ignore_errors=True)
