@@ -226,6 +226,12 @@ def test_missing_shard_error_names_it(dataset):
     assert loader.stats["corrupt_skipped"] >= 1
 
 
+def test_too_few_samples_for_the_slots_is_an_error(tmp_path):
+    shards = resolve_shards([str(write_dataset(tmp_path, {"train": [make_docs(3, seed=8)]}))], "train")
+    with pytest.raises(UserError, match="no readable documents"):
+        take(ByteBatches(shards, seq_len=T, batch_size=B, rank=3, world_size=4), 1)
+
+
 def test_deterministic_by_seed(dataset):
     root, _, _ = dataset
     shards = resolve_shards([str(root)], "train")
