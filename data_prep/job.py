@@ -183,7 +183,7 @@ class _Progress:
     def unit_done(self, record: dict, input_bytes: int) -> None:
         self.raw += record.get("raw_bytes", 0)
         for s in record.get("skipped", []):
-            if "empty document" == s["reason"]:
+            if s["reason"] == "empty document":
                 continue
             self.warned += 1
             if self.warned <= MAX_WARNINGS:

@@ -175,14 +175,12 @@ def open_raw(url: str) -> io.BufferedIOBase:
 
 def open_input(url: str) -> io.BufferedIOBase:
     """A binary stream of the file's decompressed bytes."""
-    raw = open_raw(url)
     suffix = split_suffix(url)[1].lower()
-    if suffix == ".gz":
-        return gzip.GzipFile(fileobj=raw, mode="rb")
-    if suffix == ".xz":
-        return lzma.LZMAFile(raw)
-    if suffix == ".bz2":
-        return bz2.BZ2File(raw)
+    if suffix in (".gz", ".xz", ".bz2"):
+        # given a file name (not a file object) these close the file when they are closed
+        src = open_raw(url) if is_url(url) else url.removeprefix("file://")
+        return {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}[suffix](src, "rb")
+    raw = open_raw(url)
     if suffix in (".zst", ".zstd"):
         return ZstdReader(raw)  # JSON Lines wrap it in a BufferedReader for readline
     return raw
@@ -313,41 +311,38 @@ def _small_zstd(url: str, size: int, chunk_bytes: int) -> bytes | None:
     return None
 
 
+def _read_head(f: InputFile, chunk_bytes: int) -> bytes:
+    """The document if it fits in chunk_bytes, else its first chunk_bytes + 1 bytes."""
+    head = _small_zstd(f.url, f.size, chunk_bytes)
+    if head is None:
+        with open_input(f.url) as stream:
+            head = read_upto(stream, chunk_bytes + 1)
+    return head
+
+
 def _iter_whole_file(f: InputFile, chunk_bytes: int) -> Iterator[Doc | Skip]:
     try:
-        head = _small_zstd(f.url, f.size, chunk_bytes)
-        if head is not None:
-            stream = io.BytesIO()
-        else:
-            stream = open_input(f.url)
-            head = read_upto(stream, chunk_bytes + 1)
+        head = _read_head(f, chunk_bytes)
+        # A large document: learn its size first (a compressed one by decompressing it once
+        # without keeping it, which also finds corruption before any chunk is written).
+        size = len(head) if len(head) <= chunk_bytes else f.size if not split_suffix(f.url)[1] else _count_bytes(f.url)
     except READ_ERRORS as e:
         yield Skip("failed", f.url, None, _describe(e, f.url))
         return
     if not head:
-        stream.close()
         yield Skip("empty", f.url, None, "empty document")
-        return
-    if len(head) <= chunk_bytes:
-        stream.close()
+    elif len(head) <= chunk_bytes:
         n, chunks = _in_memory(head, chunk_bytes)
-        yield Doc(f.url, f.url, None, len(head), n, chunks)
-        return
-    # A large document: learn its size first (a compressed one by decompressing it once without
-    # keeping it, which also finds corruption before any chunk is written), then stream chunks.
-    stream.close()
-    try:
-        size = f.size if not split_suffix(f.url)[1] else _count_bytes(f.url)
-    except READ_ERRORS as e:
-        yield Skip("failed", f.url, None, _describe(e, f.url))
-        return
+        yield Doc(f.url, f.url, None, size, n, chunks)
+    else:
+        del head
 
-    def chunks() -> Iterator[bytes]:
-        with open_input(f.url) as s:
-            while chunk := read_upto(s, chunk_bytes):
-                yield chunk
+        def chunks() -> Iterator[bytes]:
+            with open_input(f.url) as s:
+                while chunk := read_upto(s, chunk_bytes):
+                    yield chunk
 
-    yield Doc(f.url, f.url, None, size, -(-size // chunk_bytes), chunks)
+        yield Doc(f.url, f.url, None, size, -(-size // chunk_bytes), chunks)
 
 
 def _count_bytes(url: str) -> int:
@@ -359,7 +354,7 @@ def _count_bytes(url: str) -> int:
 
 
 def _iter_jsonl(url: str, text_field: str, id_field: str, chunk_bytes: int) -> Iterator[Doc | Skip]:
-    line_no = 0
+    line_no, stream = 0, None
     try:
         stream = open_input(url)
         if isinstance(stream, ZstdReader):
@@ -370,8 +365,9 @@ def _iter_jsonl(url: str, text_field: str, id_field: str, chunk_bytes: int) -> I
                 yield _parse_line(url, line_no, line, text_field, id_field, chunk_bytes)
     except READ_ERRORS as e:
         yield Skip("failed", url, line_no + 1, _describe(e, url))
-    else:
-        stream.close()
+    finally:
+        if stream is not None:
+            stream.close()
 
 
 def _parse_line(url: str, line_no: int, line: bytes, text_field: str, id_field: str, chunk_bytes: int) -> Doc | Skip:

@@ -229,3 +229,27 @@ def test_cli_prints_one_json_object(ray_local, tmp_path, capsys):
     assert summary["documents"]["written"] == 2 and summary["shards"]["train"] + summary["shards"]["val"] >= 1
     assert prep_main(["verify", str(tmp_path / "out"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["ok"] is True
+
+
+@pytest.mark.slow
+def test_cli_starts_and_stops_its_own_ray_and_keeps_stdout_for_json(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.txt").write_bytes(b"alpha")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    out = subprocess.run([sys.executable, "-m", "pico.pipeline.cli", "prep", "--input", str(src), "--output",
+                          str(tmp_path / "out"), "--workers", "1", "--json"], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["documents"]["written"] == 1  # exactly one JSON object on stdout
+    assert "Started a local Ray instance" in out.stderr
+
+
+def test_bad_option_is_a_user_error_with_exit_2(tmp_path, capsys):
+    from pico.pipeline.cli import main
+
+    assert main(["prep", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--val-fraction", "2"]) == 2
+    assert "--val-fraction=2.0 must lie in [0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["prep", "--input", "x", "--output", "y", "--shard-bytes", "lots"])
+    assert "is not a size" in capsys.readouterr().err
