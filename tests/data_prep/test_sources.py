@@ -113,3 +113,26 @@ def test_empty_file_is_an_empty_document(tmp_path):
     (tmp_path / "empty.txt").write_bytes(b"")
     (tmp_path / "empty.txt.gz").write_bytes(gzip.compress(b""))
     assert [(s.kind, s.reason) for s in _skips(tmp_path)] == [("empty", "empty document")] * 2
+
+
+def test_iter_lines_matches_split_at_every_block_size():
+    import io
+    import random
+
+    from pico.data_prep.sources import iter_lines
+
+    rng = random.Random(0)
+    for _ in range(300):
+        data = bytes(rng.choice(b"ab\n") for _ in range(rng.randrange(0, 60)))
+        ref = data.split(b"\n")
+        if ref[-1] == b"":
+            ref.pop()
+        assert list(iter_lines(io.BytesIO(data), block=rng.randrange(1, 8))) == ref
+
+
+def test_output_inside_an_input_tree_is_left_out(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"x")
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "train-000000.tar").write_bytes(b"y")
+    files, _ = expand_inputs([str(tmp_path)], exclude=str(tmp_path / "shards"))
+    assert [f.url for f in files] == [str(tmp_path / "a.txt")]
