@@ -17,6 +17,7 @@ VOCAB_SIZE = 259
 
 RouterKind = Literal["learned", "spacelike", "none"]
 RouterGate = Literal["sigmoid", "straight_through"]
+RouterAux = Literal["score", "predictor"]
 
 
 @dataclass
@@ -53,6 +54,8 @@ class ModelConfig:
     """How the router weight scales the latent output: sigmoid(score), or 1 in the forward pass with sigmoid's gradient."""
     aux_loss_weight: float = 0.01
     """Weight of the BCE loss that teaches the router's score to predict top-k membership causally."""
+    router_aux: RouterAux = "score"
+    """What the aux BCE trains and causal routing thresholds at 0: the router's own score, or a small MLP predictor on the stop-gradient router input (MoD's second option), which leaves the score to the language loss alone."""
     n_predict: int = 4
     """Multi-token-prediction heads: head h predicts byte t+h (h = 1..n_predict)."""
     mtp_weight: float = 0.5

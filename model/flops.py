@@ -7,7 +7,7 @@ most and are left out). A forward pass over a sequence of T = max_seq_len bytes,
 - each local block: projections 2 * d_local * (q + k + v + out widths), SwiGLU 2 * 3 * d_local *
   hidden, attention 2 * 2 * d_local * keys where keys = mean over t < T of min(t + 1, window)
   (the keys a causal windowed query actually sees);
-- the router: 2 * d_local;
+- the router: 2 * d_local (plus 2 * (d_local + 1) * hidden for router_aux: predictor);
 - the latent path, per routed position, times k / T with k = ceil(capacity * T) routed positions:
   the two projections 2 * 2 * d_local * d_latent, and each latent block as above at width
   d_latent with keys = (k + 1) / 2 (causal among the routed positions, no window). `spacelike`
@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 
 from pico.model.config import VOCAB_SIZE, ModelConfig
-from pico.model.pico import hidden_width, n_routed
+from pico.model.pico import hidden_width, n_routed, predictor_width
 
 
 def _block_macs(d: int, n_heads: int, n_kv_heads: int, mlp_ratio: float, keys: float) -> float:
@@ -49,7 +49,10 @@ def flops_breakdown(cfg: ModelConfig) -> dict[str, float]:
         per_routed = 2 * cfg.d_local * cfg.d_latent + cfg.n_latent * _block_macs(
             cfg.d_latent, cfg.n_latent_heads, cfg.n_latent_kv_heads, cfg.mlp_ratio, (k + 1) / 2)
         latent = per_routed * k / T
-        router = cfg.d_local if cfg.router == "learned" else 0.0
+        if cfg.router == "learned":
+            router = cfg.d_local
+            if cfg.router_aux == "predictor":
+                router += predictor_width(cfg.d_local) * (cfg.d_local + 1)
     heads = cfg.n_predict * cfg.d_local * VOCAB_SIZE + (cfg.n_predict - 1) * 3 * cfg.d_local * hidden_width(
         cfg.d_local, cfg.mtp_mlp_ratio)
     parts = {"local": 2 * local, "router": 2 * router, "latent": 2 * latent, "heads": 2 * heads}
@@ -69,7 +72,10 @@ def param_count(cfg: ModelConfig) -> int:
     n = VOCAB_SIZE * d * 2 + d  # embedding, unembedding, final norm
     n += (cfg.n_in + cfg.n_out) * _block_params(d, cfg.n_heads, cfg.n_kv_heads, cfg.mlp_ratio)
     if cfg.router != "none":
-        n += d + d + 1  # router norm, score weight and bias
+        if cfg.router == "learned":
+            n += d + d + 1  # router norm, score weight and bias
+            if cfg.router_aux == "predictor":
+                n += predictor_width(d) * (d + 1) + 1
         n += 2 * d * cfg.d_latent + cfg.d_latent  # projections in and out, latent norm
         n += cfg.n_latent * _block_params(cfg.d_latent, cfg.n_latent_heads, cfg.n_latent_kv_heads, cfg.mlp_ratio)
     n += (cfg.n_predict - 1) * (d + 3 * d * hidden_width(d, cfg.mtp_mlp_ratio))

@@ -347,6 +347,8 @@ class Sampler:
             m = (pred[:, :-1] == drafts).long().cumprod(1).sum(1)
             return m, pred.gather(1, m.unsqueeze(1)).squeeze(1)
         p = self.probs(logits)  # (B, 1 + k, V)
+        if q is None:  # no drafts (plain decoding)
+            return drafts.new_zeros(drafts.shape[0]), self._draw(p[:, 0])
         pd = p[:, :-1].gather(2, drafts.unsqueeze(-1)).squeeze(-1)
         qd = q.gather(2, drafts.unsqueeze(-1)).squeeze(-1)
         u = torch.rand(qd.shape, generator=self.gen, device=qd.device)

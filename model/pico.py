@@ -28,7 +28,11 @@ Design choices and their sources:
 - **Causal routing** (`routing="causal"`, inference): top-k looks at the future, so the router
   is also trained with an auxiliary BCE loss whose logit is the score and whose target is top-k
   membership (MoD section 3.5, the "auxiliary loss" option); at inference a position is routed
-  when its own score is > 0. `stats["causal_agreement"]` measures how often the two agree.
+  when its own score is > 0. `router_aux: predictor` takes MoD's other option instead: a small
+  MLP on the stop-gradient router input learns top-k membership and is thresholded at 0, so the
+  aux loss never pushes the scores into sigmoid's flat tails (where the gate stops teaching the
+  router) and never locks in the set the router happened to pick first.
+  `stats["causal_agreement"]` measures how often causal and top-k decisions agree.
 - **Latent blocks** (width `d_latent`, the same block type): causal among the routed positions,
   with ALiBi distances taken from their original byte positions and no window (a sequence
   routes at most capacity * max_seq_len positions). Projections `d_local -> d_latent` in and
@@ -73,6 +77,11 @@ IGNORE = -100  # target id that contributes no loss (cross_entropy's ignore_inde
 def hidden_width(d: int, ratio: float) -> int:
     """SwiGLU hidden width: ratio * d rounded up to a multiple of 64."""
     return 64 * math.ceil(ratio * d / 64)
+
+
+def predictor_width(d: int) -> int:
+    """Hidden width of the causal routing predictor (router_aux: predictor): d / 4, at least 64."""
+    return max(64, hidden_width(d, 0.25))
 
 
 def n_routed(capacity: float, T: int) -> int:
@@ -206,6 +215,7 @@ class Routing:
     scores: torch.Tensor | None = None     # (B, T) router logits (learned router)
     topk_mask: torch.Tensor | None = None  # (B, T) bool: training top-k membership (learned router)
     rule: torch.Tensor | None = None       # (B, T) bool: SpaceByte rule positions, uncapped
+    causal_logits: torch.Tensor | None = None  # (B, T) what causal routing thresholds at 0 (learned router)
 
 
 def pack_slots(mask: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -228,8 +238,13 @@ class Router(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        if cfg.router != "learned":  # the spacelike rule has no parameters (none would sit idle under DDP)
+            return
         self.norm = RMSNorm(cfg.d_local, cfg.norm_eps)
         self.score = nn.Linear(cfg.d_local, 1, bias=True)
+        if cfg.router_aux == "predictor":  # MoD's causal predictor: sees the router input, never trains it
+            self.predictor = nn.Sequential(nn.Linear(cfg.d_local, predictor_width(cfg.d_local), bias=False),
+                                           nn.SiLU(), nn.Linear(predictor_width(cfg.d_local), 1, bias=True))
 
     def weight(self, s: torch.Tensor) -> torch.Tensor:
         """Gate on the latent output: sigmoid(s), or 1 forward with sigmoid's gradient."""
@@ -246,19 +261,21 @@ class Router(nn.Module):
             K = cap if routing == "topk" else max(int(mask.sum(1).max()), 1)
             idx, pos, valid = pack_slots(mask, min(K, T))
             return Routing(idx, pos, valid.to(x.dtype), mask, rule=rule)
-        scores = self.score(self.norm(x)).squeeze(-1)  # (B, T)
+        u = self.norm(x)
+        scores = self.score(u).squeeze(-1)  # (B, T)
+        causal = self.predictor(u.detach()).squeeze(-1) if cfg.router_aux == "predictor" else scores
         k = n_routed(cfg.capacity, T)
         top = scores.topk(k, dim=1).indices.sort(dim=1).values  # (B, k), in position order
         topk_mask = torch.zeros_like(rule).scatter_(1, top, True)
         if routing == "topk":
             idx, pos, valid, mask = top, top, None, topk_mask
         else:
-            mask = scores > 0
+            mask = causal > 0
             idx, pos, valid = pack_slots(mask, max(int(mask.sum(1).max()), 1))
         gate = self.weight(scores.gather(1, idx))  # weights of the selected positions
         if valid is not None:
             gate = gate * valid
-        return Routing(idx, pos, gate, mask, scores, topk_mask, rule)
+        return Routing(idx, pos, gate, mask, scores, topk_mask, rule, causal)
 
 
 # ----------------------------------------------------------------------------- model
@@ -396,10 +413,10 @@ class Pico(nn.Module):
         return ModelOutput(logits, loss, torch.stack(losses).detach(), aux.detach(), routed, stats)
 
     def aux_loss(self, r: Routing | None, x: torch.Tensor) -> torch.Tensor:
-        """BCE teaching score > 0 to mean "in the top k" (learned router), else 0."""
+        """BCE teaching causal logit > 0 to mean "in the top k" (learned router), else 0."""
         if r is None or r.scores is None:
             return x.new_zeros(())
-        return F.binary_cross_entropy_with_logits(r.scores.float(), r.topk_mask.float())
+        return F.binary_cross_entropy_with_logits(r.causal_logits.float(), r.topk_mask.float())
 
     def flops_per_byte(self, training: bool = True) -> float:
         """FLOPs per byte of this model's config (see `pico.model.flops`)."""
@@ -423,7 +440,7 @@ def router_stats(r: Routing, aux: torch.Tensor) -> dict[str, float]:
         q = torch.quantile(s[:: max(1, s.numel() // 65536)], torch.tensor([0.1, 0.5, 0.9], device=s.device))
         names += ["score_mean", "score_std", "score_p10", "score_p50", "score_p90", "causal_agreement"]
         vals += [s.mean(), s.std() if s.numel() > 1 else s.new_zeros(()), *q,
-                 ((r.scores > 0) == r.topk_mask).float().mean()]
+                 ((r.causal_logits > 0) == r.topk_mask).float().mean()]
     else:  # spacelike: the decision is the same in both modes; report how many rule positions the cap dropped
         names += ["causal_agreement", "rule_dropped_frac"]
         vals += [torch.ones((), device=mask.device), 1 - (mask & rule).sum() / rule.sum().clamp(min=1)]

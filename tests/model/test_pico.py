@@ -23,13 +23,13 @@ def text_batch(B: int, T: int) -> torch.Tensor:
     return torch.tensor([data[3 * b: 3 * b + T] for b in range(B)])
 
 
-@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("router", ROUTERS + ["predictor"])
 def test_causal_routing_never_lets_later_bytes_change_earlier_logits(router):
-    cfg = tiny_config(router=router)
+    cfg = tiny_config(router="learned", router_aux="predictor") if router == "predictor" else tiny_config(router=router)
     model = build_model(cfg).eval()
-    if router == "learned":  # a router that routes some but not all positions causally
+    if router == "predictor":  # a predictor that routes some but not all positions
         with torch.no_grad():
-            model.router.score.bias.fill_(0.0)
+            model.router.predictor[0].weight.mul_(50.0)
     idx = text_batch(3, 48)
     out = model(idx, routing="causal")
     if router != "none":
@@ -194,3 +194,12 @@ def test_tiny_model_overfits_a_short_text(router):
         out.loss.backward()
         opt.step()
     assert out.head_losses[0] < 0.05, out.head_losses
+
+
+def test_predictor_learns_membership_without_touching_the_router():
+    model = build_model(tiny_config(router_aux="predictor"))
+    out = model(text_batch(2, 40))
+    out.aux_loss.backward()
+    assert model.router.score.weight.grad is None or not model.router.score.weight.grad.any()
+    assert model.router.predictor[0].weight.grad.abs().sum() > 0
+    assert 0 <= out.stats["causal_agreement"] <= 1
