@@ -239,8 +239,8 @@ def _start_or_resume(store: Store, cfg: PrepConfig, plan: dict) -> bool:
         if old == plan:
             return True
         changed = sorted(k for k in plan["options"] if plan["options"][k] != old["options"].get(k))
-        what = f"options {', '.join(changed)}" if changed else "the list of input files"
-        raise UserError(f"{store.display()} holds an unfinished job whose {what} differ from this one. "
+        what = f"options ({', '.join(changed)})" if changed else "input files"
+        raise UserError(f"{store.display()} holds an unfinished job with other {what}. "
                         "Rerun with the same inputs and options to resume it, or pass --overwrite to start over.")
     if any(SHARD_NAME.match(n) for n in store.list()):
         raise UserError(f"{store.display()} already holds shards but no manifest.json; "

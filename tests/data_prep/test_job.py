@@ -253,3 +253,19 @@ def test_bad_option_is_a_user_error_with_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["prep", "--input", "x", "--output", "y", "--shard-bytes", "lots"])
     assert "is not a size" in capsys.readouterr().err
+
+
+def test_an_unfinished_job_resumes_only_with_the_same_options(ray_local, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.jsonl").write_bytes(b'{"text": "fine"}\nnot json\n')
+    out = str(tmp_path / "out")
+    with pytest.raises(UserError, match="a.jsonl line 2"):
+        prepare([str(src)], out, fail_fast=True, **QUIET)  # leaves an unfinished job behind
+    with pytest.raises(UserError, match=r"unfinished job with other options \(zstd_level\).*--overwrite"):
+        prepare([str(src)], out, zstd_level=5, **QUIET)
+    (src / "b.txt").write_bytes(b"new file")
+    with pytest.raises(UserError, match="unfinished job with other input files"):
+        prepare([str(src)], out, **QUIET)
+    m = prepare([str(src)], out, overwrite=True, **QUIET)
+    assert m["documents"] == {"read": 3, "written": 2, "deduplicated": 0, "empty": 0, "failed": 1}
