@@ -62,7 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--address", help="Ray dashboard, http://HOST:8265 (default: $RAY_ADDRESS)")
     r.add_argument("--working-dir", help="directory Ray uploads; the command runs inside the copy")
     r.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment variable for the job (repeatable)")
+    r.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="with --working-dir: also leave these out of the upload (.git, .venv, runs, *.tar always are)")
     r.add_argument("--num-cpus", type=float, help="CPUs reserved for the entrypoint process itself")
+    r.add_argument("--num-gpus", type=float,
+                   help="GPUs reserved for the entrypoint (places `pico train` on a GPU worker; one process)")
     r.add_argument("--submission-id", help="job id to use (default: Ray picks raysubmit_...)")
     r.add_argument("--wait", action="store_true", help="wait for the job to end, print its logs, exit non-zero if it failed")
     r.add_argument("--timeout", type=float, default=3600, help="with --wait: give up waiting after this many seconds")
@@ -153,7 +157,8 @@ def submit_ray(args: argparse.Namespace, command: list[str]) -> int:
         k, v = item.split("=", 1)
         env[k] = v
     job_id = ray_jobs.submit(args.address, command, working_dir=args.working_dir, env=env,
-                             submission_id=args.submission_id, num_cpus=args.num_cpus)
+                             submission_id=args.submission_id, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+                             excludes=args.exclude)
     if not args.wait:
         print(json.dumps({"job_id": job_id}) if args.json else job_id)
         if not args.json:

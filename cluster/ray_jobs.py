@@ -67,14 +67,20 @@ def entrypoint(args: list[str]) -> str:
     return shlex.join(["pico", *args])
 
 
-def runtime_env(working_dir: str | None, env: dict[str, str]) -> dict[str, Any]:
-    """working_dir (uploaded by Ray; the entrypoint runs inside the copy) and environment variables."""
+def runtime_env(working_dir: str | None, env: dict[str, str], excludes: list[str] | None = None) -> dict[str, Any]:
+    """working_dir (uploaded by Ray; the entrypoint runs inside the copy) and environment variables.
+
+    pico itself is not shipped: the cluster's Python must have it installed (the same version),
+    as Ray's working_dir cannot carry an installed package with its namespace layout.
+    """
     renv: dict[str, Any] = {"env_vars": {"PYTHONUNBUFFERED": "1", **env}}
     if working_dir:
         wd = Path(working_dir).resolve()
         if not wd.is_dir():
             raise UserError(f"--working-dir {working_dir}: no such directory")
         renv["working_dir"] = str(wd)
+        # run directories, shards and environments do not belong in an upload (Ray caps it at 500 MiB)
+        renv["excludes"] = [".git", ".venv", "runs", "*.tar", *(excludes or [])]
     return renv
 
 
@@ -91,7 +97,7 @@ def relative_paths(args: list[str]) -> list[str]:
 
 def submit(address: str | None, args: list[str], working_dir: str | None = None,
            env: dict[str, str] | None = None, submission_id: str | None = None,
-           num_cpus: float | None = None) -> str:
+           num_cpus: float | None = None, num_gpus: float | None = None, excludes: list[str] | None = None) -> str:
     """Submit `pico ARGS` as a Ray Job; returns its submission id."""
     rel = relative_paths(args)
     if rel and not working_dir:
@@ -100,9 +106,9 @@ def submit(address: str | None, args: list[str], working_dir: str | None = None,
                         "absolute paths on a filesystem the cluster shares")
     c = client(address)
     try:
-        return c.submit_job(entrypoint=entrypoint(args), runtime_env=runtime_env(working_dir, env or {}),
+        return c.submit_job(entrypoint=entrypoint(args), runtime_env=runtime_env(working_dir, env or {}, excludes),
                             submission_id=submission_id, entrypoint_num_cpus=num_cpus,
-                            metadata={"submitted_by": "pico submit ray"})
+                            entrypoint_num_gpus=num_gpus, metadata={"submitted_by": "pico submit ray"})
     except UserError:
         raise
     except Exception as e:

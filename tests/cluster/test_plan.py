@@ -152,3 +152,23 @@ def test_estimate_uses_deepspeeds_accounting():
     assert est["train_bytes"] == cfg.train.steps * cfg.data.batch_size * cfg.data.seq_len * 16
     assert est["hours"] == pytest.approx(est["flops_per_byte"] * est["train_bytes"] / (16 * 989e12 * 0.35) / 3600)
     assert os.environ.get("DS_ACCELERATOR") == "cpu"  # conftest's value, untouched by the estimate
+
+
+def test_ray_runtime_env(tmp_path):
+    renv = ray_jobs.runtime_env(str(tmp_path), {"WANDB_MODE": "offline"}, ["data"])
+    assert renv["working_dir"] == str(tmp_path.resolve())
+    assert renv["env_vars"] == {"PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
+    assert {".venv", "runs", "*.tar", "data"} <= set(renv["excludes"])
+    assert "working_dir" not in ray_jobs.runtime_env(None, {})
+    with pytest.raises(UserError, match="no such directory"):
+        ray_jobs.runtime_env(str(tmp_path / "nope"), {})
+
+
+def test_ray_token_header(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    (tmp_path / "tok").write_text("abc123\n")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "tok"))
+    assert ray_jobs._auth_headers() == {"authorization": "Bearer abc123"}
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # Ray's own client sends it then
+    assert ray_jobs._auth_headers() == {}
