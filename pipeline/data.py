@@ -427,10 +427,10 @@ def _plain(state: dict) -> dict:
 
 
 class _WorkerStreams(IterableDataset):
-    """DataLoader side: each worker runs one slot and yields (logical worker, batches, state after them) or an error.
+    """DataLoader side: each worker runs one slot and yields (worker, batches, counters, state after them).
 
-    A worker hands over `chunk` batches per DataLoader item, with one state for the lot (the
-    per-item cost of a DataLoader, mostly pickling, is more than packing a small batch). The
+    A worker hands over `chunk` batches per DataLoader item, with one state for the lot (a
+    DataLoader item costs far more than packing a small batch), and per-batch counters. The
     first worker in this DataLoader's order, logical worker `rotation`, was stopped in the middle
     of an item when `skip` > 0: it restores the state from before that item, moves on by the
     `skip` tokens already handed out, and finishes the item with `first` batches.
@@ -487,8 +487,10 @@ class ByteBatches:
                           batch_size=batch_size, seed=seed, shuffle_buffer=shuffle_buffer,
                           shuffle_buffer_bytes=shuffle_buffer_bytes, skip_corrupt=skip_corrupt)
         self.num_workers = num_workers
-        self.worker_chunk = worker_chunk or min(32, max(1, (1 << 16) // (batch_size * (seq_len + extra) * 2)))
-        """Batches a worker hands over at a time (turns go worker 0, 1, ...); about 64 KB by default."""
+        # Each DataLoader item costs a pickle and two process wake-ups (milliseconds on busy cores),
+        # so workers hand over about 256 KB of batches at a time.
+        self.worker_chunk = worker_chunk or min(64, max(1, (1 << 18) // (batch_size * (seq_len + extra) * 2)))
+        """Batches a worker hands over at a time (turns go worker 0, 1, ...)."""
         self._states: list[dict | None] = [None] * max(1, num_workers)
         self._counters: list[dict | None] = [None] * max(1, num_workers)  # fresher than _states with workers
         # Per worker, the state after its last item handed out in full; the next worker may be
