@@ -36,7 +36,7 @@ def sample_key(identity: bytes, chunk: int, n_chunks: int) -> str:
 
 
 def split_of(identity: bytes, val_fraction: float) -> str:
-    """train or val, from bytes of the identity hash that the key does not show."""
+    """train or val: the identity hash's bytes 8..15 read as a fraction of 2**64, below val_fraction is val."""
     return "val" if int.from_bytes(identity[8:16], "big") < val_fraction * 2**64 else "train"
 
 
