@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ class MetricsLogger:
         import wandb
 
         id_file = self.out_dir / "wandb_run_id"
-        run_id = id_file.read_text().strip() if (resume and id_file.exists()) else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if (resume and id_file.exists()) else secrets.token_hex(4)
         id_file.write_text(run_id)
         os.environ.setdefault("WANDB_SILENT", "true")
         return wandb.init(
@@ -83,7 +84,7 @@ class MetricsLogger:
         if self.jsonl is not None:
             self.jsonl.close()
         if self.run is not None:
-            self.run.finish(quiet=True)
+            self.run.finish()
             self.run = None
 
 

@@ -136,14 +136,19 @@ def _accumulate_factor(gg: torch.Tensor, g: torch.Tensor, k: int, beta: float) -
 
 
 def _eigenbasis(gg: torch.Tensor) -> torch.Tensor:
-    """Eigenvectors of a symmetric PSD matrix, largest eigenvalue first, fp32 (fp64 fallback
-    when LAPACK fails to converge on an ill-conditioned factor)."""
+    """Eigenvectors of a symmetric PSD matrix, largest eigenvalue first, fp32.
+
+    Falls back to fp64 when fp32 LAPACK fails, and also when it *silently* returns non-finite
+    vectors: seen with torch 2.13's CPU build on 2 threads for rank-deficient factors (the
+    byte embedding's factor, whose rows for unseen bytes are zero)."""
     try:
         _, vecs = torch.linalg.eigh(gg)
+        if torch.isfinite(vecs).all():
+            return vecs.flip(-1)
     except torch.linalg.LinAlgError:
-        _, vecs = torch.linalg.eigh(gg.double())
-        vecs = vecs.to(gg.dtype)
-    return vecs.flip(-1)
+        pass
+    _, vecs = torch.linalg.eigh(gg.double())
+    return vecs.to(gg.dtype).flip(-1)
 
 
 class SOAP(torch.optim.Optimizer):
