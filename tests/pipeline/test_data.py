@@ -373,3 +373,32 @@ def test_s3_shards_match_local(dataset, s3_server):
     assert all(torch.equal(a, b) for a, b in zip(got, want)) and len(got) == len(want)
     with pytest.raises(UserError, match="s3://pico-test/missing"):
         resolve_shards(["s3://pico-test/missing"], "train")
+
+
+# ---------------------------------------------------------------------------------------------
+# What `pico prep` writes
+
+
+@pytest.mark.ray
+def test_reads_what_pico_prep_writes(ray_local, tmp_path):
+    """Documents through the real prep job (chunked, split, sharded); one epoch of training plus the val pass."""
+    prepare = pytest.importorskip("pico.data_prep").prepare
+    src = tmp_path / "src"
+    src.mkdir()
+    docs = make_docs(30, seed=11) + [bytes(random.Random(12).randrange(256) for _ in range(2500))]
+    for i, doc in enumerate(docs):
+        (src / f"doc{i:03d}.bin").write_bytes(doc)
+    out = tmp_path / "shards"
+    manifest = prepare([str(src)], str(out), val_fraction=0.3, shard_bytes=4096, chunk_bytes=1000, progress=False)
+    train, val = resolve_shards([str(out)], "train"), resolve_shards([str(out)], "val")
+    n_train = sum(s["samples"] for s in manifest["shards"] if s["split"] == "train")
+    assert len(train) > 1 and val
+
+    loader = ByteBatches(train, seq_len=T, batch_size=B, extra=EXTRA, num_workers=1)
+    train_bytes = sum(s["raw_bytes"] + s["samples"] for s in manifest["shards"] if s["split"] == "train")
+    seen = documents_in(stream_of(take(loader, train_bytes // (B * T) + 2)), n_train)
+    val_stream = [t for x, n in eval_sequences(val, T, EXTRA, B) for r, k in zip(x.tolist(), n.tolist())
+                  for t in r[1:1 + k]]
+    seen += documents_in(val_stream, val_stream.count(EOS))
+    pieces = [d[i:i + 1000] for d in docs for i in range(0, len(d), 1000)]  # prep's chunks of chunk_bytes
+    assert Counter(seen) == Counter(pieces)
