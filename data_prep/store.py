@@ -89,8 +89,8 @@ class Store:
         """Names of the files directly inside `rel` (empty when it does not exist)."""
         try:
             if self.remote:
-                return sorted(p.rstrip("/").rsplit("/", 1)[-1]
-                              for p in self.fs.ls(self.path(rel), detail=False) if self.fs.isfile(p))
+                return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1]
+                              for e in self.fs.ls(self.path(rel), detail=True) if e["type"] == "file")
             d = self.path(rel)
             return sorted(n for n in os.listdir(d) if os.path.isfile(os.path.join(d, n)))
         except FileNotFoundError:
