@@ -47,6 +47,7 @@ import os
 import random
 import re
 import tarfile
+import warnings
 from collections import deque
 from collections.abc import Iterator
 from typing import Any
@@ -487,6 +488,11 @@ class ByteBatches:
                           batch_size=batch_size, seed=seed, shuffle_buffer=shuffle_buffer,
                           shuffle_buffer_bytes=shuffle_buffer_bytes, skip_corrupt=skip_corrupt)
         self.num_workers = num_workers
+        slots = world_size * max(1, num_workers)
+        if len(shards) < slots:
+            warnings.warn(f"{len(shards)} shard(s) for {slots} loader workers (world_size x num_workers): every "
+                          "worker reads every shard and keeps its share of the samples; prepare more shards "
+                          "(pico prep --shard-bytes) so that each worker reads only its own", stacklevel=2)
         # Each DataLoader item costs a pickle and two process wake-ups (milliseconds on busy cores),
         # so workers hand over about 256 KB of batches at a time.
         self.worker_chunk = worker_chunk or min(64, max(1, (1 << 18) // (batch_size * (seq_len + extra) * 2)))

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import random
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -136,8 +137,11 @@ def test_two_ranks_two_workers_cover_an_epoch_exactly_once(tmp_path, n_shards, d
     n_batches = workers * (per_slot * longest // (B * T) + 2)
     seen = []
     for rank in range(world):
-        loader = ByteBatches(shards, seq_len=T, batch_size=B, extra=EXTRA, rank=rank, world_size=world,
-                             num_workers=workers, seed=7, shuffle_buffer=4, worker_chunk=2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loader = ByteBatches(shards, seq_len=T, batch_size=B, extra=EXTRA, rank=rank, world_size=world,
+                                 num_workers=workers, seed=7, shuffle_buffer=4, worker_chunk=2)
+        assert any("every worker reads every shard" in str(w.message) for w in caught) == (n_shards < 4)
         batches = take(loader, n_batches)
         assert all(b.shape == (B, T + EXTRA) and b.dtype == torch.long for b in batches)
         for w in range(workers):  # workers take turns of worker_chunk batches: 0, 0, 1, 1, 0, 0, ...
@@ -228,8 +232,10 @@ def test_missing_shard_error_names_it(dataset):
 
 def test_too_few_samples_for_the_slots_is_an_error(tmp_path):
     shards = resolve_shards([str(write_dataset(tmp_path, {"train": [make_docs(3, seed=8)]}))], "train")
+    with pytest.warns(UserWarning, match="every worker reads every shard"):
+        loader = ByteBatches(shards, seq_len=T, batch_size=B, rank=3, world_size=4)
     with pytest.raises(UserError, match="no readable documents"):
-        take(ByteBatches(shards, seq_len=T, batch_size=B, rank=3, world_size=4), 1)
+        take(loader, 1)
 
 
 def test_deterministic_by_seed(dataset):
