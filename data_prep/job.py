@@ -275,16 +275,32 @@ def _dedup_drops(ray, cfg: PrepConfig, store: Store, units, window: int, progres
             hashes[u] = r["hashes"]
     finally:
         bar.close()
-    seen: set[bytes] = set()
+    return duplicate_ordinals([hashes[u] for u in range(len(units))])
+
+
+def duplicate_ordinals(hashes: list[bytes]) -> dict[int, list[int]]:
+    """{unit: [ordinal, ...]} of every 16-byte hash that an earlier (unit, ordinal) already had.
+
+    A sort of all hashes (24 bytes a document in memory) rather than a set of Python objects
+    (over 100), so that the driver can dedup a few hundred million documents.
+    """
+    import numpy as np
+
+    counts = np.array([len(h) // 16 for h in hashes], dtype=np.int64)
+    if counts.sum() == 0:
+        return {}
+    pairs = np.frombuffer(b"".join(hashes), dtype=">u8").reshape(-1, 2)
+    position = np.arange(len(pairs))
+    order = np.lexsort((position, pairs[:, 1], pairs[:, 0]))  # by hash, then input order
+    s = pairs[order]
+    repeat = np.zeros(len(s), dtype=bool)
+    repeat[1:] = (s[1:] == s[:-1]).all(axis=1)
+    dup = np.sort(order[repeat])
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    unit_of = np.searchsorted(starts, dup, side="right") - 1
     drops: dict[int, list[int]] = {}
-    for u in range(len(units)):
-        h = hashes[u]
-        for k in range(0, len(h), 16):
-            digest = h[k:k + 16]
-            if digest in seen:
-                drops.setdefault(u, []).append(k // 16)
-            else:
-                seen.add(digest)
+    for u, pos in zip(unit_of.tolist(), dup.tolist()):
+        drops.setdefault(u, []).append(pos - int(starts[u]))
     return drops
 
 

@@ -269,3 +269,11 @@ def test_an_unfinished_job_resumes_only_with_the_same_options(ray_local, tmp_pat
         prepare([str(src)], out, **QUIET)
     m = prepare([str(src)], out, overwrite=True, **QUIET)
     assert m["documents"] == {"read": 3, "written": 2, "deduplicated": 0, "empty": 0, "failed": 1}
+
+
+def test_duplicate_ordinals_keep_the_first_in_input_order():
+    from pico.data_prep.job import duplicate_ordinals
+
+    a, b, c = (bytes([i]) * 16 for i in (1, 2, 3))
+    assert duplicate_ordinals([a + b, b"", c + a + a, b + c]) == {2: [1, 2], 3: [0, 1]}
+    assert duplicate_ordinals([b"", b""]) == {}
