@@ -281,7 +281,7 @@ def _dedup_drops(ray, cfg: PrepConfig, store: Store, units, window: int, progres
 def duplicate_ordinals(hashes: list[bytes]) -> dict[int, list[int]]:
     """{unit: [ordinal, ...]} of every 16-byte hash that an earlier (unit, ordinal) already had.
 
-    A sort of all hashes (24 bytes a document in memory) rather than a set of Python objects
+    A sort of all hashes (about 50 bytes a document at its peak) rather than a set of Python objects
     (over 100), so that the driver can dedup a few hundred million documents.
     """
     import numpy as np
