@@ -386,6 +386,7 @@ def test_s3_shards_match_local(dataset, s3_server):
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # starting Ray takes most of it
 def test_reads_what_pico_prep_writes(ray_local, tmp_path):
     """Documents through the real prep job (chunked, split, sharded); one epoch of training plus the val pass."""
     prepare = pytest.importorskip("pico.data_prep").prepare
