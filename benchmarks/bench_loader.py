@@ -8,7 +8,8 @@ in `pico prep`'s format). Three measurements, one JSON line each, side by side:
 - `read_decode`: the floor under any loader, streaming every shard and decompressing every
   sample in one process, no shuffling or packing;
 - `loader` with num_workers=0 and num_workers=2, for each batch shape (seq_len x batch_size):
-  ByteBatches over one epoch's worth of bytes.
+  ByteBatches over one epoch's worth of bytes;
+- `resume`: seconds to the first batch of a fresh loader and of one resumed mid-epoch.
 
 Timing starts at the first batch (worker start-up is reported separately as `startup_s`). Each
 measurement runs `--repeat` times and reports the fastest (`runs_bytes_per_s` lists all): the
@@ -108,6 +109,26 @@ def bench_loader(shards: list[str], target_bytes: int, num_workers: int, seq_len
             "startup_s": round(t1 - t0, 3), "seconds": round(t2 - t1, 3), "bytes_per_s": round(n / (t2 - t1))}
 
 
+def bench_resume(shards: list[str], num_workers: int, args: argparse.Namespace) -> dict:
+    """Seconds to the first batch: a fresh loader, and one resumed mid-epoch (it re-reads its buffer's shards)."""
+    kw = dict(seq_len=512, batch_size=8, extra=args.extra, num_workers=num_workers, shuffle_buffer=args.shuffle_buffer)
+    first = ByteBatches(shards, **kw)
+    it = iter(first)
+    t0 = time.perf_counter()
+    next(it)
+    fresh = time.perf_counter() - t0
+    for _ in range(5000):
+        next(it)
+    state = json.loads(json.dumps(first.state_dict()))
+    del it
+    resumed = ByteBatches(shards, **kw)
+    t0 = time.perf_counter()
+    resumed.load_state_dict(state)
+    next(iter(resumed))
+    return {"what": "resume", "num_workers": num_workers, "fresh_first_batch_s": round(fresh, 3),
+            "resumed_first_batch_s": round(time.perf_counter() - t0, 3), "state_json_bytes": len(json.dumps(state))}
+
+
 def best_of(n: int, measure) -> dict:
     runs = [measure() for _ in range(n)]
     best = max(runs, key=lambda r: r["bytes_per_s"])
@@ -136,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             for workers in (0, 2):
                 results.append(best_of(args.repeat, lambda: bench_loader(shards, data["raw_bytes"], workers,
                                                                          seq_len, batch_size, args)))
+        results += [bench_resume(shards, workers, args) for workers in (0, 2)]
         for r in results:
             line = {**r, **data, **env}
             lines.append(line)
