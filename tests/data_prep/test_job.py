@@ -226,6 +226,7 @@ def test_cli_prints_one_json_object(ray_local, tmp_path, capsys):
     assert prep_main(["--input", str(src), "--output", str(tmp_path / "out"), "--json", "--no-progress",
                       "--shard-bytes", "64K"]) == 0
     summary = json.loads(capsys.readouterr().out)
+    assert ray_local.is_initialized()  # this process's Ray was reused, and left running
     assert summary["documents"]["written"] == 2 and summary["shards"]["train"] + summary["shards"]["val"] >= 1
     assert prep_main(["verify", str(tmp_path / "out"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["ok"] is True
