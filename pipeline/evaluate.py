@@ -47,7 +47,7 @@ def evaluate(model, batches: Iterable, device: torch.device, routing: str = "cau
     try:
         for item in batches:
             batch = item[0] if isinstance(item, (tuple, list)) else item
-            idx, tgt = make_targets(batch.to(device))
+            idx, tgt = make_targets(batch.to(device), n_predict)
             tgt = mask_pad_targets(tgt)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 out = model(idx, tgt, routing=routing, return_logits=False)

@@ -230,6 +230,11 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- saving
     def save(self) -> Path:
+        if self.cfg.train.zero_stage < 3 and dist.any_rank(
+                not all(torch.isfinite(p).all() for p in self.engine.module.parameters())):
+            latest = ckpt.latest_checkpoint(self.ckpt_dir)
+            raise TrainingDiverged(f"weights became NaN or infinite by step {self.step}; not saving them. The last "
+                                   f"good checkpoint is {latest}. Lower optim.lr, then rerun with --resume")
         rank_state = {"loader": self.loader.state_dict(), "rng": ckpt.rng_state()}
         if self.cfg.optim.name == "soap":
             rank_state["optimizer"] = self.optimizer.state_dict()
@@ -323,7 +328,7 @@ class Trainer:
             losses, heads, stats, grad_norm, bad = [], [], {}, None, False
             for micro in range(cfg.train.grad_accum):
                 batch = next(it).to(self.device, non_blocking=True)
-                idx, targets = make_targets(batch)
+                idx, targets = make_targets(batch, cfg.model.n_predict)
                 with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
                     out = self.engine(idx, targets)
                 if not torch.isfinite(out.loss.detach()):
@@ -341,10 +346,12 @@ class Trainer:
             window_steps += 1
             bad_any = dist.any_rank(bad)
             if bad_any:
+                latest = ckpt.latest_checkpoint(self.ckpt_dir)
+                kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint had been written yet"
                 raise TrainingDiverged(
-                    f"loss is NaN or infinite at step {self.step} (loader position {self.loader.state_dict()}); "
-                    f"the last good checkpoint is kept in {self.ckpt_dir}. Lower optim.lr or raise "
-                    "optim.warmup_steps, then resume with --resume")
+                    f"loss is NaN or infinite at step {self.step} (batch {self.loader.state_dict().get('batches')} "
+                    f"of this rank's loader); {kept}. Lower optim.lr or raise optim.warmup_steps, then rerun "
+                    "with --resume")
             if grad_norm is None:
                 grad_norm = self.engine.get_global_grad_norm()
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
