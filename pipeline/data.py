@@ -538,7 +538,8 @@ class ByteBatches:
     def state_dict(self) -> dict:
         """The position after the last batch handed out: small and JSON-serialisable."""
         return {"version": STATE_VERSION, **self._identity(), "next_worker": self._next, "next_skip": self._skip,
-                "next_left": self._left, "batches": self._batches, "counters": self._counters,
+                "next_left": self._left, "batches": self._batches,
+                "counters": [None if c is None else dict(c) for c in self._counters],
                 "workers": [None if s is None else _plain(s) for s in self._states]}
 
     def load_state_dict(self, state: dict) -> None:
