@@ -352,10 +352,10 @@ def run_job(cfg: PrepConfig, progress: bool = True) -> tuple[dict, dict]:
         return manifest, {**stats, "already_complete": True, "seconds": time.perf_counter() - t0}
 
     files, input_problems = expand_inputs(cfg.inputs, exclude=None if store.remote else store.root)
-    for p in input_problems:
-        print(f"pico prep: skipped input {p.message()}", file=sys.stderr)
     if not files:
         raise UserError("no input matched: " + "; ".join(p.message() for p in input_problems))
+    for p in input_problems:
+        print(f"pico prep: skipped input {p.message()}", file=sys.stderr)
     if cfg.fail_fast and input_problems:
         raise UserError(f"{input_problems[0].message()} (stopped by --fail-fast)")
     units = plan_units(files, cfg.unit_bytes)
