@@ -141,6 +141,9 @@ def show_job(job_id: str) -> dict[str, str] | None:
     """`scontrol show job` as a dict (Slurm keeps finished jobs for MinJobAge); None if unknown."""
     exe = tool("scontrol")
     out = subprocess.run([exe, "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30)
+    if out.returncode != 0 and "invalid job id" not in out.stderr.lower():
+        raise UserError(f"`scontrol show job {job_id}` failed: {out.stderr.strip()} (is this a Slurm login node, "
+                        "and is SLURM_CONF right?)")
     if out.returncode != 0 or not out.stdout.strip():
         return None
     fields: dict[str, str] = {}

@@ -47,7 +47,7 @@ def checkpoints(run: Path) -> list[int]:
 
 def test_cpu_training_job_completes(slurm_cluster, tmp_path, capsys):
     job, run = submit(tmp_path, capsys, "--train.steps=4", "--checkpoint.every=2", "--train.eval_every=4")
-    fields = wait_job(job, lambda f: f["JobState"] in TERMINAL, timeout=150)
+    fields = wait_job(job, lambda f: f["JobState"] in TERMINAL, timeout=240)
     log = Path(fields["StdOut"]).read_text(errors="replace")
     assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", log[-3000:]
     assert checkpoints(run)[-1] == 4
@@ -64,16 +64,17 @@ def test_cpu_training_job_completes(slurm_cluster, tmp_path, capsys):
 
 
 def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path, capsys):
-    steps = 150
+    steps = 100
     job, run = submit(tmp_path, capsys, f"--train.steps={steps}", "--checkpoint.every=1000",
                       f"--train.eval_every={steps}", "--train.log_every=1")
     metrics = run / "metrics.jsonl"
     # training is under way once rank 0 has logged a step
     wait_job(job, lambda f: f["JobState"] in TERMINAL or (metrics.exists() and metrics.stat().st_size > 0),
-             timeout=120, poll=0.25)
+             timeout=240, poll=0.25)
     # what Slurm does at time limit minus --signal-grace, sent now
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
-    fields = wait_job(job, lambda f: f.get("Restarts", "0") != "0" or f["JobState"] in TERMINAL, timeout=90)
+    fields = wait_job(job, lambda f: (f.get("Restarts", "0") != "0" and f["JobState"] == "PENDING")
+                      or f["JobState"] in TERMINAL, timeout=240)
     log_path = Path(fields["StdOut"])
     first = log_path.read_text(errors="replace")
     assert fields["Restarts"] == "1", first[-3000:]
@@ -83,8 +84,12 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path,
     assert "received SIGUSR1" in first
 
     # Slurm holds a requeued job back for a while (BeginTime); an operator may release it at once
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
-    fields = wait_job(job, lambda f: f["JobState"] in TERMINAL, timeout=150)
+    def released(f: dict[str, str]) -> bool:
+        if f["JobState"] == "PENDING" and f.get("Reason") == "BeginTime":
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+        return f["JobState"] in TERMINAL
+
+    fields = wait_job(job, released, timeout=240, poll=1.0)
     log = log_path.read_text(errors="replace")
     assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", log[-3000:]
     assert checkpoints(run)[-1] == steps
