@@ -34,5 +34,11 @@ if [ -s "$base/pids/slurmctld" ] && kill -0 "$(cat "$base/pids/slurmctld")" 2>/d
 fi
 stop slurmd
 stop slurmctld
-stop munged   # present only when start_slurm.sh started it
+# munged is present only when start_slurm.sh started it; another test cluster on this machine
+# may have found it running and use it still, so it stays up while any Slurm daemon runs
+if [ -s "$base/pids/munged" ] && pgrep -x 'slurmctld|slurmd' >/dev/null; then
+  echo "leaving munged ($(cat "$base/pids/munged")) running: another Slurm on this machine uses it" >&2
+  rm -f "$base/pids/munged"
+fi
+stop munged
 [ "$keep" = 1 ] || rm -rf "$base"

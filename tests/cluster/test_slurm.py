@@ -15,6 +15,7 @@ import pytest
 
 from pico.cluster.cli import main as submit_main
 from pico.cluster.jobs import main as jobs_main
+from pico.pipeline.errors import UserError
 from tests.cluster.conftest import wait_job, write_shards
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -98,3 +99,12 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path,
     # the resumed run continued the step count rather than starting over
     logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.strip()]
     assert logged[-1] == steps and logged.count(1) == 1
+
+
+def test_second_submission_to_a_busy_run_and_cancel(slurm_cluster, tmp_path, capsys):
+    job, _ = submit(tmp_path, capsys, "--train.steps=1000")
+    with pytest.raises(UserError, match=f"job {job} named pico-run is already queued or running"):
+        submit(tmp_path, capsys, "--train.steps=1000")
+    assert jobs_main(["cancel", job]) == 0
+    fields = wait_job(job, lambda f: f["JobState"] in TERMINAL, timeout=60)
+    assert fields["JobState"] == "CANCELLED"
