@@ -189,7 +189,8 @@ class Trainer:
         self.loader = ByteBatches(self.train_shards, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
                                   extra=cfg.model.n_predict, rank=self.rank, world_size=self.world,
                                   num_workers=cfg.data.num_workers, seed=cfg.train.seed,
-                                  shuffle_buffer=cfg.data.shuffle_buffer, skip_corrupt=cfg.data.skip_corrupt)
+                                  shuffle_buffer=cfg.data.shuffle_buffer, skip_corrupt=cfg.data.skip_corrupt,
+                                  shuffle_buffer_bytes=cfg.data.shuffle_buffer_bytes)
         if start is not None:
             self._load(start)
         if dist.is_main():
