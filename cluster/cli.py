@@ -18,7 +18,12 @@ from pico.cluster import plan, ray_jobs, slurm
 from pico.pipeline.config import ConfigError, load_config
 from pico.pipeline.errors import UserError
 
-EPILOG = """Slurm: `--` ends pico's options; what follows is config overrides (--train.steps=1000 ...).
+EPILOG = """examples:
+  pico submit slurm --config configs/pico-1b.yaml --nodes 4 --gpus-per-node 8 --time 48:00:00 --dry-run
+  pico submit slurm --config configs/quickstart.yaml --gpus-per-node 0 --ranks-per-node 2 -- --train.steps=1000
+  pico submit ray --address http://HEAD:8265 -- prep --input /data/raw --output /data/shards
+
+Slurm: `--` ends pico's options; what follows is config overrides (--train.steps=1000 ...).
 Ray: `--` ends pico's options; what follows is the pico command the job runs (prep ... | train ...).
 Follow a job with `pico jobs status|logs|cancel JOB`."""
 

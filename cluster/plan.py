@@ -57,7 +57,10 @@ class Resources:
 def resources_from(cfg: Config, **flags: Any) -> Resources:
     """The config's cluster section with every flag that is not None laid over it."""
     c = cfg.cluster
-    pick = lambda name, default: default if flags.get(name) is None else flags[name]  # noqa: E731
+
+    def pick(name: str, default: Any) -> Any:
+        return default if flags.get(name) is None else flags[name]
+
     gpus = pick("gpus_per_node", c.gpus_per_node)
     return Resources(
         nodes=pick("nodes", c.nodes), gpus_per_node=gpus,
@@ -182,7 +185,10 @@ def _model_numbers(cfg: Config) -> tuple[int | None, float | None]:
 def _largest_layer(cfg: Config) -> int:
     """Parameters of the widest linear layer (a latent SwiGLU projection): ZeRO-3 gathers one at a time."""
     m = cfg.model
-    hidden = lambda d: -(-int(m.mlp_ratio * d) // 64) * 64  # noqa: E731
+
+    def hidden(d: int) -> int:  # SwiGLU width, rounded up to a multiple of 64
+        return -(-int(m.mlp_ratio * d) // 64) * 64
+
     return max(m.d_latent * hidden(m.d_latent), m.d_local * hidden(m.d_local))
 
 
