@@ -5,7 +5,7 @@
 # SLURM_CONF, so /etc/slurm is never touched), state, spool, logs, and the PID of every daemon
 # this script started. stop_slurm.sh stops exactly those PIDs. Ports come from the caller so two
 # test sessions on one machine do not collide. munged is shared: it is started only when no
-# munged answers, and then recorded (and later stopped) like the rest.
+# munged answers; one started here is stopped by the last pico test cluster that uses it.
 #
 #   PICO_SLURM_BASE=/tmp/pico-slurm   PICO_SLURM_CTLD_PORT=6817   PICO_SLURM_SLURMD_PORT=6818
 #   PICO_SLURM_INSTALL=1              apt-get install missing packages (0: fail instead)
@@ -59,6 +59,10 @@ mkdir -p "$base"/{etc,state,spool,log,pids}
 
 # 2. munge: reuse a running munged (another session may own it), else start ours.
 if munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
+  if [ -s /run/munge/pico-started ] && kill -0 "$(cat /run/munge/pico-started)" 2>/dev/null; then
+    # another pico test cluster started it: share it; the last cluster to stop stops it
+    cp /run/munge/pico-started "$base/pids/munged"
+  fi
   say "using the munged that is already running"
 else
   if [ ! -s /etc/munge/munge.key ]; then
@@ -71,6 +75,7 @@ else
   runuser -u munge -- /usr/sbin/munged
   retry 20 bash -c 'munge -n | unmunge' || fail "munged did not answer"
   cp /run/munge/munged.pid "$base/pids/munged"
+  cp /run/munge/munged.pid /run/munge/pico-started
   say "started munged (pid $(cat "$base/pids/munged"))"
 fi
 

@@ -34,11 +34,15 @@ if [ -s "$base/pids/slurmctld" ] && kill -0 "$(cat "$base/pids/slurmctld")" 2>/d
 fi
 stop slurmd
 stop slurmctld
-# munged is present only when start_slurm.sh started it; another test cluster on this machine
-# may have found it running and use it still, so it stays up while any Slurm daemon runs
-if [ -s "$base/pids/munged" ] && pgrep -x 'slurmctld|slurmd' >/dev/null; then
-  echo "leaving munged ($(cat "$base/pids/munged")) running: another Slurm on this machine uses it" >&2
-  rm -f "$base/pids/munged"
+# munged is recorded only when a pico test cluster started it; it stays up while any other
+# Slurm daemon on this machine may still use it
+if [ -s "$base/pids/munged" ]; then
+  if ps -C slurmctld,slurmd -o stat= | grep -qv '^Z'; then  # zombies do not count
+    echo "leaving munged ($(cat "$base/pids/munged")) running: another Slurm on this machine uses it" >&2
+    rm -f "$base/pids/munged"
+  else
+    stop munged
+    rm -f /run/munge/pico-started
+  fi
 fi
-stop munged
 [ "$keep" = 1 ] || rm -rf "$base"
