@@ -1,13 +1,515 @@
-"""`pico convert` (placeholder until the release issue lands)."""
+"""`pico convert`: turn a training checkpoint into a release that anyone can load safely.
+
+A release is one directory:
+
+    model.safetensors   the weights (fp32 or bf16), no pickle; the header's metadata records the
+                        training run (step, bytes seen, eval) as JSON
+    config.json         the model config and the release format version: enough to rebuild it
+    README.md           the model card: architecture, size, FLOPs per byte, training data and
+                        length, eval bits per byte per head, routing statistics, how to generate
+    SHA256SUMS          sha256 of each file above (`sha256sum -c SHA256SUMS` checks it too)
+
+Properties, each tested:
+
+- **Any checkpoint**: ZeRO stage 0-3 written by any number of ranks (`load_model_state` gathers
+  the fp32 weights); an incomplete checkpoint (a rank file or a ZeRO partition missing) is
+  refused, since it cannot be trusted to be the model that was trained.
+- **Atomic**: everything is written into a temporary directory beside OUT, verified by loading
+  it back, and renamed to OUT; a failed convert leaves nothing behind.
+- **Idempotent**: the same checkpoint gives byte-identical files (no timestamps; the safetensors
+  file is written here with a sorted header, because the library orders its metadata map
+  differently from one process to the next). Converting again over an identical release leaves
+  it untouched.
+- **Safe to load**: `load_release` reads JSON and safetensors only, checks every checksum first,
+  refuses a newer format version, rebuilds the network with `pico.model.build_model` and loads
+  the weights strictly.
+"""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import os
+import shutil
+import struct
+import sys
+from pathlib import Path
+from typing import Any
+
+from pico.pipeline.errors import UserError
+
+FORMAT = "pico-release"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+CARD = "README.md"
+SUMS = "SHA256SUMS"
+DTYPES = {"fp32": "F32", "bf16": "BF16"}
+
+EPILOG = """examples:
+  pico convert runs/quickstart/run                       # newest checkpoint -> runs/quickstart/run/releases/step_NNNNNN
+  pico convert runs/big/checkpoints/step_020000 releases/big-20k --dtype bf16
+  pico generate --model releases/big-20k --prompt 'The '
+"""
+
+
+# ----------------------------------------------------------------------------- command line
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `pico convert`."""
+    parser.add_argument("checkpoint", help="a run directory, its checkpoints/ directory, or one step_NNNNNN directory "
+                                           "(a run or checkpoints directory means its newest complete step)")
+    parser.add_argument("out", nargs="?", default=None,
+                        help="release directory to write (default: <run dir>/releases/step_NNNNNN)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                        help="weight dtype of the release (default: fp32, the exact trained weights; bf16 halves "
+                             "the size and is loaded back into fp32)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object describing the release")
 
 
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("pico convert: not built yet (see the release issue)")
+    import contextlib
+
+    # DeepSpeed prints progress (and its logger writes) to stdout; stdout is for --json alone.
+    with contextlib.redirect_stdout(sys.stderr):
+        out = convert(args.checkpoint, args.out, dtype=args.dtype)
+    sums = read_checksums(out)
+    config = json.loads((out / CONFIG).read_text())
+    if args.json:
+        print(json.dumps({"release": str(out), "dtype": config["dtype"], "format_version": config["format_version"],
+                          "files": sums, "bytes": sum((out / f).stat().st_size for f in sums)}))
+    else:
+        print(f"release: {out}", file=sys.stderr)
+        for name in sums:
+            print(f"  {name:<18} {(out / name).stat().st_size:>12,} bytes", file=sys.stderr)
+        print(f"next: pico generate --model {out} --prompt 'The '", file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------- convert
+
+
+def convert(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike | None = None,
+            dtype: str = "fp32") -> Path:
+    """Write the release of a checkpoint (a run, checkpoints or step directory) to out_dir; return its path."""
+    from pico.pipeline import checkpoint as ckpt
+
+    if dtype not in DTYPES:
+        raise UserError(f"dtype={dtype!r}: choose one of {', '.join(sorted(DTYPES))}")
+    src = Path(checkpoint_path)
+    if (src / CONFIG).exists() or (src / WEIGHTS).exists():
+        raise UserError(f"{src} is already a release; convert takes a training checkpoint (a run directory or "
+                        "a step_NNNNNN directory)")
+    try:
+        step_dir = ckpt.resolve_checkpoint(src)
+    except UserError as e:
+        raise UserError(f"{src} is not a training checkpoint: {e}") from None
+    run_state = ckpt.read_run_state(step_dir)
+    check_complete(step_dir, run_state)
+    out = Path(out_dir) if out_dir is not None else default_out_dir(step_dir)
+
+    state, _ = ckpt.load_model_state(step_dir)
+    model_cfg = _model_config(run_state["config"]["model"], step_dir / ckpt.STATE_FILE)
+    _check_matches(state, model_cfg, step_dir)
+    return _publish(out, lambda tmp: _write_release(tmp, state, model_cfg, run_state, step_dir, dtype))
+
+
+def default_out_dir(step_dir: Path) -> Path:
+    """<run dir>/releases/step_NNNNNN (the run dir holds checkpoints/; else beside the checkpoints dir)."""
+    holder = step_dir.parent
+    base = holder.parent if holder.name == "checkpoints" else holder
+    return base / "releases" / step_dir.name
+
+
+def check_complete(step_dir: Path, run_state: dict[str, Any]) -> None:
+    """Refuse a checkpoint that lacks a file some rank wrote: its weights cannot be trusted."""
+    from pico.pipeline.checkpoint import DS_TAG
+
+    world = int(run_state.get("world_size", 1))
+    stage = int(run_state.get("zero_stage", 0))
+    ds = step_dir / DS_TAG
+    missing = [f"rank{r:05d}.pt" for r in range(world) if not (step_dir / f"rank{r:05d}.pt").exists()]
+    if stage < 3 and not (ds / "mp_rank_00_model_states.pt").exists():
+        missing.append(f"{DS_TAG}/mp_rank_00_model_states.pt")
+    kinds = ["optim_states"] if stage in (1, 2) else ["model_states", "optim_states"] if stage == 3 else []
+    for r in range(world):
+        for kind in kinds:
+            if not list(ds.glob(f"*zero_pp_rank_{r}_mp_rank_00_{kind}.pt")):
+                missing.append(f"{DS_TAG}/zero_pp_rank_{r}_mp_rank_00_{kind}.pt (ZeRO-{stage} partition of rank {r})")
+    if missing:
+        raise UserError(f"checkpoint {step_dir} is incomplete (written by {world} ranks at ZeRO stage {stage}); "
+                        f"missing: {', '.join(missing)}. Restore the missing files or convert an earlier step")
+
+
+def _model_config(data: dict[str, Any], where: Path):
+    from pico.model.config import ModelConfig
+    from pico.pipeline.config import ConfigError, from_dict
+
+    try:
+        return from_dict(ModelConfig, data, "model")
+    except (ConfigError, ValueError, TypeError) as e:
+        raise UserError(f"{where}: the model config cannot be rebuilt by this pico ({e})") from None
+
+
+def _build(model_cfg):
+    """build_model without touching the caller's RNG (initial weights are overwritten anyway)."""
+    import torch
+
+    from pico.model import build_model
+
+    with torch.random.fork_rng(devices=[]):
+        return build_model(model_cfg)
+
+
+def _check_matches(state: dict, model_cfg, where: Path) -> None:
+    import torch
+
+    expected = _build(model_cfg).state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or shapes:
+        raise UserError(f"{where}: the weights do not match the model config saved with them (missing "
+                        f"{missing[:5]}, unexpected {unexpected[:5]}, wrong shape {shapes[:5]})")
+    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise UserError(f"{where}: weights {bad[:5]} hold NaN or infinite values; convert an earlier step")
+
+
+def _publish(out: Path, write) -> Path:
+    """Run write(tmp) on a temporary directory beside out, verify it, then rename it to out."""
+    out = out.absolute()
+    if out.exists() and not _replaceable(out):
+        raise UserError(f"{out} exists and is not a pico release; choose another output directory or remove it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        write(tmp)
+        _fsync_tree(tmp)
+        load_release(tmp)  # the release must load before anyone can see it
+        if out.exists() and _same_files(out, tmp):
+            shutil.rmtree(tmp)
+            return out
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        _fsync(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():
+            os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def _replaceable(out: Path) -> bool:
+    """An empty directory, or a release written by pico (any version) may be replaced."""
+    if out.is_dir() and not any(out.iterdir()):
+        return True
+    try:
+        return json.loads((out / CONFIG).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _same_files(a: Path, b: Path) -> bool:
+    try:
+        return (a / SUMS).read_bytes() == (b / SUMS).read_bytes() and not _checksum_errors(a, read_checksums(a))
+    except (OSError, UserError):
+        return False
+
+
+def _write_release(tmp: Path, state: dict, model_cfg, run_state: dict[str, Any], step_dir: Path, dtype: str) -> None:
+    import dataclasses
+
+    import torch
+
+    from pico.model import flops_per_byte
+
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    tensors = {k: v.detach().to("cpu", torch_dtype).contiguous() for k, v in state.items()}
+    training = {
+        "checkpoint": step_dir.name,
+        **{k: run_state.get(k) for k in ("step", "bytes_seen", "world_size", "zero_stage", "optimizer")},
+        "n_params": sum(v.numel() for v in tensors.values()),
+        "flops_per_byte": {"training": flops_per_byte(model_cfg, True), "inference": flops_per_byte(model_cfg, False)},
+        "data": {k: run_state["config"].get("data", {}).get(k) for k in ("train", "val", "seq_len")},
+        "eval": run_state.get("eval") or {},
+    }
+    write_safetensors(tmp / WEIGHTS, tensors, {"format": "pt", "pico_training": _json(training)})
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "pico_version": _pico_version(),
+              "dtype": dtype, "model": dataclasses.asdict(model_cfg)}
+    (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    (tmp / CARD).write_text(model_card(model_cfg, training, dtype))
+    sums = {name: _sha256(tmp / name) for name in (WEIGHTS, CONFIG, CARD)}
+    (tmp / SUMS).write_text("".join(f"{h}  {name}\n" for name, h in sums.items()))
+
+
+def _json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def _pico_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pico")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+# ----------------------------------------------------------------------------- safetensors
+
+
+def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str]) -> None:
+    """A safetensors file with a deterministic header (keys sorted), read by any safetensors reader.
+
+    Layout (the format's spec): 8-byte little-endian header length, the JSON header padded with
+    spaces to a multiple of 8, then the tensors' bytes back to back, little-endian, row-major."""
+    import torch
+
+    names = {v.dtype for v in tensors.values()}
+    dtype_codes = {"torch.float32": "F32", "torch.bfloat16": "BF16"}
+    if len(names) != 1 or str(next(iter(names))) not in dtype_codes:
+        raise ValueError(f"write_safetensors takes tensors of one dtype, fp32 or bf16; got {names}")
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    offset = 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": dtype_codes[str(t.dtype)], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name in sorted(tensors):
+            f.write(tensors[name].reshape(-1).view(torch.uint8).numpy().tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ----------------------------------------------------------------------------- model card
+
+
+def model_card(model_cfg, training: dict[str, Any], dtype: str) -> str:
+    """README.md of a release: deterministic text (no dates), so converting twice gives the same bytes."""
+    c = model_cfg
+    ev = training["eval"]
+    fpb = training["flops_per_byte"]
+    n_params = training["n_params"]
+    router = {"learned": f"learned Mixture-of-Depths router, capacity {c.capacity:g} (top-k in training, causal "
+                         f"score > 0 at inference; aux: {c.router_aux}, gate: {c.router_gate})",
+              "spacelike": f"SpaceByte's spacelike rule, capped at capacity {c.capacity:g}",
+              "none": "no router: a plain byte-level Transformer"}[c.router]
+    lines = [
+        f"# Pico release ({training['checkpoint']})", "",
+        "Pico is a byte-level language model (no tokenizer: the vocabulary is the 256 byte values plus "
+        "BOS, EOS and PAD). Local Transformer blocks see every byte; a router sends a fraction of the "
+        "positions through wider latent blocks; multi-token-prediction heads predict bytes t+1..t+n.", "",
+        "## Architecture", "",
+        f"- {c.n_in} local block(s) in, {c.n_out} out: width {c.d_local}, {c.n_heads} query / {c.n_kv_heads} "
+        f"key-value heads, sliding window {c.window} bytes, ALiBi, SwiGLU (mlp_ratio {c.mlp_ratio:g})",
+    ]
+    if c.router != "none":
+        lines.append(f"- {c.n_latent} latent block(s): width {c.d_latent}, {c.n_latent_heads} query / "
+                     f"{c.n_latent_kv_heads} key-value heads")
+    lines += [
+        f"- router: {router}",
+        f"- {c.n_predict} prediction head(s) (head h predicts byte t+h; heads 2.. drive self-speculative decoding)",
+        f"- context: {c.max_seq_len} bytes", "",
+        "| | |", "| --- | --- |",
+        f"| parameters | {n_params:,} |",
+        f"| inference FLOPs per byte | {fpb['inference']:,.0f} |",
+        f"| training FLOPs per byte | {fpb['training']:,.0f} (3 x forward) |",
+        f"| weights | `{WEIGHTS}`, {dtype}{' (rounded from the fp32 training weights)' if dtype == 'bf16' else ''} |",
+        "", "The full config is in `config.json`.", "",
+        "## Training", "",
+        f"- steps: {training.get('step')}, bytes seen: {_count(training.get('bytes_seen'))}",
+        f"- {training.get('world_size')} rank(s), ZeRO stage {training.get('zero_stage')}, "
+        f"optimizer {training.get('optimizer')}",
+        f"- training data: {_paths(training['data'].get('train'))}",
+        f"- validation data: {_paths(training['data'].get('val')) if training['data'].get('val') else 'the val split of the training data'}",
+        f"- sequence length: {training['data'].get('seq_len')} bytes", "",
+        "## Evaluation (last eval before this checkpoint, causal routing)", "",
+    ]
+    heads = [k for k in sorted(ev) if k.startswith("bpb_head")]
+    if heads:
+        lines += ["| head | bits per byte |", "| --- | --- |"]
+        lines += [f"| {k.removeprefix('bpb_head')} (byte t+{k.removeprefix('bpb_head')}) | {ev[k]:.4f} |" for k in heads]
+        if "bpb_topk_4batches" in ev:
+            lines += ["", f"Head 1 with top-k routing (looks ahead; 4 batches): {ev['bpb_topk_4batches']:.4f} bits per byte."]
+        if "bytes" in ev:
+            lines += ["", f"Scored bytes: {_count(ev['bytes'])}."]
+    else:
+        lines.append("No evaluation was recorded before this checkpoint (`pico eval --model DIR` measures it).")
+    stats = {k.removeprefix("router/"): v for k, v in sorted(ev.items()) if k.startswith("router/")}
+    lines += ["", "## Routing statistics (same evaluation)", ""]
+    if stats:
+        lines += ["| statistic | value |", "| --- | --- |"] + [f"| {k} | {_num(v)} |" for k, v in stats.items()]
+    else:
+        lines.append("None recorded." if c.router != "none" else "This model has no router.")
+    lines += [
+        "", "## Use", "",
+        "```", "pico generate --model DIR --prompt 'The ' --max-bytes 200", "pico eval --model DIR --data FILE_OR_SHARDS", "```", "",
+        "```python", "from pico.pipeline.release import load_release", "model, info = load_release('DIR')  "
+        "# safetensors + JSON only; checksums verified", "```", "",
+        "## Files", "",
+        f"`{WEIGHTS}` (weights; training record in its metadata), `{CONFIG}` (model config, release format "
+        f"{FORMAT_VERSION}), `{CARD}` (this card), `{SUMS}` (`sha256sum -c {SUMS}`).", "",
+    ]
+    return "\n".join(lines)
+
+
+def _count(n: Any) -> str:
+    return f"{n:,}" if isinstance(n, int) else str(n)
+
+
+def _num(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def _paths(paths: Any) -> str:
+    if not paths:
+        return "not recorded"
+    return ", ".join(f"`{p}`" for p in (paths if isinstance(paths, list) else [paths]))
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def read_checksums(release: Path) -> dict[str, str]:
+    """{file name: sha256} from a release's SHA256SUMS."""
+    f = Path(release) / SUMS
+    if not f.exists():
+        raise UserError(f"{release} has no {SUMS}; it is not a complete pico release (convert it again)")
+    sums: dict[str, str] = {}
+    for i, line in enumerate(f.read_text().splitlines(), 1):
+        digest, _, name = line.partition("  ")
+        if len(digest) != 64 or not name or "/" in name or name.startswith("."):
+            raise UserError(f"{f}:{i}: malformed line {line!r} (expected '<sha256>  <file name>')")
+        sums[name] = digest
+    for need in (WEIGHTS, CONFIG):
+        if need not in sums:
+            raise UserError(f"{f} does not list {need}; the release is incomplete (convert it again)")
+    return sums
+
+
+def _checksum_errors(release: Path, sums: dict[str, str]) -> list[str]:
+    errors = []
+    for name, digest in sums.items():
+        p = release / name
+        if not p.exists():
+            errors.append(f"{name} is missing")
+        elif _sha256(p) != digest:
+            errors.append(f"{name} has sha256 {_sha256(p)[:12]}..., {SUMS} says {digest[:12]}...")
+    return errors
+
+
+def load_release(path: str | os.PathLike, dtype=None) -> tuple[Any, dict[str, Any]]:
+    """The model of a release directory (eval mode, on CPU) and what the release records.
+
+    Reads JSON and safetensors only: nothing is unpickled. Checksums are verified before the
+    weights are parsed. bf16 weights are cast to `dtype` (default float32, what CPUs compute in)."""
+    import torch
+
+    release = Path(path)
+    if not release.is_dir():
+        raise UserError(f"release {release} is not a directory; pass the directory written by `pico convert`")
+    config = read_release_config(release)
+    errors = _checksum_errors(release, read_checksums(release))
+    if errors:
+        raise UserError(f"release {release} is corrupt: {'; '.join(errors)}. Copy it again or rerun `pico convert`")
+    model_cfg = _model_config(config.get("model", {}), release / CONFIG)
+    state, meta = _read_weights(release / WEIGHTS, config)
+    model = _build(model_cfg)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise UserError(f"{release / WEIGHTS} does not match {CONFIG}: missing {missing[:5]}, unexpected "
+                        f"{unexpected[:5]}")
+    target = dtype or torch.float32
+    try:
+        model.load_state_dict({k: v.to(target) for k, v in state.items()}, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"{release / WEIGHTS} does not match {CONFIG}: {e}") from None
+    model.to(target).eval()
+    try:
+        training = json.loads(meta.get("pico_training", "{}"))
+    except ValueError:
+        training = {}
+    info = {"path": str(release), "format_version": config["format_version"], "pico_version": config.get("pico_version"),
+            "dtype": config.get("dtype"), **training}
+    return model, info
+
+
+def read_release_config(release: Path) -> dict[str, Any]:
+    """config.json of a release, after checking that this pico can read its format version."""
+    f = Path(release) / CONFIG
+    if not f.exists():
+        raise UserError(f"{release} has no {CONFIG}; it is not a pico release (make one with `pico convert`)")
+    try:
+        config = json.loads(f.read_text())
+    except ValueError as e:
+        raise UserError(f"{f} is not valid JSON ({e}); the release is corrupt") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise UserError(f"{f} is not a pico release config (no \"format\": \"{FORMAT}\")")
+    version = config.get("format_version")
+    if not isinstance(version, int):
+        raise UserError(f"{f}: format_version is {version!r}, expected an integer")
+    if version > FORMAT_VERSION:
+        raise UserError(f"{release} uses release format {version} (written by pico {config.get('pico_version')}); "
+                        f"this pico ({_pico_version()}) reads formats up to {FORMAT_VERSION}. Upgrade pico")
+    return config
+
+
+def _read_weights(f: Path, config: dict[str, Any]) -> tuple[dict, dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    if not f.exists():
+        raise UserError(f"{f} is missing; the release is incomplete")
+    want = DTYPES.get(config.get("dtype", ""))
+    try:
+        with safe_open(str(f), framework="pt") as st:
+            meta = st.metadata() or {}
+            state = {k: st.get_tensor(k) for k in st.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{f} cannot be read as safetensors ({e}); the release is corrupt") from None
+    import torch
+
+    codes = {torch.float32: "F32", torch.bfloat16: "BF16"}
+    odd = sorted(k for k, v in state.items() if codes.get(v.dtype) != want)
+    if odd:
+        raise UserError(f"{f}: tensors {odd[:5]} are not {config.get('dtype')} as {CONFIG} says")
+    return state, meta
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    from pico.pipeline.checkpoint import _fsync_dir
+
+    _fsync_dir(path)  # opens read-only and fsyncs: works for files too
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.iterdir():
+        _fsync(p)
+    _fsync(folder)
