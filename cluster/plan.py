@@ -206,18 +206,20 @@ def _quiet_deepspeed_import():
 
 
 def model_state_bytes_per_gpu(params: int, zero_stage: int, gpus_per_node: int, nodes: int,
-                              largest_layer: int) -> tuple[int, str]:
+                              largest_layer: int, precision: str = "bf16") -> tuple[int, str]:
     """Weights + gradients + Adam state per GPU, and where the number comes from.
 
-    Stages 2 and 3 use DeepSpeed's own estimators (no offload). Stages 0 and 1 use the same
-    accounting by hand: 2 bytes of bf16 weights, 2 of bf16 gradients and 16 of fp32 master
-    weights, gradients and Adam moments per parameter, the last 16 (stage 1) split across GPUs.
+    Stages 2 and 3 use DeepSpeed's own estimators (no offload; they assume bf16/fp16 mixed
+    precision). Stages 0 and 1 use the same accounting by hand: with bf16, 2 bytes of weights and
+    2 of gradients plus 16 of fp32 master weights, gradients and Adam moments per parameter;
+    with fp32, 4 + 4 + 8. Stage 1 splits the optimizer part across GPUs.
     """
     n = gpus_per_node * nodes
+    replicated, optim = (4, 16) if precision == "bf16" else (8, 8)
     if zero_stage == 0:
-        return 20 * params, "weights + grads + Adam, replicated (2+2+16 bytes/param)"
+        return (replicated + optim) * params, f"weights + grads + Adam, replicated ({replicated}+{optim} bytes/param, {precision})"
     if zero_stage == 1:
-        return 4 * params + 16 * params // n, "bf16 weights + grads replicated, fp32 state sharded (ZeRO-1)"
+        return replicated * params + optim * params // n, f"weights + grads replicated, Adam state sharded (ZeRO-1, {precision})"
     if zero_stage == 2:
         with _quiet_deepspeed_import():
             from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
@@ -244,7 +246,8 @@ def estimate(cfg: Config, res: Resources) -> dict[str, Any]:
         "flops_per_byte": fpb, "assumed_mfu": cfg.cluster.assumed_mfu,
     }
     if params is not None and res.gpus_per_node > 0:
-        mem, how = model_state_bytes_per_gpu(params, t.zero_stage, res.gpus_per_node, res.nodes, _largest_layer(cfg))
+        mem, how = model_state_bytes_per_gpu(params, t.zero_stage, res.gpus_per_node, res.nodes, _largest_layer(cfg),
+                                             t.precision)
         out.update(model_state_gib_per_gpu=mem / 2**30, memory_method=how)
     if fpb is not None and res.gpus_per_node > 0:
         flops = fpb * out["train_bytes"]
@@ -263,7 +266,8 @@ def describe(est: dict[str, Any], optimizer: str) -> str:
     else:
         lines.append(f"  parameters: {est['params']:,}")
     if "model_state_gib_per_gpu" in est:
-        note = "; SOAP keeps more optimizer state than Adam" if optimizer == "soap" else ""
+        note = ("; counted as Adam: SOAP adds Kronecker factors and eigenbases per matrix, which pico shards "
+                "across ranks by matrix") if optimizer == "soap" else ""
         lines.append(f"  model states per GPU: {est['model_state_gib_per_gpu']:.2f} GiB ({est['memory_method']}; "
                      f"activations come on top{note})")
     if "hours" in est:

@@ -172,3 +172,10 @@ def test_ray_token_header(tmp_path, monkeypatch):
     assert ray_jobs._auth_headers() == {"authorization": "Bearer abc123"}
     monkeypatch.setenv("RAY_AUTH_MODE", "token")  # Ray's own client sends it then
     assert ray_jobs._auth_headers() == {}
+
+
+@pytest.mark.parametrize("stage,precision,per_param", [(0, "bf16", 20), (0, "fp32", 16), (1, "bf16", 4 + 16 / 8),
+                                                       (1, "fp32", 8 + 8 / 8)])
+def test_stage_0_and_1_accounting(stage, precision, per_param):
+    gpu, how = plan.model_state_bytes_per_gpu(1000, stage, 8, 1, 10, precision)
+    assert gpu == pytest.approx(per_param * 1000) and precision in how
