@@ -54,6 +54,8 @@ class ModelConfig:
     """How the router weight scales the latent output: sigmoid(score), or 1 in the forward pass with sigmoid's gradient."""
     aux_loss_weight: float = 0.01
     """Weight of the BCE loss that teaches the router's score to predict top-k membership causally."""
+    router_prior: float = 0.0
+    """Learned router only: initial value of a learned scalar added to the score at SpaceByte's rule positions (0 = no prior; about 4 starts the router from SpaceByte's choice and lets it learn where to deviate)."""
     router_aux: RouterAux = "score"
     """What the aux BCE trains and causal routing thresholds at 0: the router's own score, or a small MLP predictor on the stop-gradient router input (MoD's second option), which leaves the score to the language loss alone."""
     n_predict: int = 4

@@ -73,7 +73,7 @@ def param_count(cfg: ModelConfig) -> int:
     n += (cfg.n_in + cfg.n_out) * _block_params(d, cfg.n_heads, cfg.n_kv_heads, cfg.mlp_ratio)
     if cfg.router != "none":
         if cfg.router == "learned":
-            n += d + d + 1  # router norm, score weight and bias
+            n += d + d + 1 + (cfg.router_prior != 0.0)  # router norm, score weight and bias, rule weight
             if cfg.router_aux == "predictor":
                 n += predictor_width(d) * (d + 1) + 1
         n += 2 * d * cfg.d_latent + cfg.d_latent  # projections in and out, latent norm

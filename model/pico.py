@@ -33,6 +33,14 @@ Design choices and their sources:
   aux loss never pushes the scores into sigmoid's flat tails (where the gate stops teaching the
   router) and never locks in the set the router happened to pick first.
   `stats["causal_agreement"]` measures how often causal and top-k decisions agree.
+- **Why the levers.** A router that starts from random weights scores positions mostly by the
+  current byte's identity, and expert choice only ever teaches it about the positions it already
+  routes: in short CPU runs it locked onto vowels or onto consonants and never found word
+  boundaries (as the published implementation did). Levers kept as config fields: the gate
+  (`router_gate`), `capacity`, `aux_loss_weight`, `router_aux`, `mtp_weight`, and
+  `router_prior`, a learned scalar added to the score at SpaceByte's rule positions, so that
+  the router can start from SpaceByte's choice and learn where to deviate from it (the rule is
+  causal, so causal routing still works).
 - **Latent blocks** (width `d_latent`, the same block type): causal among the routed positions,
   with ALiBi distances taken from their original byte positions and no window (a sequence
   routes at most capacity * max_seq_len positions). Projections `d_local -> d_latent` in and
@@ -242,6 +250,8 @@ class Router(nn.Module):
             return
         self.norm = RMSNorm(cfg.d_local, cfg.norm_eps)
         self.score = nn.Linear(cfg.d_local, 1, bias=True)
+        if cfg.router_prior != 0.0:  # learned weight of SpaceByte's rule inside the score
+            self.rule_weight = nn.Parameter(torch.tensor(float(cfg.router_prior)))
         if cfg.router_aux == "predictor":  # MoD's causal predictor: sees the router input, never trains it
             self.predictor = nn.Sequential(nn.Linear(cfg.d_local, predictor_width(cfg.d_local), bias=False),
                                            nn.SiLU(), nn.Linear(predictor_width(cfg.d_local), 1, bias=True))
@@ -263,6 +273,8 @@ class Router(nn.Module):
             return Routing(idx, pos, valid.to(x.dtype), mask, rule=rule)
         u = self.norm(x)
         scores = self.score(u).squeeze(-1)  # (B, T)
+        if cfg.router_prior != 0.0:
+            scores = scores + self.rule_weight * rule
         causal = self.predictor(u.detach()).squeeze(-1) if cfg.router_aux == "predictor" else scores
         k = n_routed(cfg.capacity, T)
         top = scores.topk(k, dim=1).indices.sort(dim=1).values  # (B, k), in position order

@@ -203,3 +203,15 @@ def test_predictor_learns_membership_without_touching_the_router():
     assert model.router.score.weight.grad is None or not model.router.score.weight.grad.any()
     assert model.router.predictor[0].weight.grad.abs().sum() > 0
     assert 0 <= out.stats["causal_agreement"] <= 1
+
+
+def test_router_prior_starts_from_spacebytes_choice_and_is_learned():
+    from pico.model import spacelike_boundaries
+
+    model = build_model(tiny_config(router_prior=8.0, capacity=0.4))
+    idx = text_batch(2, 48)
+    out = model(*make_targets(torch.cat([idx, idx[:, :3]], 1), 3))
+    rule = spacelike_boundaries(idx)
+    assert (out.routed & rule).sum() == rule.sum()  # every rule position wins a slot at init
+    out.loss.backward()
+    assert model.router.rule_weight.grad is not None
