@@ -135,10 +135,10 @@ def submit_slurm(args: argparse.Namespace, overrides: list[str]) -> int:
             sys.stdout.write(script)
         return 0
 
-    active = slurm.run_tool("squeue", "-h", "-n", name, "-o", "%i").stdout.split()
+    active = slurm.jobs_running_script(name, job.script)
     if active:
-        raise UserError(f"job {', '.join(active)} named {name} is already queued or running for {out_dir}; "
-                        f"cancel it (pico jobs cancel {active[0]}) or pick another --train.out_dir or --name")
+        raise UserError(f"job {', '.join(active)} ({name}) is already queued or running for {out_dir}; "
+                        f"cancel it (pico jobs cancel {active[0]}) or pick another --train.out_dir")
     job.log_dir.mkdir(parents=True, exist_ok=True)  # Slurm opens --output before the script runs
     _write(job.config, cfg.to_yaml())
     _write(job.script, script)

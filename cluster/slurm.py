@@ -114,6 +114,17 @@ def submit(script: Path) -> str:
     return out.stdout.strip().split(";")[0]
 
 
+def jobs_running_script(name: str, script: Path) -> list[str]:
+    """Jobs of this name that run (or wait to run) `script`; a job that is only completing does not count."""
+    out = run_tool("squeue", "-h", "-n", name, "-o", "%i|%T|%o")
+    found = []
+    for line in out.stdout.splitlines():
+        parts = line.strip().split("|", 2)
+        if len(parts) == 3 and parts[1] != "COMPLETING" and parts[2] == str(script):
+            found.append(parts[0])
+    return found
+
+
 def partition_nodes(partition: str) -> list[dict[str, int]] | None:
     """CPUs, memory (MB) and GPUs of each node in the partition, from sinfo; None if sinfo cannot say."""
     argv = ["sinfo", "-h", "-N", "-o", "%N|%c|%m|%G"]

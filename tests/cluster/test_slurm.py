@@ -103,8 +103,11 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path,
 
 def test_second_submission_to_a_busy_run_and_cancel(slurm_cluster, tmp_path, capsys):
     job, _ = submit(tmp_path, capsys, "--train.steps=1000")
-    with pytest.raises(UserError, match=f"job {job} named pico-run is already queued or running"):
+    with pytest.raises(UserError, match=f"job {job} \\(pico-run\\) is already queued or running"):
         submit(tmp_path, capsys, "--train.steps=1000")
+    # the same job name for another run directory is no conflict
+    other, _ = submit(tmp_path / "elsewhere", capsys, "--train.steps=1000")
+    assert jobs_main(["cancel", other]) == 0
     assert jobs_main(["cancel", job]) == 0
     fields = wait_job(job, lambda f: f["JobState"] in TERMINAL, timeout=60)
     assert fields["JobState"] == "CANCELLED"
