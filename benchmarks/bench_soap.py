@@ -93,8 +93,14 @@ def prepare_shards(scratch: Path) -> Path:
 
 
 def train(name: str, lr: float, args, shards: Path, scratch: Path) -> list[dict]:
-    """One `pico train` run; returns its metrics.jsonl records."""
-    out = scratch / "runs" / f"{name}_lr{lr:g}"
+    """One `pico train` run; returns its metrics.jsonl records. A finished run with the same
+    optimizer, lr and length is reused unless --fresh (delete its directory to redo one)."""
+    out = scratch / "runs" / f"{name}_lr{lr:g}_steps{args.steps}"
+    metrics = out / "metrics.jsonl"
+    if not args.fresh and metrics.exists():
+        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        if any(r.get("step") == args.steps and "val/bpb" in r for r in records):
+            return records
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "pico.pipeline.cli", "train", "--config", str(CONFIG), "--no-progress",
            f"--optim.name={name}", f"--optim.lr={lr}", f"--train.steps={args.steps}",
@@ -102,17 +108,26 @@ def train(name: str, lr: float, args, shards: Path, scratch: Path) -> list[dict]
            f"--train.log_every={args.log_every}", f"--data.train=[{shards}]", f"--train.out_dir={out}",
            "--logging.wandb_mode=disabled", f"--checkpoint.every={10 * args.steps}"]
     subprocess.run(cmd, check=True, env=env(), cwd=REPO, stdout=subprocess.DEVNULL)
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
 
 
 def curves(records: list[dict]) -> tuple[list[tuple[int, float]], list[tuple[int, float]], float]:
-    """(val bpb curve, train loss curve, median seconds per step) from metrics.jsonl."""
+    """(val bpb curve, train bpb curve, median seconds per step) from metrics.jsonl."""
     val = [(r["step"], r["val/bpb"]) for r in records if "val/bpb" in r]
-    tr = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    tr = [(r["step"], r["bpb_train"]) for r in records if "bpb_train" in r]
     first = next(r for r in records if "bytes_seen" in r)
     bytes_per_step = first["bytes_seen"] / first["step"]
     rates = [r["bytes_per_s"] for r in records if "bytes_per_s" in r][1:]  # the first window holds warm-up
     return val, tr, bytes_per_step / statistics.median(rates)
+
+
+def final_extras(records: list[dict]) -> dict:
+    """The last evaluation's top-k bpb and causal routing share, and the last train bpb."""
+    last_val = [r for r in records if "val/bpb" in r][-1]
+    last_train = [r for r in records if "bpb_train" in r][-1]
+    return {"final_val_bpb_topk_4batches": last_val.get("val/bpb_topk_4batches"),
+            "final_val_causal_routed_frac": last_val.get("val/router/routed_frac_mean"),
+            "final_train_bpb": last_train["bpb_train"], "final_router_aux_loss": last_train.get("router/aux_loss")}
 
 
 def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
@@ -218,11 +233,11 @@ def plot(runs: dict[tuple[str, float], dict], target: float, path: Path) -> None
         style = "-" if run["best"] else ":"
         label = f"{name} lr={lr:g}" + (" (best)" if run["best"] else "")
         ax_val.plot(*zip(*run["val"]), style, marker="o", ms=3, color=colours[name], label=label)
-        steps, losses = zip(*run["train"])
+        steps, losses = zip(*run["train_bpb"])
         ax_tr.plot(steps, losses, style, color=colours[name], label=label)
     ax_val.axhline(target, color="grey", lw=0.8, ls="--", label="AdamW best final")
     ax_val.set(xlabel="step", ylabel="validation bits per byte", title="Pico quickstart: validation")
-    ax_tr.set(xlabel="step", ylabel="training loss (all heads)", title="training loss")
+    ax_tr.set(xlabel="step", ylabel="training bits per byte (head 1, one batch)", title="training")
     for ax in (ax_val, ax_tr):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -236,11 +251,12 @@ def main() -> int:
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--eval-batches", type=int, default=8)
     ap.add_argument("--log-every", type=int, default=5)
-    ap.add_argument("--soap-lrs", default="1e-3,3e-3")
-    ap.add_argument("--adamw-lrs", default="1e-3,3e-3")
+    ap.add_argument("--soap-lrs", default="1e-3,3e-3,1e-2")
+    ap.add_argument("--adamw-lrs", default="1e-3,3e-3,1e-2")
     ap.add_argument("--state-steps", type=int, default=11, help="gradients in the 1 vs 2 rank measurement (the 11th refreshes the basis)")
     ap.add_argument("--scratch", default="/tmp/pico-bench-soap", help="shards and run directories (not committed)")
     ap.add_argument("--tag", default="quickstart", help="suffix of the result files")
+    ap.add_argument("--fresh", action="store_true", help="retrain runs already finished in --scratch")
     args = ap.parse_args()
     scratch = Path(args.scratch)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -248,14 +264,16 @@ def main() -> int:
     shards = prepare_shards(scratch)
 
     runs: dict[tuple[str, float], dict] = {}
+    records_of: dict[tuple[str, float], list[dict]] = {}
     for name, lrs in (("adamw", args.adamw_lrs), ("soap", args.soap_lrs)):
         for lr in (float(x) for x in lrs.split(",")):
             t0 = time.perf_counter()
-            val, tr, step_s = curves(train(name, lr, args, shards, scratch))
-            runs[(name, lr)] = {"val": val, "train": tr, "step_s": step_s, "best": False}
+            records_of[(name, lr)] = train(name, lr, args, shards, scratch)
+            val, tr, step_s = curves(records_of[(name, lr)])
+            runs[(name, lr)] = {"val": val, "train_bpb": tr, "step_s": step_s, "best": False}
             emit({"bench": "soap", "what": "run", "optimizer": name, "lr": lr, "steps": args.steps,
                   "final_val_bpb": val[-1][1], "val_curve": val, "s_per_step": step_s,
-                  "wall_s": time.perf_counter() - t0}, records)
+                  "wall_s": time.perf_counter() - t0, **final_extras(records_of[(name, lr)])}, records)
 
     best = {}
     for name in ("adamw", "soap"):

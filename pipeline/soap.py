@@ -29,8 +29,9 @@ ZeRO stage 0: it all-reduces full gradients and hands this optimizer the real pa
 When a process group with more than one rank is initialised, every parameter gets one owner
 rank (greedy balance of optimizer-state bytes, deterministic, identical on every rank); a rank
 updates and keeps state only for the parameters it owns, so the preconditioner sees whole
-matrices, then the new values travel from the owners to everyone (one padded all-gather of
-flat buffers per step by default). With one rank, or no process group, this is plain SOAP.
+matrices, then the new values travel from the owners to everyone (by default one broadcast
+of a flat buffer per owning rank; measured on 2 gloo ranks for Pico quickstart's 10 MB of
+weights: 5.5 ms, against 9.0 ms for one padded all-gather). With one rank, or no process group, this is plain SOAP.
 Parameters and state are fp32; bf16 runs keep fp32 weights and use autocast.
 """
 
@@ -54,10 +55,11 @@ class Sharding:
 
 
 def work_shape(shape: torch.Size, max_precond_dim: int, merge_dims: bool) -> tuple[int, ...]:
-    """The shape SOAP preconditions: scalars become (1,); with `merge_dims`, neighbouring
-    dimensions are merged while their product stays <= max_precond_dim (a conv kernel
-    (o, i, k, k) becomes (o, i*k*k) when that fits)."""
-    dims = tuple(shape) or (1,)
+    """The shape SOAP preconditions: dimensions of size 1 are dropped, so a (1, n) weight is the
+    vector it is (Adam, unless precondition_1d) and a scalar becomes (1,); with `merge_dims`,
+    neighbouring dimensions are merged while their product stays <= max_precond_dim (a conv
+    kernel (o, i, k, k) becomes (o, i*k*k) when that fits)."""
+    dims = tuple(d for d in shape if d != 1) or (1,)
     if not merge_dims or len(dims) < 2:
         return dims
     merged: list[int] = []
@@ -158,15 +160,15 @@ class SOAP(torch.optim.Optimizer):
     to unit RMS. `process_group`: the data-parallel group whose ranks share the state (None:
     the default group when torch.distributed is initialised, else a single process). The group
     is read at the first step, so the optimizer may be built before `deepspeed.initialize`.
-    `sync`: how new values reach the other ranks, "allgather" (one padded all-gather per step)
-    or "broadcast" (one broadcast per owning rank).
+    `sync`: how new values reach the other ranks, "broadcast" (one flat broadcast per owning
+    rank, no padding) or "allgather" (one padded all-gather per step).
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 3e-3, betas: tuple[float, float] = (0.95, 0.95),
                  shampoo_beta: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.01,
                  precondition_frequency: int = 10, max_precond_dim: int = 10000, merge_dims: bool = False,
                  precondition_1d: bool = False, normalize_grads: bool = False, correct_bias: bool = True,
-                 process_group: Any = None, sync: str = "allgather") -> None:
+                 process_group: Any = None, sync: str = "broadcast") -> None:
         if lr < 0 or eps < 0 or weight_decay < 0:
             raise ValueError(f"SOAP: lr={lr}, eps={eps} and weight_decay={weight_decay} must be >= 0")
         if not all(0 <= b < 1 for b in (*betas, shampoo_beta)):

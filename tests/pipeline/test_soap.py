@@ -110,7 +110,7 @@ def test_one_sided_when_a_dimension_is_too_long():
     assert state["Q"][1] is None and state["GG"][1] is None
 
 
-@pytest.mark.parametrize("shape, kw", [((7,), {}), ((3, 4), {"max_precond_dim": 2})])
+@pytest.mark.parametrize("shape, kw", [((7,), {}), ((1, 7), {}), ((3, 4), {"max_precond_dim": 2})])
 def test_falls_back_to_adam(shape, kw):
     w0 = torch.randn(shape, generator=torch.Generator().manual_seed(5))
     grads = _grads(shape, 6, seed=6)
@@ -134,6 +134,7 @@ def test_tensor_rotation_matches_einsum_and_merge_dims():
     torch.testing.assert_close(project_back(project(x, [qs[0], None, qs[2]]), [qs[0], None, qs[2]]), x)
     assert work_shape(torch.Size([2, 3, 4]), 6, merge_dims=True) == (6, 4)
     assert work_shape(torch.Size([]), 6, merge_dims=False) == (1,)
+    assert work_shape(torch.Size([1, 5, 1]), 6, merge_dims=False) == (5,)  # a (1, n) weight is a vector
 
 
 def test_owner_assignment_is_balanced_and_deterministic():
