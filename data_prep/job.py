@@ -371,7 +371,9 @@ def run_job(cfg: PrepConfig, progress: bool = True) -> tuple[dict, dict]:
     stats.update(units=len(units), units_resumed=len(records))
     sizes = {u: sum(f.size for f in units[u]) for u in range(len(units))}
     if len(records) < len(units):
+        t_ray = time.perf_counter()
         with ray_session(cfg.ray_address, cfg.workers) as ray:
+            stats["ray_start_seconds"] = time.perf_counter() - t_ray  # ~0 when this process had a Ray
             window = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
             drops = _dedup_drops(ray, cfg, store, units, window, progress) if cfg.dedup else {}
             options = cfg.to_dict()
