@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -138,6 +139,10 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
                     f"{STATE_FILE}, a checkpoints/ directory, or a run directory")
 
 
+# What torch.load raises on a truncated or damaged file (zip reader, unpickler).
+_UNREADABLE = (OSError, RuntimeError, EOFError, pickle.UnpicklingError)
+
+
 def load_model_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """fp32 model state dict and run state of a checkpoint, whatever its ZeRO stage and rank count."""
     ckpt = resolve_checkpoint(path)
@@ -151,12 +156,19 @@ def load_model_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
             sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DS_TAG)
         except (FileNotFoundError, ValueError) as e:
             raise UserError(f"checkpoint {ckpt} is incomplete or corrupt (ZeRO-3 partitions): {e}") from None
+        except _UNREADABLE as e:  # a truncated or damaged partition file
+            raise UserError(f"checkpoint {ckpt}: a ZeRO-3 partition under {DS_TAG}/ cannot be read ({e}); it is "
+                            "corrupt, use another step") from None
     else:
         f = ds_dir / "mp_rank_00_model_states.pt"
         if not f.exists():
             raise UserError(f"checkpoint {ckpt} lacks {f.relative_to(ckpt)}; it is incomplete, use another step")
         # DeepSpeed's own file format is a pickle; we read only files our trainer wrote.
-        sd = torch.load(f, map_location="cpu", weights_only=False)["module"]
+        try:
+            sd = torch.load(f, map_location="cpu", weights_only=False)["module"]
+        except (*_UNREADABLE, KeyError) as e:
+            raise UserError(f"checkpoint {ckpt}: {f.relative_to(ckpt)} cannot be read ({type(e).__name__}: {e}); "
+                            "it is corrupt, use another step") from None
     sd = {k.removeprefix("module."): v.float() for k, v in sd.items()}
     return sd, run_state
 
@@ -180,9 +192,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
         model, info = load_release(p)
         return model.to(device).eval(), {"kind": "release", **info}
     try:
-        sd, run_state = load_model_state(p)
+        resolve_checkpoint(p)
     except UserError as e:
         raise UserError(f"{p} is neither a release (model.safetensors + config.json) nor a training checkpoint: {e}") from None
+    sd, run_state = load_model_state(p)  # its errors name the checkpoint and what is wrong with it
     cfg = from_dict(ModelConfig, run_state["config"]["model"], "model")
     model = build_model(cfg)
     missing, unexpected = model.load_state_dict(sd, strict=False)
