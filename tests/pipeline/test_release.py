@@ -297,6 +297,19 @@ def test_paths_that_are_neither_are_refused(release, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_corrupt_checkpoint_file_is_refused(zero0, tmp_path):
+    from pico.pipeline.checkpoint import load_model
+    from pico.pipeline.release import convert
+
+    ckpt = Path(shutil.copytree(zero0, tmp_path / "checkpoints" / zero0.name))
+    f = ckpt / "ds" / "mp_rank_00_model_states.pt"
+    f.write_bytes(f.read_bytes()[:5000])
+    for call in (lambda: convert(ckpt, tmp_path / "out"), lambda: load_model(ckpt)):
+        with pytest.raises(UserError, match="mp_rank_00_model_states.pt cannot be read .* corrupt, use another step"):
+            call()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]
+
+
 def test_convert_refuses_to_overwrite_what_is_not_a_release(zero0, tmp_path):
     from pico.pipeline.release import convert
 
@@ -395,13 +408,19 @@ def test_release_of_zero_run_equals_the_training_engine(zero_runs, engine_logits
     (3, "rank00000.pt", "rank00000.pt"),
     (3, "ds/zero_pp_rank_1_mp_rank_00_model_states.pt", "ZeRO-3 partition of rank 1"),
     (3, "ds/zero_pp_rank_0_mp_rank_00_optim_states.pt", "ZeRO-3 partition of rank 0"),
+    (3, "truncate ds/zero_pp_rank_1_mp_rank_00_optim_states.pt", "a ZeRO-3 partition under ds/ cannot be read"),
 ])
 def test_incomplete_zero_checkpoint_is_refused(zero_runs, tmp_path, stage, victim, says):
     from pico.pipeline.release import convert
 
     ckpt = Path(shutil.copytree(zero_runs[stage], tmp_path / "checkpoints" / "step_000003"))
-    (ckpt / victim).unlink()
-    with pytest.raises(UserError, match=f"is incomplete .*{says}"):
+    if victim.startswith("truncate "):
+        f = ckpt / victim.split()[1]
+        f.write_bytes(f.read_bytes()[:5000])
+    else:
+        (ckpt / victim).unlink()
+        says = f"is incomplete .*{says}"
+    with pytest.raises(UserError, match=says):
         convert(ckpt, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]
 
