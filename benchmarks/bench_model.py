@@ -1,6 +1,6 @@
 """Training throughput of Pico vs a plain byte Transformer at the same training FLOPs per byte.
 
-    nice python benchmarks/bench_model.py [--batch 8 --seq 512 --repeats 5]
+    nice python benchmarks/bench_model.py [--batch 8 --seq 512 --repeats 5 --threads 0]
 
 Forward + backward bytes/s on CPU (or the GPU with --device cuda) of three models side by side
 in one run, measured in interleaved rounds so that load from other processes hits all alike:
@@ -70,9 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch CPU threads (0: torch's default); 1 keeps a shared machine's load from stalling OpenMP")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfgs = configs(args.seq)
     n_predict = cfgs["pico"].n_predict
