@@ -60,8 +60,9 @@ Design choices and their sources:
   Multi-token Prediction"): head 1 is final norm + unembedding; head h >= 2 first adds its own
   small SwiGLU residual MLP (`mtp_mlp_ratio`) to the trunk output, then shares the final norm
   and unembedding, so each draft head has capacity of its own for self-speculative decoding.
-  Heads are evaluated one after another, so only one (B, T, 259) logit tensor is live at a time
-  in the forward pass. Loss = CE_1 + mtp_weight * mean(CE_2..CE_n) + aux_loss_weight * aux: the
+  Without targets only head 1 runs; with targets the heads run one after another into their
+  losses (autograd still keeps each head's softmax for the backward pass: (B, T, 259) floats
+  per head, small next to the trunk at byte vocabulary). Loss = CE_1 + mtp_weight * mean(CE_2..CE_n) + aux_loss_weight * aux: the
   mean keeps the loss scale independent of n_predict.
 - **Initialisation**: normal(0, init_std) for every matrix, residual output projections scaled
   by 1/sqrt(2 * blocks) (GPT-2), norms at 1, router bias at 0.
