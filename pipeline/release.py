@@ -28,6 +28,7 @@ Properties, each tested:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -70,8 +71,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import contextlib
-
     # DeepSpeed prints progress (and its logger writes) to stdout; stdout is for --json alone.
     with contextlib.redirect_stdout(sys.stderr):
         out = convert(args.checkpoint, args.out, dtype=args.dtype)
@@ -166,7 +165,10 @@ def _build(model_cfg):
 def _check_matches(state: dict, model_cfg, where: Path) -> None:
     import torch
 
-    expected = _build(model_cfg).state_dict()
+    from pico.model import build_model
+
+    with torch.device("meta"):  # names and shapes only: no memory, no initialisation
+        expected = build_model(model_cfg).state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     shapes = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
@@ -179,10 +181,15 @@ def _check_matches(state: dict, model_cfg, where: Path) -> None:
 
 
 def _publish(out: Path, write) -> Path:
-    """Run write(tmp) on a temporary directory beside out, verify it, then rename it to out."""
+    """Run write(tmp) on a temporary directory beside out, verify it, then rename it to out.
+
+    An existing release at out is replaced by two renames (old aside, new in), or left alone when
+    its files are the same bytes. On any failure the temporary directory, and any parent this call
+    created, are removed and an old release is put back."""
     out = out.absolute()
     if out.exists() and not _replaceable(out):
         raise UserError(f"{out} exists and is not a pico release; choose another output directory or remove it")
+    created = [p for p in reversed(out.parents) if not p.exists()]  # outermost first
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -203,6 +210,9 @@ def _publish(out: Path, write) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not out.exists():
             os.replace(old, out)
+        for p in reversed(created):  # parents this call made, innermost first
+            with contextlib.suppress(OSError):
+                p.rmdir()
         raise
     shutil.rmtree(old, ignore_errors=True)
     return out

@@ -11,8 +11,10 @@ Two kinds of source checkpoint:
   format itself (checksums, versions, atomicity, idempotence, no pickle) is tested fast.
 
 bf16 tolerance: every bf16 weight must equal the fp32 weight rounded to bf16 (exact), and the
-logits of the bf16 release (run in fp32) must be within atol 0.05 + rtol 0.05 of the fp32
-release's with top-k routing; with random-init-scale weights the measured gap is ~1e-3.
+logits of the bf16 release (run in fp32) must be within BF16_TOL of the fp32 ones with top-k
+routing. Measured on the 3-step ZeRO runs here: max |difference| 1.6e-3 with top-k routing and
+4.3e-3 with causal routing, on logits of magnitude <= 0.65 (argmax identical everywhere). Causal
+routing is not held to the tolerance: a score within bf16 rounding of 0 may flip a decision.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from tests.conftest import REPO, free_port
 from tests.pipeline.test_train import TINY, _env, tiny_shards, train_run  # noqa: F401 (fixture)
 
 PROBE_SEED = 1234
+BF16_TOL = {"atol": 1e-2, "rtol": 1e-2}
 
 
 def probe_input(max_seq_len: int) -> torch.Tensor:
@@ -170,7 +173,7 @@ def test_bf16_release_is_the_rounded_weights_and_close_logits(zero0, release, tm
     model, info = load_release(b)
     assert info["dtype"] == "bf16" and all(p.dtype == torch.float32 for p in model.parameters())
     fp32, _ = load_release(release)
-    torch.testing.assert_close(logits(model, "topk"), logits(fp32, "topk"), atol=0.05, rtol=0.05)
+    torch.testing.assert_close(logits(model, "topk"), logits(fp32, "topk"), **BF16_TOL)
 
 
 LOADER_PROBE = r"""
@@ -329,6 +332,8 @@ def test_failed_convert_leaves_nothing_and_keeps_the_old_release(zero0, release,
     monkeypatch.setattr(rel, "model_card", broken)
     with pytest.raises(OSError, match="simulated"):
         rel.convert(zero0, tmp_path / "new")
+    with pytest.raises(OSError, match="simulated"):
+        rel.convert(zero0, tmp_path / "releases" / "deep" / "new")
     assert list(tmp_path.iterdir()) == []
     old = Path(shutil.copytree(release, tmp_path / "old"))
     before = files_of(old)
@@ -394,7 +399,7 @@ def test_release_of_zero_run_equals_the_training_engine(zero_runs, engine_logits
         assert torch.equal(got, logits(ref, routing)), routing
         assert torch.equal(got, engine_logits[stage][routing]), (routing, (got - engine_logits[stage][routing]).abs().max())
     bf = convert(ckpt, tmp_path / "bf16", dtype="bf16")
-    torch.testing.assert_close(logits(load_release(bf)[0], "topk"), engine_logits[stage]["topk"], atol=0.05, rtol=0.05)
+    torch.testing.assert_close(logits(load_release(bf)[0], "topk"), engine_logits[stage]["topk"], **BF16_TOL)
     card = (rel / "README.md").read_text()
     assert f"ZeRO stage {stage}" in card and "2 rank(s)" in card and "causal_agreement" in card
 
