@@ -160,39 +160,44 @@ def _state_worker(rank: int, world: int, port: int, out: str, steps: int) -> Non
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     cfg = load_config(CONFIG)
-    result = {}
+    engines, opts = {}, {}
     for name in ("soap", "adamw"):
         cfg.optim.name = name
         torch.manual_seed(0)
         model = build_model(cfg.model)
-        opt = build_optimizer(list(model.named_parameters()), cfg.optim)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config={
+        opts[name] = build_optimizer(list(model.named_parameters()), cfg.optim)
+        engines[name], *_ = deepspeed.initialize(model=model, optimizer=opts[name], config={
             "train_micro_batch_size_per_gpu": cfg.data.batch_size, "gradient_clipping": 1.0,
             "zero_optimization": {"stage": 0}, "steps_per_print": 10**9})
-        gen = torch.Generator().manual_seed(rank)
-        times = []
-        for _ in range(steps):
-            seq = torch.randint(0, 256, (cfg.data.batch_size, cfg.data.seq_len + cfg.model.n_predict), generator=gen)
-            idx, tgt = make_targets(seq, cfg.model.n_predict)
-            engine.backward(engine(idx, tgt).loss)  # stage 0: gradients are all-reduced here
+    result = {name: {"opt_step_s": [], "fwd_bwd_s": []} for name in engines}
+    gen = torch.Generator().manual_seed(rank)
+    for _ in range(steps):
+        seq = torch.randint(0, 256, (cfg.data.batch_size, cfg.data.seq_len + cfg.model.n_predict), generator=gen)
+        idx, tgt = make_targets(seq, cfg.model.n_predict)
+        for name, engine in engines.items():  # interleaved, so both see the same machine load
             t0 = time.perf_counter()
-            opt.step()  # the optimizer alone, sharing of new values included
-            times.append(time.perf_counter() - t0)
-            opt.zero_grad()
+            engine.backward(engine(idx, tgt).loss)  # stage 0: gradients are all-reduced here
+            t1 = time.perf_counter()
+            opts[name].step()  # the optimizer alone, sharing of new values included
+            t2 = time.perf_counter()
+            opts[name].zero_grad()
+            result[name]["fwd_bwd_s"].append(t1 - t0)
+            result[name]["opt_step_s"].append(t2 - t1)
+    for name, opt in opts.items():
         adam_bytes = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
                          if isinstance(v, torch.Tensor))
-        result[name] = {"state_bytes": opt.optimizer_state_bytes() if name == "soap" else adam_bytes,
-                        "opt_step_s": times}
-        if name == "soap" and world > 1:  # the two ways new values reach the other ranks
-            for sync in ("allgather", "broadcast"):
-                opt.sync = sync
-                share_s = []
-                for _ in range(5):
-                    t0 = time.perf_counter()
-                    with torch.no_grad():
-                        opt._share(opt.sharding())
-                    share_s.append(time.perf_counter() - t0)
-                result[name][f"share_{sync}_s"] = share_s
+        result[name]["state_bytes"] = opt.optimizer_state_bytes() if name == "soap" else adam_bytes
+    if world > 1:  # the two ways new values reach the other ranks
+        opt = opts["soap"]
+        for sync in ("allgather", "broadcast"):
+            opt.sync = sync
+            share_s = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    opt._share(opt.sharding())
+                share_s.append(time.perf_counter() - t0)
+            result["soap"][f"share_{sync}_s"] = share_s
     torch.save(result, f"{out}/rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
@@ -263,6 +268,25 @@ def main() -> int:
     records: list[dict] = []
     shards = prepare_shards(scratch)
 
+    per_world = optimizer_level(args.state_steps, scratch)
+    for world, ranks in per_world.items():
+        mean = {}
+        for name in ("soap", "adamw"):
+            # the first gradient builds state (SOAP: eigh); the mean of the rest includes one refresh
+            mean[name] = {k: statistics.mean(t for r in ranks for t in r[name][k][1:]) for k in ("opt_step_s", "fwd_bwd_s")}
+            emit({"bench": "soap", "what": "optimizer_state_per_rank", "optimizer": name, "world_size": world,
+                  "state_bytes_per_rank": [r[name]["state_bytes"] for r in ranks],
+                  "state_mb_max_rank": max(r[name]["state_bytes"] for r in ranks) / 2**20,
+                  "opt_step_s_mean": mean[name]["opt_step_s"], "fwd_bwd_s_mean": mean[name]["fwd_bwd_s"]}, records)
+        total = {name: m["opt_step_s"] + m["fwd_bwd_s"] for name, m in mean.items()}
+        emit({"bench": "soap", "what": "time_per_step", "source": "interleaved steps, same process (paired)",
+              "world_size": world, "adamw_s": total["adamw"], "soap_s": total["soap"],
+              "ratio": total["soap"] / total["adamw"]}, records)
+        if world > 1:
+            emit({"bench": "soap", "what": "share_new_values", "world_size": world,
+                  **{f"{sync}_s_median": statistics.median(t for r in ranks for t in r["soap"][f"share_{sync}_s"])
+                     for sync in ("allgather", "broadcast")}}, records)
+
     runs: dict[tuple[str, float], dict] = {}
     records_of: dict[tuple[str, float], list[dict]] = {}
     for name, lrs in (("adamw", args.adamw_lrs), ("soap", args.soap_lrs)):
@@ -287,23 +311,9 @@ def main() -> int:
           "adamw_lr": best["adamw"]["lr"], "soap_lr": best["soap"]["lr"], "adamw_steps": adamw_steps,
           "soap_steps": soap_steps, "ratio": None if soap_steps is None else soap_steps / adamw_steps,
           "goal": 0.65, "soap_final_val_bpb": best["soap"]["val"][-1][1]}, records)
-    emit({"bench": "soap", "what": "time_per_step", "source": "trainer throughput (eval excluded)",
+    emit({"bench": "soap", "what": "time_per_step", "source": "trainer throughput (eval excluded; runs at different times)",
           "adamw_s": best["adamw"]["step_s"], "soap_s": best["soap"]["step_s"],
           "ratio": best["soap"]["step_s"] / best["adamw"]["step_s"]}, records)
-
-    per_world = optimizer_level(args.state_steps, scratch)
-    for world, ranks in per_world.items():
-        for name in ("soap", "adamw"):
-            # the first gradient builds state (SOAP: eigh); the mean of the rest includes one refresh
-            step_s = statistics.mean(t for r in ranks for t in r[name]["opt_step_s"][1:])
-            emit({"bench": "soap", "what": "optimizer_state_per_rank", "optimizer": name, "world_size": world,
-                  "state_bytes_per_rank": [r[name]["state_bytes"] for r in ranks],
-                  "state_mb_max_rank": max(r[name]["state_bytes"] for r in ranks) / 2**20,
-                  "opt_step_s_mean": step_s}, records)
-        if world > 1:
-            emit({"bench": "soap", "what": "share_new_values", "world_size": world,
-                  **{f"{sync}_s_median": statistics.median(t for r in ranks for t in r["soap"][f"share_{sync}_s"])
-                     for sync in ("allgather", "broadcast")}}, records)
 
     stem = RESULTS / f"soap_{args.tag}"
     stem.with_suffix(".jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
