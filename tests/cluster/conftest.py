@@ -81,8 +81,17 @@ def wait_job(job_id: str, until, timeout: float = 120, poll: float = 0.5) -> dic
         time.sleep(poll)
     log = fields.get("StdOut", "")
     text = Path(log).read_text(errors="replace")[-4000:] if log and Path(log).exists() else "(no log)"
-    pytest.fail(f"job {job_id} did not reach the expected state in {timeout}s: {fields.get('JobState')} "
-                f"{fields.get('Reason')}\n{text}")
+    pytest.fail(f"job {job_id} did not reach the expected state in {timeout}s: {fields}\n{text}\n{daemon_logs()}")
+
+
+def daemon_logs(lines: int = 25) -> str:
+    """The end of slurmctld's and slurmd's logs, for failure messages."""
+    conf = os.environ.get("SLURM_CONF", "")
+    logs = Path(conf).parent.parent / "log" if conf else None
+    if logs is None or not logs.is_dir():
+        return "(no daemon logs)"
+    return "\n".join(f"--- {f.name}\n" + "\n".join(f.read_text(errors="replace").splitlines()[-lines:])
+                     for f in sorted(logs.glob("*.log")))
 
 
 def write_shards(root: Path, docs: int = 24, seed: int = 0) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ import pytest
 from pico.cluster.cli import main as submit_main
 from pico.cluster.jobs import main as jobs_main
 from pico.pipeline.errors import UserError
-from tests.cluster.conftest import wait_job, write_shards
+from tests.cluster.conftest import daemon_logs, wait_job, write_shards
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -39,6 +40,16 @@ def submit(tmp_path: Path, capsys, *overrides: str) -> tuple[str, Path]:
     assert rc == 0
     info = json.loads(capsys.readouterr().out)
     return info["job_id"], out
+
+
+def node_idle(timeout: float) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        state = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], capture_output=True, text=True).stdout.strip()
+        if state == "idle":
+            return
+        time.sleep(0.5)
+    pytest.fail(f"the node did not become idle in {timeout}s: {state}\n{daemon_logs()}")
 
 
 def checkpoints(run: Path) -> list[int]:
@@ -84,7 +95,12 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path,
     assert "warning signal" in first and f"requeueing job {job}" in first
     assert "received SIGUSR1" in first
 
-    # Slurm holds a requeued job back for a while (BeginTime); an operator may release it at once
+    # Slurm holds a requeued job back for a while (BeginTime). Releasing it early is what an
+    # operator may do, but only once slurmd has finished killing the previous run: a launch right
+    # after the kill is refused ("Job N already killed, do not launch batch job").
+    node_idle(timeout=60)
+    time.sleep(3)
+
     def released(f: dict[str, str]) -> bool:
         if f["JobState"] == "PENDING" and f.get("Reason") == "BeginTime":
             subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
@@ -92,7 +108,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path,
 
     fields = wait_job(job, released, timeout=240, poll=1.0)
     log = log_path.read_text(errors="replace")
-    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", log[-3000:]
+    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", (fields, log[-3000:], daemon_logs())
     assert checkpoints(run)[-1] == steps
     assert f"resumed from {run / 'checkpoints' / f'step_{saved[0]:06d}'}" in log
     assert "restart 1" in log
