@@ -31,7 +31,7 @@ import torch
 
 from pico.pipeline.errors import UserError
 from tests.conftest import REPO, free_port
-from tests.pipeline.test_train import TINY, _env, tiny_shards, train_run  # noqa: F401 (fixture)
+from tests.pipeline.test_train import TINY, _env, train_run
 
 PROBE_SEED = 1234
 BF16_TOL = {"atol": 1e-2, "rtol": 1e-2}
@@ -357,7 +357,7 @@ def test_cli_json_prints_one_object(zero0, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def zero_runs(tiny_shards, tmp_path_factory) -> dict[int, Path]:  # noqa: F811
+def zero_runs(tiny_shards, tmp_path_factory) -> dict[int, Path]:
     """Step 3 of a 2-rank ZeRO-2 and a 2-rank ZeRO-3 training (AdamW, eval at step 3)."""
     runs = {}
     for stage in (2, 3):

@@ -30,23 +30,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="session")
-def tiny_shards(tmp_path_factory, corpus, ray_local):
-    """Shards of ~1 MB of real novels, made by the real `pico prep` code path."""
-    from pico.data_prep import prepare
-
-    src = tmp_path_factory.mktemp("src")
-    import zstandard
-
-    for path in sorted((corpus / "novels").glob("*.txt.zst"))[:3]:
-        text = zstandard.ZstdDecompressor().decompress(path.read_bytes(), max_output_size=1 << 26)
-        for i in range(0, min(len(text), 400_000), 20_000):  # many documents, so val gets some
-            (src / f"{path.stem}-{i:07d}.txt").write_bytes(text[i:i + 20_000])
-    out = tmp_path_factory.mktemp("shards")
-    prepare(inputs=[str(src)], output=str(out), val_fraction=0.1, workers=2, progress=False)
-    return out
-
-
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
