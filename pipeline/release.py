@@ -284,10 +284,10 @@ def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str]) -> No
     spaces to a multiple of 8, then the tensors' bytes back to back, little-endian, row-major."""
     import torch
 
-    names = {v.dtype for v in tensors.values()}
+    dtypes = {v.dtype for v in tensors.values()}
     dtype_codes = {"torch.float32": "F32", "torch.bfloat16": "BF16"}
-    if len(names) != 1 or str(next(iter(names))) not in dtype_codes:
-        raise ValueError(f"write_safetensors takes tensors of one dtype, fp32 or bf16; got {names}")
+    if len(dtypes) != 1 or str(next(iter(dtypes))) not in dtype_codes:
+        raise ValueError(f"write_safetensors takes tensors of one dtype, fp32 or bf16; got {dtypes}")
     header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
     offset = 0
     for name in sorted(tensors):
