@@ -371,6 +371,9 @@ class Trainer:
                 self.logger.log(self.step, metrics)
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss:.3f}", bpb=f"{metrics['bpb_train']:.3f}", kBps=f"{bps / 1e3:.1f}")
+                else:  # batch logs (Slurm, --no-progress): one plain line per log interval
+                    dist.print0(f"step {self.step}/{cfg.train.steps} loss {loss:.4f} bpb {metrics['bpb_train']:.4f} "
+                                f"lr {lr:.2e} {bps:,.0f} B/s")
                 window_t, window_steps = time.perf_counter(), 0
             if bar is not None:
                 bar.update(1)
@@ -428,7 +431,7 @@ def _lockstep(batches, shape):
 
 
 def _progress(enabled: bool, total: int, initial: int):
-    if not enabled:
+    if not enabled or not sys.stderr.isatty():
         return None
     from tqdm import tqdm
 
