@@ -406,6 +406,19 @@ def test_release_of_zero_run_equals_the_training_engine(zero_runs, engine_logits
 
 @pytest.mark.slow
 @pytest.mark.distributed
+def test_cli_json_stdout_is_clean_for_zero3(zero_runs, tmp_path):
+    """DeepSpeed's ZeRO-3 gatherer prints to stdout; `--json` must still print exactly one object."""
+    proc = subprocess.run([sys.executable, "-m", "pico.pipeline.cli", "convert", str(zero_runs[3]),
+                           str(tmp_path / "rel"), "--json"], env=_env(), cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert out["release"] == str(tmp_path / "rel") and out["dtype"] == "fp32"
+    assert "zero checkpoint" in proc.stderr  # DeepSpeed's progress went to stderr
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.parametrize("stage,victim,says", [
     (2, "rank00001.pt", "rank00001.pt"),
     (2, "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt", "ZeRO-2 partition of rank 1"),
