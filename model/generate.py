@@ -483,13 +483,18 @@ def _emit(active: list[int], new: list[list[int]], outputs: list[list[int]], lim
 
 @torch.inference_mode()
 def causal_topk_agreement(model: Pico, seqs: list[list[int]]) -> float | None:
-    """Share of positions where causal routing (score > 0) agrees with training top-k, over seqs."""
-    agree = n = 0.0
+    """Share of positions where causal routing (score > 0) agrees with training top-k, over seqs.
+
+    Top-k routes ceil(capacity * T) positions of a sequence of T, so sequences are scored in
+    groups of equal length, one forward pass per group."""
+    by_len: dict[int, list[list[int]]] = {}
     for s in seqs:
-        if len(s) < 2:
-            continue
-        ids = torch.tensor([s], device=next(model.parameters()).device)
-        out = model(ids, routing="topk")
-        agree += out.stats["causal_agreement"] * len(s)
-        n += len(s)
+        if len(s) >= 2:
+            by_len.setdefault(len(s), []).append(s)
+    agree = n = 0.0
+    dev = next(model.parameters()).device
+    for T, group in by_len.items():
+        out = model(torch.tensor(group, device=dev), routing="topk")
+        agree += out.stats["causal_agreement"] * T * len(group)
+        n += T * len(group)
     return agree / n if n else None

@@ -1,0 +1,264 @@
+"""Incremental decoding against the full forward pass, self-speculative decoding against plain
+decoding (greedy: byte for byte; sampling: in distribution), caches, and the CLI."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from pico.model import EOS, build_model, make_targets
+from pico.model.generate import START, Decoder, Sampler, generate
+from pico.pipeline.cli import main as cli_main
+
+from .conftest import tiny_config
+
+ROUTERS = ["learned", "spacelike", "none"]
+
+
+def tiny(router: str = "learned", **over):
+    model = build_model(tiny_config(router=router, **over)).eval()
+    if router == "learned":  # route about half the positions causally, so both paths run
+        with torch.no_grad():
+            model.router.score.bias.fill_(0.2)
+    return model
+
+
+def texty(B: int, T: int, seed: int = 0) -> torch.Tensor:
+    """Bytes with words and spaces (so the spacelike rule fires), starting with START."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(ord("a"), ord("z") + 1, (B, T), generator=g)
+    ids[torch.rand(B, T, generator=g) < 0.2] = ord(" ")
+    ids[:, 0] = START
+    return ids
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_cached_logits_equal_the_full_forward_at_every_step(router):
+    """Chunks of 1-4 bytes, a padded prefill and rows committing different amounts, past the window."""
+    model = tiny(router, window=6)
+    B, T = 3, 40
+    ids = texty(B, T)
+    full = model(ids, routing="causal").logits  # (B, T, V)
+    dec = Decoder(model, B)
+    n0 = torch.tensor([5, 1, 3])  # prefill: prompts of different lengths, padded
+    x = dec.forward(ids[:, :5], n0)
+    for b in range(B):
+        assert_close(model.head_logits(x, 1)[b, : n0[b]], full[b, : n0[b]], atol=2e-5, rtol=1e-4)
+    dec.commit(n0)
+    g = torch.Generator().manual_seed(1)
+    done = n0.clone()
+    while int(done.min()) < T - 4:
+        C = int(torch.randint(1, 5, (), generator=g))
+        chunk = torch.stack([ids[b, done[b]: done[b] + C] for b in range(B)])
+        lg = model.head_logits(dec.forward(chunk), 1)
+        for b in range(B):
+            assert_close(lg[b], full[b, done[b]: done[b] + C], atol=2e-5, rtol=1e-4)
+        keep = torch.randint(1, C + 1, (B,), generator=g)  # like accepted drafts: a prefix of each chunk
+        dec.commit(keep)
+        done += keep
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_rollback_leaves_the_cache_of_the_accepted_bytes_only(router):
+    """A chunk of 4 with 2 kept = feeding those 2 alone; entries already stored are untouched."""
+    model = tiny(router, window=6)
+    ids = texty(2, 24, seed=3)
+    spec, ref = Decoder(model, 2), Decoder(model, 2)
+    for d in (spec, ref):
+        d.forward(ids[:, :17])
+        d.commit(torch.tensor([17, 17]))
+    before = [t.clone() for t in spec.local.k]
+    drafts = ids[:, 17:21].clone()
+    drafts[:, 2:] = ord("#")  # wrong drafts: rejected below
+    spec.forward(drafts)
+    spec.commit(torch.tensor([2, 2]))
+    ref.forward(ids[:, 17:19])
+    ref.commit(torch.tensor([2, 2]))
+    for a, b in [(spec.local, ref.local)] + ([(spec.latent, ref.latent)] if spec.latent else []):
+        assert torch.equal(a.pos, b.pos)
+        for ka, kb, va, vb in zip(a.k, b.k, a.v, b.v):
+            live = (a.pos != (1 << 40)).view(a.pos.shape[0], 1, -1, 1).expand_as(ka)
+            assert_close(ka[live], kb[live], atol=1e-6, rtol=1e-5)
+            assert_close(va[live], vb[live], atol=1e-6, rtol=1e-5)
+    # live slots the 2 kept bytes did not overwrite (the scratch slot absorbs the rejected ones, unseen)
+    unchanged = ~torch.isin(spec.local.pos, torch.arange(17, 19)) & (spec.local.pos != (1 << 40))
+    for k0, k1 in zip(before, spec.local.k):
+        m = unchanged.view(2, 1, -1, 1).expand_as(k0)
+        assert torch.equal(k0[m], k1[m])
+    assert torch.equal(spec.length, ref.length) and torch.equal(spec.prev, ref.prev)
+    assert torch.equal(spec.n_rule, ref.n_rule)
+
+
+def test_cache_memory_is_constant_past_the_window():
+    model = tiny("learned", window=8, max_seq_len=128)
+    dec = Decoder(model, 2)
+    ids = texty(2, 120)
+    sizes = []
+    for t in range(120):
+        dec.forward(ids[:, t:t + 1])
+        dec.commit(torch.tensor([1, 1]))
+        sizes.append(dec.local.nbytes())
+    assert len(set(sizes)) == 1  # the ring never grows
+    assert dec.local.pos.shape[1] == 8  # window - 1 slots + 1 scratch
+    live = dec.local.pos[:, :-1]
+    assert torch.equal(live.sort(1).values, torch.arange(113, 120).expand(2, -1))  # the last window-1 positions
+    # the latent cache holds exactly the causally routed positions
+    full = model(ids, routing="causal")
+    assert torch.equal(dec.latent.count, full.routed.sum(1))
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_greedy_speculative_equals_greedy_plain_on_random_models(router):
+    model = tiny(router, n_predict=4)
+    prompts = [b"", b"a", b"hello world", b"x" * 30, bytes(range(200, 240)), b"the cat sat on the mat. "]
+    plain = generate(model, prompts, 50, speculative=False)
+    spec = generate(model, prompts, 50, speculative=True)
+    assert spec.outputs == plain.outputs
+    assert plain.bytes_per_pass <= 1.0  # one byte per pass (the pass that yields EOS adds none)
+    # one at a time too: batching must not change anything
+    assert [generate(model, [p], 50).outputs[0] for p in prompts[:3]] == plain.outputs[:3]
+
+
+TEXT = b"the quick brown fox jumps over the lazy dog. pack my box with five dozen liquor jugs! "
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny model trained briefly on repeated text, so that its draft heads are mostly right."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config(n_predict=4, window=16, max_seq_len=96, capacity=0.3))
+    stream = torch.tensor(list(TEXT * 40))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        start = torch.randint(0, len(stream) - 100, (8,))
+        idx, tgt = make_targets(torch.stack([stream[s:s + 96 + 4] for s in start.tolist()]), 4)
+        loss = model(idx, tgt).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def test_greedy_speculative_equals_greedy_plain_when_drafts_are_accepted(trained):
+    prompts = [TEXT[i:i + n] for i, n in [(0, 10), (5, 30), (17, 3), (40, 45), (60, 1)]] + [b"", b"zzz qqq"]
+    plain = generate(trained, prompts, 60, speculative=False)
+    spec = generate(trained, prompts, 60, speculative=True)
+    assert spec.outputs == plain.outputs
+    assert spec.bytes_per_pass > 2.0  # drafts are accepted: this exercises multi-byte steps
+    assert spec.forward_passes < plain.forward_passes / 2
+    assert spec.routing_agreement is not None and 0.0 <= spec.routing_agreement <= 1.0
+    assert any(s == "context" for s in spec.stopped) or all(s in ("eos", "max_bytes") for s in spec.stopped)
+
+
+def _exact_joint(model, sampler: Sampler, n: int) -> dict[tuple[int, ...], float]:
+    """P(first n generated ids) under plain sampling, by enumerating the support with full forwards."""
+    dist = {(): 1.0}
+    with torch.inference_mode():
+        for _ in range(n):
+            keys = list(dist)
+            p = sampler.probs(model(torch.tensor([[START, *k] for k in keys]), routing="causal").logits[:, -1])
+            dist = {k + (b,): dist[k] * p[r, b].item() for r, k in enumerate(keys)
+                    for b in (p[r] > 0).nonzero().flatten().tolist()}
+    return dist
+
+
+def _chi_square(counts: Counter, dist: dict, N: int) -> tuple[float, int]:
+    """Pearson's statistic and degrees of freedom; outcomes expected < 5 times are pooled."""
+    stat, dof, pool_exp, pool_obs = 0.0, -1, 0.0, 0
+    for k, p in dist.items():
+        if N * p >= 5:
+            stat += (counts.get(k, 0) - N * p) ** 2 / (N * p)
+            dof += 1
+        else:
+            pool_exp += N * p
+            pool_obs += counts.get(k, 0)
+    pool_obs += sum(v for k, v in counts.items() if k not in dist)
+    return stat + (pool_obs - pool_exp) ** 2 / max(pool_exp, 1e-9), dof + 1
+
+
+def test_speculative_sampling_has_plain_sampling_distribution():
+    """First 3 bytes of 6000 speculative samples vs the exact distribution of plain sampling.
+
+    The model is made to have a few likely bytes (a large unembedding, top-p 0.9) and draft
+    heads that differ from head 1, so drafts are accepted about half the time and the residual
+    resampling runs. Resampling from p instead of max(0, p - q) fails this test."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config(n_predict=3)).eval()
+    with torch.no_grad():
+        model.embed.weight.copy_(model.embed.weight[0] + 0.05 * model.embed.weight)  # contexts look alike
+        model.unembed.weight.mul_(35)
+        for h in model.mtp_heads:
+            h.mlp.down.weight.mul_(20)
+    dist = _exact_joint(model, Sampler(1.0, 0.9, 0, False, "cpu"), 3)
+    N = 6000
+    res = generate(model, [b""] * N, 3, speculative=True, temperature=1.0, top_p=0.9, seed=1, stop_at_eos=False)
+    assert res.bytes_per_pass > 1.2  # drafts were accepted ...
+    assert res.forward_passes == 3  # ... and rejected: some sequences needed a third pass
+    stat, dof = _chi_square(Counter(tuple(o) for o in res.outputs), dist, N)
+    assert stat < dof + 4 * (2 * dof) ** 0.5, (stat, dof)  # about p < 0.001
+
+
+def test_sampling_is_reproducible_with_a_seed():
+    model = tiny("learned")
+    a = generate(model, [b"ab", b""], 20, temperature=0.8, top_p=0.95, seed=7)
+    b = generate(model, [b"ab", b""], 20, temperature=0.8, top_p=0.95, seed=7)
+    assert a.outputs == b.outputs
+
+
+def test_generation_stops_at_eos_and_at_the_context():
+    model = tiny("spacelike", max_seq_len=32)
+    with torch.no_grad():  # make EOS the argmax everywhere
+        model.unembed.weight[EOS] = model.unembed.weight.abs().max() * 50 * torch.sign(model.unembed.weight[EOS] + 1e-9)
+    res = generate(model, [b"abc"], 10)
+    assert res.outputs == [b""] or res.stopped == ["eos"]
+    fresh = tiny("spacelike", max_seq_len=32)
+    res = generate(fresh, [b"abcdefghij"], 100, stop_at_eos=False)
+    assert len(res.outputs[0]) == 32 - 11 and res.stopped == ["context"]
+    with pytest.raises(ValueError, match="does not fit"):
+        generate(fresh, [b"x" * 31], 5)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A run directory laid out as `pico train` writes it (DeepSpeed model states + pico_state.json)."""
+    model = tiny("learned", n_predict=3, max_seq_len=48)
+    step = tmp_path_factory.mktemp("run") / "checkpoints" / "step_000001"
+    (step / "ds").mkdir(parents=True)
+    torch.save({"module": model.state_dict()}, step / "ds" / "mp_rank_00_model_states.pt")
+    (step / "pico_state.json").write_text(json.dumps({"step": 1, "config": {"model": asdict(model.cfg)}}))
+    return step.parent.parent
+
+
+def test_cli_generates_from_an_empty_prompt_as_json(checkpoint, capsys):
+    rc = cli_main(["generate", "--model", str(checkpoint), "--prompt", "", "--prompt", "ab", "--max-bytes", "12",
+                   "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["outputs"]) == 2 and out["forward_passes"] >= 1 and out["bytes_per_s"] > 0
+    assert out["bytes_per_pass"] > 0 and out["stopped"][0] in ("eos", "max_bytes")
+
+
+def test_cli_raw_writes_bytes_and_text_mode_replaces_invalid_utf8(checkpoint, capfdbinary):
+    assert cli_main(["generate", "--model", str(checkpoint), "--prompt", "hi", "--max-bytes", "20", "--raw",
+                     "--no-speculative"]) == 0
+    raw = capfdbinary.readouterr().out
+    assert cli_main(["generate", "--model", str(checkpoint), "--prompt", "hi", "--max-bytes", "20"]) == 0
+    text = capfdbinary.readouterr().out.decode("utf-8")  # always valid UTF-8
+    assert text.rstrip("\n") == (b"hi" + raw).decode("utf-8", "replace")
+
+
+def test_cli_errors_teach(checkpoint, tmp_path, capsys):
+    assert cli_main(["generate", "--model", str(checkpoint), "--prompt", "x" * 60, "--max-bytes", "4"]) == 2
+    assert "does not fit" in capsys.readouterr().err
+    assert cli_main(["generate", "--model", str(tmp_path), "--prompt", "x", "--max-bytes", "4"]) == 2
+    assert "neither a release" in capsys.readouterr().err
+    assert cli_main(["generate", "--model", str(checkpoint), "--max-bytes", "4"]) == 2
+    assert "--prompt" in capsys.readouterr().err
