@@ -262,6 +262,19 @@ class Router(nn.Module):
         w = torch.sigmoid(s)
         return w - w.detach() + 1.0 if self.cfg.router_gate == "straight_through" else w
 
+    def logits(self, x: torch.Tensor, rule: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores (B, T) and causal logits (B, T; routed where > 0) of the learned router.
+
+        x is the residual after the n_in blocks, rule the SpaceByte rule mask of the same bytes
+        (used by `router_prior`). Incremental decoding calls this on new positions only.
+        """
+        u = self.norm(x)
+        scores = self.score(u).squeeze(-1)  # (B, T)
+        if self.cfg.router_prior != 0.0:
+            scores = scores + self.rule_weight * rule
+        causal = self.predictor(u.detach()).squeeze(-1) if self.cfg.router_aux == "predictor" else scores
+        return scores, causal
+
     def forward(self, x: torch.Tensor, ids: torch.Tensor, routing: str) -> Routing:
         """Route the residual x (B, T, d_local) of byte ids (B, T) with "topk" or "causal" decisions."""
         cfg, (B, T) = self.cfg, ids.shape
@@ -272,11 +285,7 @@ class Router(nn.Module):
             K = cap if routing == "topk" else max(int(mask.sum(1).max()), 1)
             idx, pos, valid = pack_slots(mask, min(K, T))
             return Routing(idx, pos, valid.to(x.dtype), mask, rule=rule)
-        u = self.norm(x)
-        scores = self.score(u).squeeze(-1)  # (B, T)
-        if cfg.router_prior != 0.0:
-            scores = scores + self.rule_weight * rule
-        causal = self.predictor(u.detach()).squeeze(-1) if cfg.router_aux == "predictor" else scores
+        scores, causal = self.logits(x, rule)
         k = n_routed(cfg.capacity, T)
         top = scores.topk(k, dim=1).indices.sort(dim=1).values  # (B, k), in position order
         topk_mask = torch.zeros_like(rule).scatter_(1, top, True)
