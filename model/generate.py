@@ -332,7 +332,9 @@ class Sampler:
         distributions q (B, k, V) (None when greedy)."""
         if k == 0:
             return x_last.new_zeros((x_last.shape[0], 0), dtype=torch.long), None
-        logits = torch.stack([model.head_logits(x_last, h) for h in range(2, k + 2)], dim=1)  # (B, k, V)
+        # heads 2..k+1 share the final norm and unembedding: one call for all of them
+        hs = torch.stack([model.mtp_heads[h - 2](x_last) for h in range(2, k + 2)], dim=1)  # (B, k, d)
+        logits = model.unembed(model.norm(hs))  # (B, k, V)
         if self.greedy:
             return self._mask(logits).argmax(-1), None
         q = self.probs(logits)
