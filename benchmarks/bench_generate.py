@@ -145,37 +145,50 @@ def main() -> None:
           "prompts": len(prompts), "prompt_bytes": args.prompt_bytes, "max_bytes": args.max_bytes,
           "threads": torch.get_num_threads(), "torch": torch.__version__}, rows)
 
-    for batch in (1, len(prompts)):
-        groups = [[p] for p in prompts] if batch == 1 else [prompts]
-        best = {"plain": math.inf, "speculative": math.inf}
-        stats: dict[str, dict] = {}
-        for _ in range(args.repeats):
-            for mode in ("plain", "speculative"):
-                secs, n_bytes, passes, bpp, outs = 0.0, 0, 0, [], []
-                for g in groups:
-                    res = generate(model, g, args.max_bytes, speculative=mode == "speculative",
-                                   routing_agreement=False)
-                    secs += res.seconds
-                    n_bytes += res.n_bytes
-                    passes += res.forward_passes
-                    bpp.append(res.bytes_per_pass)
-                    outs += res.outputs
-                best[mode] = min(best[mode], secs)
-                stats[mode] = {"bytes": n_bytes, "forward_passes": passes, "bytes_per_pass": sum(bpp) / len(bpp),
-                               "outputs": outs}
-        for mode in ("plain", "speculative"):
-            emit({"measurement": f"greedy_{mode}", "batch": batch, "bytes_per_s": stats[mode]["bytes"] / best[mode],
-                  "seconds": best[mode], "bytes": stats[mode]["bytes"], "forward_passes": stats[mode]["forward_passes"],
-                  "bytes_per_pass": stats[mode]["bytes_per_pass"]}, rows)
-        emit({"measurement": "speedup", "batch": batch, "speculative_over_plain": best["plain"] / best["speculative"],
-              "identical_outputs": stats["plain"]["outputs"] == stats["speculative"]["outputs"],
-              "sample": (prompts[0] + stats["speculative"]["outputs"][0]).decode("utf-8", "replace")}, rows)
+    # Repeated lines: drafts are nearly always right, so this shows the ceiling of the method on
+    # this model and machine, not typical text.
+    lines = [b"    >>> from sympy import symbols, sin\n", b"        return self.args[0]\n", b"x = Symbol('x')\n"]
+    repetitive = [ln * 3 for ln in lines]
+    for text, ps, batches in (("held-out", prompts, (1, len(prompts))), ("repetitive (ceiling)", repetitive, (1,))):
+        for batch in batches:
+            compare(model, ps, batch, text, args, rows)
 
     emit({"measurement": "draft_acceptance", **draft_acceptance(model, held)}, rows)
     seqs = [[START, *d[: cfg.max_seq_len - 1]] for d in held]
     emit({"measurement": "routing_agreement", "text": "held-out documents", "positions": sum(map(len, seqs)),
           "causal_vs_topk": causal_topk_agreement(model, seqs) if cfg.router == "learned" else None}, rows)
     Path(args.out).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def compare(model, prompts: list[bytes], batch: int, text: str, args, rows: list[dict]) -> None:
+    """Plain and speculative greedy decoding of the same prompts, interleaved, best of args.repeats."""
+    groups = [[p] for p in prompts] if batch == 1 else [prompts]
+    best = {"plain": math.inf, "speculative": math.inf}
+    stats: dict[str, dict] = {}
+    for _ in range(args.repeats):
+        for mode in ("plain", "speculative"):
+            secs, n_bytes, passes, bpp, outs = 0.0, 0, 0, [], []
+            for g in groups:
+                res = generate(model, g, args.max_bytes, speculative=mode == "speculative",
+                               routing_agreement=False)
+                secs += res.seconds
+                n_bytes += res.n_bytes
+                passes += res.forward_passes
+                bpp.append(res.bytes_per_pass)
+                outs += res.outputs
+            best[mode] = min(best[mode], secs)
+            stats[mode] = {"bytes": n_bytes, "forward_passes": passes, "bytes_per_pass": sum(bpp) / len(bpp),
+                           "outputs": outs}
+    for mode in ("plain", "speculative"):
+        st = stats[mode]
+        emit({"measurement": f"greedy_{mode}", "prompts": text, "batch": batch,
+              "bytes_per_s": st["bytes"] / best[mode], "seconds": best[mode], "bytes": st["bytes"],
+              "forward_passes": st["forward_passes"], "ms_per_pass": 1e3 * best[mode] / st["forward_passes"],
+              "bytes_per_pass": st["bytes_per_pass"]}, rows)
+    emit({"measurement": "speedup", "prompts": text, "batch": batch,
+          "speculative_over_plain": best["plain"] / best["speculative"],
+          "identical_outputs": stats["plain"]["outputs"] == stats["speculative"]["outputs"],
+          "sample": (prompts[0] + stats["speculative"]["outputs"][0]).decode("utf-8", "replace")}, rows)
 
 
 @torch.inference_mode()

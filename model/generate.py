@@ -73,23 +73,31 @@ PAD_POS = 1 << 39  # position of a padding latent slot: sees real keys, seen by 
 class KVCache:
     """Keys/values of a stack of attention layers that share slot positions.
 
-    k[i], v[i]: (B, Hkv, S + 1, hd); pos: (B, S + 1) absolute byte position of each slot (FAR
-    when empty). The last slot is scratch: writes that nobody keeps land there, and its
-    position stays FAR. `ring=True` bounds the cache to S slots (slot = position mod S);
-    otherwise committed entries are appended and S grows by doubling.
+    kv: (n_layers, 2, B, Hkv, S + 1, hd), keys then values; pos: (B, S + 1) absolute byte
+    position of each slot (FAR when empty). The last slot is scratch: writes that nobody keeps
+    land there, and its position stays FAR. `ring=True` bounds the cache to S slots (slot =
+    position mod S); otherwise committed entries are appended and S grows by doubling. One
+    tensor for all layers makes a commit one scatter.
     """
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, slots: int, ring: bool,
                  device: torch.device, dtype: torch.dtype):
-        self.ring, self.S = ring, slots
-        shape = (batch, n_kv_heads, slots + 1, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.ring, self.S, self.n_layers = ring, slots, n_layers
+        self.kv = torch.zeros((n_layers, 2, batch, n_kv_heads, slots + 1, head_dim), device=device, dtype=dtype)
         self.pos = torch.full((batch, slots + 1), FAR, device=device, dtype=torch.long)
         self.count = torch.zeros(batch, device=device, dtype=torch.long)  # entries ever committed
-        self.new_k: list[torch.Tensor | None] = [None] * n_layers
-        self.new_v: list[torch.Tensor | None] = [None] * n_layers
+        self.new: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
         self.new_pos: torch.Tensor | None = None
+
+    @property
+    def k(self) -> list[torch.Tensor]:
+        """Keys (B, Hkv, S + 1, hd) of each layer."""
+        return list(self.kv[:, 0])
+
+    @property
+    def v(self) -> list[torch.Tensor]:
+        """Values (B, Hkv, S + 1, hd) of each layer."""
+        return list(self.kv[:, 1])
 
     def layer(self, i: int) -> _LayerCache:
         """The cache hook one `Block` takes (its `update(k, v)` joins past and new keys/values)."""
@@ -104,7 +112,8 @@ class KVCache:
         """Store the new entries where keep (B, C) is True; drop the rest (rejected or padding)."""
         B, C = keep.shape
         if self.ring:
-            if self.S == 0:
+            if self.S == 0:  # window 1: a byte sees only itself, nothing to keep
+                self.new, self.new_pos = [None] * self.n_layers, None
                 return
             last = torch.where(keep, self.new_pos, -1).amax(1, keepdim=True)  # newest kept position
             keep = keep & (self.new_pos > last - self.S)  # only the last S kept ones fit
@@ -117,44 +126,33 @@ class KVCache:
             rank = keep.long().cumsum(1) - 1
             slot = torch.where(keep, self.count.unsqueeze(1) + rank, self.S)
             self.count += n_new
-        idx = slot.view(B, 1, C, 1)
-        for i, (nk, nv) in enumerate(zip(self.new_k, self.new_v)):
-            if nk is None:
-                continue
-            ix = idx.expand(-1, nk.shape[1], -1, nk.shape[3])
-            self.k[i].scatter_(2, ix, nk)
-            self.v[i].scatter_(2, ix, nv)
+        if self.new[0] is not None:  # (n_layers, 2, B, Hkv, C, hd)
+            new = torch.stack([torch.stack(kv) for kv in self.new])
+            L, _, _, H, _, hd = new.shape
+            self.kv.scatter_(4, slot.view(1, 1, B, 1, C, 1).expand(L, 2, B, H, C, hd), new)
         self.pos.scatter_(1, slot, self.new_pos)
         self.pos[:, self.S] = FAR
-        self.new_k = [None] * len(self.k)
-        self.new_v = [None] * len(self.v)
+        self.new = [None] * self.n_layers
         self.new_pos = None
 
     def _grow(self, slots: int) -> None:
+        """Append empty slots before the scratch slot."""
         extra = slots - self.S
-
-        def widen(t: torch.Tensor, fill) -> torch.Tensor:
-            shape = list(t.shape)
-            dim = 2 if t.dim() == 4 else 1
-            shape[dim] = extra
-            pad = torch.full(shape, fill, device=t.device, dtype=t.dtype)
-            return torch.cat([t.narrow(dim, 0, self.S), pad, t.narrow(dim, self.S, 1)], dim=dim)
-
-        self.k = [widen(t, 0) for t in self.k]
-        self.v = [widen(t, 0) for t in self.v]
-        self.pos = widen(self.pos, FAR)
+        pad = self.kv.new_zeros((*self.kv.shape[:4], extra, self.kv.shape[5]))
+        self.kv = torch.cat([self.kv[:, :, :, :, : self.S], pad, self.kv[:, :, :, :, self.S:]], dim=4)
+        far = self.pos.new_full((self.pos.shape[0], extra), FAR)
+        self.pos = torch.cat([self.pos[:, : self.S], far, self.pos[:, self.S:]], dim=1)
         self.S = slots
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only the batch rows `rows` (finished sequences leave the batch)."""
-        self.k = [t.index_select(0, rows) for t in self.k]
-        self.v = [t.index_select(0, rows) for t in self.v]
+        self.kv = self.kv.index_select(2, rows)
         self.pos = self.pos.index_select(0, rows)
         self.count = self.count.index_select(0, rows)
 
     def nbytes(self) -> int:
         """Memory held by the committed keys, values and positions."""
-        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v, self.pos))
+        return sum(t.numel() * t.element_size() for t in (self.kv, self.pos))
 
 
 class _LayerCache:
@@ -165,8 +163,8 @@ class _LayerCache:
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.cache
-        c.new_k[self.i], c.new_v[self.i] = k, v
-        return torch.cat([c.k[self.i], k], dim=2), torch.cat([c.v[self.i], v], dim=2)
+        c.new[self.i] = (k, v)
+        return torch.cat([c.kv[self.i, 0], k], dim=2), torch.cat([c.kv[self.i, 1], v], dim=2)
 
 
 # ----------------------------------------------------------------------------- decoder
@@ -290,6 +288,26 @@ class Decoder:
 # ----------------------------------------------------------------------------- sampling
 
 
+class DraftHeads:
+    """The residual MLPs of MTP heads 2..k+1 (`MTPHead`) evaluated together with batched matmuls.
+
+    Same function as calling each head in turn; stacking their weights once turns 3k small
+    kernel calls per step into a few, which is most of what a draft costs on a CPU."""
+
+    def __init__(self, model: Pico, k: int):
+        heads = list(model.mtp_heads[:k])
+        self.eps = heads[0].norm.eps
+        self.norm_w = torch.stack([h.norm.weight for h in heads]).unsqueeze(1)  # (k, 1, d)
+        self.gate_up = torch.stack([h.mlp.gate_up.weight.t() for h in heads])  # (k, d, 2 * hidden)
+        self.down = torch.stack([h.mlp.down.weight.t() for h in heads])  # (k, hidden, d)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, k, d) inputs of the shared unembedding from the trunk output x (B, d)."""
+        a = F.rms_norm(x, (x.shape[-1],), None, self.eps).unsqueeze(0) * self.norm_w  # (k, B, d)
+        gate, up = torch.bmm(a, self.gate_up).chunk(2, dim=-1)
+        return x.unsqueeze(1) + torch.bmm(F.silu(gate) * up, self.down).transpose(0, 1)
+
+
 class Sampler:
     """Turns head logits into bytes: greedy (temperature 0) or temperature + top-p sampling,
     drafting with heads 2..n and verifying drafts (exact match, or speculative sampling)."""
@@ -297,14 +315,16 @@ class Sampler:
     def __init__(self, temperature: float, top_p: float, seed: int | None, stop_at_eos: bool, device):
         self.greedy = temperature == 0.0
         self.temperature, self.top_p = temperature, top_p
-        self.banned = [BOS, PAD] + ([] if stop_at_eos else [EOS])
+        self.ban = torch.zeros(VOCAB_SIZE)
+        self.ban[[BOS, PAD] + ([] if stop_at_eos else [EOS])] = float("-inf")
+        self.heads: DraftHeads | None = None
         self.gen = torch.Generator(device=device)
         self.gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
 
     def _mask(self, logits: torch.Tensor) -> torch.Tensor:
-        logits = logits.float().clone()
-        logits[..., self.banned] = float("-inf")
-        return logits
+        if self.ban.device != logits.device:
+            self.ban = self.ban.to(logits.device)
+        return logits.float() + self.ban  # -inf on the ids that are never generated
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """The sampling distribution (..., V): softmax(logits / T), cut to the top-p nucleus."""
@@ -332,9 +352,9 @@ class Sampler:
         distributions q (B, k, V) (None when greedy)."""
         if k == 0:
             return x_last.new_zeros((x_last.shape[0], 0), dtype=torch.long), None
-        # heads 2..k+1 share the final norm and unembedding: one call for all of them
-        hs = torch.stack([model.mtp_heads[h - 2](x_last) for h in range(2, k + 2)], dim=1)  # (B, k, d)
-        logits = model.unembed(model.norm(hs))  # (B, k, V)
+        if self.heads is None:
+            self.heads = DraftHeads(model, k)
+        logits = model.unembed(model.norm(self.heads(x_last)))  # (B, k, V): shared final norm and unembedding
         if self.greedy:
             return self._mask(logits).argmax(-1), None
         q = self.probs(logits)
