@@ -14,7 +14,6 @@ resumes from its last checkpoint, a finished release is not rebuilt.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import lzma
 import math
@@ -29,6 +28,9 @@ from typing import Any
 
 from pico.pipeline.errors import UserError
 
+ACCEPTS_OVERRIDES = True
+EPILOG = ("Config overrides after the options change the training run, e.g. --train.steps=100 --model.capacity=0.25.\n"
+          "A rerun with the same --out reuses the shards, resumes or skips training, and keeps a finished release.")
 SKIP_PARTS = {"test", "tests", "idlelib", "site-packages", "lib2to3", "__pycache__", "turtledemo", "ensurepip"}
 EVAL_BYTES = 96_000
 PROMPTS = ["def __init__(self", "The standard library ", "import os\n"]
@@ -95,7 +97,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     summary = quickstart(corpus=args.corpus, out=Path(args.out), config=args.config, steps=args.steps,
-                         max_bytes=args.max_bytes, workers=args.workers, progress=not args.no_progress)
+                         max_bytes=args.max_bytes, workers=args.workers, progress=not args.no_progress,
+                         overrides=getattr(args, "overrides", None))
     if args.json:
         print(json.dumps(summary, default=str))
     else:
