@@ -149,7 +149,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)  # same dtype: the fused kernel
 
 
 class Attention(nn.Module):
@@ -378,7 +378,7 @@ class Pico(nn.Module):
         for blk in self.latent_blocks:
             z = blk(z, bias)
         delta = self.latent_out(self.latent_norm(z)) * r.gate.unsqueeze(-1).to(z.dtype)  # (B, K, d_local)
-        return x.scatter_add(1, g, delta)
+        return x.scatter_add(1, g, delta.to(x.dtype))  # under autocast x stays fp32, delta is bf16
 
     def trunk(self, idx: torch.Tensor, routing: str = "topk") -> tuple[torch.Tensor, Routing | None]:
         """Residual stream (B, T, d_local) before the final norm, and the routing used."""

@@ -215,3 +215,14 @@ def test_router_prior_starts_from_spacebytes_choice_and_is_learned():
     assert (out.routed & rule).sum() == rule.sum()  # every rule position wins a slot at init
     out.loss.backward()
     assert model.router.rule_weight.grad is not None
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_bf16_autocast_trains_and_infers(router):
+    model = build_model(tiny_config(router=router))
+    idx, targets = make_targets(text_batch(2, 43), 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(idx, targets)
+        causal = model(idx, routing="causal")
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and causal.logits.dtype == torch.bfloat16
