@@ -36,7 +36,7 @@ Design choices and their sources:
 - **Why the levers.** A router that starts from random weights scores positions mostly by the
   current byte's identity, and expert choice only ever teaches it about the positions it already
   routes: in short CPU runs it locked onto vowels or onto consonants and never found word
-  boundaries (as the published implementation did). Levers kept as config fields: the gate
+  boundaries (as the published implementation did; benchmarks/results/model_router_probe.md). Levers kept as config fields: the gate
   (`router_gate`), `capacity`, `aux_loss_weight`, `router_aux`, `mtp_weight`, and
   `router_prior`, a learned scalar added to the score at SpaceByte's rule positions, so that
   the router can start from SpaceByte's choice and learn where to deviate from it (the rule is
@@ -410,11 +410,15 @@ class Pico(nn.Module):
         return make_targets(seq, self.cfg.n_predict)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, routing: str = "topk",
-                return_logits: bool = True) -> ModelOutput:
-        """Logits, and with targets (B, T, n_predict) the weighted loss, per-head losses and router stats."""
+                return_logits: bool = True, with_stats: bool = True) -> ModelOutput:
+        """Logits, and with targets (B, T, n_predict) the weighted loss, per-head losses and router stats.
+
+        `with_stats=False` skips the router statistics (their one device-to-host copy) on steps
+        that do not log.
+        """
         x, r = self.trunk(idx, routing)
         aux = self.aux_loss(r, x)
-        stats = router_stats(r, aux) if r is not None else {}
+        stats = router_stats(r, aux) if r is not None and with_stats else {}
         routed = r.mask if r is not None else None
         if targets is None:
             return ModelOutput(self.head_logits(x, 1), aux_loss=aux, routed=routed, stats=stats)

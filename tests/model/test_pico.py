@@ -161,6 +161,7 @@ def test_stats_are_reported_for_logging():
         assert isinstance(stats[key], float), key
     assert 0 <= stats["causal_agreement"] <= 1
     assert build_model(tiny_config(router="none"))(text_batch(1, 20)).routed is None
+    assert model(text_batch(2, 40), with_stats=False).stats == {}
 
 
 def test_init_is_deterministic_given_the_seed():
