@@ -33,10 +33,27 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 CORPUS = REPO.parent / "shared" / "corpus"
-CONFIG = REPO / "configs" / "quickstart.yaml"
+CODE_COMMIT = ""
+SNAPSHOT: Path | None = None  # the pinned source tree every run imports (see snapshot())
+
+
+def snapshot(scratch: Path) -> tuple[Path, str]:
+    """`git archive HEAD` of the packages into scratch/src-<commit>/pico, so every run of one
+    benchmark imports the same code even while others commit to the checkout."""
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, check=True, capture_output=True,
+                         text=True).stdout.strip()[:12]
+    root = scratch / f"src-{sha}"
+    if not (root / "pico" / "configs" / "quickstart.yaml").exists():
+        shutil.rmtree(root, ignore_errors=True)
+        (root / "pico").mkdir(parents=True)
+        archive = subprocess.run(["git", "archive", "HEAD", "model", "pipeline", "configs", "data_prep", "cluster"],
+                                 cwd=REPO, check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(root / "pico")], input=archive, check=True)
+    return root, sha
 
 
 def emit(record: dict, sink: list[dict]) -> None:
+    record = {"bench": record.pop("bench"), "commit": CODE_COMMIT, **record}
     sink.append(record)
     print(json.dumps(record), flush=True)
 
@@ -47,6 +64,8 @@ def env() -> dict[str, str]:
     e.setdefault("DS_ACCELERATOR", "cpu")
     e.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "pico-torch-extensions"))
     e["WANDB_MODE"] = "disabled"
+    if SNAPSHOT is not None:
+        e["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SNAPSHOT), e.get("PYTHONPATH", "")]))
     return e
 
 
@@ -95,14 +114,14 @@ def prepare_shards(scratch: Path) -> Path:
 def train(name: str, lr: float, args, shards: Path, scratch: Path) -> list[dict]:
     """One `pico train` run; returns its metrics.jsonl records. A finished run with the same
     optimizer, lr and length is reused unless --fresh (delete its directory to redo one)."""
-    out = scratch / "runs" / f"{name}_lr{lr:g}_steps{args.steps}"
+    out = scratch / "runs" / args.sha / f"{name}_lr{lr:g}_steps{args.steps}"
     metrics = out / "metrics.jsonl"
     if not args.fresh and metrics.exists():
         records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         if any(r.get("step") == args.steps and "val/bpb" in r for r in records):
             return records
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "pico.pipeline.cli", "train", "--config", str(CONFIG), "--no-progress",
+    cmd = [sys.executable, "-m", "pico.pipeline.cli", "train", "--config", "quickstart", "--no-progress",
            f"--optim.name={name}", f"--optim.lr={lr}", f"--train.steps={args.steps}",
            f"--train.eval_every={args.eval_every}", f"--train.eval_batches={args.eval_batches}",
            f"--train.log_every={args.log_every}", f"--data.train=[{shards}]", f"--train.out_dir={out}",
@@ -148,6 +167,7 @@ def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | Non
 
 
 def _state_worker(rank: int, world: int, port: int, out: str, steps: int) -> None:
+    """One rank: Pico quickstart under DeepSpeed stage 0 with SOAP and with AdamW, stepped in turn."""
     import deepspeed
     import torch
 
@@ -159,7 +179,7 @@ def _state_worker(rank: int, world: int, port: int, out: str, steps: int) -> Non
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    cfg = load_config(CONFIG)
+    cfg = load_config("quickstart")
     engines, opts = {}, {}
     for name in ("soap", "adamw"):
         cfg.optim.name = name
@@ -233,13 +253,15 @@ def plot(runs: dict[tuple[str, float], dict], target: float, path: Path) -> None
     import matplotlib.pyplot as plt
 
     fig, (ax_val, ax_tr) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colours = {"adamw": "tab:blue", "soap": "tab:red"}
+    maps = {"adamw": plt.get_cmap("Blues"), "soap": plt.get_cmap("Reds")}
     for (name, lr), run in sorted(runs.items()):
+        lrs = sorted(l for n, l in runs if n == name)
+        colour = maps[name](0.35 + 0.6 * lrs.index(lr) / max(1, len(lrs) - 1))  # darker = larger lr
         style = "-" if run["best"] else ":"
         label = f"{name} lr={lr:g}" + (" (best)" if run["best"] else "")
-        ax_val.plot(*zip(*run["val"]), style, marker="o", ms=3, color=colours[name], label=label)
-        steps, losses = zip(*run["train_bpb"])
-        ax_tr.plot(steps, losses, style, color=colours[name], label=label)
+        ax_val.plot(*zip(*run["val"]), style, marker="o", ms=3, color=colour, label=label, lw=2 if run["best"] else 1.2)
+        steps, bpb = zip(*run["train_bpb"])
+        ax_tr.plot(steps, bpb, style, color=colour, label=label, lw=2 if run["best"] else 1.2)
     ax_val.axhline(target, color="grey", lw=0.8, ls="--", label="AdamW best final")
     ax_val.set(xlabel="step", ylabel="validation bits per byte", title="Pico quickstart: validation")
     ax_tr.set(xlabel="step", ylabel="training bits per byte (head 1, one batch)", title="training")
@@ -256,7 +278,7 @@ def main() -> int:
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--eval-batches", type=int, default=8)
     ap.add_argument("--log-every", type=int, default=5)
-    ap.add_argument("--soap-lrs", default="1e-3,3e-3,1e-2")
+    ap.add_argument("--soap-lrs", default="3e-3,1e-2,3e-2")
     ap.add_argument("--adamw-lrs", default="1e-3,3e-3,1e-2")
     ap.add_argument("--state-steps", type=int, default=11, help="gradients in the 1 vs 2 rank measurement (the 11th refreshes the basis)")
     ap.add_argument("--scratch", default="/tmp/pico-bench-soap", help="shards and run directories (not committed)")
@@ -264,6 +286,11 @@ def main() -> int:
     ap.add_argument("--fresh", action="store_true", help="retrain runs already finished in --scratch")
     args = ap.parse_args()
     scratch = Path(args.scratch)
+    global SNAPSHOT
+    global CODE_COMMIT
+    SNAPSHOT, args.sha = snapshot(scratch)
+    CODE_COMMIT = args.sha
+    sys.path.insert(0, str(SNAPSHOT))  # this process and its spawned ranks import the snapshot too
     RESULTS.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
     shards = prepare_shards(scratch)
