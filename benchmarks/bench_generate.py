@@ -145,13 +145,8 @@ def main() -> None:
           "prompts": len(prompts), "prompt_bytes": args.prompt_bytes, "max_bytes": args.max_bytes,
           "threads": torch.get_num_threads(), "torch": torch.__version__}, rows)
 
-    # Repeated lines: drafts are nearly always right, so this shows the ceiling of the method on
-    # this model and machine, not typical text.
-    lines = [b"    >>> from sympy import symbols, sin\n", b"        return self.args[0]\n", b"x = Symbol('x')\n"]
-    repetitive = [ln * 3 for ln in lines]
-    for text, ps, batches in (("held-out", prompts, (1, len(prompts))), ("repetitive (ceiling)", repetitive, (1,))):
-        for batch in batches:
-            compare(model, ps, batch, text, args, rows)
+    for batch in (1, len(prompts)):
+        compare(model, prompts, batch, "held-out", args, rows)
 
     emit({"measurement": "draft_acceptance", **draft_acceptance(model, held)}, rows)
     seqs = [[START, *d[: cfg.max_seq_len - 1]] for d in held]
