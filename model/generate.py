@@ -43,8 +43,9 @@ Design (tensors only; no files, no ranks):
 - **Batches.** Every sequence keeps its own length, caches and accepted count; a step feeds
   the same chunk width to all of them and each commits its own n_keep, so sequences advance
   by different amounts in the same pass and no sequence waits for the slowest acceptor.
-  Finished sequences (EOS, max_new_bytes, context) leave the batch. The cost: ids are padded
-  to the longest prompt in the prefill pass.
+  Finished sequences (EOS, max_new_bytes, context) leave the batch. The costs: the prefill
+  pass pads ids to the longest prompt, every pass feeds n_predict bytes per sequence, and the
+  batch keeps passing until its slowest sequence is done.
 - **Special ids.** BOS and PAD are never generated; EOS ends a sequence (with
   `stop_at_eos=False` it is never generated either).
 """
