@@ -90,6 +90,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="quickstart", help="training config (default: the packaged quickstart.yaml)")
     p.add_argument("--steps", type=int, default=0, help="training steps (default: the config's train.steps)")
     p.add_argument("--max-bytes", type=int, default=200, help="bytes to generate per prompt (default: 200)")
+    p.add_argument("--val-fraction", type=float, default=0.05,
+                   help="share of documents held out for validation, by a hash of their path (default: 0.05)")
     p.add_argument("--workers", type=int, default=2, help="Ray workers for data prep (default: 2)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -98,6 +100,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     summary = quickstart(corpus=args.corpus, out=Path(args.out), config=args.config, steps=args.steps,
                          max_bytes=args.max_bytes, workers=args.workers, progress=not args.no_progress,
+                         val_fraction=args.val_fraction,
                          overrides=getattr(args, "overrides", None))
     if args.json:
         print(json.dumps(summary, default=str))
@@ -108,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
 
 def quickstart(corpus: list[str] | None = None, out: Path = Path("runs/quickstart"), config: str = "quickstart",
                steps: int = 0, max_bytes: int = 200, workers: int = 2, progress: bool = True,
-               overrides: list[str] | None = None) -> dict[str, Any]:
+               overrides: list[str] | None = None, val_fraction: float = 0.05) -> dict[str, Any]:
     """Run every stage; returns the summary dict (also written to <out>/summary.json)."""
     os.environ.setdefault("WANDB_SILENT", "true")
     t_start = time.time()
@@ -123,7 +126,7 @@ def quickstart(corpus: list[str] | None = None, out: Path = Path("runs/quickstar
     inputs = corpus or [str(p) for p in default_corpus()]
     from pico.data_prep import prepare
 
-    manifest = prepare(inputs=inputs, output=str(shards), val_fraction=0.05, workers=workers, progress=progress)
+    manifest = prepare(inputs=inputs, output=str(shards), val_fraction=val_fraction, workers=workers, progress=progress)
     timings["prep_s"] = time.time() - t0
 
     # -- 2. train ----------------------------------------------------------------------------

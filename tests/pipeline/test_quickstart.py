@@ -19,7 +19,7 @@ TINY = ["--model.d_local=32", "--model.n_heads=2", "--model.n_kv_heads=1", "--mo
 def _run(out, corpus_dir, steps):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     cmd = [sys.executable, "-m", "pico.pipeline.cli", "quickstart", "--corpus", str(corpus_dir), "--out", str(out),
-           "--steps", str(steps), "--max-bytes", "24", "--json", "--no-progress", *TINY]
+           "--steps", str(steps), "--max-bytes", "24", "--val-fraction", "0.3", "--json", "--no-progress", *TINY]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
