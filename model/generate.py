@@ -228,16 +228,17 @@ class Decoder:
     def _route(self, x: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor | None):
         """Causal routing of the chunk: routed mask (B, C) and gate (B, C), as `Router` in causal mode."""
         cfg, router = self.cfg, self.model.router
+        prev = torch.cat([self.prev.unsqueeze(1), ids[:, :-1]], dim=1)
+        rule = is_spacelike(ids) & ~is_spacelike(prev)
         if cfg.router == "spacelike":
-            prev = torch.cat([self.prev.unsqueeze(1), ids[:, :-1]], dim=1)
-            rule = is_spacelike(ids) & ~is_spacelike(prev)
             if valid is not None:
                 rule = rule & valid
             mask = rule & (self.n_rule.unsqueeze(1) + rule.cumsum(1) <= self.rule_cap)
             self.pending.rule = mask
             return mask, torch.ones(mask.shape, dtype=x.dtype, device=x.device)
-        scores = router.score(router.norm(x)).squeeze(-1)  # (B, C)
-        mask = scores > 0
+        # The router's own causal logits: they include router_prior and router_aux=predictor.
+        scores, causal = router.logits(x, rule)  # (B, C) each
+        mask = causal > 0
         if valid is not None:
             mask = mask & valid
         return mask, router.weight(scores)

@@ -37,10 +37,15 @@ def texty(B: int, T: int, seed: int = 0) -> torch.Tensor:
     return ids
 
 
-@pytest.mark.parametrize("router", ROUTERS)
-def test_cached_logits_equal_the_full_forward_at_every_step(router):
+# Every way a position can be routed causally: the router options change the decision rule.
+ROUTING_CASES = [("learned", {}), ("spacelike", {}), ("none", {}), ("learned", {"router_prior": 2.0}),
+                 ("learned", {"router_aux": "predictor"})]
+
+
+@pytest.mark.parametrize("router,options", ROUTING_CASES, ids=lambda c: str(c))
+def test_cached_logits_equal_the_full_forward_at_every_step(router, options):
     """Chunks of 1-4 bytes, a padded prefill and rows committing different amounts, past the window."""
-    model = tiny(router, window=6)
+    model = tiny(router, window=6, **options)
     B, T = 3, 40
     ids = texty(B, T)
     full = model(ids, routing="causal").logits  # (B, T, V)
