@@ -58,6 +58,8 @@ class ModelConfig:
     """Learned router only: initial value of a learned scalar added to the score at SpaceByte's rule positions (0 = no prior; about 4 starts the router from SpaceByte's choice and lets it learn where to deviate)."""
     router_aux: RouterAux = "score"
     """What the aux BCE trains and causal routing thresholds at 0: the router's own score, or a small MLP predictor on the stop-gradient router input (MoD's second option), which leaves the score to the language loss alone."""
+    router_calibrate: bool = True
+    """Learned router with router_aux=score: causal routing compares the score with a running estimate of training's top-k cut-off (the k-th largest score per sequence, averaged) instead of 0, so inference routes about `capacity` of the bytes from the first steps, before the aux BCE has moved the scores around 0."""
     n_predict: int = 4
     """Multi-token-prediction heads: head h predicts byte t+h (h = 1..n_predict)."""
     mtp_weight: float = 0.5

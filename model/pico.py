@@ -253,6 +253,9 @@ class Router(nn.Module):
         self.score = nn.Linear(cfg.d_local, 1, bias=True)
         if cfg.router_prior != 0.0:  # learned weight of SpaceByte's rule inside the score
             self.rule_weight = nn.Parameter(torch.tensor(float(cfg.router_prior)))
+        if cfg.router_calibrate:  # running top-k cut-off for causal routing (see ModelConfig.router_calibrate)
+            self.register_buffer("cutoff", torch.zeros(()))
+            self.register_buffer("cutoff_seen", torch.zeros(()))
         if cfg.router_aux == "predictor":  # MoD's causal predictor: sees the router input, never trains it
             self.predictor = nn.Sequential(nn.Linear(cfg.d_local, predictor_width(cfg.d_local), bias=False),
                                            nn.SiLU(), nn.Linear(predictor_width(cfg.d_local), 1, bias=True))
@@ -272,8 +275,21 @@ class Router(nn.Module):
         scores = self.score(u).squeeze(-1)  # (B, T)
         if self.cfg.router_prior != 0.0:
             scores = scores + self.rule_weight * rule
-        causal = self.predictor(u.detach()).squeeze(-1) if self.cfg.router_aux == "predictor" else scores
+        if self.cfg.router_aux == "predictor":
+            causal = self.predictor(u.detach()).squeeze(-1)
+        elif self.cfg.router_calibrate:
+            causal = scores - self.cutoff
+        else:
+            causal = scores
         return scores, causal
+
+    @torch.no_grad()
+    def _track_cutoff(self, scores: torch.Tensor, k: int) -> None:
+        """EMA (0.9) of the mean k-th largest score per sequence; the first batch sets it directly."""
+        kth = scores.detach().float().topk(k, dim=1).values[:, -1].mean()
+        momentum = 0.9 if self.cutoff_seen > 0 else 0.0
+        self.cutoff.mul_(momentum).add_((1 - momentum) * kth.to(self.cutoff.dtype))
+        self.cutoff_seen.add_(1)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, routing: str) -> Routing:
         """Route the residual x (B, T, d_local) of byte ids (B, T) with "topk" or "causal" decisions."""
@@ -288,6 +304,8 @@ class Router(nn.Module):
         scores, causal = self.logits(x, rule)
         k = n_routed(cfg.capacity, T)
         top = scores.topk(k, dim=1).indices.sort(dim=1).values  # (B, k), in position order
+        if self.training and routing == "topk" and cfg.router_calibrate and cfg.router_aux == "score":
+            self._track_cutoff(scores, k)
         topk_mask = torch.zeros_like(rule).scatter_(1, top, True)
         if routing == "topk":
             idx, pos, valid, mask = top, top, None, topk_mask

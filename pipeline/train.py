@@ -236,6 +236,7 @@ class Trainer:
             latest = ckpt.latest_checkpoint(self.ckpt_dir)
             raise TrainingDiverged(f"weights became NaN or infinite by step {self.step}; not saving them. The last "
                                    f"good checkpoint is {latest}. Lower optim.lr, then rerun with --resume")
+        self._sync_buffers()
         rank_state = {"loader": self.loader.state_dict(), "rng": ckpt.rng_state()}
         if self.cfg.optim.name == "soap":
             rank_state["optimizer"] = self.optimizer.state_dict()
@@ -260,9 +261,22 @@ class Trainer:
             batches = _lockstep(batches, (cfg.data.batch_size, cfg.data.seq_len + cfg.model.n_predict))
         return batches
 
+    def _sync_buffers(self) -> None:
+        """Average floating-point persistent buffers (e.g. the router's running top-k cut-off) over
+        ranks, as DDP keeps buffers in step, so eval and checkpoints see one value on every rank."""
+        if self.world == 1:
+            return
+        module = self.engine.module
+        persistent = set(module.state_dict().keys())
+        for name, buf in module.named_buffers():
+            if name in persistent and buf.is_floating_point():
+                buf.copy_(dist.all_reduce_mean(buf).to(buf.device, buf.dtype))
+
     def evaluate(self) -> dict[str, float]:
         """Validation bits per byte with causal routing (and top-k routing on a few batches)."""
         from pico.pipeline.evaluate import evaluate
+
+        self._sync_buffers()
 
         n = self.cfg.train.eval_batches or None
         result = evaluate(self.engine.module, self._val_batches(n), self.device, routing="causal",

@@ -227,3 +227,27 @@ def test_bf16_autocast_trains_and_infers(router):
         causal = model(idx, routing="causal")
     out.loss.backward()
     assert torch.isfinite(out.loss) and causal.logits.dtype == torch.bfloat16
+
+
+def test_calibrated_causal_routing_routes_about_capacity_before_the_aux_loss_learns():
+    """With router_calibrate, causal routing thresholds at training's running top-k cut-off."""
+    from pico.model import build_model
+    from pico.model.config import ModelConfig
+
+    cfg = ModelConfig(d_local=32, n_heads=2, n_kv_heads=1, window=16, n_in=1, n_out=1, d_latent=64, n_latent=1,
+                      n_latent_heads=2, n_latent_kv_heads=1, n_predict=2, max_seq_len=128, capacity=0.25)
+    torch.manual_seed(0)
+    text = torch.tensor(list(b"the quick brown fox jumps over the lazy dog; " * 12)[:4 * 128]).view(4, 128)
+    plain = build_model(ModelConfig(**{**cfg.__dict__, "router_calibrate": False}))
+    calibrated = build_model(cfg)
+    calibrated.load_state_dict(plain.state_dict(), strict=False)
+    calibrated.train()
+    for _ in range(3):  # training forwards update the cut-off; no optimizer step
+        calibrated(text, routing="topk")
+    calibrated.eval()
+    before = calibrated.router.cutoff.clone()
+    frac = calibrated(text, routing="causal").routed.float().mean().item()
+    assert abs(frac - 0.25) < 0.08, frac
+    assert torch.equal(calibrated.router.cutoff, before)  # eval forwards never move it
+    # Uncalibrated, untrained: the score's sign decides, which routes an arbitrary share.
+    assert "router.cutoff" in calibrated.state_dict() and "router.cutoff" not in plain.state_dict()
