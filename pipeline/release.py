@@ -240,14 +240,14 @@ def _write_release(tmp: Path, state: dict, model_cfg, run_state: dict[str, Any],
 
     import torch
 
-    from pico.model import flops_per_byte
+    from pico.model import flops_per_byte, param_count
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     tensors = {k: v.detach().to("cpu", torch_dtype).contiguous() for k, v in state.items()}
     training = {
         "checkpoint": step_dir.name,
         **{k: run_state.get(k) for k in ("step", "bytes_seen", "world_size", "zero_stage", "optimizer")},
-        "n_params": sum(v.numel() for v in tensors.values()),
+        "n_params": param_count(model_cfg),  # parameters only (the state also holds buffers)
         "flops_per_byte": {"training": flops_per_byte(model_cfg, True), "inference": flops_per_byte(model_cfg, False)},
         "data": {k: run_state["config"].get("data", {}).get(k) for k in ("train", "val", "seq_len")},
         "eval": run_state.get("eval") or {},
