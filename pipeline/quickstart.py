@@ -166,8 +166,13 @@ def quickstart(corpus: list[str] | None = None, out: Path = Path("runs/quickstar
     model, _ = load_model(ckpt_path)
     import torch
 
-    ev = evaluate(model, text_file_batches([held_out_file], cfg.data.seq_len, cfg.model.n_predict, 16),
-                  torch.device("cpu"), routing="causal")
+    batches = text_file_batches([held_out_file], cfg.data.seq_len, cfg.model.n_predict, 16)
+    if progress:
+        from tqdm import tqdm
+
+        n_batches = -(-len(held_out) // (cfg.data.seq_len * 16))
+        batches = tqdm(batches, total=n_batches, desc="eval", unit="batch", file=sys.stderr)
+    ev = evaluate(model, batches, torch.device("cpu"), routing="causal")
     train_docs = read_documents(shards, "train", 4_000_000)
     evals = {"model_bpb": ev["bpb"], "unigram_bpb": unigram_bpb(train_docs, held_out),
              "xz9e_bpb": xz_bpb(held_out), "held_out_bytes": len(held_out),
