@@ -13,6 +13,7 @@ with code 75; rerun the same command with `--resume`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
@@ -139,7 +140,8 @@ class Trainer:
         self.out_dir = Path(cfg.train.out_dir)
         self.ckpt_dir = cfg.checkpoint_dir
         self.device = dist.pick_device(cfg.train.device)
-        dist.init(self.device)
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints to stdout; --json owns it
+            dist.init(self.device)
         self.rank, self.world = dist.rank(), dist.world_size()
         self.autocast_dtype = torch.bfloat16 if (cfg.train.precision == "bf16" and self.device.type == "cuda") else None
         if cfg.train.precision == "bf16" and self.device.type == "cpu":
@@ -182,8 +184,9 @@ class Trainer:
             apply_activation_checkpointing(model)
         model.to(self.device)
         self.optimizer = build_optimizer(list(model.named_parameters()), cfg.optim)
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer,
-                                                    config=deepspeed_config(cfg))
+        with contextlib.redirect_stdout(sys.stderr):
+            self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer,
+                                                        config=deepspeed_config(cfg))
         if cfg.train.compile:
             self.engine.compile()
         self.loader = ByteBatches(self.train_shards, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
