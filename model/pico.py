@@ -252,7 +252,8 @@ class Router(nn.Module):
         self.norm = RMSNorm(cfg.d_local, cfg.norm_eps)
         self.score = nn.Linear(cfg.d_local, 1, bias=True)
         if cfg.router_prior != 0.0:  # learned weight of SpaceByte's rule inside the score
-            self.rule_weight = nn.Parameter(torch.tensor(float(cfg.router_prior)))
+            # shape (1,), not 0-dim: DeepSpeed flattens parameters and cannot view a 0-dim tensor
+            self.rule_weight = nn.Parameter(torch.tensor([float(cfg.router_prior)]))
         if cfg.router_calibrate:  # running top-k cut-off for causal routing (see ModelConfig.router_calibrate)
             self.register_buffer("cutoff", torch.zeros(()))
             self.register_buffer("cutoff_seen", torch.zeros(()))

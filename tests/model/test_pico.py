@@ -251,3 +251,16 @@ def test_calibrated_causal_routing_routes_about_capacity_before_the_aux_loss_lea
     assert torch.equal(calibrated.router.cutoff, before)  # eval forwards never move it
     # Uncalibrated, untrained: the score's sign decides, which routes an arbitrary share.
     assert "router.cutoff" in calibrated.state_dict() and "router.cutoff" not in plain.state_dict()
+
+
+def test_no_zero_dim_parameters_for_any_router_option():
+    """DeepSpeed flattens parameters through views that fail on 0-dim tensors (seen with router_prior)."""
+    from pico.model import build_model
+    from pico.model.config import ModelConfig
+
+    base = dict(d_local=32, n_heads=2, n_kv_heads=1, window=16, n_in=1, n_out=1, d_latent=64, n_latent=1,
+                n_latent_heads=2, n_latent_kv_heads=1, n_predict=2, max_seq_len=64)
+    for extra in ({}, {"router_prior": 4.0}, {"router_aux": "predictor"}, {"router": "spacelike"},
+                  {"router": "none", "n_latent": 0}):
+        model = build_model(ModelConfig(**{**base, **extra}))
+        assert all(p.dim() >= 1 for p in model.parameters()), extra
