@@ -382,7 +382,8 @@ class Trainer:
                            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                            "bytes_per_s": bps, "bytes_seen": self.bytes_seen, "memory_mb": _memory_mb(self.device),
                            "flops_per_s": bps * self.flops_per_byte,
-                           "mfu": bps * self.flops_per_byte / peak / (self.world if self.device.type == "cuda" else 1)}
+                           # peak is one rank's (its GPU, or its threads' measured matmul): the job's is world x that
+                           "mfu": bps * self.flops_per_byte / (peak * self.world)}
                 metrics.update({f"loss_head{h + 1}": float(v) for h, v in enumerate(head)})
                 metrics.update({f"router/{k}": v for k, v in stats.items()})
                 self.logger.log(self.step, metrics)
@@ -421,7 +422,7 @@ class Trainer:
                    "checkpoint": str(ckpt.latest_checkpoint(self.ckpt_dir) or ""),
                    "wandb_dir": self.logger.wandb_dir, "routing_picture": str(self.out_dir / "routing" / "latest.png")}
         if summary["bytes_per_s_median"]:
-            summary["mfu_median"] = summary["bytes_per_s_median"] * self.flops_per_byte / peak
+            summary["mfu_median"] = summary["bytes_per_s_median"] * self.flops_per_byte / (peak * self.world)
         self.logger.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
         self.logger.close()
         return summary
