@@ -136,19 +136,19 @@ def wait(address: str | None, job_id: str, timeout: float, poll: float = 1.0) ->
         time.sleep(poll)
 
 
-def logs(address: str | None, job_id: str) -> str:
+def _call(address: str | None, job_id: str, method: str):
+    """client(address).<method>(job_id), with Ray's errors turned into a UserError naming the job."""
     try:
-        return client(address).get_job_logs(job_id)
+        return getattr(client(address), method)(job_id)
     except UserError:
         raise
     except Exception as e:
         raise UserError(f"Ray job {job_id}: {e}") from None
+
+
+def logs(address: str | None, job_id: str) -> str:
+    return _call(address, job_id, "get_job_logs")
 
 
 def stop(address: str | None, job_id: str) -> bool:
-    try:
-        return client(address).stop_job(job_id)
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"Ray job {job_id}: {e}") from None
+    return _call(address, job_id, "stop_job")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-import torch
 
 
 def _glyph(b: int) -> str:
@@ -56,26 +55,12 @@ def render_png(data: list[int], routed: list[bool], path: Path, title: str, cols
     plt.close(fig)
 
 
-@torch.no_grad()
-def routing_picture(model, sample: torch.Tensor, out_dir: Path, name: str, title: str,
-                    routing: str = "causal") -> tuple[Path, Path] | None:
-    """Run `model` on one sequence (1-D byte ids) and write `<name>.html` and `<name>.png`."""
-    was_training = model.training
-    model.eval()
-    try:
-        out = model(sample[None], routing=routing)
-    finally:
-        model.train(was_training)
-    if out.routed is None:
-        return None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    data = sample.tolist()
-    routed = out.routed[0].tolist()
-    scores = None
-    if getattr(out, "scores", None) is not None:
-        scores = out.scores[0].float().tolist()
-    html_path = out_dir / f"{name}.html"
-    html_path.write_text(render_html(data, routed, scores, title))
-    png_path = out_dir / f"{name}.png"
+def write_picture(data: list[int], routed: list[bool], folder: Path, name: str, title: str) -> tuple[Path, Path]:
+    """Write `<name>.png` and `<name>.html` into `folder`, and copy them to `latest.*`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    html_path, png_path = folder / f"{name}.html", folder / f"{name}.png"
+    html_path.write_text(render_html(data, routed, None, title))
     render_png(data, routed, png_path, title)
+    for path in (html_path, png_path):
+        (folder / f"latest{path.suffix}").write_bytes(path.read_bytes())
     return png_path, html_path

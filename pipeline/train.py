@@ -296,7 +296,7 @@ class Trainer:
         if self.cfg.model.router == "none":
             return
         from pico.pipeline.data import eval_sequences
-        from pico.pipeline.routing_viz import render_html, render_png
+        from pico.pipeline.routing_viz import write_picture
 
         if not hasattr(self, "_picture_sample"):
             first = next(iter(eval_sequences(self.val_shards, seq_len=self.cfg.data.seq_len, extra=0, batch_size=1,
@@ -310,18 +310,10 @@ class Trainer:
         module.train()
         if not dist.is_main() or out.routed is None:
             return
-        folder = self.out_dir / "routing"
-        folder.mkdir(parents=True, exist_ok=True)
-        data, routed = sample.tolist(), out.routed[0].tolist()
-        name = f"step_{self.step:06d}"
         title = f"pico routing at step {self.step} ({self.cfg.model.router} router, causal decisions)"
-        (folder / f"{name}.html").write_text(render_html(data, routed, None, title))
-        render_png(data, routed, folder / f"{name}.png", title)
-        for ext in ("html", "png"):
-            latest = folder / f"latest.{ext}"
-            latest.unlink(missing_ok=True)
-            latest.write_bytes((folder / f"{name}.{ext}").read_bytes())
-        self.logger.log_media(self.step, folder / f"{name}.png", folder / f"{name}.html")
+        png, html = write_picture(sample.tolist(), out.routed[0].tolist(), self.out_dir / "routing",
+                                  f"step_{self.step:06d}", title)
+        self.logger.log_media(self.step, png, html)
 
     # ----------------------------------------------------------------------------- loop
     def fit(self) -> dict[str, Any]:
