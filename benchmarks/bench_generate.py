@@ -53,7 +53,7 @@ def train_fallback(minutes: float, seed: int = 0):
     """A configs/quickstart.yaml-shaped model trained for `minutes` of wall time with AdamW on
     SymPy sources (lr 2e-3 after a 50-step warmup, batch 16 x max_seq_len). The model and
     optimizer are cached in runs/bench_generate/; a rerun with more minutes continues training."""
-    from pico.pipeline.config import load_config
+    from pico.configs.tree import load_config
 
     cfg = load_config(REPO / "configs" / "quickstart.yaml").model
     ckpt = CACHE / "model.pt"
@@ -107,7 +107,7 @@ def _save(path: Path, model, opt, info: dict) -> None:
 
 def load(args):
     """The model to benchmark and a description of where it came from."""
-    from pico.pipeline.checkpoint import load_model
+    from pico.pipeline.release.load import load_model
 
     for cand in ([args.model] if args.model else [REPO / "runs/quickstart/release", REPO / "runs/quickstart/run"]):
         if cand and Path(cand).exists():

@@ -33,7 +33,7 @@ from pathlib import Path
 import webdataset as wds
 import zstandard
 
-from pico.pipeline.data import ByteBatches, _decode, _samples, resolve_shards
+from pico.pipeline.data.loader import ByteBatches, _decode, _samples, resolve_shards
 
 RESULTS = Path(__file__).resolve().parent / "results" / "loader_throughput.json"
 

@@ -172,8 +172,8 @@ def _state_worker(rank: int, world: int, port: int, out: str, steps: int) -> Non
     import torch
 
     from pico.model import build_model, make_targets
-    from pico.pipeline.config import load_config
-    from pico.pipeline.optim import build_optimizer
+    from pico.configs.tree import load_config
+    from pico.pipeline.optim.build import build_optimizer
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))

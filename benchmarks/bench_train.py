@@ -59,8 +59,8 @@ def train_rate(shards: Path, out: Path, ranks: int, steps: int, config: str) -> 
 
 
 def loader_rate(shards: Path, config: str, seconds: float = 10.0) -> float:
-    from pico.pipeline.config import load_config
-    from pico.pipeline.data import ByteBatches, resolve_shards
+    from pico.configs.tree import load_config
+    from pico.pipeline.data.loader import ByteBatches, resolve_shards
 
     cfg = load_config(config)
     loader = ByteBatches(resolve_shards([str(shards)], "train"), seq_len=cfg.data.seq_len,
@@ -80,7 +80,7 @@ def main() -> None:
     ap.add_argument("--config", default="quickstart")
     args = ap.parse_args()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    from pico.pipeline.train import measure_matmul_flops
+    from pico.pipeline.train.trainer import measure_matmul_flops
 
     results = {"command": f"python benchmarks/bench_train.py --steps {args.steps} --config {args.config}",
                "host_cpus": os.cpu_count()}

@@ -119,7 +119,7 @@ def val_documents(shards: Path) -> list[bytes]:
     """Every document of the val split, in shard order (same decoding as the trainer's eval)."""
     import zstandard
 
-    from pico.pipeline.data import _eval_documents, resolve_shards
+    from pico.pipeline.data.loader import _eval_documents, resolve_shards
 
     dctx = zstandard.ZstdDecompressor()
     return [doc for url in resolve_shards([str(shards)], "val") for _, doc in _eval_documents(url, dctx, False)]
@@ -153,8 +153,8 @@ def write_eval_texts(out: Path, shards: Path, val_kb: int, ood_kb: int) -> tuple
 
 
 def model_info(config: str, overrides: list[str]) -> dict:
-    from pico.pipeline.config import load_config
-    from pico.pipeline.info import describe
+    from pico.configs.tree import load_config
+    from pico.pipeline.commands.info import describe
 
     cfg = load_config(config_path(config), overrides)
     return {**describe(cfg.model), "batch_size": cfg.data.batch_size, "data_seq_len": cfg.data.seq_len}
@@ -199,8 +199,8 @@ def score_here(run_dir: Path, files: list[Path], seq_len: int, max_batches: int,
 
     import torch
 
-    from pico.pipeline.checkpoint import load_model
-    from pico.pipeline.evaluate import evaluate, text_file_batches
+    from pico.pipeline.release.load import load_model
+    from pico.pipeline.eval.evaluate import evaluate, text_file_batches
 
     model, _ = load_model(run_dir, "cpu")
     batches = text_file_batches(files, seq_len, model.cfg.n_predict, 8)

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 from pico.cluster import plan, ray_jobs, slurm
-from pico.pipeline.config import ConfigError, load_config
-from pico.pipeline.errors import UserError
+from pico.configs.tree import ConfigError, load_config
+from pico.configs.errors import UserError
 
 EPILOG = """examples:
   pico submit slurm --config configs/pico-1b.yaml --nodes 4 --gpus-per-node 8 --time 48:00:00 --dry-run

@@ -12,7 +12,7 @@ import re
 import sys
 
 from pico.cluster import ray_jobs, slurm
-from pico.pipeline.errors import UserError
+from pico.configs.errors import UserError
 
 _SLURM_ID = re.compile(r"^\d+(_\d+)?$")
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pico.pipeline.config import Config
-from pico.pipeline.errors import UserError
+from pico.configs.tree import Config
+from pico.configs.errors import UserError
 
 H100_BF16_DENSE_FLOPS = 989e12
 """NVIDIA's stated dense bf16 peak of one H100 SXM (no sparsity); the MFU estimate is relative to it."""

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pico.pipeline.errors import UserError
+from pico.configs.errors import UserError
 
 RAY_HINT = "Ray's job client (pip install 'ray[default]==2.60.0'; plain `ray` lacks the job submission API)"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}

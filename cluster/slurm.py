@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 
 from pico.cluster.plan import Resources
-from pico.pipeline.errors import UserError
+from pico.configs.errors import UserError
 
 SLURM_CLIENT_HINT = ("the Slurm client tools (Debian/Ubuntu package slurm-client: apt-get install slurm-client; "
                      "on a cluster, run on a login node or `module load slurm`)")

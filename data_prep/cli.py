@@ -16,7 +16,7 @@ import re
 import sys
 
 from pico.data_prep.config import PrepConfig
-from pico.pipeline.errors import UserError
+from pico.configs.errors import UserError
 
 EPILOG = """sub-verb:
   pico prep verify DST [--json]   read every shard back, check sha256, counts and every sample
@@ -38,7 +38,7 @@ def parse_size(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `pico prep`, with help from the PrepConfig field docstrings."""
-    from pico.pipeline.config import field_docs
+    from pico.configs.tree import field_docs
 
     docs = field_docs(PrepConfig)
     parser.add_argument("--input", dest="inputs", nargs="+", action="extend", required=True, metavar="SRC",

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pico.pipeline.errors import UserError
+from pico.configs.errors import UserError
 
 MiB = 1 << 20
 

@@ -27,7 +27,7 @@ from pico.data_prep.config import PrepConfig
 from pico.data_prep.shards import TarShardWriter, compressor, sample_key, shard_name, split_of, SHARD_NAME
 from pico.data_prep.sources import Doc, InputFile, Skip, expand_inputs, iter_documents
 from pico.data_prep.store import Store
-from pico.pipeline.errors import UserError
+from pico.configs.errors import UserError
 
 MANIFEST = "manifest.json"
 WORK = "_work"

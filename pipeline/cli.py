@@ -15,18 +15,18 @@ import argparse
 import importlib
 import sys
 
-from pico.pipeline.errors import UserError
+from pico.configs.errors import ConfigError, UserError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "prep": ("pico.data_prep.cli", "prepare raw corpora into zstd WebDataset shards with Ray (`pico prep verify DST` checks them)"),
-    "train": ("pico.pipeline.train", "train a model with DeepSpeed from a YAML config and dotted overrides"),
-    "eval": ("pico.pipeline.evaluate", "bits per byte of a checkpoint or release on shards or plain text files"),
-    "generate": ("pico.pipeline.generate", "generate bytes from a checkpoint or release (self-speculative by default)"),
-    "convert": ("pico.pipeline.release", "convert a training checkpoint into a safetensors release"),
+    "train": ("pico.pipeline.train.trainer", "train a model with DeepSpeed from a YAML config and dotted overrides"),
+    "eval": ("pico.pipeline.eval.evaluate", "bits per byte of a checkpoint or release on shards or plain text files"),
+    "generate": ("pico.pipeline.commands.generate", "generate bytes from a checkpoint or release (self-speculative by default)"),
+    "convert": ("pico.pipeline.release.convert", "convert a training checkpoint into a safetensors release"),
     "submit": ("pico.cluster.cli", "submit prep or train to a Slurm or Ray cluster"),
     "jobs": ("pico.cluster.jobs", "status, logs and cancel of submitted Slurm and Ray jobs"),
-    "info": ("pico.pipeline.info", "parameter count and FLOPs per byte of a config (for matching compute)"),
-    "quickstart": ("pico.pipeline.quickstart", "the whole chain on a built-in corpus in minutes on a CPU"),
+    "info": ("pico.pipeline.commands.info", "parameter count and FLOPs per byte of a config (for matching compute)"),
+    "quickstart": ("pico.pipeline.commands.quickstart", "the whole chain on a built-in corpus in minutes on a CPU"),
 }
 
 
@@ -64,8 +64,6 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"pico: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    from pico.pipeline.config import ConfigError
-
     module = importlib.import_module(COMMANDS[name][0])
     if hasattr(module, "main"):  # a command with its own sub-verbs (`pico prep verify DST`)
         try:

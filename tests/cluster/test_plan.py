@@ -10,8 +10,8 @@ import pytest
 
 from pico.cluster import plan, ray_jobs, slurm
 from pico.cluster.cli import main
-from pico.pipeline.config import load_config
-from pico.pipeline.errors import UserError
+from pico.configs.tree import load_config
+from pico.configs.errors import UserError
 
 
 def cfg_with(*overrides: str):

@@ -16,7 +16,7 @@ import pytest
 
 from pico.cluster.cli import main as submit_main
 from pico.cluster.jobs import main as jobs_main
-from pico.pipeline.errors import UserError
+from pico.configs.errors import UserError
 from tests.cluster.conftest import daemon_logs, wait_job, write_shards
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]

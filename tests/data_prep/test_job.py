@@ -20,7 +20,7 @@ from pico.data_prep import prepare, verify
 from pico.data_prep.cli import main as prep_main
 from pico.data_prep.config import PrepConfig
 from pico.data_prep.job import run_job
-from pico.pipeline.errors import UserError
+from pico.configs.errors import UserError
 
 from .conftest import read_documents, words
 

@@ -52,7 +52,7 @@ def test_s3_input_and_output_round_trip(s3, ray_local, corpus_dir, tmp_path):
 
 
 def test_unreachable_bucket_alone_is_no_input(s3, ray_local, tmp_path):
-    from pico.pipeline.errors import UserError
+    from pico.configs.errors import UserError
 
     with pytest.raises(UserError, match="no input matched: s3://no-such-bucket-pico/x"):
         prepare(["s3://no-such-bucket-pico/x"], str(tmp_path / "out"), progress=False)

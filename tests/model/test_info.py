@@ -6,7 +6,7 @@ import json
 
 from pico.model import flops_per_byte, param_count
 from pico.pipeline.cli import main
-from pico.pipeline.config import load_config
+from pico.configs.tree import load_config
 
 
 def test_info_prints_params_and_flops_with_overrides(capsys):

@@ -59,7 +59,7 @@ import zstandard
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pico.model.config import EOS, PAD
-from pico.pipeline.errors import UserError
+from pico.configs.errors import UserError
 
 STATE_VERSION = 1
 _GLOB_CHARS = re.compile(r"[*?\[]")

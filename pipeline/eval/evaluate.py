@@ -20,7 +20,7 @@ import torch
 from pico.model import make_targets
 from pico.model.config import EOS, PAD
 from pico.pipeline import dist
-from pico.pipeline.errors import UserError
+from pico.configs.errors import UserError
 
 LN2 = math.log(2.0)
 
@@ -107,7 +107,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pico.pipeline.checkpoint import load_model
+    from pico.pipeline.release.load import load_model
 
     device = dist.pick_device(args.device)
     model, info = load_model(args.checkpoint, device)
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     extra = model.cfg.n_predict
     is_shards = all(str(d).startswith("s3://") or d.endswith(".tar") or Path(d).is_dir() or "*" in d for d in args.data)
     if is_shards:
-        from pico.pipeline.data import eval_sequences, resolve_shards
+        from pico.pipeline.data.loader import eval_sequences, resolve_shards
 
         shards = resolve_shards(list(args.data), args.split)
         batches = eval_sequences(shards, seq_len=seq_len, extra=extra, batch_size=args.batch_size, rank=0,

@@ -38,7 +38,7 @@ def describe(model_cfg) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pico.pipeline.config import load_config
+    from pico.configs.tree import load_config
 
     cfg = load_config(args.config, getattr(args, "overrides", []))
     info = describe(cfg.model)

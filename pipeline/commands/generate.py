@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from pico.pipeline.errors import UserError
+from pico.configs.errors import UserError
 
 EPILOG = """examples:
   pico generate --model runs/quickstart/release --prompt 'def ' --max-bytes 200
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--raw and --json are exclusive: choose raw bytes or one JSON object")
     prompts = read_prompts(args)
     from pico.model.generate import generate, prompt_ids
-    from pico.pipeline.checkpoint import load_model
+    from pico.pipeline.release.load import load_model
 
     model, info = load_model(args.model, args.device)
     ctx = model.cfg.max_seq_len

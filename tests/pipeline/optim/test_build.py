@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from pico.pipeline.config import OptimConfig
-from pico.pipeline.optim import build_optimizer, lr_at
-from pico.pipeline.soap import SOAP
+from pico.configs.tree import OptimConfig
+from pico.pipeline.optim.build import build_optimizer, lr_at
+from pico.pipeline.optim.soap import SOAP
 
 
 def _model() -> torch.nn.Module:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from pico.model import build_model
 from pico.model.config import EOS, PAD, ModelConfig
-from pico.pipeline.evaluate import evaluate, text_file_batches
+from pico.pipeline.eval.evaluate import evaluate, text_file_batches
 
 TINY = ModelConfig(d_local=32, n_heads=2, n_kv_heads=1, window=16, n_in=1, n_out=1, d_latent=64, n_latent=1,
                    n_latent_heads=2, n_latent_kv_heads=1, n_predict=3, max_seq_len=32)

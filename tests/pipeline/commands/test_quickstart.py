@@ -28,7 +28,7 @@ def _run(out, corpus_dir, steps):
 @pytest.mark.slow
 def test_quickstart_full_chain_and_rerun(tmp_path):
     # A small slice of the default corpus (this interpreter's stdlib), so the test stays short.
-    from pico.pipeline.quickstart import default_corpus
+    from pico.pipeline.commands.quickstart import default_corpus
 
     src = tmp_path / "corpus"
     src.mkdir()

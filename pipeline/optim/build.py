@@ -17,8 +17,8 @@ from typing import Any, Iterable
 
 import torch
 
-from pico.pipeline.config import OptimConfig
-from pico.pipeline.soap import SOAP
+from pico.configs.tree import OptimConfig
+from pico.pipeline.optim.soap import SOAP
 
 
 def param_groups(params_or_named_params: Iterable[Any], weight_decay: float) -> list[dict[str, Any]]:

@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 
-from pico.pipeline import checkpoint as ckpt
+from pico.pipeline.train import checkpoint as ckpt
 from pico.pipeline import dist
-from pico.pipeline.config import Config, ConfigError, describe_config, load_config, save_config
-from pico.pipeline.errors import UserError
+from pico.configs.tree import Config, ConfigError, describe_config, load_config, save_config
+from pico.configs.errors import UserError
 
 ACCEPTS_OVERRIDES = True
 EXIT_PREEMPTED = 75
@@ -157,8 +157,8 @@ class Trainer:
         import deepspeed
 
         from pico.model import build_model
-        from pico.pipeline.data import ByteBatches, resolve_shards
-        from pico.pipeline.optim import build_optimizer
+        from pico.pipeline.data.loader import ByteBatches, resolve_shards
+        from pico.pipeline.optim.build import build_optimizer
 
         cfg = self.cfg
         start = ckpt.latest_checkpoint(self.ckpt_dir) if self.resume else None
@@ -198,7 +198,7 @@ class Trainer:
             self._load(start)
         if dist.is_main():
             save_config(cfg, self.out_dir)
-        from pico.pipeline.metrics import MetricsLogger
+        from pico.pipeline.train.metrics import MetricsLogger
 
         self.logger = MetricsLogger(self.out_dir, cfg.logging, cfg.to_dict(), resume=start is not None)
 
@@ -253,7 +253,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- eval
     def _val_batches(self, max_batches: int | None):
-        from pico.pipeline.data import eval_sequences
+        from pico.pipeline.data.loader import eval_sequences
 
         cfg = self.cfg
         batches = eval_sequences(self.val_shards, seq_len=cfg.data.seq_len, extra=cfg.model.n_predict,
@@ -277,7 +277,7 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Validation bits per byte with causal routing (and top-k routing on a few batches)."""
-        from pico.pipeline.evaluate import evaluate
+        from pico.pipeline.eval.evaluate import evaluate
 
         self._sync_buffers()
 
@@ -295,8 +295,8 @@ class Trainer:
     def _routing_picture(self) -> None:
         if self.cfg.model.router == "none":
             return
-        from pico.pipeline.data import eval_sequences
-        from pico.pipeline.routing_viz import write_picture
+        from pico.pipeline.data.loader import eval_sequences
+        from pico.pipeline.train.pictures import write_picture
 
         if not hasattr(self, "_picture_sample"):
             first = next(iter(eval_sequences(self.val_shards, seq_len=self.cfg.data.seq_len, extra=0, batch_size=1,
@@ -319,7 +319,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to `train.steps`; returns a summary. Raises TrainingDiverged on NaN/inf loss."""
         from pico.model import make_targets
-        from pico.pipeline.optim import lr_at
+        from pico.pipeline.optim.build import lr_at
 
         cfg = self.cfg
         self.preemption.install()

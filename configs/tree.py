@@ -23,11 +23,8 @@ from typing import Any, Literal
 
 import yaml
 
+from pico.configs.errors import ConfigError
 from pico.model.config import ModelConfig
-
-
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message says which key and what is allowed."""
 
 
 @dataclass

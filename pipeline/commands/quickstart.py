@@ -26,7 +26,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from pico.pipeline.errors import UserError
+from pico.configs.errors import UserError
 
 ACCEPTS_OVERRIDES = True
 EPILOG = ("Config overrides after the options change the training run, e.g. --train.steps=100 --model.capacity=0.25.\n"
@@ -131,9 +131,9 @@ def quickstart(corpus: list[str] | None = None, out: Path = Path("runs/quickstar
 
     # -- 2. train ----------------------------------------------------------------------------
     _stage("2/5 train: DeepSpeed + SOAP on CPU")
-    from pico.pipeline.checkpoint import latest_checkpoint, read_run_state
-    from pico.pipeline.config import load_config
-    from pico.pipeline.train import train
+    from pico.pipeline.train.checkpoint import latest_checkpoint, read_run_state
+    from pico.configs.tree import load_config
+    from pico.pipeline.train.trainer import train
 
     run_dir = out / "run"
     extra = [f"--data.train=[{shards}]", f"--train.out_dir={run_dir}"] + list(overrides or [])
@@ -154,8 +154,8 @@ def quickstart(corpus: list[str] | None = None, out: Path = Path("runs/quickstar
 
     # -- 3. eval -----------------------------------------------------------------------------
     _stage("3/5 eval: bits per byte on held-out documents vs unigram and xz -9e")
-    from pico.pipeline.checkpoint import load_model
-    from pico.pipeline.evaluate import evaluate, text_file_batches
+    from pico.pipeline.release.load import load_model
+    from pico.pipeline.eval.evaluate import evaluate, text_file_batches
 
     t0 = time.time()
     held_out = b"".join(read_documents(shards, "val", EVAL_BYTES))[:EVAL_BYTES]
@@ -181,7 +181,7 @@ def quickstart(corpus: list[str] | None = None, out: Path = Path("runs/quickstar
 
     # -- 4. convert --------------------------------------------------------------------------
     _stage("4/5 convert: checkpoint -> safetensors release")
-    from pico.pipeline.release import convert
+    from pico.pipeline.release.convert import convert
 
     t0 = time.time()
     release_dir = out / "release"
@@ -190,7 +190,7 @@ def quickstart(corpus: list[str] | None = None, out: Path = Path("runs/quickstar
 
     # -- 5. generate -------------------------------------------------------------------------
     _stage("5/5 generate: plain vs self-speculative decoding (greedy)")
-    from pico.pipeline.checkpoint import load_model as load_release_model
+    from pico.pipeline.release.load import load_model as load_release_model
     from pico.model.generate import generate
 
     t0 = time.time()

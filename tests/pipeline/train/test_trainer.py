@@ -77,7 +77,7 @@ def test_two_ranks_each_zero_stage(tmp_path, tiny_shards, stage):
     assert last < first - 0.2, (first, last)
     steps = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert steps == ["step_000008", "step_000016"]
-    from pico.pipeline.checkpoint import load_model
+    from pico.pipeline.release.load import load_model
 
     model, info = load_model(out)
     assert info["step"] == 16 and info["zero_stage"] == stage and info["world_size"] == 2
@@ -129,7 +129,7 @@ def test_sigusr1_saves_and_exits_75(tmp_path, tiny_shards):
     err = proc.stderr.read()
     assert rc == 75, err[-2000:]
     assert "--resume" in err
-    from pico.pipeline.checkpoint import latest_checkpoint, read_run_state
+    from pico.pipeline.train.checkpoint import latest_checkpoint, read_run_state
 
     latest = latest_checkpoint(out / "checkpoints")
     assert latest is not None and read_run_state(latest)["step"] >= 3
@@ -143,7 +143,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, tiny_
                      check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "NaN or infinite at step" in proc.stderr
-    from pico.pipeline.checkpoint import latest_checkpoint, read_run_state
+    from pico.pipeline.train.checkpoint import latest_checkpoint, read_run_state
 
     latest = latest_checkpoint(out / "checkpoints")
     assert latest is not None

@@ -1,6 +1,6 @@
 """SOAP against the paper's algorithm written out by hand, and its sharding on real gloo ranks.
 
-The reference below is independent of pipeline/soap.py: plain matrix products for one matrix
+The reference below is independent of pipeline/optim/soap.py: plain matrix products for one matrix
 (explicit L and R EMAs, eigh, rotation, Adam in the rotated basis, rotation back, bias
 correction, decoupled weight decay, and the sorted power-iteration + QR refresh).
 """
@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pico.pipeline.soap import SOAP, assign_owners, project, project_back, work_shape
+from pico.pipeline.optim.soap import SOAP, assign_owners, project, project_back, work_shape
 
 LR, B1, B2, SB, EPS, WD = 0.01, 0.9, 0.99, 0.8, 1e-8, 0.1
 
@@ -330,8 +330,8 @@ def test_deepspeed_stage0_two_ranks_equal_one_process(tmp_path, port, clip):
 def test_pico_routed_path_trains_with_soap():
     from pico.model import ModelConfig, build_model, make_targets
 
-    from pico.pipeline.config import OptimConfig
-    from pico.pipeline.optim import build_optimizer
+    from pico.configs.tree import OptimConfig
+    from pico.pipeline.optim.build import build_optimizer
 
     torch.manual_seed(0)
     cfg = ModelConfig(d_local=32, n_heads=2, n_kv_heads=1, window=16, n_in=1, n_out=1, d_latent=64, n_latent=1,

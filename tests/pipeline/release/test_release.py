@@ -6,7 +6,7 @@ Two kinds of source checkpoint:
   compared with (a) the model rebuilt from `load_model_state` and (b) the DeepSpeed engine itself,
   rebuilt on 2 ranks by the same code the trainer uses, loaded from the same checkpoint, run
   forward on the same bytes (this file run as a module under torchrun, see `engine_logits_main`);
-- a ZeRO-0 one-rank checkpoint laid out by hand here (the layout `pipeline/checkpoint.py` reads:
+- a ZeRO-0 one-rank checkpoint laid out by hand here (the layout `pipeline/train/checkpoint.py` reads:
   `ds/mp_rank_00_model_states.pt`, `rank00000.pt`, `pico_state.json`), so that the release
   format itself (checksums, versions, atomicity, idempotence, no pickle) is tested fast.
 
@@ -29,9 +29,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pico.pipeline.errors import UserError
+from pico.configs.errors import UserError
 from tests.conftest import REPO, free_port
-from tests.pipeline.test_train import TINY, _env, train_run
+from tests.pipeline.train.test_trainer import TINY, _env, train_run
 
 PROBE_SEED = 1234
 BF16_TOL = {"atol": 1e-2, "rtol": 1e-2}
@@ -44,7 +44,7 @@ def probe_input(max_seq_len: int) -> torch.Tensor:
 
 
 def tiny_config():
-    from pico.pipeline.config import load_config
+    from pico.configs.tree import load_config
 
     return load_config("quickstart", [a for a in TINY if not a.startswith("--logging")] + ["--optim.name=adamw",
                                                                                          "--data.train=[shards/novels]"])
@@ -73,8 +73,8 @@ def reference_model(ckpt: Path):
     """The checkpoint's fp32 weights in a freshly built model (the path eval and generate take)."""
     from pico.model import build_model
     from pico.model.config import ModelConfig
-    from pico.pipeline.checkpoint import load_model_state
-    from pico.pipeline.config import from_dict
+    from pico.pipeline.train.checkpoint import load_model_state
+    from pico.configs.tree import from_dict
 
     sd, run_state = load_model_state(ckpt)
     model = build_model(from_dict(ModelConfig, run_state["config"]["model"], "model"))
@@ -107,7 +107,7 @@ def zero0(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def release(zero0, tmp_path_factory) -> Path:
-    from pico.pipeline.release import convert
+    from pico.pipeline.release.convert import convert
 
     return convert(zero0, tmp_path_factory.mktemp("rel") / "fp32")
 
@@ -122,8 +122,8 @@ def damaged(release, tmp_path) -> Path:
 
 
 def test_release_layout_card_and_round_trip(zero0, release):
-    from pico.pipeline.checkpoint import load_model
-    from pico.pipeline.release import load_release
+    from pico.pipeline.release.load import load_model
+    from pico.pipeline.release.load import load_release
 
     assert sorted(p.name for p in release.iterdir()) == ["README.md", "SHA256SUMS", "config.json", "model.safetensors"]
     config = json.loads((release / "config.json").read_text())
@@ -146,7 +146,7 @@ def test_release_layout_card_and_round_trip(zero0, release):
 
 
 def test_convert_is_idempotent_and_leaves_an_identical_release_alone(zero0, release, tmp_path):
-    from pico.pipeline.release import convert
+    from pico.pipeline.release.convert import convert
 
     again = convert(zero0, tmp_path / "again")
     assert files_of(again) == files_of(release)
@@ -162,7 +162,8 @@ def test_convert_is_idempotent_and_leaves_an_identical_release_alone(zero0, rele
 def test_bf16_release_is_the_rounded_weights_and_close_logits(zero0, release, tmp_path):
     from safetensors.torch import load_file
 
-    from pico.pipeline.release import convert, load_release
+    from pico.pipeline.release.convert import convert
+    from pico.pipeline.release.load import load_release
 
     b = convert(zero0, tmp_path / "bf16", dtype="bf16")
     _, sd = reference_model(zero0)
@@ -220,7 +221,7 @@ def test_release_loads_and_generates_without_pickle(release):
 
 @pytest.mark.parametrize("how", ["flip", "truncate"])
 def test_corrupt_weights_are_refused(damaged, how):
-    from pico.pipeline.release import load_release
+    from pico.pipeline.release.load import load_release
 
     f = damaged / "model.safetensors"
     data = bytearray(f.read_bytes())
@@ -239,7 +240,7 @@ def test_corrupt_weights_are_refused(damaged, how):
 
 
 def test_damaged_header_with_matching_sums_is_refused(damaged):
-    from pico.pipeline.release import load_release
+    from pico.pipeline.release.load import load_release
 
     f = damaged / "model.safetensors"
     data = bytearray(f.read_bytes())
@@ -251,7 +252,7 @@ def test_damaged_header_with_matching_sums_is_refused(damaged):
 
 
 def test_newer_format_version_is_refused(damaged):
-    from pico.pipeline.release import load_release
+    from pico.pipeline.release.load import load_release
 
     cfg = json.loads((damaged / "config.json").read_text())
     cfg["format_version"] = 2
@@ -264,7 +265,7 @@ def test_newer_format_version_is_refused(damaged):
 
 
 def test_missing_sums_or_config_or_mismatched_weights_are_refused(damaged, tmp_path):
-    from pico.pipeline.release import load_release
+    from pico.pipeline.release.load import load_release
 
     cfg = json.loads((damaged / "config.json").read_text())
     cfg["model"]["d_local"] = 64  # weights no longer fit the config
@@ -281,9 +282,9 @@ def test_missing_sums_or_config_or_mismatched_weights_are_refused(damaged, tmp_p
 
 
 def test_paths_that_are_neither_are_refused(release, tmp_path, capsys):
-    from pico.pipeline.checkpoint import load_model
+    from pico.pipeline.release.load import load_model
     from pico.pipeline.cli import main
-    from pico.pipeline.release import convert
+    from pico.pipeline.release.convert import convert
 
     junk = tmp_path / "junk"
     junk.mkdir()
@@ -301,8 +302,8 @@ def test_paths_that_are_neither_are_refused(release, tmp_path, capsys):
 
 
 def test_corrupt_checkpoint_file_is_refused(zero0, tmp_path):
-    from pico.pipeline.checkpoint import load_model
-    from pico.pipeline.release import convert
+    from pico.pipeline.release.load import load_model
+    from pico.pipeline.release.convert import convert
 
     ckpt = Path(shutil.copytree(zero0, tmp_path / "checkpoints" / zero0.name))
     f = ckpt / "ds" / "mp_rank_00_model_states.pt"
@@ -314,7 +315,7 @@ def test_corrupt_checkpoint_file_is_refused(zero0, tmp_path):
 
 
 def test_convert_refuses_to_overwrite_what_is_not_a_release(zero0, tmp_path):
-    from pico.pipeline.release import convert
+    from pico.pipeline.release.convert import convert
 
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "mine.txt").write_text("keep me")
@@ -324,7 +325,7 @@ def test_convert_refuses_to_overwrite_what_is_not_a_release(zero0, tmp_path):
 
 
 def test_failed_convert_leaves_nothing_and_keeps_the_old_release(zero0, release, tmp_path, monkeypatch):
-    from pico.pipeline import release as rel
+    from pico.pipeline.release import convert as rel
 
     def broken(*a, **k):
         raise OSError("disk full (simulated)")
@@ -386,7 +387,8 @@ def engine_logits(zero_runs, tmp_path_factory) -> dict[int, dict[str, torch.Tens
 @pytest.mark.distributed
 @pytest.mark.parametrize("stage", [2, 3])
 def test_release_of_zero_run_equals_the_training_engine(zero_runs, engine_logits, tmp_path, stage):
-    from pico.pipeline.release import convert, load_release
+    from pico.pipeline.release.convert import convert
+    from pico.pipeline.release.load import load_release
 
     ckpt = zero_runs[stage]
     rel = convert(ckpt, tmp_path / "fp32")
@@ -429,7 +431,7 @@ def test_cli_json_stdout_is_clean_for_zero3(zero_runs, tmp_path):
     (3, "truncate ds/zero_pp_rank_1_mp_rank_00_optim_states.pt", "a ZeRO-3 partition under ds/ cannot be read"),
 ])
 def test_incomplete_zero_checkpoint_is_refused(zero_runs, tmp_path, stage, victim, says):
-    from pico.pipeline.release import convert
+    from pico.pipeline.release.convert import convert
 
     ckpt = Path(shutil.copytree(zero_runs[stage], tmp_path / "checkpoints" / "step_000003"))
     if victim.startswith("truncate "):
@@ -453,11 +455,11 @@ def engine_logits_main(out_dir: str, *checkpoints: str) -> None:
     from safetensors.torch import save_file
 
     from pico.model import build_model
-    from pico.pipeline import checkpoint as ckpt
+    from pico.pipeline.train import checkpoint as ckpt
     from pico.pipeline import dist
-    from pico.pipeline.config import Config, from_dict
-    from pico.pipeline.optim import build_optimizer
-    from pico.pipeline.train import deepspeed_config
+    from pico.configs.tree import Config, from_dict
+    from pico.pipeline.optim.build import build_optimizer
+    from pico.pipeline.train.trainer import deepspeed_config
 
     dist.init(torch.device("cpu"))
     for path in map(Path, checkpoints):

@@ -17,8 +17,8 @@ import webdataset as wds
 import zstandard
 
 from pico.model.config import EOS, PAD
-from pico.pipeline.data import ByteBatches, eval_sequences, resolve_shards
-from pico.pipeline.errors import UserError
+from pico.pipeline.data.loader import ByteBatches, eval_sequences, resolve_shards
+from pico.configs.errors import UserError
 
 T, EXTRA, B = 32, 3, 4
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pico.pipeline.config import Config, ConfigError, describe_config, load_config, parse_overrides, save_config
+from pico.configs.tree import Config, ConfigError, describe_config, load_config, parse_overrides, save_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -38,15 +37,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pico.pipeline.errors import UserError
-
-FORMAT = "pico-release"
-FORMAT_VERSION = 1
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
-CARD = "README.md"
-SUMS = "SHA256SUMS"
-DTYPES = {"fp32": "F32", "bf16": "BF16"}
+from pico.configs.errors import UserError
+from pico.pipeline.release.load import (CARD, CONFIG, DTYPES, FORMAT, FORMAT_VERSION, SUMS, WEIGHTS, build_network,
+                                        checksum_errors, load_release, parse_model_config, pico_version,
+                                        read_checksums, sha256_file)
 
 EPILOG = """examples:
   pico convert runs/quickstart/run                       # newest checkpoint -> runs/quickstart/run/releases/step_NNNNNN
@@ -93,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
 def convert(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike | None = None,
             dtype: str = "fp32") -> Path:
     """Write the release of a checkpoint (a run, checkpoints or step directory) to out_dir; return its path."""
-    from pico.pipeline import checkpoint as ckpt
+    from pico.pipeline.train import checkpoint as ckpt
 
     if dtype not in DTYPES:
         raise UserError(f"dtype={dtype!r}: choose one of {', '.join(sorted(DTYPES))}")
@@ -110,7 +104,7 @@ def convert(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike | Non
     out = Path(out_dir) if out_dir is not None else default_out_dir(step_dir)
 
     state, _ = ckpt.load_model_state(step_dir)
-    model_cfg = _model_config(run_state["config"]["model"], step_dir / ckpt.STATE_FILE)
+    model_cfg = parse_model_config(run_state["config"]["model"], step_dir / ckpt.STATE_FILE)
     _check_matches(state, model_cfg, step_dir)
     return _publish(out, lambda tmp: _write_release(tmp, state, model_cfg, run_state, step_dir, dtype))
 
@@ -124,7 +118,7 @@ def default_out_dir(step_dir: Path) -> Path:
 
 def check_complete(step_dir: Path, run_state: dict[str, Any]) -> None:
     """Refuse a checkpoint that lacks a file some rank wrote: its weights cannot be trusted."""
-    from pico.pipeline.checkpoint import DS_TAG
+    from pico.pipeline.train.checkpoint import DS_TAG
 
     world = int(run_state.get("world_size", 1))
     stage = int(run_state.get("zero_stage", 0))
@@ -140,26 +134,6 @@ def check_complete(step_dir: Path, run_state: dict[str, Any]) -> None:
     if missing:
         raise UserError(f"checkpoint {step_dir} is incomplete (written by {world} ranks at ZeRO stage {stage}); "
                         f"missing: {', '.join(missing)}. Restore the missing files or convert an earlier step")
-
-
-def _model_config(data: dict[str, Any], where: Path):
-    from pico.model.config import ModelConfig
-    from pico.pipeline.config import ConfigError, from_dict
-
-    try:
-        return from_dict(ModelConfig, data, "model")
-    except (ConfigError, ValueError, TypeError) as e:
-        raise UserError(f"{where}: the model config cannot be rebuilt by this pico ({e})") from None
-
-
-def _build(model_cfg):
-    """build_model without touching the caller's RNG (initial weights are overwritten anyway)."""
-    import torch
-
-    from pico.model import build_model
-
-    with torch.random.fork_rng(devices=[]):
-        return build_model(model_cfg)
 
 
 def _check_matches(state: dict, model_cfg, where: Path) -> None:
@@ -230,7 +204,7 @@ def _replaceable(out: Path) -> bool:
 
 def _same_files(a: Path, b: Path) -> bool:
     try:
-        return (a / SUMS).read_bytes() == (b / SUMS).read_bytes() and not _checksum_errors(a, read_checksums(a))
+        return (a / SUMS).read_bytes() == (b / SUMS).read_bytes() and not checksum_errors(a, read_checksums(a))
     except (OSError, UserError):
         return False
 
@@ -253,25 +227,16 @@ def _write_release(tmp: Path, state: dict, model_cfg, run_state: dict[str, Any],
         "eval": run_state.get("eval") or {},
     }
     write_safetensors(tmp / WEIGHTS, tensors, {"format": "pt", "pico_training": _json(training)})
-    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "pico_version": _pico_version(),
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "pico_version": pico_version(),
               "dtype": dtype, "model": dataclasses.asdict(model_cfg)}
     (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     (tmp / CARD).write_text(model_card(model_cfg, training, dtype))
-    sums = {name: _sha256(tmp / name) for name in (WEIGHTS, CONFIG, CARD)}
+    sums = {name: sha256_file(tmp / name) for name in (WEIGHTS, CONFIG, CARD)}
     (tmp / SUMS).write_text("".join(f"{h}  {name}\n" for name, h in sums.items()))
 
 
 def _json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-
-
-def _pico_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("pico")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 # ----------------------------------------------------------------------------- safetensors
@@ -369,7 +334,7 @@ def model_card(model_cfg, training: dict[str, Any], dtype: str) -> str:
     lines += [
         "", "## Use", "",
         "```", "pico generate --model DIR --prompt 'The ' --max-bytes 200", "pico eval --model DIR --data FILE_OR_SHARDS", "```", "",
-        "```python", "from pico.pipeline.release import load_release", "model, info = load_release('DIR')  "
+        "```python", "from pico.pipeline.release.load import load_release", "model, info = load_release('DIR')  "
         "# safetensors + JSON only; checksums verified", "```", "",
         "## Files", "",
         f"`{WEIGHTS}` (weights; training record in its metadata), `{CONFIG}` (model config, release format "
@@ -392,129 +357,11 @@ def _paths(paths: Any) -> str:
     return ", ".join(f"`{p}`" for p in (paths if isinstance(paths, list) else [paths]))
 
 
-# ----------------------------------------------------------------------------- load
-
-
-def read_checksums(release: Path) -> dict[str, str]:
-    """{file name: sha256} from a release's SHA256SUMS."""
-    f = Path(release) / SUMS
-    if not f.exists():
-        raise UserError(f"{release} has no {SUMS}; it is not a complete pico release (convert it again)")
-    sums: dict[str, str] = {}
-    for i, line in enumerate(f.read_text().splitlines(), 1):
-        digest, _, name = line.partition("  ")
-        if len(digest) != 64 or not name or "/" in name or name.startswith("."):
-            raise UserError(f"{f}:{i}: malformed line {line!r} (expected '<sha256>  <file name>')")
-        sums[name] = digest
-    for need in (WEIGHTS, CONFIG):
-        if need not in sums:
-            raise UserError(f"{f} does not list {need}; the release is incomplete (convert it again)")
-    return sums
-
-
-def _checksum_errors(release: Path, sums: dict[str, str]) -> list[str]:
-    errors = []
-    for name, digest in sums.items():
-        p = release / name
-        if not p.exists():
-            errors.append(f"{name} is missing")
-        elif _sha256(p) != digest:
-            errors.append(f"{name} has sha256 {_sha256(p)[:12]}..., {SUMS} says {digest[:12]}...")
-    return errors
-
-
-def load_release(path: str | os.PathLike, dtype=None) -> tuple[Any, dict[str, Any]]:
-    """The model of a release directory (eval mode, on CPU) and what the release records.
-
-    Reads JSON and safetensors only: nothing is unpickled. Checksums are verified before the
-    weights are parsed. bf16 weights are cast to `dtype` (default float32, what CPUs compute in)."""
-    import torch
-
-    release = Path(path)
-    if not release.is_dir():
-        raise UserError(f"release {release} is not a directory; pass the directory written by `pico convert`")
-    config = read_release_config(release)
-    errors = _checksum_errors(release, read_checksums(release))
-    if errors:
-        raise UserError(f"release {release} is corrupt: {'; '.join(errors)}. Copy it again or rerun `pico convert`")
-    model_cfg = _model_config(config.get("model", {}), release / CONFIG)
-    state, meta = _read_weights(release / WEIGHTS, config)
-    model = _build(model_cfg)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise UserError(f"{release / WEIGHTS} does not match {CONFIG}: missing {missing[:5]}, unexpected "
-                        f"{unexpected[:5]}")
-    target = dtype or torch.float32
-    try:
-        model.load_state_dict({k: v.to(target) for k, v in state.items()}, strict=True)
-    except RuntimeError as e:
-        raise UserError(f"{release / WEIGHTS} does not match {CONFIG}: {e}") from None
-    model.to(target).eval()
-    try:
-        training = json.loads(meta.get("pico_training", "{}"))
-    except ValueError:
-        training = {}
-    info = {"path": str(release), "format_version": config["format_version"], "pico_version": config.get("pico_version"),
-            "dtype": config.get("dtype"), **training}
-    return model, info
-
-
-def read_release_config(release: Path) -> dict[str, Any]:
-    """config.json of a release, after checking that this pico can read its format version."""
-    f = Path(release) / CONFIG
-    if not f.exists():
-        raise UserError(f"{release} has no {CONFIG}; it is not a pico release (make one with `pico convert`)")
-    try:
-        config = json.loads(f.read_text())
-    except ValueError as e:
-        raise UserError(f"{f} is not valid JSON ({e}); the release is corrupt") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise UserError(f"{f} is not a pico release config (no \"format\": \"{FORMAT}\")")
-    version = config.get("format_version")
-    if not isinstance(version, int):
-        raise UserError(f"{f}: format_version is {version!r}, expected an integer")
-    if version > FORMAT_VERSION:
-        raise UserError(f"{release} uses release format {version} (written by pico {config.get('pico_version')}); "
-                        f"this pico ({_pico_version()}) reads formats up to {FORMAT_VERSION}. Upgrade pico")
-    return config
-
-
-def _read_weights(f: Path, config: dict[str, Any]) -> tuple[dict, dict[str, str]]:
-    from safetensors import SafetensorError, safe_open
-
-    if not f.exists():
-        raise UserError(f"{f} is missing; the release is incomplete")
-    want = DTYPES.get(config.get("dtype", ""))
-    try:
-        with safe_open(str(f), framework="pt") as st:
-            meta = st.metadata() or {}
-            state = {k: st.get_tensor(k) for k in st.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{f} cannot be read as safetensors ({e}); the release is corrupt") from None
-    import torch
-
-    codes = {torch.float32: "F32", torch.bfloat16: "BF16"}
-    odd = sorted(k for k, v in state.items() if codes.get(v.dtype) != want)
-    if odd:
-        raise UserError(f"{f}: tensors {odd[:5]} are not {config.get('dtype')} as {CONFIG} says")
-    return state, meta
-
-
 # ----------------------------------------------------------------------------- files
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _fsync(path: Path) -> None:
-    from pico.pipeline.checkpoint import _fsync_dir
+    from pico.pipeline.train.checkpoint import _fsync_dir
 
     _fsync_dir(path)  # opens read-only and fsyncs: works for files too
 

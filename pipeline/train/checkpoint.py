@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from pico.pipeline import dist
-from pico.pipeline.errors import UserError
+from pico.configs.errors import UserError
 
 STEP_RE = re.compile(r"^step_(\d{6,})$")
 DS_TAG = "ds"
@@ -171,36 +171,3 @@ def load_model_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
                             "it is corrupt, use another step") from None
     sd = {k.removeprefix("module."): v.float() for k, v in sd.items()}
     return sd, run_state
-
-
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """A ready-to-run model (eval mode) from a release directory or a training checkpoint.
-
-    Returns (model, info) where info holds the source kind and whatever the source recorded
-    (steps, bytes seen, eval bpb)."""
-    from pico.model import build_model
-    from pico.pipeline.config import from_dict
-    from pico.model.config import ModelConfig
-
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"model path {p} does not exist; pass a release directory (from `pico convert`) or a "
-                        "checkpoint / run directory (from `pico train`)")
-    if (p / "model.safetensors").exists() or (p / "config.json").exists():
-        from pico.pipeline.release import load_release
-
-        model, info = load_release(p)
-        return model.to(device).eval(), {"kind": "release", **info}
-    try:
-        resolve_checkpoint(p)
-    except UserError as e:
-        raise UserError(f"{p} is neither a release (model.safetensors + config.json) nor a training checkpoint: {e}") from None
-    sd, run_state = load_model_state(p)  # its errors name the checkpoint and what is wrong with it
-    cfg = from_dict(ModelConfig, run_state["config"]["model"], "model")
-    model = build_model(cfg)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise UserError(f"checkpoint {p} does not match its own model config: missing {missing[:5]}, "
-                        f"unexpected {unexpected[:5]}")
-    return model.to(device).eval(), {"kind": "checkpoint", "path": str(resolve_checkpoint(p)), **{
-        k: run_state.get(k) for k in ("step", "bytes_seen", "eval", "zero_stage", "world_size")}}

@@ -1,0 +1,208 @@
+"""Loading a release: the only code that reads what `pico convert` wrote, and `load_model`.
+
+`load_release(dir)` reads JSON and safetensors only (nothing is unpickled), checks every
+checksum first, refuses a newer format version, rebuilds the network with
+`pico.model.build_model` and loads the weights strictly. `load_model(path)` takes either a
+release or a training checkpoint, so eval, generate and the quickstart need not care which.
+
+The format's file names and version live here; `convert.py` writes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pico.configs.errors import UserError
+
+FORMAT = "pico-release"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+CARD = "README.md"
+SUMS = "SHA256SUMS"
+DTYPES = {"fp32": "F32", "bf16": "BF16"}
+
+
+def parse_model_config(data: dict[str, Any], where: Path):
+    """The ModelConfig recorded in a release or checkpoint; `where` names the file in the error."""
+    from pico.configs.tree import ConfigError, from_dict
+    from pico.model.config import ModelConfig
+
+    try:
+        return from_dict(ModelConfig, data, "model")
+    except (ConfigError, ValueError, TypeError) as e:
+        raise UserError(f"{where}: the model config cannot be rebuilt by this pico ({e})") from None
+
+
+def build_network(model_cfg):
+    """build_model without touching the caller's RNG (initial weights are overwritten anyway)."""
+    import torch
+
+    from pico.model import build_model
+
+    with torch.random.fork_rng(devices=[]):
+        return build_model(model_cfg)
+
+
+def pico_version() -> str:
+    """The installed pico's version, recorded in and checked against a release."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pico")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+
+
+def read_checksums(release: Path) -> dict[str, str]:
+    """{file name: sha256} from a release's SHA256SUMS."""
+    f = Path(release) / SUMS
+    if not f.exists():
+        raise UserError(f"{release} has no {SUMS}; it is not a complete pico release (convert it again)")
+    sums: dict[str, str] = {}
+    for i, line in enumerate(f.read_text().splitlines(), 1):
+        digest, _, name = line.partition("  ")
+        if len(digest) != 64 or not name or "/" in name or name.startswith("."):
+            raise UserError(f"{f}:{i}: malformed line {line!r} (expected '<sha256>  <file name>')")
+        sums[name] = digest
+    for need in (WEIGHTS, CONFIG):
+        if need not in sums:
+            raise UserError(f"{f} does not list {need}; the release is incomplete (convert it again)")
+    return sums
+
+
+def checksum_errors(release: Path, sums: dict[str, str]) -> list[str]:
+    errors = []
+    for name, digest in sums.items():
+        p = release / name
+        if not p.exists():
+            errors.append(f"{name} is missing")
+        elif sha256_file(p) != digest:
+            errors.append(f"{name} has sha256 {sha256_file(p)[:12]}..., {SUMS} says {digest[:12]}...")
+    return errors
+
+
+def load_release(path: str | os.PathLike, dtype=None) -> tuple[Any, dict[str, Any]]:
+    """The model of a release directory (eval mode, on CPU) and what the release records.
+
+    Reads JSON and safetensors only: nothing is unpickled. Checksums are verified before the
+    weights are parsed. bf16 weights are cast to `dtype` (default float32, what CPUs compute in)."""
+    import torch
+
+    release = Path(path)
+    if not release.is_dir():
+        raise UserError(f"release {release} is not a directory; pass the directory written by `pico convert`")
+    config = read_release_config(release)
+    errors = checksum_errors(release, read_checksums(release))
+    if errors:
+        raise UserError(f"release {release} is corrupt: {'; '.join(errors)}. Copy it again or rerun `pico convert`")
+    model_cfg = parse_model_config(config.get("model", {}), release / CONFIG)
+    state, meta = _read_weights(release / WEIGHTS, config)
+    model = build_network(model_cfg)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise UserError(f"{release / WEIGHTS} does not match {CONFIG}: missing {missing[:5]}, unexpected "
+                        f"{unexpected[:5]}")
+    target = dtype or torch.float32
+    try:
+        model.load_state_dict({k: v.to(target) for k, v in state.items()}, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"{release / WEIGHTS} does not match {CONFIG}: {e}") from None
+    model.to(target).eval()
+    try:
+        training = json.loads(meta.get("pico_training", "{}"))
+    except ValueError:
+        training = {}
+    info = {"path": str(release), "format_version": config["format_version"], "pico_version": config.get("pico_version"),
+            "dtype": config.get("dtype"), **training}
+    return model, info
+
+
+def read_release_config(release: Path) -> dict[str, Any]:
+    """config.json of a release, after checking that this pico can read its format version."""
+    f = Path(release) / CONFIG
+    if not f.exists():
+        raise UserError(f"{release} has no {CONFIG}; it is not a pico release (make one with `pico convert`)")
+    try:
+        config = json.loads(f.read_text())
+    except ValueError as e:
+        raise UserError(f"{f} is not valid JSON ({e}); the release is corrupt") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise UserError(f"{f} is not a pico release config (no \"format\": \"{FORMAT}\")")
+    version = config.get("format_version")
+    if not isinstance(version, int):
+        raise UserError(f"{f}: format_version is {version!r}, expected an integer")
+    if version > FORMAT_VERSION:
+        raise UserError(f"{release} uses release format {version} (written by pico {config.get('pico_version')}); "
+                        f"this pico ({pico_version()}) reads formats up to {FORMAT_VERSION}. Upgrade pico")
+    return config
+
+
+def _read_weights(f: Path, config: dict[str, Any]) -> tuple[dict, dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    if not f.exists():
+        raise UserError(f"{f} is missing; the release is incomplete")
+    want = DTYPES.get(config.get("dtype", ""))
+    try:
+        with safe_open(str(f), framework="pt") as st:
+            meta = st.metadata() or {}
+            state = {k: st.get_tensor(k) for k in st.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{f} cannot be read as safetensors ({e}); the release is corrupt") from None
+    import torch
+
+    codes = {torch.float32: "F32", torch.bfloat16: "BF16"}
+    odd = sorted(k for k, v in state.items() if codes.get(v.dtype) != want)
+    if odd:
+        raise UserError(f"{f}: tensors {odd[:5]} are not {config.get('dtype')} as {CONFIG} says")
+    return state, meta
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """A ready-to-run model (eval mode) from a release directory or a training checkpoint.
+
+    Returns (model, info) where info holds the source kind and whatever the source recorded
+    (steps, bytes seen, eval bpb)."""
+    from pico.configs.tree import from_dict
+    from pico.model import build_model
+    from pico.model.config import ModelConfig
+    from pico.pipeline.train.checkpoint import load_model_state, resolve_checkpoint
+
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"model path {p} does not exist; pass a release directory (from `pico convert`) or a "
+                        "checkpoint / run directory (from `pico train`)")
+    if (p / "model.safetensors").exists() or (p / "config.json").exists():
+        model, info = load_release(p)
+        return model.to(device).eval(), {"kind": "release", **info}
+    try:
+        resolve_checkpoint(p)
+    except UserError as e:
+        raise UserError(f"{p} is neither a release (model.safetensors + config.json) nor a training checkpoint: {e}") from None
+    sd, run_state = load_model_state(p)  # its errors name the checkpoint and what is wrong with it
+    cfg = from_dict(ModelConfig, run_state["config"]["model"], "model")
+    model = build_model(cfg)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise UserError(f"checkpoint {p} does not match its own model config: missing {missing[:5]}, "
+                        f"unexpected {unexpected[:5]}")
+    return model.to(device).eval(), {"kind": "checkpoint", "path": str(resolve_checkpoint(p)), **{
+        k: run_state.get(k) for k in ("step", "bytes_seen", "eval", "zero_stage", "world_size")}}
