@@ -16,11 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pico.configs.tree import Config
 from pico.configs.errors import UserError
+from pico.configs.runs import STATE_FILE, latest_checkpoint
+from pico.configs.tree import Config
+from pico.model.config import hidden_width
+from pico.model.flops import GPU_PEAK_FLOPS, flops_per_byte, param_count
 
-H100_BF16_DENSE_FLOPS = 989e12
-"""NVIDIA's stated dense bf16 peak of one H100 SXM (no sparsity); the MFU estimate is relative to it."""
+H100_BF16_DENSE_FLOPS = GPU_PEAK_FLOPS["H100"]
+"""The time estimate assumes H100s (dense bf16, no sparsity): the GPU a submission asks for is not known here."""
 
 _TIME_RE = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 _MEM_RE = re.compile(r"^(\d+(?:\.\d+)?)([KMGT]?)B?$", re.IGNORECASE)
@@ -138,15 +141,11 @@ def check_fits(res: Resources, nodes_available: list[dict[str, int]]) -> None:
 
 def checkpoint_world_size(ckpt_dir: Path) -> tuple[Path, int] | None:
     """(newest complete checkpoint, ranks that wrote it), or None when there is none yet."""
-    if not ckpt_dir.is_dir():
+    latest = latest_checkpoint(ckpt_dir)
+    if latest is None:
         return None
-    steps = sorted((p for p in ckpt_dir.glob("step_*") if (p / "pico_state.json").exists()),
-                   key=lambda p: p.name)
-    if not steps:
-        return None
-    latest = steps[-1]
     try:
-        state = json.loads((latest / "pico_state.json").read_text())
+        state = json.loads((latest / STATE_FILE).read_text())
     except (OSError, ValueError):
         state = {}
     world = state.get("world_size") if isinstance(state, dict) else None
@@ -171,25 +170,15 @@ def check_resume(cfg: Config, res: Resources) -> None:
 # Estimates
 
 
-def _model_numbers(cfg: Config) -> tuple[int | None, float | None]:
-    """(parameters, training FLOPs per byte) from pico.model, or None where it does not say."""
-    try:
-        import pico.model as model
-    except ImportError:
-        return None, None
-    params = model.param_count(cfg.model) if hasattr(model, "param_count") else None
-    fpb = model.flops_per_byte(cfg.model, training=True) if hasattr(model, "flops_per_byte") else None
-    return params, fpb
+def _model_numbers(cfg: Config) -> tuple[int, float]:
+    """(parameters, training FLOPs per byte), counted from the config without building the model."""
+    return param_count(cfg.model), flops_per_byte(cfg.model, training=True)
 
 
 def _largest_layer(cfg: Config) -> int:
     """Parameters of the widest linear layer (a latent SwiGLU projection): ZeRO-3 gathers one at a time."""
     m = cfg.model
-
-    def hidden(d: int) -> int:  # SwiGLU width, rounded up to a multiple of 64
-        return -(-int(m.mlp_ratio * d) // 64) * 64
-
-    return max(m.d_latent * hidden(m.d_latent), m.d_local * hidden(m.d_local))
+    return max(m.d_latent * hidden_width(m.d_latent, m.mlp_ratio), m.d_local * hidden_width(m.d_local, m.mlp_ratio))
 
 
 @contextlib.contextmanager
@@ -245,11 +234,10 @@ def estimate(cfg: Config, res: Resources) -> dict[str, Any]:
         "train_bytes": t.steps * bytes_per_step, "bytes_per_step": bytes_per_step,
         "flops_per_byte": fpb, "assumed_mfu": cfg.cluster.assumed_mfu,
     }
-    if params is not None and res.gpus_per_node > 0:
+    if res.gpus_per_node > 0:
         mem, how = model_state_bytes_per_gpu(params, t.zero_stage, res.gpus_per_node, res.nodes, _largest_layer(cfg),
                                              t.precision)
         out.update(model_state_gib_per_gpu=mem / 2**30, memory_method=how)
-    if fpb is not None and res.gpus_per_node > 0:
         flops = fpb * out["train_bytes"]
         out.update(train_flops=flops, peak_flops_per_gpu=H100_BF16_DENSE_FLOPS,
                    hours=flops / (res.gpus * H100_BF16_DENSE_FLOPS * cfg.cluster.assumed_mfu) / 3600)
@@ -261,10 +249,7 @@ def describe(est: dict[str, Any], optimizer: str) -> str:
     lines = [f"plan: {est['nodes']} node(s) x {est['ranks_per_node']} ranks = world size {est['world_size']}; "
              f"ZeRO stage {est['zero_stage']}"]
     lines.append(f"  bytes to train: {est['train_bytes']:,} ({est['bytes_per_step']:,} per optimizer step)")
-    if est["params"] is None:
-        lines.append("  parameters: unknown (pico.model.param_count is not available); no memory estimate")
-    else:
-        lines.append(f"  parameters: {est['params']:,}")
+    lines.append(f"  parameters: {est['params']:,}")
     if "model_state_gib_per_gpu" in est:
         note = ("; counted as Adam: SOAP adds Kronecker factors and eigenbases per matrix, which pico shards "
                 "across ranks by matrix") if optimizer == "soap" else ""
@@ -272,9 +257,7 @@ def describe(est: dict[str, Any], optimizer: str) -> str:
                      f"activations come on top{note})")
     if "hours" in est:
         lines.append(f"  time: {est['hours']:.2f} h for {est['train_flops']:.3g} FLOPs at MFU {est['assumed_mfu']:.0%} "
-                     f"of 989 TFLOP/s per GPU (H100 bf16 dense peak)")
-    elif est["gpus_per_node"] == 0:
-        lines.append("  time: not estimated for CPU ranks (no stated peak)")
+                     f"of {H100_BF16_DENSE_FLOPS / 1e12:.0f} TFLOP/s per GPU (H100 bf16 dense peak)")
     else:
-        lines.append("  time: unknown (pico.model.flops_per_byte is not available)")
+        lines.append("  time: not estimated for CPU ranks (no stated peak)")
     return "\n".join(lines)

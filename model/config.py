@@ -6,6 +6,7 @@ config table are generated from these strings, so a field is documented in exact
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -99,3 +100,21 @@ class ModelConfig:
                  f"d_latent={self.d_latent} must be a multiple of n_latent_heads={self.n_latent_heads}")
         else:
             need(self.n_in + self.n_out > 0, "router: none needs at least one local block")
+
+
+# Shape rules derived from a config, torch-free so that FLOP counts and cluster/ can use them.
+
+
+def hidden_width(d: int, ratio: float) -> int:
+    """SwiGLU hidden width: ratio * d rounded up to a multiple of 64."""
+    return 64 * math.ceil(ratio * d / 64)
+
+
+def predictor_width(d: int) -> int:
+    """Hidden width of the causal routing predictor (router_aux: predictor): d / 4, at least 64."""
+    return max(64, hidden_width(d, 0.25))
+
+
+def n_routed(capacity: float, T: int) -> int:
+    """Positions routed per sequence of T bytes: ceil(capacity * T), at least 1."""
+    return max(1, math.ceil(round(capacity * T, 6)))

@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from pico.model.config import VOCAB_SIZE, ModelConfig
-from pico.model.pico import hidden_width, n_routed, predictor_width
+from pico.model.config import VOCAB_SIZE, ModelConfig, hidden_width, n_routed, predictor_width
+
+GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+"""Dense bf16 peak FLOP/s of one GPU as the vendor states it (no sparsity): the denominator of MFU
+in training logs and of the time estimate of `pico submit --dry-run`."""
 
 
 def _block_macs(d: int, n_heads: int, n_kv_heads: int, mlp_ratio: float, keys: float) -> float:

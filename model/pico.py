@@ -77,25 +77,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pico.model.config import PAD, VOCAB_SIZE, ModelConfig
+from pico.model.config import PAD, VOCAB_SIZE, ModelConfig, hidden_width, n_routed, predictor_width
 from pico.model.spacelike import spacelike_boundaries
 
 IGNORE = -100  # target id that contributes no loss (cross_entropy's ignore_index)
-
-
-def hidden_width(d: int, ratio: float) -> int:
-    """SwiGLU hidden width: ratio * d rounded up to a multiple of 64."""
-    return 64 * math.ceil(ratio * d / 64)
-
-
-def predictor_width(d: int) -> int:
-    """Hidden width of the causal routing predictor (router_aux: predictor): d / 4, at least 64."""
-    return max(64, hidden_width(d, 0.25))
-
-
-def n_routed(capacity: float, T: int) -> int:
-    """Positions routed per sequence of T bytes: ceil(capacity * T), at least 1."""
-    return max(1, math.ceil(round(capacity * T, 6)))
 
 
 def make_targets(seq: torch.Tensor, n_predict: int = 4) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,6 @@ import json
 import os
 import pickle
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -29,28 +28,8 @@ import torch
 
 from pico.pipeline import dist
 from pico.configs.errors import UserError
-
-STEP_RE = re.compile(r"^step_(\d{6,})$")
-DS_TAG = "ds"
-STATE_FILE = "pico_state.json"
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:06d}"
-
-
-def list_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    if not ckpt_dir.is_dir():
-        return []
-    found = [p for p in ckpt_dir.iterdir() if p.is_dir() and STEP_RE.match(p.name) and (p / STATE_FILE).exists()]
-    return sorted(found, key=lambda p: int(STEP_RE.match(p.name).group(1)))  # type: ignore[union-attr]
-
-
-def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    found = list_checkpoints(ckpt_dir)
-    return found[-1] if found else None
-
+from pico.configs.runs import (DS_TAG, STATE_FILE, latest_checkpoint, list_checkpoints, read_run_state,  # noqa: F401
+                               resolve_checkpoint, step_dir_name)
 
 def rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
@@ -109,14 +88,6 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
-def read_run_state(path: Path) -> dict[str, Any]:
-    f = Path(path) / STATE_FILE
-    if not f.exists():
-        raise UserError(f"{path} is not a complete pico checkpoint (no {STATE_FILE}); pass a step_* directory "
-                        "or the checkpoint directory that holds them")
-    return json.loads(f.read_text())
-
-
 def load_rank_state(path: Path) -> dict[str, Any]:
     f = Path(path) / f"rank{dist.rank():05d}.pt"
     if not f.exists():
@@ -124,19 +95,6 @@ def load_rank_state(path: Path) -> dict[str, Any]:
                         f"({dist.world_size()}). Resume with the same number of ranks")
     # Our own file: loader positions, RNG states (numpy arrays, python tuples), optimizer tensors.
     return torch.load(f, map_location="cpu", weights_only=False)
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A step_* directory, or a checkpoint directory / run directory holding them -> newest step."""
-    p = Path(path)
-    if (p / STATE_FILE).exists():
-        return p
-    for cand in (p, p / "checkpoints"):
-        latest = latest_checkpoint(cand)
-        if latest is not None:
-            return latest
-    raise UserError(f"no complete pico checkpoint under {p}: expected a step_NNNNNN directory with "
-                    f"{STATE_FILE}, a checkpoints/ directory, or a run directory")
 
 
 # What torch.load raises on a truncated or damaged file (zip reader, unpickler).

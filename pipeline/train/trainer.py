@@ -28,19 +28,17 @@ from typing import Any
 
 import torch
 
-from pico.pipeline.train import checkpoint as ckpt
-from pico.pipeline import dist
-from pico.configs.tree import Config, ConfigError, describe_config, load_config, save_config
 from pico.configs.errors import UserError
+from pico.configs.tree import Config, ConfigError, describe_config, load_config, save_config
+from pico.model.flops import GPU_PEAK_FLOPS
+from pico.pipeline import dist
+from pico.pipeline.train import checkpoint as ckpt
 
 ACCEPTS_OVERRIDES = True
 EXIT_PREEMPTED = 75
 EPILOG = ("Any config key can be overridden: --optim.lr=3e-4 --model.capacity=0.25 --train.steps=100.\n"
           "`pico train --help-config` lists every key with its type, default and meaning.\n"
           "Multi-rank: torchrun --nproc_per_node 2 -m pico.pipeline.cli train --config FILE")
-
-# Dense bf16 peak per GPU, for MFU. Unknown GPUs report MFU against the H100 number and say so.
-GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 
 class TrainingDiverged(UserError):
@@ -115,6 +113,7 @@ def measure_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
 
 
 def _peak_flops(device: torch.device) -> tuple[float, str]:
+    """Peak FLOP/s of one rank for MFU; an unknown GPU is measured against the H100 number and says so."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, peak in GPU_PEAK_FLOPS.items():

@@ -1,0 +1,68 @@
+"""The on-disk layout of a training run, readable without torch: where checkpoints are and what they record.
+
+    <run dir>/checkpoints/step_000200/
+        ds/                 DeepSpeed's files            (DS_TAG)
+        rank00000.pt        one per rank
+        pico_state.json     step, world size, the resolved config, last metrics   (STATE_FILE)
+
+A `step_*` directory with a `pico_state.json` is complete (the trainer renames it into place
+only when every rank has written). The trainer writes checkpoints with
+`pico.pipeline.train.checkpoint`; everything that only needs to find or inspect them (resume,
+`pico convert`, `pico eval`, and cluster/ checking a resume's world size on a login node) uses
+this module, which imports neither torch nor the trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from pico.configs.errors import UserError
+
+STEP_RE = re.compile(r"^step_(\d{6,})$")
+DS_TAG = "ds"
+STATE_FILE = "pico_state.json"
+
+
+def step_dir_name(step: int) -> str:
+    """The directory name of the checkpoint at `step` (step_NNNNNN)."""
+    return f"step_{step:06d}"
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.iterdir() if p.is_dir() and STEP_RE.match(p.name) and (p / STATE_FILE).exists()]
+    return sorted(found, key=lambda p: int(STEP_RE.match(p.name).group(1)))  # type: ignore[union-attr]
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest complete checkpoint under ckpt_dir, or None."""
+    found = list_checkpoints(ckpt_dir)
+    return found[-1] if found else None
+
+
+def read_run_state(path: Path) -> dict[str, Any]:
+    """pico_state.json of a complete checkpoint (step, world size, config, metrics)."""
+    f = Path(path) / STATE_FILE
+    if not f.exists():
+        raise UserError(f"{path} is not a complete pico checkpoint (no {STATE_FILE}); pass a step_* directory "
+                        "or the checkpoint directory that holds them")
+    return json.loads(f.read_text())
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A step_* directory, or a checkpoint directory / run directory holding them -> newest step."""
+    p = Path(path)
+    if (p / STATE_FILE).exists():
+        return p
+    for cand in (p, p / "checkpoints"):
+        latest = latest_checkpoint(cand)
+        if latest is not None:
+            return latest
+    raise UserError(f"no complete pico checkpoint under {p}: expected a step_NNNNNN directory with "
+                    f"{STATE_FILE}, a checkpoints/ directory, or a run directory")
