@@ -376,7 +376,7 @@ def engine_logits(zero_runs, tmp_path_factory) -> dict[int, dict[str, torch.Tens
 
     out = tmp_path_factory.mktemp("engine")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", "-m", "tests.pipeline.test_release", str(out),
+           f"--master_port={free_port()}", "-m", "tests.pipeline.release.test_release", str(out),
            str(zero_runs[2]), str(zero_runs[3])]
     proc = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
