@@ -33,7 +33,8 @@ from pathlib import Path
 import webdataset as wds
 import zstandard
 
-from pico.pipeline.data.loader import ByteBatches, _decode, _samples, resolve_shards
+from pico.data_prep.shards import decode_sample, read_shard
+from pico.pipeline.data.loader import ByteBatches, resolve_shards
 
 RESULTS = Path(__file__).resolve().parent / "results" / "loader_throughput.json"
 
@@ -82,8 +83,8 @@ def bench_read_decode(shards: list[str]) -> dict:
     dctx = zstandard.ZstdDecompressor()
     start, n = time.perf_counter(), 0
     for url in shards:
-        for _, key, members in _samples(url):
-            n += len(_decode(url, key, members, dctx))
+        for _, sample in read_shard(url):
+            n += len(decode_sample(sample, dctx)[0])
     seconds = time.perf_counter() - start
     return {"what": "read_decode", "bytes": n, "seconds": round(seconds, 3), "bytes_per_s": round(n / seconds)}
 

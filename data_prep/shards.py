@@ -1,10 +1,21 @@
-"""The shard format: WebDataset tar files of zstd-compressed documents.
+"""The shard format, in one place: the writer, the reader, sample decoding and the truncation check.
 
-A sample is two tar members sharing a key: `{key}.bin.zst` (one zstd frame, content size and
-checksum recorded, of the raw document bytes) and `{key}.json` (source, id, chunk, n_chunks,
-bytes). The key is 24 hex digits of a hash of the document identity, plus `_c{chunk:05d}` when
-a large document is split. Tar headers carry no time, owner or mode that varies, so the same
-samples always make the same bytes (and the same sha256).
+A shard is a WebDataset-layout tar file. A sample is two tar members sharing a key:
+`{key}.bin.zst` (one zstd frame, content size and checksum recorded, of the raw document bytes)
+and `{key}.json` (source, id, chunk, n_chunks, bytes). The key is 24 hex digits of a hash of the
+document identity, plus `_c{chunk:05d}` when a large document is split. Tar headers carry no
+time, owner or mode that varies, so the same samples always make the same bytes (and sha256).
+
+    TarShardWriter      writes one split's shards, rolling over by size (prep)
+    read_shard(url)     (index, Sample) of every sample of a local or remote shard (loader, quickstart)
+    iter_tar_samples    the same from an open stream (verify hashes the stream as it reads)
+    decode_sample       a Sample -> (document bytes, metadata), every check in one place
+
+Readers and writer are written here on `tarfile`'s header parser and by hand, not on the
+`webdataset` package: its tar iterator ends a file cut off between two members as if it were
+complete, and its writer stamps times and owners, so the bytes would differ between runs.
+webdataset is therefore not a runtime dependency; the tests use it (a test extra) to check that
+what prep writes is a WebDataset that webdataset reads, and to write foreign shards for the loader.
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator
 
+import fsspec
 import zstandard
 
 from pico.data_prep.sources import read_upto
@@ -189,22 +201,64 @@ def iter_tar_samples(stream: BinaryIO) -> Iterator[Sample]:
         yield current
 
 
-def decode_sample(sample: Sample) -> tuple[bytes, dict]:
-    """The raw bytes and metadata of a sample; raises ValueError naming what is wrong."""
-    if sample.payload is None or sample.meta is None:
-        missing = "bin.zst" if sample.payload is None else "json"
-        raise ValueError(f"sample {sample.key} has no {sample.key}.{missing} member")
+class ShardError(ValueError):
+    """A shard cannot be opened or its tar cannot be read; the message names the shard and where."""
+
+
+class SampleError(ValueError):
+    """One sample of a shard cannot be decoded; `member` names the tar member, `reason` what is wrong."""
+
+    def __init__(self, member: str, reason: str):
+        super().__init__(f"member {member}: {reason}")
+        self.member, self.reason = member, reason
+
+
+def read_shard(url: str, start: int = 0) -> Iterator[tuple[int, Sample]]:
+    """(index, sample) of each sample of a shard (a path or any fsspec URL), from sample `start` on.
+
+    Streams; raises ShardError when the file cannot be opened, a header is damaged, or the file
+    ends inside a member or without its end-of-archive blocks (a copy cut off between two
+    members looks complete to a tar reader that stops at end of file)."""
+    try:
+        f = fsspec.open(url, "rb").open()
+    except Exception as e:  # missing file, no permission, bad URL: all "cannot open"
+        raise ShardError(f"shard {url}: cannot open ({type(e).__name__}: {e})") from None
+    last = "(start of archive)"
+    with f:
+        try:
+            for index, sample in enumerate(iter_tar_samples(f)):
+                last = f"sample {sample.key}"
+                if index >= start:
+                    yield index, sample
+        except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+            raise ShardError(f"shard {url}, after {last}: unreadable tar ({e})") from None
+
+
+def decode_sample(sample: Sample, dctx: zstandard.ZstdDecompressor | None = None) -> tuple[bytes, dict]:
+    """The document bytes and metadata of a sample; raises SampleError naming the member at fault.
+
+    Checks: both members present, the JSON is an object, the payload is one complete zstd frame
+    (a frame that does not record its content size is accepted), and the document has the
+    length its JSON records."""
+    for ext, data in (("bin.zst", sample.payload), ("json", sample.meta)):
+        if data is None:
+            raise SampleError(f"{sample.key}.{ext}", "missing from the shard")
+    obj = (dctx or zstandard.ZstdDecompressor()).decompressobj()
+    try:
+        raw = obj.decompress(sample.payload)
+    except zstandard.ZstdError as e:
+        raise SampleError(f"{sample.key}.bin.zst", f"not a zstd frame ({e})") from None
+    if not obj.eof:
+        raise SampleError(f"{sample.key}.bin.zst", "truncated zstd frame")
     try:
         meta = json.loads(sample.meta)
     except ValueError as e:
-        raise ValueError(f"sample {sample.key}: metadata is not valid JSON: {e}") from None
-    try:
-        size = zstandard.frame_content_size(sample.payload)
-        if size < 0:
-            raise ValueError(f"sample {sample.key}: the zstd frame does not record its content size")
-        raw = zstandard.ZstdDecompressor().decompress(sample.payload)
-    except zstandard.ZstdError as e:
-        raise ValueError(f"sample {sample.key}: payload does not decompress: {e}") from None
+        raise SampleError(f"{sample.key}.json", f"not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise SampleError(f"{sample.key}.json", f"not a JSON object ({type(meta).__name__})")
+    expected = meta.get("bytes")
+    if expected is not None and expected != len(raw):
+        raise SampleError(f"{sample.key}.bin.zst", f"{len(raw)} bytes, but {sample.key}.json says {expected}")
     return raw, meta
 
 

@@ -20,7 +20,6 @@ import math
 import os
 import sys
 import sysconfig
-import tarfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -51,20 +50,23 @@ def _stage(name: str) -> None:
 
 
 def read_documents(shard_dir: Path, split: str, limit_bytes: int) -> list[bytes]:
-    """Documents of one split, in shard order, until `limit_bytes` (plain tarfile + zstd)."""
+    """Documents of one split, in shard order, until `limit_bytes` (the shard reader prep and the loader use)."""
     import zstandard
+
+    from pico.data_prep.shards import SampleError, ShardError, decode_sample, read_shard
+    from pico.pipeline.data.loader import resolve_shards
 
     docs, total = [], 0
     dctx = zstandard.ZstdDecompressor()
-    for shard in sorted(shard_dir.glob(f"{split}-*.tar")):
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                if member.name.endswith(".bin.zst"):
-                    data = dctx.decompress(tar.extractfile(member).read())
-                    docs.append(data)
-                    total += len(data)
-                    if total >= limit_bytes:
-                        return docs
+    try:
+        for url in resolve_shards([str(shard_dir)], split):
+            for _, sample in read_shard(url):
+                docs.append(decode_sample(sample, dctx)[0])
+                total += len(docs[-1])
+                if total >= limit_bytes:
+                    return docs
+    except (ShardError, SampleError) as e:
+        raise UserError(f"shards at {shard_dir} are corrupt ({e}); delete them and rerun the quickstart") from None
     return docs
 
 

@@ -46,7 +46,6 @@ import json
 import os
 import random
 import re
-import tarfile
 import warnings
 from collections import deque
 from collections.abc import Iterator
@@ -58,8 +57,9 @@ import torch
 import zstandard
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pico.model.config import EOS, PAD
 from pico.configs.errors import UserError
+from pico.data_prep.shards import Sample, SampleError, ShardError, decode_sample, read_shard
+from pico.model.config import EOS, PAD
 
 STATE_VERSION = 1
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -141,76 +141,15 @@ def _protocols(fs: Any) -> tuple[str, ...]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading one shard
+# Reading one shard (the format, its reader and its checks are data_prep/shards.py's)
 
 
-class _Corrupt(Exception):
-    """A shard or sample that cannot be read; `where` names the shard and member."""
-
-    def __init__(self, where: str, reason: str):
-        super().__init__(f"{where}: {reason}")
-
-
-def _samples(url: str, start: int = 0) -> Iterator[tuple[int, str, dict[str, bytes]]]:
-    """(index, key, {extension: bytes}) of each sample in a shard, streamed, from sample `start` on.
-
-    WebDataset's layout (members grouped by the key before the first dot), read with tarfile's
-    stream mode directly rather than webdataset's tar iterator, for one check that iterator
-    cannot make: a file cut off between two members ends the stream as if it were complete, so
-    the end-of-archive blocks are looked for after the last member.
-    """
+def _decode(url: str, sample: Sample, dctx: zstandard.ZstdDecompressor) -> bytes:
+    """The document of one sample; a SampleError becomes a ShardError that names the shard too."""
     try:
-        f = fsspec.open(url, "rb").open()
-    except Exception as e:  # missing file, no permission, bad URL: all "cannot open"
-        raise _Corrupt(f"shard {url}", f"cannot open ({type(e).__name__}: {e})") from None
-    key, members, index, last = None, {}, -1, "(start of archive)"
-    with f:
-        try:
-            tar = tarfile.open(fileobj=f, mode="r|")
-            for info in tar:
-                if not info.isreg():
-                    continue
-                last = info.name
-                k, _, ext = os.path.basename(last).partition(".")
-                if k != key:
-                    if key is not None and index >= start:
-                        yield index, key, members
-                    key, members, index = k, {}, index + 1
-                data = tar.extractfile(info).read()
-                if len(data) != info.size:
-                    raise EOFError(f"member {last} is cut off")
-                if index >= start:
-                    members[ext] = data
-                tar.members = []  # stream mode would otherwise keep every header
-            end = tar.offset
-            f.seek(0, os.SEEK_END)
-            if f.tell() < end + 1024:
-                raise EOFError("the file ends without the end-of-archive blocks (cut off?)")
-        except (tarfile.TarError, OSError, EOFError, ValueError) as e:
-            raise _Corrupt(f"shard {url}, after member {last}", f"unreadable tar ({e})") from None
-    if key is not None and index >= start:
-        yield index, key, members
-
-
-def _decode(url: str, key: str, members: dict[str, bytes], dctx: zstandard.ZstdDecompressor) -> bytes:
-    """The document bytes of one sample, checked against the length its JSON records."""
-    for ext in ("bin.zst", "json"):
-        if ext not in members:
-            raise _Corrupt(f"shard {url}, member {key}.{ext}", f"missing (sample has: {', '.join(sorted(members))})")
-    obj = dctx.decompressobj()
-    try:
-        doc = obj.decompress(members["bin.zst"])
-    except zstandard.ZstdError as e:
-        raise _Corrupt(f"shard {url}, member {key}.bin.zst", f"not a zstd frame ({e})") from None
-    if not obj.eof:
-        raise _Corrupt(f"shard {url}, member {key}.bin.zst", "truncated zstd frame")
-    try:
-        expected = json.loads(members["json"]).get("bytes")
-    except (ValueError, AttributeError) as e:
-        raise _Corrupt(f"shard {url}, member {key}.json", f"not a JSON object ({e})") from None
-    if expected is not None and expected != len(doc):
-        raise _Corrupt(f"shard {url}, member {key}.bin.zst", f"{len(doc)} bytes, but {key}.json says {expected}")
-    return doc
+        return decode_sample(sample, dctx)[0]
+    except SampleError as e:
+        raise ShardError(f"shard {url}, {e}") from None
 
 
 def _hash_index(n: int, *keys: int) -> int:
@@ -269,17 +208,17 @@ class _SlotStream:
     def _read(self, url: str, phase: int, start: int) -> Iterator[tuple[int, bytes | None]]:
         """(sample index, document) this slot takes from a shard; None for a skipped corrupt sample or shard."""
         try:
-            for j, key, members in _samples(url, start):
+            for j, sample in read_shard(url, start):
                 if phase >= 0 and j % self.n_slots != phase:
                     continue
                 try:
-                    doc = _decode(url, key, members, self._dctx)
-                except _Corrupt as e:
+                    doc = _decode(url, sample, self._dctx)
+                except ShardError as e:
                     if not self.skip_corrupt:
                         raise UserError(f"corrupt sample in {e}; {_FIX}") from None
                     doc = None
                 yield j, doc
-        except _Corrupt as e:
+        except ShardError as e:
             if not self.skip_corrupt:
                 raise UserError(f"corrupt {e}; {_FIX}") from None
             yield -1, None
@@ -391,7 +330,7 @@ class _SlotStream:
         try:
             for (e, p), wanted in sorted(by_shard.items()):
                 self._fetch_shard(e, p, wanted, out)
-        except _Corrupt as e:
+        except ShardError as e:
             raise UserError(f"cannot resume the loader: corrupt {e}") from None
         return out
 
@@ -402,9 +341,9 @@ class _SlotStream:
             raise UserError(f"cannot resume the loader: its state names shard {p} of epoch {e}, but this slot "
                             f"has {len(plan)}; the shard list changed since the checkpoint")
         url, _ = plan[p]
-        for j, key, members in _samples(url, min(wanted)):
+        for j, sample in read_shard(url, min(wanted)):
             if j in wanted:
-                out[(e, p, j)] = _decode(url, key, members, self._dctx)
+                out[(e, p, j)] = _decode(url, sample, self._dctx)
                 wanted.discard(j)
                 if not wanted:
                     break
@@ -655,12 +594,12 @@ def eval_sequences(shards: list[str], seq_len: int, extra: int = 0, batch_size: 
 
 def _eval_documents(url: str, dctx: zstandard.ZstdDecompressor, skip_corrupt: bool) -> Iterator[tuple[int, bytes]]:
     try:
-        for j, key, members in _samples(url):
+        for j, sample in read_shard(url):
             try:
-                yield j, _decode(url, key, members, dctx)
-            except _Corrupt as e:
+                yield j, _decode(url, sample, dctx)
+            except ShardError as e:
                 if not skip_corrupt:
                     raise UserError(f"corrupt sample in {e}; {_FIX}") from None
-    except _Corrupt as e:
+    except ShardError as e:
         if not skip_corrupt:
             raise UserError(f"corrupt {e}; {_FIX}") from None

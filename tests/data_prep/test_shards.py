@@ -9,7 +9,8 @@ import subprocess
 
 import pytest
 
-from pico.data_prep.shards import TarShardWriter, compressor, iter_tar_samples, decode_sample, sample_key
+from pico.data_prep.shards import (Sample, SampleError, ShardError, TarShardWriter, compressor, decode_sample,
+                                   iter_tar_samples, read_shard, sample_key)
 
 from .conftest import words
 
@@ -48,6 +49,35 @@ def test_samples_read_back_in_order(tmp_path):
     with open(tmp_path / "train-000000.tar", "rb") as f:
         got = [decode_sample(s) for s in iter_tar_samples(f)]
     assert [raw for raw, _ in got] == docs and [m["id"] for _, m in got] == ["0", "1", "2", "3", "4"]
+
+
+def test_read_shard_refuses_a_copy_cut_between_samples(tmp_path):
+    docs = [words(i, 50) for i in range(5)]
+    write_shards(tmp_path, docs, shard_bytes=1 << 30)
+    path = tmp_path / "train-000000.tar"
+    assert [decode_sample(s)[0] for _, s in read_shard(str(path))] == docs
+    assert [j for j, _ in read_shard(str(path), start=3)] == [3, 4]
+    with open(path, "rb") as f:
+        first = next(iter_tar_samples(f))
+    one_sample = 2 * 512 + -(-len(first.payload) // 512) * 512 + -(-len(first.meta) // 512) * 512
+    path.write_bytes(path.read_bytes()[:2 * one_sample])  # a valid-looking tar of two samples, no end blocks
+    with pytest.raises(ShardError, match=r"train-000000\.tar, after sample .*end-of-archive"):
+        list(read_shard(str(path)))
+    with pytest.raises(ShardError, match="cannot open"):
+        list(read_shard(str(tmp_path / "missing.tar")))
+
+
+def test_decode_sample_names_the_member_at_fault():
+    cctx = compressor(3)
+    meta = json.dumps({"bytes": 5}).encode()
+    assert decode_sample(Sample("k", cctx.compress(b"hello"), meta)) == (b"hello", {"bytes": 5})
+    cases = [(Sample("k", None, meta), "k.bin.zst: missing"), (Sample("k", b"not zstd", meta), "k.bin.zst: not a zstd"),
+             (Sample("k", cctx.compress(b"hello")[:-4], meta), "k.bin.zst: truncated"),
+             (Sample("k", cctx.compress(b"hell"), meta), "k.bin.zst: 4 bytes, but k.json says 5"),
+             (Sample("k", cctx.compress(b"hello"), b"[1]"), "k.json: not a JSON object")]
+    for sample, message in cases:
+        with pytest.raises(SampleError, match=message):
+            decode_sample(sample)
 
 
 def test_webdataset_reads_the_shards(tmp_path):
