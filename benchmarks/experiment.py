@@ -200,7 +200,8 @@ def score_here(run_dir: Path, files: list[Path], seq_len: int, max_batches: int,
     import torch
 
     from pico.pipeline.release.load import load_model
-    from pico.pipeline.eval.evaluate import evaluate, text_file_batches
+    from pico.pipeline.data.eval_packing import text_file_batches
+    from pico.pipeline.eval.evaluate import evaluate
 
     model, _ = load_model(run_dir, "cpu")
     batches = text_file_batches(files, seq_len, model.cfg.n_predict, 8)

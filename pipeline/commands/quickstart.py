@@ -157,7 +157,8 @@ def quickstart(corpus: list[str] | None = None, out: Path = Path("runs/quickstar
     # -- 3. eval -----------------------------------------------------------------------------
     _stage("3/5 eval: bits per byte on held-out documents vs unigram and xz -9e")
     from pico.pipeline.release.load import load_model
-    from pico.pipeline.eval.evaluate import evaluate, text_file_batches
+    from pico.pipeline.data.eval_packing import text_file_batches
+    from pico.pipeline.eval.evaluate import evaluate
 
     t0 = time.time()
     held_out = b"".join(read_documents(shards, "val", EVAL_BYTES))[:EVAL_BYTES]

@@ -59,6 +59,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pico.configs.errors import UserError
 from pico.data_prep.shards import Sample, SampleError, ShardError, decode_sample, read_shard
+from pico.pipeline.data.eval_packing import pack_eval
 from pico.model.config import EOS, PAD
 
 STATE_VERSION = 1
@@ -523,73 +524,11 @@ class ByteBatches:
 def eval_sequences(shards: list[str], seq_len: int, extra: int = 0, batch_size: int = 8, rank: int = 0,
                    world_size: int = 1, max_batches: int | None = None,
                    skip_corrupt: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Deterministic, unshuffled, one pass: (batch (B, T + extra) int64, n_valid (B,) int64).
-
-    The validation stream is EOS, doc_0, EOS, doc_1, EOS, ... over all shards in order (the
-    leading EOS gives the first byte the same context a document start has in training). Window k
-    is stream[kT : kT + T + extra] padded with PAD, and goes to rank k % world_size. Its
-    next-byte targets are row[1:T+1]: every stream position after the first, every document byte
-    and every EOS, is a next-byte target exactly once across ranks.
-
-    Ignoring padding: targets equal to PAD are not data (for head h, targets row[h:T+h]); for
-    the next-byte head, equivalently, only the first n_valid[i] targets of row i count. Rows of
-    all PAD (n_valid 0) fill the last batch, and every rank yields the same number of batches
-    (so collective ops in the forward pass stay in step): each rank reads the whole split, and
-    stops after max_batches batches when given. For bits per byte over bytes only, also ignore
-    targets equal to EOS.
-    """
-    T, width, world = seq_len, seq_len + extra, world_size
-    limit = None if max_batches is None else max_batches * batch_size * world
+    """The validation set: the documents of `shards` in order, packed by `pack_eval` (see there)."""
     dctx = zstandard.ZstdDecompressor()
-    tokens = np.array([EOS], dtype=np.uint16)
-    k = 0  # next window index
-    rows: list[np.ndarray] = []
-    valid: list[int] = []
-    yielded = 0
-
-    def window(n_valid: int) -> None:
-        nonlocal tokens, k
-        if k % world == rank:
-            row = np.full(width, PAD, dtype=np.uint16)
-            part = tokens[:width]
-            row[:len(part)] = part
-            rows.append(row)
-            valid.append(n_valid)
-        k += 1
-        tokens = tokens[T:]
-
-    def flush(pad_to: int) -> tuple[torch.Tensor, torch.Tensor]:
-        nonlocal rows, valid
-        while len(rows) < pad_to:
-            rows.append(np.full(width, PAD, dtype=np.uint16))
-            valid.append(0)
-        out = torch.from_numpy(np.stack(rows).astype(np.int64)), torch.tensor(valid, dtype=torch.long)
-        rows, valid = [], []
-        return out
-
-    for url in shards:
-        for j, doc in _eval_documents(url, dctx, skip_corrupt):
-            arr = np.frombuffer(doc, dtype=np.uint8)
-            tokens = np.concatenate([tokens, arr, np.array([EOS], dtype=np.uint16)], dtype=np.uint16)
-            while len(tokens) >= width and (limit is None or k < limit):
-                window(T)
-                if len(rows) == batch_size:
-                    yield flush(batch_size)
-                    yielded += 1
-            if limit is not None and k >= limit:
-                return
-    while len(tokens) > 1 and (limit is None or k < limit):  # the tail: windows with fewer than T targets
-        window(min(T, len(tokens) - 1))
-        if len(rows) == batch_size:
-            yield flush(batch_size)
-            yielded += 1
-    per_rank_max = -(-k // world)  # rank 0 has the most windows
-    total = -(-per_rank_max // batch_size)
-    if max_batches is not None:
-        total = min(total, max_batches)
-    while yielded < total:
-        yield flush(batch_size)
-        yielded += 1
+    docs = (doc for url in shards for _, doc in _eval_documents(url, dctx, skip_corrupt))
+    return pack_eval(docs, seq_len, extra=extra, batch_size=batch_size, rank=rank, world_size=world_size,
+                     max_batches=max_batches)
 
 
 def _eval_documents(url: str, dctx: zstandard.ZstdDecompressor, skip_corrupt: bool) -> Iterator[tuple[int, bytes]]:

@@ -13,21 +13,17 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 
-from pico.model import make_targets
-from pico.model.config import EOS, PAD
-from pico.pipeline import dist
 from pico.configs.errors import UserError
+from pico.model import make_targets
+from pico.model.pico import IGNORE
+from pico.pipeline import dist
+from pico.pipeline.data.eval_packing import text_file_batches
 
 LN2 = math.log(2.0)
-
-
-def mask_pad_targets(targets: torch.Tensor) -> torch.Tensor:
-    """Targets that are padding are not scored (ignore_index -100)."""
-    return targets.masked_fill(targets == PAD, -100)
 
 
 @torch.no_grad()
@@ -35,8 +31,8 @@ def evaluate(model, batches: Iterable, device: torch.device, routing: str = "cau
              autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
     """Sum cross-entropy over every valid target of every head, across ranks; return bits per byte.
 
-    `batches` yields (B, T + n_predict) byte-id tensors, or (tensor, n_valid) pairs; PAD targets are
-    skipped."""
+    `batches` yields (B, T + n_predict) byte-id tensors, or (tensor, n_valid) pairs from the one
+    packer (pico.pipeline.data.eval_packing); PAD targets are skipped (make_targets masks them)."""
     was_training = model.training
     model.eval()
     n_predict = model.cfg.n_predict
@@ -48,10 +44,9 @@ def evaluate(model, batches: Iterable, device: torch.device, routing: str = "cau
         for item in batches:
             batch = item[0] if isinstance(item, (tuple, list)) else item
             idx, tgt = make_targets(batch.to(device), n_predict)
-            tgt = mask_pad_targets(tgt)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 out = model(idx, tgt, routing=routing, return_logits=False)
-            valid = (tgt != -100).sum(dim=(0, 1)).double().cpu()
+            valid = (tgt != IGNORE).sum(dim=(0, 1)).double().cpu()
             sums += out.head_losses.detach().double().cpu() * valid
             counts += valid
             for k, v in (out.stats or {}).items():
@@ -69,26 +64,6 @@ def evaluate(model, batches: Iterable, device: torch.device, routing: str = "cau
     for k, v in stat_sums.items():
         result[f"router/{k}"] = v / max(1, n_batches)
     return result
-
-
-def text_file_batches(paths: list[Path], seq_len: int, extra: int, batch_size: int) -> Iterator[torch.Tensor]:
-    """Plain files scored as documents: every byte after the first is a next-byte target once."""
-    rows: list[torch.Tensor] = []
-    for path in paths:
-        data = path.read_bytes()
-        if not data:
-            raise UserError(f"{path} is empty; there is nothing to score")
-        ids = torch.tensor(list(data) + [EOS], dtype=torch.long)
-        for start in range(0, len(ids) - 1, seq_len):
-            row = torch.full((seq_len + extra,), PAD, dtype=torch.long)
-            piece = ids[start:start + seq_len + extra]
-            row[: len(piece)] = piece
-            rows.append(row)
-            if len(rows) == batch_size:
-                yield torch.stack(rows)
-                rows = []
-    if rows:
-        yield torch.stack(rows)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -125,11 +100,7 @@ def run(args: argparse.Namespace) -> int:
         for f in files:
             if not f.is_file():
                 raise UserError(f"--data {f}: no such file, shard directory or .tar")
-        batches = text_file_batches(files, seq_len, extra, args.batch_size)
-        if args.max_batches:
-            import itertools
-
-            batches = itertools.islice(batches, args.max_batches)
+        batches = text_file_batches(files, seq_len, extra, args.batch_size, max_batches=args.max_batches or None)
     result = evaluate(model, batches, device, routing=args.routing)
     result = {"model": str(args.checkpoint), "source": info.get("kind"), "routing": args.routing, **result}
     if args.json:
