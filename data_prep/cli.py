@@ -23,7 +23,8 @@ EPILOG = """sub-verb:
                                   against manifest.json; exit 1 on any problem
 
 output: DST/{train,val}-NNNNNN.tar (samples KEY.bin.zst + KEY.json) and DST/manifest.json
-sizes take K, M, G suffixes (powers of 1024): --shard-bytes 512M"""
+sizes take K, M, G suffixes (powers of 1024): --shard-bytes 512M
+every option is also a dotted key of the prep section: --prep.shard_bytes=512M --prep.dedup=true"""
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 
@@ -36,32 +37,64 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) * 1024 ** "_KMGT".index(m.group(2).upper() or "_")
 
 
+def parse_bool(text: str) -> bool:
+    """true/false, yes/no, on/off, 1/0 (for `--prep.dedup=false`)."""
+    value = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+    if text.lower() not in value:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (true or false)")
+    return value[text.lower()]
+
+
+def flags(name: str) -> list[str]:
+    """The option strings of a PrepConfig field: the short flag, and the dotted key of the `prep` section.
+
+    `--shard-bytes 512M` and `--prep.shard_bytes=512M` are the same option: the dotted form is
+    the convention every other command uses for its config keys (`pico train --train.steps=N`)."""
+    short = {"inputs": "--input"}.get(name, "--" + name.replace("_", "-"))
+    return [short, f"--prep.{name}"]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `pico prep`, with help from the PrepConfig field docstrings."""
     from pico.configs.tree import field_docs
 
     docs = field_docs(PrepConfig)
-    parser.add_argument("--input", dest="inputs", nargs="+", action="extend", required=True, metavar="SRC",
+    parser.add_argument(*flags("inputs"), dest="inputs", nargs="+", action="extend", required=True, metavar="SRC",
                         help=docs["inputs"])
-    parser.add_argument("--output", required=True, metavar="DST", help=docs["output"])
+    parser.add_argument(*flags("output"), dest="output", required=True, metavar="DST", help=docs["output"])
     for f in dataclasses.fields(PrepConfig):
         if f.name in ("inputs", "output"):
             continue
-        flag = "--" + f.name.replace("_", "-")
+        names = flags(f.name)
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.type in (bool, "bool"):
-            parser.add_argument(flag, action="store_true", help=docs[f.name])
+            parser.add_argument(*names, dest=f.name, type=parse_bool, nargs="?", const=True, default=False,
+                                metavar="BOOL", help=docs[f.name])
         elif f.name.endswith("_bytes"):
-            parser.add_argument(flag, type=parse_size, default=default, metavar="N",
+            parser.add_argument(*names, dest=f.name, type=parse_size, default=default, metavar="N",
                                 help=f"{docs[f.name]} (default {default >> 20}M)")
         elif f.name == "format":
-            parser.add_argument(flag, choices=["auto", "raw", "jsonl"], default=default, help=docs[f.name])
+            parser.add_argument(*names, dest=f.name, choices=["auto", "raw", "jsonl"], default=default,
+                                help=docs[f.name])
         else:
             kind = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
             shown = "" if default is None else f" (default {default})"
-            parser.add_argument(flag, type=kind, default=default, help=docs[f.name] + shown)
+            parser.add_argument(*names, dest=f.name, type=kind, default=default, help=docs[f.name] + shown)
     parser.add_argument("--json", action="store_true", help="print one JSON object (the summary) on stdout")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def check_dotted_keys(argv: list[str]) -> None:
+    """An unknown `--prep.KEY` is an error that lists the valid keys (as `pico train` does for its sections)."""
+    valid = [f.name for f in dataclasses.fields(PrepConfig)]
+    for arg in argv:
+        if arg.startswith("--prep."):
+            key = arg[len("--prep."):].split("=", 1)[0]
+            if key not in valid:
+                raise UserError(f"unknown key prep.{key}; valid keys of the prep section: {', '.join(valid)}")
+        elif arg.startswith("--") and "." in arg.split("=", 1)[0]:
+            raise UserError(f"{arg.split('=', 1)[0]}: `pico prep` takes only keys of its own section "
+                            f"(--prep.KEY=VALUE, for example --prep.shard_bytes=512M)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -122,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         parser = argparse.ArgumentParser(prog="pico prep", description=__doc__.strip().split("\n\n")[0],
                                          epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
         add_arguments(parser)
+        check_dotted_keys(argv)
         return run(parser.parse_args(argv))
     except KeyboardInterrupt:
         print("pico prep: interrupted; rerun the same command to resume", file=sys.stderr)
