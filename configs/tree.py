@@ -13,7 +13,6 @@ sub-config (torchtitan's lesson: a monolithic config passed everywhere leaks).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import types
 import typing
@@ -410,10 +409,6 @@ def save_config(cfg: Config, run_dir: str | os.PathLike) -> Path:
     tmp.write_text(cfg.to_yaml())
     os.replace(tmp, out)
     return out
-
-
-def config_from_json(text: str) -> Config:
-    return from_dict(Config, json.loads(text))
 
 
 def field_docs(cls: type) -> dict[str, str]:

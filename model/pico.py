@@ -71,6 +71,7 @@ Design choices and their sources:
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -81,6 +82,7 @@ from pico.model.config import PAD, VOCAB_SIZE, ModelConfig, hidden_width, n_rout
 from pico.model.spacelike import spacelike_boundaries
 
 IGNORE = -100  # target id that contributes no loss (cross_entropy's ignore_index)
+BIAS_CACHE_SIZE = 8  # attention masks kept per model (see Pico.local_bias)
 
 
 def make_targets(seq: torch.Tensor, n_predict: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -354,7 +356,7 @@ class Pico(nn.Module):
         self.mtp_heads = nn.ModuleList(MTPHead(cfg) for _ in range(cfg.n_predict - 1))
         self.unembed = nn.Linear(cfg.d_local, VOCAB_SIZE, bias=False)
         self.register_buffer("local_slopes", alibi_slopes(cfg.n_heads), persistent=False)
-        self._bias_cache: dict[tuple, torch.Tensor] = {}
+        self._bias_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # LRU, BIAS_CACHE_SIZE entries
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -367,11 +369,18 @@ class Pico(nn.Module):
                 nn.init.zeros_(p)
 
     def local_bias(self, T: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """(n_heads, T, T) window + ALiBi mask of the local blocks, cached per (T, device, dtype)."""
+        """(n_heads, T, T) window + ALiBi mask of the local blocks, cached per (T, device, dtype).
+
+        The cache keeps the BIAS_CACHE_SIZE most recently used masks: decoding and evaluation
+        meet many lengths T, and each mask is n_heads * T * T values."""
         key = (T, str(device), dtype)
-        if key not in self._bias_cache:
+        if key in self._bias_cache:
+            self._bias_cache.move_to_end(key)
+        else:
             pos = torch.arange(T, device=device)
             self._bias_cache[key] = attention_bias(pos, pos, self.local_slopes, self.cfg.window, dtype)
+            while len(self._bias_cache) > BIAS_CACHE_SIZE:
+                self._bias_cache.popitem(last=False)
         return self._bias_cache[key]
 
     def latent(self, x: torch.Tensor, r: Routing) -> torch.Tensor:

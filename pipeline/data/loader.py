@@ -19,14 +19,14 @@ Design choices, and why:
   `shuffle_buffer_bytes` (documents can be 16 MiB chunks; the byte cap bounds memory). Each
   draw's index is a counter-based hash of (seed, epoch, slot, draw), so the state holds a draw
   count, not an RNG state. The buffer drains at the end of an epoch, so epochs never mix.
-- **Packing:** each document is followed by EOS and appended to the slot's token stream;
-  sequences are windows of T + extra tokens taken with stride T, so every stream token is an
-  input exactly once and the `extra` tokens are the multi-token-prediction targets past the
+- **Packing:** each document is followed by EOS and appended to the slot's stream of byte ids;
+  sequences are windows of T + extra ids taken with stride T, so every id of the stream is an
+  input exactly once and the `extra` ids are the multi-token-prediction targets past the
   window. The stream never restarts: the tail of epoch e is packed together with the start of
   epoch e+1 (no padding and no dropped bytes in training; the trainer needs no mask).
 - **Exact resume:** each worker hands over a few batches at a time with its state after them.
   The main process keeps, per worker, the state after its last item handed out in full, plus
-  which worker is next and how many tokens of that worker's current item are already out
+  which worker is next and how many ids of that worker's current item are already out
   (replayed on resume: at most one item). Prefetched batches never advance the state. A worker
   state names documents, not bytes: (epoch, shard position, sample index) for the read cursor,
   for each document in the shuffle buffer and for the documents still being packed (plus an
@@ -374,7 +374,7 @@ class _WorkerStreams(IterableDataset):
     DataLoader item costs far more than packing a small batch), and per-batch counters. The
     first worker in this DataLoader's order, logical worker `rotation`, was stopped in the middle
     of an item when `skip` > 0: it restores the state from before that item, moves on by the
-    `skip` tokens already handed out, and finishes the item with `first` batches.
+    `skip` ids already handed out, and finishes the item with `first` batches.
     """
 
     def __init__(self, args: dict, states: list[dict | None], rotation: int, skip: int, first: int, chunk: int):
@@ -408,7 +408,7 @@ class _WorkerStreams(IterableDataset):
 class ByteBatches:
     """Endless, shuffled, packed training batches (B, seq_len + extra) for one rank; exactly resumable.
 
-    Every token of a row is an input except the last `extra`, which are the next row's first
+    Every id of a row is an input except the last `extra`, which are the next row's first
     `extra` inputs (targets of the MTP heads). Documents end in EOS; training rows hold no PAD.
     `state_dict()` is per rank: save each rank's (a few KB), load it into a loader built with the
     same arguments (shards, shapes, rank, world_size, num_workers, seed, shuffle buffer limits).

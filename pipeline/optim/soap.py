@@ -156,8 +156,7 @@ def _eigenbasis(gg: torch.Tensor) -> torch.Tensor:
 class SOAP(torch.optim.Optimizer):
     """SOAP with decoupled weight decay, sharded across data-parallel ranks by whole parameters.
 
-    Arguments follow the paper's defaults. `normalize_grads` rescales each parameter's update
-    to unit RMS. `process_group`: the data-parallel group whose ranks share the state (None:
+    Arguments follow the paper's defaults (Adam's bias correction always on). `process_group`: the data-parallel group whose ranks share the state (None:
     the default group when torch.distributed is initialised, else a single process). The group
     is read at the first step, so the optimizer may be built before `deepspeed.initialize`.
     `sync`: how new values reach the other ranks, "broadcast" (one flat broadcast per owning
@@ -167,8 +166,7 @@ class SOAP(torch.optim.Optimizer):
     def __init__(self, params: Iterable[Any], lr: float = 3e-3, betas: tuple[float, float] = (0.95, 0.95),
                  shampoo_beta: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.01,
                  precondition_frequency: int = 10, max_precond_dim: int = 10000, merge_dims: bool = False,
-                 precondition_1d: bool = False, normalize_grads: bool = False, correct_bias: bool = True,
-                 process_group: Any = None, sync: str = "broadcast") -> None:
+                 precondition_1d: bool = False, process_group: Any = None, sync: str = "broadcast") -> None:
         if lr < 0 or eps < 0 or weight_decay < 0:
             raise ValueError(f"SOAP: lr={lr}, eps={eps} and weight_decay={weight_decay} must be >= 0")
         if not all(0 <= b < 1 for b in (*betas, shampoo_beta)):
@@ -179,8 +177,7 @@ class SOAP(torch.optim.Optimizer):
             raise ValueError(f"SOAP: sync={sync!r}; choose allgather or broadcast")
         defaults = dict(lr=lr, betas=tuple(betas), shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
                         precondition_frequency=precondition_frequency, max_precond_dim=max_precond_dim,
-                        merge_dims=merge_dims, precondition_1d=precondition_1d, normalize_grads=normalize_grads,
-                        correct_bias=correct_bias)
+                        merge_dims=merge_dims, precondition_1d=precondition_1d)
         super().__init__(params, defaults)
         for p in self._params():
             if p.dtype != torch.float32:
@@ -250,14 +247,9 @@ class SOAP(torch.optim.Optimizer):
         g_rot = project(g, qs)
         m_rot.mul_(b1).add_(g_rot, alpha=1 - b1)
         v.mul_(b2).addcmul_(g_rot, g_rot, value=1 - b2)
-        if group["correct_bias"]:
-            m_rot = m_rot / (1 - b1 ** t)
-            denom = (v / (1 - b2 ** t)).sqrt_().add_(group["eps"])
-        else:
-            denom = v.sqrt().add_(group["eps"])
+        m_rot = m_rot / (1 - b1 ** t)
+        denom = (v / (1 - b2 ** t)).sqrt_().add_(group["eps"])
         update = project_back(m_rot / denom, qs)
-        if group["normalize_grads"]:
-            update = update / update.square().mean().sqrt().clamp_min(1e-30)
 
         if group["weight_decay"]:
             p.mul_(1 - group["lr"] * group["weight_decay"])

@@ -1,11 +1,10 @@
 """The routing picture: a text sample with the bytes the router sent to the latent blocks
-highlighted, as HTML (exact bytes, hover for the score) and PNG (for W&B and READMEs)."""
+highlighted, as HTML (exact bytes, hover for the byte's position and value) and PNG (for W&B and READMEs)."""
 
 from __future__ import annotations
 
 import html
 from pathlib import Path
-
 
 
 def _glyph(b: int) -> str:
@@ -18,10 +17,11 @@ def _glyph(b: int) -> str:
     return "\u00b7"  # non-ASCII and control bytes: one dot per byte keeps the grid aligned
 
 
-def render_html(data: list[int], routed: list[bool], scores: list[float] | None, title: str) -> str:
+def render_html(data: list[int], routed: list[bool], title: str) -> str:
+    """The sample as an HTML page, routed bytes highlighted."""
     cells = []
     for i, (b, r) in enumerate(zip(data, routed)):
-        tip = f"byte {i}: {b}" + (f", score {scores[i]:.2f}" if scores else "")
+        tip = f"byte {i}: {b}"
         ch = html.escape(_glyph(b))
         style = "background:#f4a261;font-weight:bold" if r else ""
         cells.append(f'<span title="{tip}" style="{style}">{ch}</span>' + ("<br>" if b == 10 else ""))
@@ -59,7 +59,7 @@ def write_picture(data: list[int], routed: list[bool], folder: Path, name: str, 
     """Write `<name>.png` and `<name>.html` into `folder`, and copy them to `latest.*`."""
     folder.mkdir(parents=True, exist_ok=True)
     html_path, png_path = folder / f"{name}.html", folder / f"{name}.png"
-    html_path.write_text(render_html(data, routed, None, title))
+    html_path.write_text(render_html(data, routed, title))
     render_png(data, routed, png_path, title)
     for path in (html_path, png_path):
         (folder / f"latest{path.suffix}").write_bytes(path.read_bytes())
