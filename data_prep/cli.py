@@ -124,13 +124,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_verify(argv: list[str]) -> int:
+def verify_parser() -> argparse.ArgumentParser:
+    """The options of `pico prep verify`."""
     parser = argparse.ArgumentParser(prog="pico prep verify", description=(
         "Read every shard in DST, check its sha256 and counts against manifest.json, decompress every "
         "sample; print each problem; exit 1 if there is any."))
     parser.add_argument("output", metavar="DST", help="directory or s3:// URL written by pico prep")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run_verify(argv: list[str]) -> int:
+    """`pico prep verify DST`: print every problem; exit 1 if there is any."""
+    args = verify_parser().parse_args(argv)
     from pico.data_prep.verify import verify
 
     checked: list[str] = []
