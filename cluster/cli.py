@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("--address", help="Ray dashboard, http://HOST:8265 (default: $RAY_ADDRESS)")
     r.add_argument("--working-dir", help="directory Ray uploads; the command runs inside the copy")
-    r.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment variable for the job (repeatable)")
+    r.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment variable for the job (repeatable); Ray shows and logs these values, so pass "
+                        "no secrets: the job's workers use the credentials the cluster's own environment provides")
     r.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="with --working-dir: also leave these out of the upload (.git, .venv, runs, *.tar always are)")
     r.add_argument("--num-cpus", type=float, help="CPUs reserved for the entrypoint process itself")

@@ -46,13 +46,25 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+# --trust-checkpoint's help, shared by the commands that load checkpoints (train --resume, eval, generate, convert)
+TRUST_HELP = ("checkpoints only: their .pt files are pickles, which DeepSpeed's loaders unpickle in full, so pico "
+              "first checks every one against an allowlist and refuses a checkpoint naming anything else; this flag "
+              "skips that check (a crafted checkpoint then runs code; releases never need it)")
+
+
 def read_run_state(path: Path) -> dict[str, Any]:
     """pico_state.json of a complete checkpoint (step, world size, config, metrics)."""
     f = Path(path) / STATE_FILE
     if not f.exists():
         raise UserError(f"{path} is not a complete pico checkpoint (no {STATE_FILE}); pass a step_* directory "
                         "or the checkpoint directory that holds them")
-    return json.loads(f.read_text())
+    try:
+        state = json.loads(f.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{f} is damaged (not JSON: {e}); use another step_* checkpoint") from None
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict) or "step" not in state:
+        raise UserError(f"{f} is damaged (no step or config in it); use another step_* checkpoint")
+    return state
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:

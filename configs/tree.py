@@ -13,6 +13,8 @@ sub-config (torchtitan's lesson: a monolithic config passed everywhere leaks).
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 import types
 import typing
@@ -92,13 +94,17 @@ class OptimConfig:
     """SOAP: also precondition 1-D parameters (off: Adam for them)."""
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"optim.lr={self.lr} must be > 0")
+        if not self.lr > 0 or not math.isfinite(self.lr):  # `not x > 0` also refuses nan
+            raise ConfigError(f"optim.lr={self.lr} must be a finite number > 0")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ConfigError(f"optim.weight_decay={self.weight_decay} must be >= 0 (0 disables it)")
+        if not 0 < self.eps < math.inf:
+            raise ConfigError(f"optim.eps={self.eps} must be > 0")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"optim.betas={self.betas} must be two numbers in [0, 1)")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
-        if self.grad_clip < 0:
+        if not 0 <= self.grad_clip < math.inf:
             raise ConfigError(f"optim.grad_clip={self.grad_clip} must be >= 0 (0 disables)")
 
 
@@ -287,6 +293,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}={value!r} must be a number")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}={value} must be a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):

@@ -121,6 +121,11 @@ def run(args: argparse.Namespace) -> int:
     if manifest["documents"]["failed"]:
         print(f"pico prep: {manifest['documents']['failed']} documents could not be read; "
               "manifest.json lists each under `skipped`", file=sys.stderr)
+    if not any(t["shards"] for t in manifest["totals"].values()):
+        d = manifest["documents"]
+        print(f"pico prep: error: no shard was written: of {d['read']} documents read, {d['failed']} could not be "
+              f"read and {d['empty']} were empty; fix the inputs (manifest.json lists each problem)", file=sys.stderr)
+        return 1
     return 0
 
 

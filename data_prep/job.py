@@ -162,14 +162,42 @@ def ray_session(address: str | None, workers: int | None):
         ray.shutdown()
 
 
-def _task(ray, fn: Callable):
-    """`fn` as a Ray task of one CPU, retried if its worker dies; the driver's AWS_* settings go along
-    so that workers of an already running local Ray reach the same S3 endpoint."""
-    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
-    opts: dict = {"num_cpus": 1, "max_retries": 3}
-    if env:
-        opts["runtime_env"] = {"env_vars": env}
-    return ray.remote(**opts)(fn)
+def _forwarded_env() -> dict[str, str]:
+    """The driver's AWS_* settings (endpoint, region, credentials) that tasks run under."""
+    return {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+
+
+def _in_env(env: dict[str, str], fn: Callable, *args):
+    """fn(*args) with `env` set in this worker's os.environ, restored afterwards.
+
+    The driver's AWS_* settings travel as a task argument, not as runtime_env: Ray writes a
+    runtime_env in plain text to its logs (runtime_env_agent.log, on every node), while task
+    arguments go to the worker and are never logged. Workers of a Ray started by this process
+    inherit the driver's environment anyway; this reaches workers of an already running Ray too.
+    """
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return fn(*args)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if env and "s3fs" in sys.modules:  # a cached S3 client holds this task's credentials
+            sys.modules["s3fs"].S3FileSystem.clear_instance_cache()
+
+
+class _Task:
+    """`fn` as a Ray task of one CPU, retried if its worker dies, run under the driver's AWS_* settings."""
+
+    def __init__(self, ray, fn: Callable):
+        self.fn, self.env = fn, _forwarded_env()
+        self.remote_fn = ray.remote(num_cpus=1, max_retries=3)(_in_env).options(name=fn.__name__)  # ray::run_unit
+
+    def remote(self, *args):
+        return self.remote_fn.remote(self.env, self.fn, *args)
 
 
 class _Progress:
@@ -231,7 +259,41 @@ def _run_tasks(ray, remote, args: dict[int, tuple], window: int, sizes: dict[int
 
 def _load_json(store: Store, rel: str) -> dict | None:
     data = store.read_bytes(rel)
-    return None if data is None else json.loads(data)
+    try:
+        return None if data is None else json.loads(data)
+    except ValueError:
+        raise UserError(f"{store.display(rel)} is damaged (not JSON); pass --overwrite to start this output over") from None
+
+
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:300]}" if lines else type(e).__name__
+
+
+@contextlib.contextmanager
+def _output_access(store: Store, doing: str):
+    """Turn a failure to reach, read or write the output into one UserError that names it."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:
+        if store.remote:
+            hint = "check the bucket, the endpoint (AWS_ENDPOINT_URL) and the credentials"
+        else:
+            hint = "choose a directory this user can write"
+        raise UserError(f"cannot {doing} the output {store.display()} ({_one_line(e)}); {hint}") from None
+
+
+def _check_output(store: Store) -> None:
+    if store.remote:
+        return
+    root = store.root
+    while not os.path.exists(root) and os.path.dirname(root) != root:
+        root = os.path.dirname(root)  # the nearest existing ancestor must be a directory too
+    if not os.path.isdir(root):
+        raise UserError(f"--output {store.display()}: {root} is a file, not a directory; choose a directory "
+                        "(it is created when missing)")
 
 
 def _start_or_resume(store: Store, cfg: PrepConfig, plan: dict) -> bool:
@@ -271,7 +333,7 @@ def _dedup_drops(ray, cfg: PrepConfig, store: Store, units, window: int, progres
     sizes = {u: sum(f.size for f in units[u]) for u in range(len(units))}
     bar = _Progress(progress, "prep (dedup pass)", sum(sizes.values()), sum(sizes[u] for u in hashes))
     try:
-        for u, r in _run_tasks(ray, _task(ray, hash_unit), args, window, sizes, bar).items():
+        for u, r in _run_tasks(ray, _Task(ray, hash_unit), args, window, sizes, bar).items():
             hashes[u] = r["hashes"]
     finally:
         bar.close()
@@ -341,9 +403,11 @@ def run_job(cfg: PrepConfig, progress: bool = True) -> tuple[dict, dict]:
     t0, cpu0 = time.perf_counter(), time.process_time()
     store = Store(cfg.output)
     stats = {"output": store.display(), "units": 0, "units_run": 0, "units_resumed": 0}
-    if cfg.overwrite:
-        _clear(store)
-    manifest = _load_json(store, MANIFEST)
+    _check_output(store)
+    with _output_access(store, "open"):
+        if cfg.overwrite:
+            _clear(store)
+        manifest = _load_json(store, MANIFEST)
     if manifest is not None:
         if manifest.get("config") != cfg.output_options():
             raise UserError(f"{store.display(MANIFEST)} records a finished job with other options; "
@@ -355,13 +419,15 @@ def run_job(cfg: PrepConfig, progress: bool = True) -> tuple[dict, dict]:
     if not files:
         raise UserError("no input matched: " + "; ".join(p.message() for p in input_problems))
     for p in input_problems:
-        print(f"pico prep: skipped input {p.message()}", file=sys.stderr)
-    if cfg.fail_fast and input_problems:
-        raise UserError(f"{input_problems[0].message()} (stopped by --fail-fast)")
+        print(f"pico prep: {'' if p.kind == 'excluded' else 'skipped input '}{p.message()}", file=sys.stderr)
+    failed = [p for p in input_problems if p.kind == "failed"]
+    if cfg.fail_fast and failed:
+        raise UserError(f"{failed[0].message()} (stopped by --fail-fast)")
     units = plan_units(files, cfg.unit_bytes)
     plan = json.loads(json.dumps({"options": cfg.output_options(),
                                   "units": [[[f.url, f.size] for f in u] for u in units]}))
-    _start_or_resume(store, cfg, plan)
+    with _output_access(store, "write"):
+        _start_or_resume(store, cfg, plan)
 
     records: dict[int, dict] = {}
     for u in range(len(units)):
@@ -381,7 +447,7 @@ def run_job(cfg: PrepConfig, progress: bool = True) -> tuple[dict, dict]:
                     for u in range(len(units)) if u not in records}
             bar = _Progress(progress, "prep", sum(sizes.values()), sum(sizes[u] for u in records))
             try:
-                records.update(_run_tasks(ray, _task(ray, run_unit), args, window, sizes, bar))
+                records.update(_run_tasks(ray, _Task(ray, run_unit), args, window, sizes, bar))
             finally:
                 bar.close()
         stats["units_run"] = len(args)

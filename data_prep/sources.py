@@ -57,7 +57,7 @@ class Doc:
 
 @dataclass
 class Skip:
-    """A document that is not written: kind is "empty" or "failed"; reason says why."""
+    """A document that is not written: kind is "empty", "failed" or "excluded" (an input left out on purpose)."""
 
     kind: str
     source: str
@@ -84,17 +84,22 @@ def expand_inputs(patterns: list[str], exclude: str | None = None) -> tuple[list
     """Every file named by `patterns`, sorted within each pattern, first occurrence kept.
 
     A pattern that matches nothing (or a bucket that cannot be listed) becomes a Skip naming it.
-    `exclude` is a local directory to leave out (the job's own output inside an input tree).
+    `exclude` is a local directory to leave out (the job's own output inside an input tree); the
+    output of any other pico prep job (a directory with its manifest.json or _work/plan.json) is
+    left out too, as a Skip of kind "excluded": its shards are not documents.
     """
     files: list[InputFile] = []
     problems: list[Skip] = []
     seen: set[str] = set()
     for pattern in patterns:
+        outputs: list[str] = []
         try:
-            found = _expand_url(pattern) if is_url(pattern) else _expand_local(pattern, exclude)
+            found = _expand_url(pattern) if is_url(pattern) else _expand_local(pattern, exclude, outputs)
         except Exception as e:  # listing a remote store can fail in many ways; all of them are the input's
             problems.append(Skip("failed", pattern, None, f"cannot list input: {type(e).__name__}: {e}"))
             continue
+        problems.extend(Skip("excluded", d, None, "left out: it holds the output of a pico prep job "
+                             "(its shards are not documents)") for d in outputs)
         if not found:
             problems.append(Skip("failed", pattern, None, "no file matched this input"))
         for f in found:
@@ -104,13 +109,30 @@ def expand_inputs(patterns: list[str], exclude: str | None = None) -> tuple[list
     return files, problems
 
 
-def _expand_local(pattern: str, exclude: str | None) -> list[InputFile]:
+def is_prep_output(d: str) -> bool:
+    """Whether local directory d holds a finished or unfinished pico prep output."""
+    if os.path.isfile(os.path.join(d, "_work", "plan.json")):
+        return True
+    try:
+        with open(os.path.join(d, "manifest.json"), "rb") as f:
+            m = json.loads(f.read(1 << 26))
+    except (OSError, ValueError):
+        return False
+    return isinstance(m, dict) and "shards" in m and "config" in m
+
+
+def _expand_local(pattern: str, exclude: str | None, outputs: list[str]) -> list[InputFile]:
+    """Files under `pattern`; directories that hold a prep output are appended to `outputs` instead."""
     pattern = os.path.abspath(os.path.expanduser(pattern.removeprefix("file://")))
     roots = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
     out: list[str] = []
     for root in roots:
         if os.path.isdir(root):
             for d, dirs, names in os.walk(root):
+                if d != exclude and is_prep_output(d):
+                    outputs.append(d)
+                    dirs[:] = []
+                    continue
                 dirs[:] = sorted(x for x in dirs if not x.startswith(".") and os.path.join(d, x) != exclude)
                 out.extend(os.path.join(d, n) for n in sorted(names) if not n.startswith("."))
         elif os.path.isfile(root):

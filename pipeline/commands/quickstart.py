@@ -188,7 +188,7 @@ def quickstart(corpus: list[str] | None = None, out: Path = Path("runs/quickstar
 
     t0 = time.time()
     release_dir = out / "release"
-    convert(ckpt_path, release_dir, dtype="fp32")
+    convert(ckpt_path, release_dir, dtype="fp32", overwrite=True)  # the quickstart owns its release directory
     timings["convert_s"] = time.time() - t0
 
     # -- 5. generate -------------------------------------------------------------------------

@@ -46,6 +46,8 @@ import json
 import os
 import random
 import re
+import threading
+import time
 import warnings
 from collections import deque
 from collections.abc import Iterator
@@ -63,11 +65,14 @@ from pico.pipeline.data.eval_packing import pack_eval
 from pico.model.config import EOS, PAD
 
 STATE_VERSION = 1
+MAX_NAMED = 100  # corrupt shards named per loader slot (the count goes on past it)
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _SPLIT_NAME = re.compile(r"^(train|val)-\d+\.tar$")
 _MASK64 = (1 << 64) - 1
 _FIX = ("re-run `pico prep` for it, drop it from the data paths, or set data.skip_corrupt=true "
         "to skip and count corrupt samples")
+# Evaluation reads every byte of its split and never skips, so its fix does not offer data.skip_corrupt.
+_EVAL_FIX = "re-run `pico prep` for it, or leave it out of the validation data"
 
 DocId = tuple[int, int, int]  # (epoch, position of the shard in the slot's plan, sample index in the shard)
 
@@ -182,6 +187,7 @@ class _SlotStream:
         # read cursor and counters
         self.epoch = self.pos = self.sample = self.draws = self.epoch_docs = 0
         self.docs = self.bytes = self.corrupt = 0
+        self.corrupt_shards: list[str] = []  # names of the shards corrupt samples were skipped in
         self.buffer_ids: list[DocId] = []  # kept apart from the bytes so a state snapshot is one list copy
         self.buffer_docs: list[bytes] = []
         self.buffer_bytes = 0
@@ -243,6 +249,8 @@ class _SlotStream:
                 for j, doc in self._read(url, phase, self.sample):
                     if doc is None:
                         self.corrupt += 1
+                        if os.path.basename(url) not in self.corrupt_shards and len(self.corrupt_shards) < MAX_NAMED:
+                            self.corrupt_shards.append(os.path.basename(url))
                         if j >= 0:
                             self.sample = j + 1
                         continue
@@ -300,17 +308,19 @@ class _SlotStream:
         self._consume(n_tokens)
 
     def counters(self) -> dict:
-        return {"epoch": self.epoch, "docs": self.docs, "bytes": self.bytes, "corrupt": self.corrupt}
+        return {"epoch": self.epoch, "docs": self.docs, "bytes": self.bytes, "corrupt": self.corrupt,
+                "corrupt_shards": list(self.corrupt_shards)}
 
     def state(self) -> dict:
         """A snapshot, cheap enough to take after every batch (doc ids stay tuples until state_dict)."""
         return {"epoch": self.epoch, "pos": self.pos, "sample": self.sample, "draws": self.draws,
                 "epoch_docs": self.epoch_docs, "docs": self.docs, "bytes": self.bytes, "corrupt": self.corrupt,
-                "buffer": self.buffer_ids.copy(), "pending": [d for d, _ in self.pending], "offset": self.offset}
+                "corrupt_shards": list(self.corrupt_shards), "buffer": self.buffer_ids.copy(), "pending": [d for d, _ in self.pending], "offset": self.offset}
 
     def _restore(self, s: dict) -> None:
         for k in ("epoch", "pos", "sample", "draws", "epoch_docs", "docs", "bytes", "corrupt", "offset"):
             setattr(self, k, int(s[k]))
+        self.corrupt_shards = list(s.get("corrupt_shards", []))  # absent in states of earlier versions
         buffer_ids = [tuple(d) for d in s["buffer"]]
         pending_ids = [tuple(d) for d in s["pending"]]
         docs = self._fetch(set(buffer_ids) | set(pending_ids))
@@ -365,6 +375,21 @@ def _as_is(item: Any) -> Any:
 def _plain(state: dict) -> dict:
     """A worker state with lists instead of tuples: what JSON gives back, so saved and live states compare equal."""
     return {k: [list(d) for d in v] if isinstance(v, list) else v for k, v in state.items()}
+
+
+def _exit_with_parent(worker_id: int, poll_s: float = 0.5) -> None:
+    """DataLoader worker_init_fn: end this worker as soon as its trainer is gone (kill -9, OOM killer).
+
+    torch's own check runs only between batches, and a worker that then exits with batches still
+    queued for a dead reader blocks forever flushing its queue; os._exit skips that flush."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="pico-exit-with-parent", daemon=True).start()
 
 
 class _WorkerStreams(IterableDataset):
@@ -461,7 +486,7 @@ class ByteBatches:
         chunk, tokens_per_batch = self.worker_chunk, a["batch_size"] * a["seq_len"]
         streams = _WorkerStreams(a, list(self._states), self._next, self._skip, self._left or chunk, chunk)
         loader = DataLoader(streams, batch_size=None, num_workers=self.num_workers, prefetch_factor=4,
-                            collate_fn=_as_is)
+                            collate_fn=_as_is, worker_init_fn=_exit_with_parent)
         for logical, batches, counters, state in loader:
             if batches is None:
                 raise UserError(state)
@@ -514,7 +539,8 @@ class ByteBatches:
         return {"epoch": min((s["epoch"] for s in started), default=0),
                 "worker_epochs": [s["epoch"] if s else 0 for s in self._counters],
                 "documents": sum(s["docs"] for s in started), "bytes": sum(s["bytes"] for s in started),
-                "corrupt_skipped": sum(s["corrupt"] for s in started), "batches": self._batches}
+                "corrupt_skipped": sum(s["corrupt"] for s in started), "batches": self._batches,
+                "corrupt_shards": sorted({n for s in started for n in s.get("corrupt_shards", [])})}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -538,7 +564,7 @@ def _eval_documents(url: str, dctx: zstandard.ZstdDecompressor, skip_corrupt: bo
                 yield j, _decode(url, sample, dctx)
             except ShardError as e:
                 if not skip_corrupt:
-                    raise UserError(f"corrupt sample in {e}; {_FIX}") from None
+                    raise UserError(f"corrupt sample in {e}; {_EVAL_FIX}") from None
     except ShardError as e:
         if not skip_corrupt:
-            raise UserError(f"corrupt {e}; {_FIX}") from None
+            raise UserError(f"corrupt {e}; {_EVAL_FIX}") from None

@@ -18,6 +18,7 @@ from typing import Iterable
 import torch
 
 from pico.configs.errors import UserError
+from pico.configs.runs import TRUST_HELP
 from pico.model import make_targets
 from pico.model.pico import IGNORE
 from pico.pipeline import dist
@@ -78,6 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--routing", choices=["causal", "topk"], default="causal",
                    help="causal: each byte routed by its own score, as in generation (default); topk: training routing")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run (default: auto)")
+    p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object with the results on stdout")
 
 
@@ -85,14 +87,18 @@ def run(args: argparse.Namespace) -> int:
     from pico.pipeline.release.load import load_model
 
     device = dist.pick_device(args.device)
-    model, info = load_model(args.checkpoint, device)
+    model, info = load_model(args.checkpoint, device, trust=args.trust_checkpoint)
     seq_len = args.seq_len or model.cfg.max_seq_len
     extra = model.cfg.n_predict
     is_shards = all(str(d).startswith("s3://") or d.endswith(".tar") or Path(d).is_dir() or "*" in d for d in args.data)
     if is_shards:
         from pico.pipeline.data.loader import eval_sequences, resolve_shards
 
-        shards = resolve_shards(list(args.data), args.split)
+        try:
+            shards = resolve_shards(list(args.data), args.split)
+        except UserError as e:
+            raise UserError(f"{e}. Choose the split with --split (train or val); `pico prep` writes val shards "
+                            "when --val-fraction > 0") from None
         batches = eval_sequences(shards, seq_len=seq_len, extra=extra, batch_size=args.batch_size, rank=0,
                                  world_size=1, max_batches=args.max_batches or None)
     else:
@@ -103,11 +109,14 @@ def run(args: argparse.Namespace) -> int:
         batches = text_file_batches(files, seq_len, extra, args.batch_size, max_batches=args.max_batches or None)
     result = evaluate(model, batches, device, routing=args.routing)
     result = {"model": str(args.checkpoint), "source": info.get("kind"), "routing": args.routing, **result}
-    if args.json:
-        print(json.dumps(result))
+    if args.json:  # a head with nothing to score (a 1-byte file) is null: NaN is not JSON
+        print(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                          for k, v in result.items()}, allow_nan=False))
     else:
         print(f"bits per byte: {result['bpb']:.4f} over {result['bytes']:,} bytes "
               f"({args.routing} routing)", file=sys.stderr)
         for h in range(1, extra + 1):
-            print(f"  head {h} (byte t+{h}): {result[f'bpb_head{h}']:.4f} bpb", file=sys.stderr)
+            v = result[f"bpb_head{h}"]
+            shown = f"{v:.4f} bpb" if math.isfinite(v) else f"no byte t+{h} to score"
+            print(f"  head {h} (byte t+{h}): {shown}", file=sys.stderr)
     return 0

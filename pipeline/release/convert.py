@@ -16,6 +16,8 @@ Properties, each tested:
   refused, since it cannot be trusted to be the model that was trained.
 - **Atomic**: everything is written into a temporary directory beside OUT, verified by loading
   it back, and renamed to OUT; a failed convert leaves nothing behind.
+- **Nothing else lost**: an OUT that holds anything but a pico release is refused; a different
+  release is replaced only with --overwrite, which keeps (and names) OUT's other files.
 - **Idempotent**: the same checkpoint gives byte-identical files (no timestamps; the safetensors
   file is written here with a sorted header, because the library orders its metadata map
   differently from one process to the next). Converting again over an identical release leaves
@@ -38,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from pico.configs.errors import UserError
+from pico.configs.runs import TRUST_HELP
 from pico.pipeline.release.load import (CARD, CONFIG, DTYPES, FORMAT, FORMAT_VERSION, SUMS, WEIGHTS, build_network,
                                         checksum_errors, load_release, parse_model_config, pico_version,
                                         read_checksums, sha256_file)
@@ -61,13 +64,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                         help="weight dtype of the release (default: fp32, the exact trained weights; bf16 halves "
                              "the size and is loaded back into fp32)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a release already at OUT that differs (another checkpoint or dtype); only "
+                             "the release's own files are replaced, other files in OUT stay")
+    parser.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     parser.add_argument("--json", action="store_true", help="print one JSON object describing the release")
 
 
 def run(args: argparse.Namespace) -> int:
     # DeepSpeed prints progress (and its logger writes) to stdout; stdout is for --json alone.
     with contextlib.redirect_stdout(sys.stderr):
-        out = convert(args.checkpoint, args.out, dtype=args.dtype)
+        out = convert(args.checkpoint, args.out, dtype=args.dtype, overwrite=args.overwrite,
+                      trust=args.trust_checkpoint)
     sums = read_checksums(out)
     config = json.loads((out / CONFIG).read_text())
     if args.json:
@@ -85,8 +93,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def convert(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike | None = None,
-            dtype: str = "fp32") -> Path:
-    """Write the release of a checkpoint (a run, checkpoints or step directory) to out_dir; return its path."""
+            dtype: str = "fp32", overwrite: bool = False, trust: bool = False) -> Path:
+    """Write the release of a checkpoint (a run, checkpoints or step directory) to out_dir; return its path.
+
+    An identical release already at out_dir is left alone; a different one is replaced only with
+    `overwrite` (other files in out_dir are kept and named in a warning)."""
     from pico.pipeline.train import checkpoint as ckpt
 
     if dtype not in DTYPES:
@@ -100,13 +111,16 @@ def convert(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike | Non
     except UserError as e:
         raise UserError(f"{src} is not a training checkpoint: {e}") from None
     run_state = ckpt.read_run_state(step_dir)
-    check_complete(step_dir, run_state)
+    ckpt.check_complete(step_dir, run_state)
+    damage = ckpt.sums_errors(step_dir)
+    if damage:
+        raise UserError(f"checkpoint {step_dir} is damaged: {'; '.join(damage)}. Convert an earlier step")
     out = Path(out_dir) if out_dir is not None else default_out_dir(step_dir)
 
-    state, _ = ckpt.load_model_state(step_dir)
+    state, _ = ckpt.load_model_state(step_dir, trust)
     model_cfg = parse_model_config(run_state["config"]["model"], step_dir / ckpt.STATE_FILE)
     _check_matches(state, model_cfg, step_dir)
-    return _publish(out, lambda tmp: _write_release(tmp, state, model_cfg, run_state, step_dir, dtype))
+    return _publish(out, lambda tmp: _write_release(tmp, state, model_cfg, run_state, step_dir, dtype), overwrite)
 
 
 def default_out_dir(step_dir: Path) -> Path:
@@ -114,26 +128,6 @@ def default_out_dir(step_dir: Path) -> Path:
     holder = step_dir.parent
     base = holder.parent if holder.name == "checkpoints" else holder
     return base / "releases" / step_dir.name
-
-
-def check_complete(step_dir: Path, run_state: dict[str, Any]) -> None:
-    """Refuse a checkpoint that lacks a file some rank wrote: its weights cannot be trusted."""
-    from pico.pipeline.train.checkpoint import DS_TAG
-
-    world = int(run_state.get("world_size", 1))
-    stage = int(run_state.get("zero_stage", 0))
-    ds = step_dir / DS_TAG
-    missing = [f"rank{r:05d}.pt" for r in range(world) if not (step_dir / f"rank{r:05d}.pt").exists()]
-    if stage < 3 and not (ds / "mp_rank_00_model_states.pt").exists():
-        missing.append(f"{DS_TAG}/mp_rank_00_model_states.pt")
-    kinds = ["optim_states"] if stage in (1, 2) else ["model_states", "optim_states"] if stage == 3 else []
-    for r in range(world):
-        for kind in kinds:
-            if not list(ds.glob(f"*zero_pp_rank_{r}_mp_rank_00_{kind}.pt")):
-                missing.append(f"{DS_TAG}/zero_pp_rank_{r}_mp_rank_00_{kind}.pt (ZeRO-{stage} partition of rank {r})")
-    if missing:
-        raise UserError(f"checkpoint {step_dir} is incomplete (written by {world} ranks at ZeRO stage {stage}); "
-                        f"missing: {', '.join(missing)}. Restore the missing files or convert an earlier step")
 
 
 def _check_matches(state: dict, model_cfg, where: Path) -> None:
@@ -154,12 +148,14 @@ def _check_matches(state: dict, model_cfg, where: Path) -> None:
         raise UserError(f"{where}: weights {bad[:5]} hold NaN or infinite values; convert an earlier step")
 
 
-def _publish(out: Path, write) -> Path:
+def _publish(out: Path, write, overwrite: bool = False) -> Path:
     """Run write(tmp) on a temporary directory beside out, verify it, then rename it to out.
 
-    An existing release at out is replaced by two renames (old aside, new in), or left alone when
-    its files are the same bytes. On any failure the temporary directory, and any parent this call
-    created, are removed and an old release is put back."""
+    An existing release at out is left alone when its files are the same bytes; else (with
+    `overwrite`) it is replaced by two renames (old aside, new in), after the other files of out
+    were linked into the new directory, so that they survive and the swap stays atomic. On any
+    failure the temporary directory, and any parent this call created, are removed and an old
+    release is put back."""
     out = out.absolute()
     if out.exists() and not _replaceable(out):
         raise UserError(f"{out} exists and is not a pico release; choose another output directory or remove it")
@@ -176,6 +172,7 @@ def _publish(out: Path, write) -> Path:
         if out.exists() and _same_files(out, tmp):
             shutil.rmtree(tmp)
             return out
+        others = _keep_others(out, tmp, overwrite) if out.exists() else []
         if out.exists():
             os.replace(out, old)
         os.replace(tmp, out)
@@ -189,7 +186,38 @@ def _publish(out: Path, write) -> Path:
                 p.rmdir()
         raise
     shutil.rmtree(old, ignore_errors=True)
+    if others:
+        print(f"pico convert: replaced the release in {out}; kept its other files: {', '.join(others)}",
+              file=sys.stderr)
     return out
+
+
+def _keep_others(out: Path, tmp: Path, overwrite: bool) -> list[str]:
+    """Link every file of out that is not the release's own into tmp; refuse without overwrite."""
+    if any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out} holds a different release (another checkpoint or dtype); pass --overwrite to "
+                        "replace it (its other files are kept), or choose another output directory")
+    own = {WEIGHTS, CONFIG, CARD, SUMS}
+    with contextlib.suppress(OSError, UserError):
+        own |= set(read_checksums(out))
+    others = sorted(p.name for p in out.iterdir() if p.name not in own)
+    for name in others:
+        src, dst = out / name, tmp / name
+        if src.is_dir() and not src.is_symlink():
+            shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(src, dst)
+    return others
+
+
+def _link_or_copy(src, dst) -> None:
+    if os.path.islink(src):
+        os.symlink(os.readlink(src), dst)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _replaceable(out: Path) -> bool:

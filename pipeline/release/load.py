@@ -176,11 +176,11 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", trust: bool = False):
     """A ready-to-run model (eval mode) from a release directory or a training checkpoint.
 
     Returns (model, info) where info holds the source kind and whatever the source recorded
-    (steps, bytes seen, eval bpb)."""
+    (steps, bytes seen, eval bpb). A checkpoint's pickles are held to an allowlist unless `trust`."""
     from pico.configs.tree import from_dict
     from pico.model import build_model
     from pico.model.config import ModelConfig
@@ -197,7 +197,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
         resolve_checkpoint(p)
     except UserError as e:
         raise UserError(f"{p} is neither a release (model.safetensors + config.json) nor a training checkpoint: {e}") from None
-    sd, run_state = load_model_state(p)  # its errors name the checkpoint and what is wrong with it
+    sd, run_state = load_model_state(p, trust)  # its errors name the checkpoint and what is wrong with it
     cfg = from_dict(ModelConfig, run_state["config"]["model"], "model")
     model = build_model(cfg)
     missing, unexpected = model.load_state_dict(sd, strict=False)

@@ -6,15 +6,25 @@ rank 0 renames it once every rank has finished, so a directory named `step_*` is
     <checkpoint dir>/step_000200/
         ds/                    DeepSpeed's own files (model, ZeRO partitions, client optimizer)
         rank00000.pt           per rank: loader position, RNG states, sharded optimizer state
+        SHA256SUMS             sha256 of every file above, hashed at save time (ranks share the work)
         pico_state.json        step, bytes seen, world size, the resolved config, last metrics
 
 `--resume` loads the newest complete `step_*`. Older ones beyond `checkpoint.keep_last` are
 deleted. `load_model_state()` turns any checkpoint (ZeRO 0-3, any rank count) into a plain
 fp32 state dict for eval, generate and convert.
+
+Untrusted checkpoints: a `.pt` file is a pickle, and unpickling can run any code. pico reads its
+own files with `torch.load(weights_only=True)` and the few numpy globals of an RNG state
+registered explicitly. DeepSpeed's loaders (resume, ZeRO-3 consolidation) unpickle with
+weights_only=False, so before they run, every `.pt` file of the checkpoint is disassembled
+without being executed (`torch.serialization.get_unsafe_globals_in_checkpoint`) and refused
+when it names anything outside `SAFE_GLOBALS`, unless the user passes --trust-checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import pickle
@@ -30,6 +40,86 @@ from pico.pipeline import dist
 from pico.configs.errors import UserError
 from pico.configs.runs import (DS_TAG, STATE_FILE, latest_checkpoint, list_checkpoints, read_run_state,  # noqa: F401
                                resolve_checkpoint, step_dir_name)
+
+# The numpy objects of an RNG state (pico's rank files); loaded by the weights_only unpickler.
+SUMS = "SHA256SUMS"
+_NP_CORE = getattr(np, "_core", None) or np.core  # numpy 2, numpy 1
+NUMPY_GLOBALS = [_NP_CORE.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+# What else DeepSpeed's own files name (ZeRO optimizer partitions): plain records and enums.
+DEEPSPEED_GLOBALS = {"deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                     "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                     "deepspeed.runtime.zero.config.ZeroStageEnum",
+                     "deepspeed.utils.tensor_fragment.fragment_address"}
+SAFE_GLOBALS = {f"{g.__module__}.{g.__name__}" for g in NUMPY_GLOBALS} | DEEPSPEED_GLOBALS
+TRUST_HINT = ("a crafted checkpoint can run code when it is loaded; if you trust where this one came from, pass "
+              "--trust-checkpoint")
+
+
+class UntrustedCheckpoint(UserError):
+    """A checkpoint file names Python objects outside the allowlist: refused, not damaged."""
+
+
+def safe_load(f: Path, trust: bool = False) -> Any:
+    """torch.load of one checkpoint file; nothing outside the weights_only allowlist is unpickled
+    unless `trust`. A damaged file or a refused global raises UserError naming the file."""
+    try:
+        if trust:
+            return torch.load(f, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(NUMPY_GLOBALS):
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        check_pickles(f, trust)  # names the refused globals, if that is why
+        raise UserError(f"{f} cannot be read ({_first_line(e)}); it is corrupt, use another step") from None
+    except (OSError, RuntimeError, EOFError, KeyError, ValueError) as e:
+        raise UserError(f"{f} cannot be read ({type(e).__name__}: {_first_line(e)}); it is corrupt, "
+                        "use another step") from None
+
+
+def check_pickles(step_dir: Path, trust: bool = False) -> None:
+    """Refuse a checkpoint (or one file) any of whose .pt files would run code outside SAFE_GLOBALS when unpickled.
+
+    Static: each file's pickle is disassembled, not executed. Run before handing the directory to
+    DeepSpeed, whose loaders unpickle with weights_only=False. A damaged file is refused too."""
+    if trust:
+        return
+    from torch.serialization import get_unsafe_globals_in_checkpoint
+
+    root = Path(step_dir)
+    for f in [root] if root.is_file() else sorted(root.rglob("*.pt")):
+        try:
+            unsafe = sorted(set(get_unsafe_globals_in_checkpoint(f)) - SAFE_GLOBALS)
+        except pickle.UnpicklingError as e:  # an opcode torch.save never writes (e.g. STACK_GLOBAL, INST)
+            unsafe = [f"<{_first_line(e)}>"]
+        except (OSError, RuntimeError, EOFError, ValueError) as e:
+            raise UserError(f"{f} cannot be read ({type(e).__name__}: {_first_line(e)}); it is corrupt, "
+                            "use another step") from None
+        if unsafe:
+            raise UntrustedCheckpoint(f"{f} would call {', '.join(unsafe[:5])} when unpickled, which no pico checkpoint "
+                            f"does; {TRUST_HINT}")
+
+
+def check_complete(step_dir: Path, run_state: dict[str, Any]) -> None:
+    """Refuse a checkpoint that lacks a file some rank wrote: its weights cannot be trusted."""
+    world = int(run_state.get("world_size", 1))
+    stage = int(run_state.get("zero_stage", 0))
+    ds = step_dir / DS_TAG
+    missing = [f"rank{r:05d}.pt" for r in range(world) if not (step_dir / f"rank{r:05d}.pt").exists()]
+    if stage < 3 and not (ds / "mp_rank_00_model_states.pt").exists():
+        missing.append(f"{DS_TAG}/mp_rank_00_model_states.pt")
+    kinds = ["optim_states"] if stage in (1, 2) else ["model_states", "optim_states"] if stage == 3 else []
+    for r in range(world):
+        for kind in kinds:
+            if not list(ds.glob(f"*zero_pp_rank_{r}_mp_rank_00_{kind}.pt")):
+                missing.append(f"{DS_TAG}/zero_pp_rank_{r}_mp_rank_00_{kind}.pt (ZeRO-{stage} partition of rank {r})")
+    if missing:
+        raise UserError(f"checkpoint {step_dir} is incomplete (written by {world} ranks at ZeRO stage {stage}); "
+                        f"missing: {', '.join(missing)}. Restore the missing files or use an earlier step")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:300] if lines else type(e).__name__
+
 
 def rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
@@ -56,11 +146,17 @@ def save(engine, ckpt_dir: Path, step: int, rank_state: dict[str, Any], run_stat
             shutil.rmtree(tmp)  # debris of a save that was killed
         tmp.mkdir(parents=True)
     dist.barrier()
-    engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
-    part = tmp / f"rank{dist.rank():05d}.pt"
-    torch.save(rank_state, str(part) + ".part")
-    os.replace(str(part) + ".part", part)
+    try:
+        with _optimizer_left_out(engine, "optimizer" in rank_state):
+            engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+        part = tmp / f"rank{dist.rank():05d}.pt"
+        torch.save(rank_state, str(part) + ".part")
+        os.replace(str(part) + ".part", part)
+    except (OSError, RuntimeError) as e:  # a full disk: torch's zip writer raises RuntimeError, not OSError
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(_save_failed(ckpt_dir, final, tmp, e)) from None
     dist.barrier()
+    _write_sums(tmp)
     if dist.is_main():
         missing = [r for r in range(dist.world_size()) if not (tmp / f"rank{r:05d}.pt").exists()]
         if missing:
@@ -77,6 +173,72 @@ def save(engine, ckpt_dir: Path, step: int, rank_state: dict[str, Any], run_stat
     return final
 
 
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _write_sums(tmp: Path) -> None:
+    """Collective: SHA256SUMS of every file in tmp (`sha256sum -c` reads it); rank r hashes every
+    world_size-th file, rank 0 joins the parts."""
+    names = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file() and not p.name.startswith(SUMS))
+    part = tmp / f"{SUMS}.part{dist.rank():05d}"
+    part.write_text("".join(f"{_sha256(tmp / n)}  {n}\n" for n in names[dist.rank()::dist.world_size()]))
+    dist.barrier()
+    if dist.is_main():
+        parts = sorted(tmp.glob(f"{SUMS}.part*"))
+        lines = sorted((ln for p in parts for ln in p.read_text().splitlines(keepends=True)),
+                       key=lambda ln: ln.split("  ", 1)[1])
+        (tmp / SUMS).write_text("".join(lines))
+        for p in parts:
+            p.unlink()
+
+
+def sums_errors(step_dir: Path, rank: int = 0, world: int = 1) -> list[str]:
+    """What does not match the SHA256SUMS written at save time (this rank's share of the files).
+    Checkpoints from before pico wrote one have none, and pass."""
+    f = Path(step_dir) / SUMS
+    if not f.exists():
+        return []
+    entries = [ln.split("  ", 1) for ln in f.read_text(errors="replace").splitlines()]
+    if any(len(e) != 2 or len(e[0]) != 64 for e in entries):
+        return [f"{SUMS} is damaged"]
+    errors = []
+    for digest, name in entries[rank::world]:
+        p = Path(step_dir) / name
+        if not p.is_file():
+            errors.append(f"{name} is missing")
+        elif _sha256(p) != digest:
+            errors.append(f"{name} does not match its sha256 in {SUMS} (altered or damaged since it was saved)")
+    return errors
+
+
+@contextlib.contextmanager
+def _optimizer_left_out(engine, left_out: bool):
+    """Keep DeepSpeed from also writing the client optimizer's state into its model-states file
+    when pico saves it per rank (SOAP shards its state by matrix: rank files hold every rank's)."""
+    opt = getattr(engine, "optimizer", None)
+    if not left_out or opt is None:
+        yield
+        return
+    opt.state_dict = lambda: None  # an instance attribute shadows the method while DeepSpeed saves
+    try:
+        yield
+    finally:
+        del opt.state_dict
+
+
+def _save_failed(ckpt_dir: Path, final: Path, tmp: Path, e: BaseException) -> str:
+    try:
+        free = f"{shutil.disk_usage(ckpt_dir).free / 2**20:,.0f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    last = latest_checkpoint(ckpt_dir)
+    return (f"writing checkpoint {final.name} into {ckpt_dir} failed ({type(e).__name__}: {_first_line(e)}; "
+            f"{free}); the partial {tmp.name} was removed. Free some space (or set checkpoint.dir elsewhere), then "
+            f"rerun with --resume, which continues from {last.name if last else 'step 0 (no checkpoint yet)'}")
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -88,21 +250,23 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
-def load_rank_state(path: Path) -> dict[str, Any]:
+def load_rank_state(path: Path, trust: bool = False) -> dict[str, Any]:
     f = Path(path) / f"rank{dist.rank():05d}.pt"
     if not f.exists():
         raise UserError(f"checkpoint {path} has no {f.name}: it was written by fewer ranks than this run has "
                         f"({dist.world_size()}). Resume with the same number of ranks")
     # Our own file: loader positions, RNG states (numpy arrays, python tuples), optimizer tensors.
-    return torch.load(f, map_location="cpu", weights_only=False)
+    return safe_load(f, trust)
 
 
 # What torch.load raises on a truncated or damaged file (zip reader, unpickler).
 _UNREADABLE = (OSError, RuntimeError, EOFError, pickle.UnpicklingError)
 
 
-def load_model_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """fp32 model state dict and run state of a checkpoint, whatever its ZeRO stage and rank count."""
+def load_model_state(path: str | os.PathLike, trust: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """fp32 model state dict and run state of a checkpoint, whatever its ZeRO stage and rank count.
+
+    Nothing outside the weights_only allowlist is unpickled unless `trust` (see the module doc)."""
     ckpt = resolve_checkpoint(path)
     run_state = read_run_state(ckpt)
     ds_dir = ckpt / DS_TAG
@@ -110,6 +274,7 @@ def load_model_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     if stage == 3:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+        check_pickles(ds_dir, trust)  # DeepSpeed's consolidation unpickles with weights_only=False
         try:
             sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DS_TAG)
         except (FileNotFoundError, ValueError) as e:
@@ -121,10 +286,9 @@ def load_model_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
         f = ds_dir / "mp_rank_00_model_states.pt"
         if not f.exists():
             raise UserError(f"checkpoint {ckpt} lacks {f.relative_to(ckpt)}; it is incomplete, use another step")
-        # DeepSpeed's own file format is a pickle; we read only files our trainer wrote.
         try:
-            sd = torch.load(f, map_location="cpu", weights_only=False)["module"]
-        except (*_UNREADABLE, KeyError) as e:
+            sd = safe_load(f, trust)["module"]
+        except (KeyError, TypeError, IndexError) as e:
             raise UserError(f"checkpoint {ckpt}: {f.relative_to(ckpt)} cannot be read ({type(e).__name__}: {e}); "
                             "it is corrupt, use another step") from None
     sd = {k.removeprefix("module."): v.float() for k, v in sd.items()}

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from pico.configs.errors import UserError
+from pico.configs.runs import TRUST_HELP
 from pico.configs.tree import Config, ConfigError, describe_config, load_config, save_config
 from pico.model.flops import GPU_PEAK_FLOPS
 from pico.pipeline import dist
@@ -132,9 +133,10 @@ def _memory_mb(device: torch.device) -> float:
 class Trainer:
     """Owns the engine, the loader, the loggers and the loop. Build, then `fit()`."""
 
-    def __init__(self, cfg: Config, resume: bool = False, progress: bool = True):
+    def __init__(self, cfg: Config, resume: bool = False, progress: bool = True, trust: bool = False):
         self.cfg = cfg
         self.resume = resume
+        self.trust = trust  # --trust-checkpoint: let DeepSpeed unpickle files outside the allowlist
         self.progress = progress and dist.is_main()
         self.out_dir = Path(cfg.train.out_dir)
         self.ckpt_dir = cfg.checkpoint_dir
@@ -149,6 +151,7 @@ class Trainer:
         self.step = 0
         self.bytes_seen = 0
         self.last_eval: dict[str, float] = {}
+        self._corrupt_seen, self._corrupt_named = 0, []  # corrupt samples skipped so far, shards named
         self._build()
 
     # ----------------------------------------------------------------------------- building
@@ -160,10 +163,13 @@ class Trainer:
         from pico.pipeline.optim.build import build_optimizer
 
         cfg = self.cfg
-        start = ckpt.latest_checkpoint(self.ckpt_dir) if self.resume else None
+        start = self._resume_point() if self.resume else None
         if not self.resume and ckpt.latest_checkpoint(self.ckpt_dir) is not None:
             raise UserError(f"{self.ckpt_dir} already holds checkpoints; pass --resume to continue that run, or "
                             "choose a new train.out_dir (or checkpoint.dir)")
+        if self.resume and start is None and ckpt.list_checkpoints(self.ckpt_dir):
+            raise UserError(f"--resume: every checkpoint under {self.ckpt_dir} is damaged (reasons above); move them "
+                            "away to start from step 0")
         if self.resume and start is None:
             dist.print0(f"--resume: no complete checkpoint under {self.ckpt_dir}; starting from step 0")
         if start is not None:
@@ -173,7 +179,12 @@ class Trainer:
             raise UserError("data.train is empty: pass shard directories, e.g. --data.train=[runs/shards] "
                             "(make them with `pico prep`)")
         self.train_shards = resolve_shards(cfg.data.train, "train")
-        self.val_shards = resolve_shards(cfg.data.val or cfg.data.train, "val")
+        try:
+            self.val_shards = resolve_shards(cfg.data.val or cfg.data.train, "val")
+        except UserError as e:
+            where = "data.val" if cfg.data.val else "data.train (data.val is empty)"
+            raise UserError(f"no validation split in {where}: {e}. Set data.val to shards with a val split, or re-run "
+                            "`pico prep` with --val-fraction > 0 (e.g. 0.01)") from None
 
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model)
@@ -201,6 +212,28 @@ class Trainer:
 
         self.logger = MetricsLogger(self.out_dir, cfg.logging, cfg.to_dict(), resume=start is not None)
 
+    def _resume_point(self) -> Path | None:
+        """The newest checkpoint that reads back; newer damaged ones are named, with the reason, and skipped.
+
+        A checkpoint refused as untrusted stops the run instead: it is not damage to route around."""
+        for path in reversed(ckpt.list_checkpoints(self.ckpt_dir)):
+            try:
+                ckpt.check_complete(path, ckpt.read_run_state(path))
+                damage = ckpt.sums_errors(path, self.rank, self.world)  # each rank hashes its share
+                if damage:
+                    raise UserError("; ".join(damage))
+                ckpt.check_pickles(path, self.trust)  # DeepSpeed's loader unpickles with weights_only=False
+            except ckpt.UntrustedCheckpoint:
+                raise
+            except UserError as e:
+                print(f"--resume: skipping damaged checkpoint {path.name}: {e}", file=sys.stderr)
+                dist.any_rank(True)
+                continue
+            if dist.any_rank(False):  # another rank found damage in its share
+                continue
+            return path
+        return None
+
     def _check_resumable(self, path: Path) -> None:
         state = ckpt.read_run_state(path)
         if state.get("world_size") != self.world:
@@ -220,7 +253,7 @@ class Trainer:
                                                    load_lr_scheduler_states=False)
         if load_path is None:
             raise UserError(f"DeepSpeed could not load {path / ckpt.DS_TAG}; the checkpoint is incomplete")
-        rank_state = ckpt.load_rank_state(path)
+        rank_state = ckpt.load_rank_state(path, self.trust)
         if soap:
             self.optimizer.load_state_dict(rank_state["optimizer"])
         self.loader.load_state_dict(rank_state["loader"])
@@ -273,6 +306,20 @@ class Trainer:
         for name, buf in module.named_buffers():
             if name in persistent and buf.is_floating_point():
                 buf.copy_(dist.all_reduce_mean(buf).to(buf.device, buf.dtype))
+
+    def _report_corrupt(self) -> int:
+        """Collective: corrupt samples or shards skipped so far on all ranks (data.skip_corrupt); says so
+        on stderr, with the shard names, whenever the count grows, so that skipping is never silent."""
+        stats = self.loader.stats
+        total = int(dist.all_reduce_sum(torch.tensor(float(stats["corrupt_skipped"]), device=self.device)))
+        if total > self._corrupt_seen:
+            self._corrupt_seen = total
+            self._corrupt_named = stats["corrupt_shards"]
+            names = ", ".join(self._corrupt_named) + (" (rank 0's)" if self.world > 1 else "")
+            where = f" in {names}" if self._corrupt_named else ""
+            dist.print0(f"data: skipped {total} corrupt sample(s) or shard(s) so far (data.skip_corrupt=true)"
+                        f"{where}")
+        return total
 
     def evaluate(self) -> dict[str, float]:
         """Validation bits per byte with causal routing (and top-k routing on a few batches)."""
@@ -376,6 +423,7 @@ class Trainer:
                            # peak is one rank's (its GPU, or its threads' measured matmul): the job's is world x that
                            "mfu": bps * self.flops_per_byte / (peak * self.world)}
                 metrics.update({f"loss_head{h + 1}": float(v) for h, v in enumerate(head)})
+                metrics["data/corrupt_skipped"] = self._report_corrupt()
                 metrics.update({f"router/{k}": v for k, v in stats.items()})
                 self.logger.log(self.step, metrics)
                 if bar is not None:
@@ -406,6 +454,7 @@ class Trainer:
         if bar is not None:
             bar.close()
         summary = {"status": exit_reason, "step": self.step, "bytes_seen": self.bytes_seen,
+                   "corrupt_skipped": self._report_corrupt(), "corrupt_shards": self._corrupt_named,
                    "n_params": self.n_params, "flops_per_byte": self.flops_per_byte,
                    "bytes_per_s_median": statistics.median(rates) if rates else None,
                    "peak_flops": peak, "peak_kind": peak_kind,
@@ -447,9 +496,9 @@ def _progress(enabled: bool, total: int, initial: int):
     return tqdm(total=total, initial=initial, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
 
 
-def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def train(cfg: Config, resume: bool = False, progress: bool = True, trust: bool = False) -> dict[str, Any]:
     """Build a Trainer and run it; the Python entry point of `pico train`."""
-    trainer = Trainer(cfg, resume=resume, progress=progress)
+    trainer = Trainer(cfg, resume=resume, progress=progress, trust=trust)
     return trainer.fit()
 
 
@@ -459,6 +508,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest complete checkpoint in the run's checkpoint directory "
                         "(starts fresh when there is none, so the same command serves first start and requeue)")
+    p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout at the end (rank 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
     p.add_argument("--help-config", action="store_true", help="list every config key with its meaning and exit")
@@ -470,7 +520,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     cfg = load_config(args.config, args.overrides)
     try:
-        summary = train(cfg, resume=args.resume, progress=not args.no_progress)
+        summary = train(cfg, resume=args.resume, progress=not args.no_progress, trust=args.trust_checkpoint)
     except ConfigError:
         raise
     if args.json and dist.is_main():

@@ -88,6 +88,19 @@ def test_two_ranks_each_zero_stage(tmp_path, tiny_shards, stage):
     assert max(metrics(out)) == 18
 
 
+def orphans_of(out: Path, grace_s: float = 5.0) -> list[int]:
+    """Processes still running with `out` on their command line (forked loader workers inherit it)."""
+    import psutil
+
+    deadline = time.time() + grace_s
+    while True:
+        left = [p.pid for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])
+                and p.pid != os.getpid()]
+        if not left or time.time() > deadline:
+            return left
+        time.sleep(0.2)
+
+
 @pytest.mark.slow
 def test_resume_after_kill9_is_bit_exact(tmp_path, tiny_shards):
     common = ["--optim.name=soap", "--optim.lr=3e-3", "--optim.precondition_frequency=3", "--train.steps=14",
@@ -105,6 +118,7 @@ def test_resume_after_kill9_is_bit_exact(tmp_path, tiny_shards):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert orphans_of(killed) == [], "loader workers outlived their trainer"
     train_run(killed, tiny_shards, *common, "--resume")
     a, b = metrics(ref), metrics(killed)
     assert sorted(a) == sorted(b) == list(range(1, 15))

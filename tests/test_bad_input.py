@@ -1,0 +1,210 @@
+"""Bad input, as a suite: the CLI run the way a skeptical new user runs it (issue 19).
+
+Each case calls the `pico` entry point with bad config values, damaged files, a full or
+read-only disk or an unreachable S3 endpoint, and asserts: a non-zero exit, one line on stderr
+that names the thing, no traceback, and nothing lost that was there before.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pico.pipeline.cli import main
+from tests.conftest import free_port
+from tests.fsfaults import read_only_dir  # noqa: F401 (fixture)
+from tests.pipeline.release.test_release import release, zero0  # noqa: F401 (fixtures)
+
+
+def refused(capsys, argv: list[str], *needles: str, code: int = 2) -> str:
+    """Run `pico ARGV`; assert exit `code`, no traceback and one `pico` line holding every needle; return it."""
+    rc = main(argv)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("pico")]  # DeepSpeed may print its build note
+    assert rc == code, err
+    assert "Traceback" not in err and len(lines) == 1, err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def snapshot(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def ckpt(zero0) -> Path:
+    """A one-rank ZeRO-0 checkpoint in pico's layout (test_release's), and `release` its release."""
+    return zero0
+
+
+# ----------------------------------------------------------------------------- config values
+
+
+@pytest.mark.parametrize("override, says", [
+    ("--optim.lr=nan", "optim.lr=nan must be a finite number"),
+    ("--optim.lr=inf", "optim.lr=inf must be a finite number"),
+    ("--optim.weight_decay=-1", "optim.weight_decay=-1.0 must be >= 0"),
+    ("--optim.grad_clip=nan", "optim.grad_clip=nan must be a finite number"),
+    ("--model.capacity=nan", "model.capacity=nan must be a finite number"),
+])
+def test_non_finite_or_negative_config_values_are_refused_at_validation(capsys, tmp_path, override, says):
+    refused(capsys, ["train", override, f"--train.out_dir={tmp_path / 'run'}"], says)
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- generate and eval
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_generate_temperature_must_be_finite(capsys, release, value):
+    refused(capsys, ["generate", "--model", str(release), "--prompt", "a", "--temperature", value],
+            f"--temperature {float(value)}", "finite number >= 0")
+
+
+def test_eval_json_of_a_one_byte_file_is_valid_json(capsys, release, tmp_path):
+    (tmp_path / "one.txt").write_bytes(b"x")
+    assert main(["eval", "--model", str(release), "--data", str(tmp_path / "one.txt"), "--json"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} in JSON output: {out}"))
+    assert result["bytes"] == 1 and result["bpb_head2"] is None
+
+
+def test_eval_corrupt_shard_offers_what_eval_can_do(capsys, release, tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "val-000000.tar").write_bytes(b"\x00garbage" * 200)
+    line = refused(capsys, ["eval", "--model", str(release), "--data", str(shards)], "val-000000.tar",
+                   "re-run `pico prep` for it")
+    assert "skip_corrupt" not in line
+
+
+def write_train_only_shards(d: Path) -> Path:
+    d.mkdir()
+    (d / "train-000000.tar").write_bytes(b"")
+    (d / "manifest.json").write_text(json.dumps({"version": 1, "shards": [{"name": "train-000000.tar",
+                                                                          "split": "train"}]}))
+    return d
+
+
+def test_no_val_split_says_how_to_get_one(capsys, release, tmp_path):
+    shards = write_train_only_shards(tmp_path / "shards")
+    refused(capsys, ["train", f"--data.train=[{shards}]", f"--train.out_dir={tmp_path / 'run'}"],
+            "no validation split", "lists no val shards", "data.val", "--val-fraction")
+    refused(capsys, ["eval", "--model", str(release), "--data", str(shards)], "lists no val shards", "--split")
+
+
+# ----------------------------------------------------------------------------- pico prep outputs
+
+
+def test_prep_output_that_is_a_file(capsys, tmp_path):
+    (tmp_path / "in.txt").write_bytes(b"alpha")
+    (tmp_path / "afile").write_bytes(b"keep me")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        refused(capsys, ["prep", "--input", str(tmp_path / "in.txt"), "--output", str(out), "--no-progress"],
+                f"{tmp_path / 'afile'} is a file, not a directory")
+    assert (tmp_path / "afile").read_bytes() == b"keep me"
+
+
+def test_prep_output_on_a_read_only_filesystem(capsys, tmp_path, read_only_dir):  # noqa: F811
+    (tmp_path / "in.txt").write_bytes(b"alpha")
+    refused(capsys, ["prep", "--input", str(tmp_path / "in.txt"), "--output", str(read_only_dir / "out"),
+                     "--no-progress"], f"cannot write the output {read_only_dir / 'out'}", "choose a directory")
+
+
+def test_prep_output_on_an_unreachable_s3_endpoint(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    (tmp_path / "in.txt").write_bytes(b"alpha")
+    refused(capsys, ["prep", "--input", str(tmp_path / "in.txt"), "--output", "s3://pico-out/x", "--no-progress"],
+            "cannot open the output s3://pico-out/x", "AWS_ENDPOINT_URL")
+
+
+def test_prep_damaged_manifest_is_kept_and_named(capsys, tmp_path):
+    (tmp_path / "in.txt").write_bytes(b"alpha")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "manifest.json").write_bytes(b'{"shards": [')
+    refused(capsys, ["prep", "--input", str(tmp_path / "in.txt"), "--output", str(tmp_path / "out"), "--no-progress"],
+            "manifest.json is damaged (not JSON); pass --overwrite")
+    assert (tmp_path / "out" / "manifest.json").read_bytes() == b'{"shards": ['
+
+
+
+# ----------------------------------------------------------------------------- pico convert over what is there
+
+
+def test_convert_keeps_what_is_in_out(capsys, ckpt, release, tmp_path):
+    from tests.pipeline.release.test_release import make_zero0_checkpoint
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    refused(capsys, ["convert", str(ckpt), str(out)], f"{out} exists and is not a pico release")
+    assert snapshot(out) == {"notes.txt": b"mine"}
+
+    rel = Path(shutil.copytree(release, tmp_path / "rel"))
+    (rel / "notes.txt").write_text("mine")
+    (rel / "eval").mkdir()
+    (rel / "eval" / "bpb.json").write_text("{}")
+    before = snapshot(rel)
+    assert main(["convert", str(ckpt), str(rel)]) == 0  # identical: a no-op
+    assert snapshot(rel) == before
+    other = make_zero0_checkpoint(tmp_path / "other", seed=1)
+    refused(capsys, ["convert", str(other), str(rel)], "holds a different release", "--overwrite")
+    assert snapshot(rel) == before
+    assert main(["convert", str(other), str(rel), "--overwrite"]) == 0
+    err = capsys.readouterr().err
+    assert "kept its other files: eval, notes.txt" in err
+    after = snapshot(rel)
+    assert after["notes.txt"] == b"mine" and after["eval/bpb.json"] == b"{}"
+    assert after["model.safetensors"] != before["model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "out", "rel"]  # no temporary debris
+
+
+# ----------------------------------------------------------------------------- checkpoints from elsewhere
+
+
+class _RunsShell:
+    """Unpickling this runs a shell command: what a crafted checkpoint does."""
+
+    def __init__(self, cmd: str):
+        self.cmd = cmd
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (self.cmd,)
+
+
+def test_a_malicious_checkpoint_runs_nothing(capsys, ckpt, tmp_path):
+    import torch
+
+    bad = Path(shutil.copytree(ckpt.parent.parent, tmp_path / "run"))
+    step = bad / "checkpoints" / ckpt.name
+    mark = tmp_path / "pwned"
+    states = step / "ds" / "mp_rank_00_model_states.pt"
+    good = torch.load(states, weights_only=True)
+    torch.save({**good, "extra": _RunsShell(f"touch {mark}")}, states)
+    for argv in (["generate", "--model", str(step), "--prompt", "a", "--max-bytes", "1"],
+                 ["eval", "--model", str(step), "--data", str(states)],
+                 ["convert", str(step), str(tmp_path / "rel")]):
+        refused(capsys, argv, "mp_rank_00_model_states.pt", "--trust-checkpoint")
+    torch.save(good, states)  # resume: now the trainer's own per-rank file is the crafted one
+    torch.save({"loader": {}, "rng": _RunsShell(f"touch {mark}")}, step / "rank00000.pt")
+    refused(capsys, ["train", "--resume", f"--train.out_dir={bad}", "--data.train=[unused]"],
+            "rank00000.pt would call posix.system when unpickled", "--trust-checkpoint")
+    assert not mark.exists() and not (tmp_path / "rel").exists()
+    torch.load(step / "rank00000.pt", weights_only=False)  # control: the crafted file is live
+    assert mark.exists()
+
+
+def test_damaged_pico_state_is_one_line(capsys, ckpt, tmp_path):
+    step = Path(shutil.copytree(ckpt, tmp_path / "checkpoints" / ckpt.name))
+    (step / "pico_state.json").write_text('{"step": 5, "conf')
+    for argv in (["generate", "--model", str(step), "--prompt", "a"], ["convert", str(step), str(tmp_path / "rel")]):
+        refused(capsys, argv, "pico_state.json is damaged (not JSON")
+    assert (step / "pico_state.json").read_text() == '{"step": 5, "conf'
