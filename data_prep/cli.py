@@ -74,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(*names, dest=f.name, type=parse_size, default=default, metavar="N",
                                 help=f"{docs[f.name]} (default {default >> 20}M)")
         elif f.name == "format":
-            parser.add_argument(*names, dest=f.name, choices=["auto", "raw", "jsonl"], default=default,
+            parser.add_argument(*names, dest=f.name, choices=["auto", "raw", "jsonl", "parquet"], default=default,
                                 help=docs[f.name])
         else:
             kind = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)

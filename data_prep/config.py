@@ -25,12 +25,12 @@ class PrepConfig:
     """Files, directories (walked recursively, dotfiles skipped), globs or fsspec URLs such as s3://bucket/prefix/."""
     output: str = ""
     """Directory or s3:// URL that receives {split}-{index:06d}.tar shards and manifest.json."""
-    format: Literal["auto", "raw", "jsonl"] = "auto"
-    """auto: *.jsonl / *.ndjson (after a .gz/.zst/.xz/.bz2 suffix) are JSON Lines, every other file is one document."""
+    format: Literal["auto", "raw", "jsonl", "parquet"] = "auto"
+    """auto: *.jsonl / *.ndjson (after a .gz/.zst/.xz/.bz2 suffix) are JSON Lines, *.parquet / *.pq are Parquet (one document per row), every other file is one document."""
     text_field: str = "text"
-    """JSON Lines field that holds the document text."""
+    """JSON Lines field or Parquet column that holds the document text (the default also accepts "content" where "text" is absent)."""
     id_field: str = "id"
-    """JSON Lines field recorded as the document id when present (otherwise path#line)."""
+    """JSON Lines field or Parquet column recorded as the document id when present (otherwise path#line or path#row)."""
     shard_bytes: int = 256 * MiB
     """A shard rolls over to the next one before its tar file would grow past this many bytes."""
     val_fraction: float = 0.01
@@ -61,8 +61,8 @@ class PrepConfig:
             raise UserError("no input given: pass --input with at least one file, directory, glob or s3:// URL")
         if not self.output:
             raise UserError("no output given: pass --output with a directory or s3:// URL")
-        if self.format not in ("auto", "raw", "jsonl"):
-            raise UserError(f"--format={self.format!r} is not valid; choose auto, raw or jsonl")
+        if self.format not in ("auto", "raw", "jsonl", "parquet"):
+            raise UserError(f"--format={self.format!r} is not valid; choose auto, raw, jsonl or parquet")
         if not 0.0 <= self.val_fraction <= 1.0:
             raise UserError(f"--val-fraction={self.val_fraction} must lie in [0, 1]")
         if not 1 <= self.zstd_level <= 22:

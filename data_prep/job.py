@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 
 from pico.data_prep.config import PrepConfig
 from pico.data_prep.shards import TarShardWriter, compressor, sample_key, shard_name, split_of, SHARD_NAME
-from pico.data_prep.sources import Doc, InputFile, Skip, expand_inputs, iter_documents
+from pico.data_prep.sources import Doc, InputFile, Skip, declared_split, expand_inputs, iter_documents
 from pico.data_prep.store import Store
 from pico.configs.errors import UserError
 
@@ -67,6 +67,14 @@ def _unit_items(cfg: PrepConfig, files: list[list]) -> Iterator[tuple[int | None
                 yield None, item
 
 
+def split_for(source: str, identity: bytes, val_fraction: float, declared_val: bool) -> str:
+    """The split of one document: its file's declared Hugging Face split where that decides, else by hash."""
+    declared = declared_split(source)
+    if declared == "val" or (declared == "train" and declared_val):
+        return declared
+    return split_of(identity, val_fraction)
+
+
 def _clear_partial(store: Store, prefix: str) -> None:
     """Remove temporary files a killed attempt of this unit left behind."""
     if not store.remote:
@@ -93,8 +101,12 @@ def hash_unit(options: dict, unit: int, files: list[list]) -> dict:
     return {"unit": unit, "hashes": bytes(hashes)}
 
 
-def run_unit(options: dict, unit: int, files: list[list], drop: list[int]) -> dict:
-    """Write the shards of one unit and its completion marker; return the marker's record."""
+def run_unit(options: dict, unit: int, files: list[list], drop: list[int], declared_val: bool = False) -> dict:
+    """Write the shards of one unit and its completion marker; return the marker's record.
+
+    `declared_val`: the job's inputs include a Hugging Face validation split, so files named as
+    the dataset's train split go to train whole (no val carved out of them by --val-fraction);
+    files named as its validation split always go to val."""
     cpu0 = time.thread_time()
     cfg, store = PrepConfig(**options), Store(options["output"])
     prefix = unit_dir(unit)
@@ -117,7 +129,7 @@ def run_unit(options: dict, unit: int, files: list[list], drop: list[int]) -> di
             docs["deduplicated"] += 1
             continue
         identity = item.identity
-        writer = writers[split_of(identity, cfg.val_fraction)]
+        writer = writers[split_for(item.source, identity, cfg.val_fraction, declared_val)]
         n = 0
         for n, chunk in enumerate(item.chunks(), 1):
             meta = {"source": item.source, "id": item.id, "chunk": n - 1, "n_chunks": item.n_chunks, "bytes": len(chunk)}
@@ -443,7 +455,8 @@ def run_job(cfg: PrepConfig, progress: bool = True) -> tuple[dict, dict]:
             window = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
             drops = _dedup_drops(ray, cfg, store, units, window, progress) if cfg.dedup else {}
             options = cfg.to_dict()
-            args = {u: (options, u, [[f.url, f.size] for f in units[u]], drops.get(u, []))
+            declared_val = any(declared_split(f.url) == "val" for f in files)
+            args = {u: (options, u, [[f.url, f.size] for f in units[u]], drops.get(u, []), declared_val)
                     for u in range(len(units)) if u not in records}
             bar = _Progress(progress, "prep", sum(sizes.values()), sum(sizes[u] for u in records))
             try:

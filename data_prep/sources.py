@@ -3,7 +3,13 @@
 `expand_inputs` turns --input arguments (paths, directories, globs, fsspec URLs) into a sorted
 list of files. `iter_documents` streams one file and yields a `Doc` for every document and a
 `Skip` for every empty or unreadable one, so that the caller can count both. Nothing here holds
-more than one document (or one chunk of a large one) in memory.
+more than one document (or one chunk of a large one) in memory; Parquet files are read one
+record batch of one row group at a time.
+
+Hugging Face dataset layouts (`data/{split}-00000-of-00042.parquet`, `.jsonl.gz`, ...) declare
+each file's split in its name: `declared_split` reads it, so that a dataset's own validation
+split becomes pico's val split (see `data_prep/job.py`) and its test split is left out of a
+directory or glob (name a test file explicitly to prepare it).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import io
 import json
 import lzma
 import os
+import re
 import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -25,6 +32,13 @@ import zstandard
 BLOCK = 1 << 20
 COMPRESSED = (".gz", ".zst", ".zstd", ".xz", ".bz2")
 JSONL = (".jsonl", ".ndjson")
+PARQUET = (".parquet", ".pq")
+# When --text-field is left at "text" and a record has no such field, "content" (The Stack,
+# code datasets) is read instead.
+FALLBACK_TEXT_FIELDS = {"text": ("text", "content")}
+# Hugging Face shard names: {split}-{index:05d}-of-{count:05d}.{ext}, split names as `datasets` writes them.
+_HF_SHARD = re.compile(r"^(?P<split>[A-Za-z_]+)-\d{5}-of-\d{5}\.")
+_HF_SPLITS = {"train": "train", "validation": "val", "valid": "val", "val": "val", "dev": "val", "test": "test"}
 # What a broken compressed stream or a failing read raises, across gzip, xz, bz2 and zstd.
 READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, zstandard.ZstdError)
 
@@ -68,7 +82,8 @@ class Skip:
         return {"source": self.source, "line": self.line, "reason": self.reason}
 
     def message(self) -> str:
-        where = self.source if self.line is None else f"{self.source} line {self.line}"
+        unit = "row" if self.source.lower().endswith(PARQUET) else "line"
+        where = self.source if self.line is None else f"{self.source} {unit} {self.line}"
         return f"{where}: {self.reason}"
 
 
@@ -102,11 +117,29 @@ def expand_inputs(patterns: list[str], exclude: str | None = None) -> tuple[list
                              "(its shards are not documents)") for d in outputs)
         if not found:
             problems.append(Skip("failed", pattern, None, "no file matched this input"))
+        if len(found) > 1 or (found and found[0].url.rstrip("/") != _plain(pattern)):
+            tests = [f for f in found if declared_split(f.url) == "test"]
+            problems.extend(Skip("excluded", f.url, None, "left out: a Hugging Face test split (name the file "
+                                 "itself as an --input to prepare it)") for f in tests)
+            found = [f for f in found if declared_split(f.url) != "test"]
         for f in found:
             if f.url not in seen:
                 seen.add(f.url)
                 files.append(f)
     return files, problems
+
+
+def _plain(pattern: str) -> str:
+    """A pattern as its files' urls spell it (local paths absolute), to tell a named file from a listing."""
+    if is_url(pattern):
+        return pattern.rstrip("/")
+    return os.path.abspath(os.path.expanduser(pattern.removeprefix("file://")))
+
+
+def declared_split(url: str) -> str | None:
+    """"train", "val" or "test" for a file named as a Hugging Face dataset shard, else None."""
+    m = _HF_SHARD.match(url.rstrip("/").rsplit("/", 1)[-1])
+    return _HF_SPLITS.get(m.group("split").lower()) if m else None
 
 
 def is_prep_output(d: str) -> bool:
@@ -302,13 +335,19 @@ def read_upto(stream: io.BufferedIOBase, n: int) -> bytes:
 def file_format(url: str, fmt: str) -> str:
     if fmt != "auto":
         return fmt
-    return "jsonl" if split_suffix(url)[0].lower().endswith(JSONL) else "raw"
+    stem = split_suffix(url)[0].lower()
+    if url.lower().endswith(PARQUET):
+        return "parquet"
+    return "jsonl" if stem.endswith(JSONL) else "raw"
 
 
 def iter_documents(f: InputFile, fmt: str, text_field: str, id_field: str, chunk_bytes: int) -> Iterator[Doc | Skip]:
-    """Every document of one input file, in file order (a whole file is one document unless JSON Lines)."""
-    if file_format(f.url, fmt) == "jsonl":
+    """Every document of one input file, in file order (a whole file is one document unless JSON Lines or Parquet)."""
+    kind = file_format(f.url, fmt)
+    if kind == "jsonl":
         return _iter_jsonl(f.url, text_field, id_field, chunk_bytes)
+    if kind == "parquet":
+        return _iter_parquet(f.url, text_field, id_field, chunk_bytes)
     return _iter_whole_file(f, chunk_bytes)
 
 
@@ -429,6 +468,7 @@ def _parse_line(url: str, line_no: int, line: bytes, text_field: str, id_field: 
         return Skip("failed", url, line_no, f"invalid JSON: {e}")
     if not isinstance(obj, dict):
         return Skip("failed", url, line_no, f"expected a JSON object, got {type(obj).__name__}")
+    text_field = next((k for k in FALLBACK_TEXT_FIELDS.get(text_field, ()) if k in obj), text_field)
     if text_field not in obj:
         fields = ", ".join(sorted(map(str, obj))[:10]) or "none"
         return Skip("failed", url, line_no, f"missing text field {text_field!r} (fields: {fields}); "
@@ -445,3 +485,83 @@ def _parse_line(url: str, line_no: int, line: bytes, text_field: str, id_field: 
     doc_id = str(obj[id_field]) if obj.get(id_field) is not None else f"{url}#{line_no}"
     n, chunks = _in_memory(data, chunk_bytes)
     return Doc(url, doc_id, line_no, len(data), n, chunks)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parquet (FineWeb, DCLM, The Stack, most Hugging Face datasets), through pyarrow
+
+PARQUET_BATCH_ROWS = 256  # rows decoded at once: memory is one batch, not one row group
+
+
+def _parquet_column(schema, wanted: str, role: str, url: str, required: bool) -> tuple[str | None, str | None]:
+    """(column name, None) or (None, why it cannot be used) for the text or id column."""
+    import pyarrow as pa
+
+    names = list(schema.names)
+    name = next((k for k in FALLBACK_TEXT_FIELDS.get(wanted, (wanted,)) if k in names), None) if role == "text" \
+        else (wanted if wanted in names else None)
+    if name is None:
+        if not required:
+            return None, None
+        shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+        return None, f"no text column {wanted!r} (columns: {shown or 'none'}); choose one with --text-field"
+    t = schema.field(name).type
+    ok = pa.types.is_string(t) or pa.types.is_large_string(t) or getattr(pa.types, "is_string_view", lambda _: False)(t)
+    if role == "text" and not ok:
+        return None, f"text column {name!r} holds {t}, not strings; choose a string column with --text-field"
+    return name, None
+
+
+def _iter_parquet(url: str, text_field: str, id_field: str, chunk_bytes: int) -> Iterator[Doc | Skip]:
+    """One Doc per row, row numbers (1-based, across row groups) as lines; a row group that fails
+    to decode is one Skip naming its rows, and the next row group is read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        raw = open_raw(url)
+    except OSError as e:
+        yield Skip("failed", url, None, f"cannot read: {type(e).__name__}: {e}")
+        return
+    with raw:
+        try:
+            pf = pq.ParquetFile(raw, page_checksum_verification=True)
+        except (pa.ArrowException, OSError, ValueError) as e:
+            yield Skip("failed", url, None, f"not a readable Parquet file (truncated or damaged?): {type(e).__name__}: {e}")
+            return
+        schema = pf.schema_arrow
+        text_col, why = _parquet_column(schema, text_field, "text", url, required=True)
+        if why:
+            yield Skip("failed", url, None, why)
+            return
+        id_col, _ = _parquet_column(schema, id_field, "id", url, required=False)
+        columns = [text_col] + ([id_col] if id_col and id_col != text_col else [])
+        row = 0
+        for g in range(pf.num_row_groups):
+            n_rows = pf.metadata.row_group(g).num_rows
+            first = row
+            try:
+                for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[g], columns=columns,
+                                             use_threads=False):
+                    texts = batch.column(0).to_pylist()
+                    ids = batch.column(1).to_pylist() if len(columns) > 1 else [None] * len(texts)
+                    for text, doc_id in zip(texts, ids):
+                        row += 1
+                        yield _parquet_doc(url, row, text, doc_id, text_col, chunk_bytes)
+            except (pa.ArrowException, OSError, ValueError) as e:
+                row = first + n_rows
+                yield Skip("failed", url, first + 1, f"row group {g} (rows {first + 1}-{first + n_rows}) cannot be "
+                                                     f"decoded, its rows are left out: {type(e).__name__}: {e}")
+
+
+def _parquet_doc(url: str, row: int, text: str | None, doc_id, column: str, chunk_bytes: int) -> Doc | Skip:
+    if text is None:
+        return Skip("empty", url, row, f"column {column!r} is null")
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return Skip("failed", url, row, f"column {column!r} holds an unpaired surrogate: {e}")
+    if not data:
+        return Skip("empty", url, row, "empty document")
+    n, chunks = _in_memory(data, chunk_bytes)
+    return Doc(url, str(doc_id) if doc_id is not None else f"{url}#{row}", row, len(data), n, chunks)

@@ -429,7 +429,7 @@ def test_cli_json_stdout_is_clean_for_zero3(zero_runs, tmp_path):
     (3, "ds/zero_pp_rank_1_mp_rank_00_model_states.pt", "ZeRO-3 partition of rank 1"),
     (3, "ds/zero_pp_rank_0_mp_rank_00_optim_states.pt", "ZeRO-3 partition of rank 0"),
     (3, "truncate ds/zero_pp_rank_1_mp_rank_00_optim_states.pt",
-     "zero_pp_rank_1_mp_rank_00_optim_states.pt cannot be read .*corrupt, use another step"),
+     "zero_pp_rank_1_mp_rank_00_optim_states.pt does not match its sha256 in SHA256SUMS .*Convert an earlier step"),
 ])
 def test_incomplete_zero_checkpoint_is_refused(zero_runs, tmp_path, stage, victim, says):
     from pico.pipeline.release.convert import convert
