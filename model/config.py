@@ -16,7 +16,7 @@ EOS = 257
 PAD = 258
 VOCAB_SIZE = 259
 
-RouterKind = Literal["learned", "spacelike", "none"]
+RouterKind = Literal["learned", "chunk", "spacelike", "none"]
 RouterGate = Literal["sigmoid", "straight_through"]
 RouterAux = Literal["score", "predictor"]
 
@@ -48,13 +48,17 @@ class ModelConfig:
     mlp_ratio: float = 8 / 3
     """SwiGLU hidden width as a multiple of the block width (rounded up to a multiple of 64)."""
     router: RouterKind = "learned"
-    """learned: Mixture-of-Depths top-k router; spacelike: SpaceByte's rule; none: plain byte Transformer."""
+    """learned: Mixture-of-Depths top-k router; chunk: H-Net's learned causal chunk boundaries; spacelike: SpaceByte's rule; none: plain byte Transformer."""
     capacity: float = 0.2
-    """Fraction of positions routed into the latent blocks (learned router; top-k per sequence)."""
+    """Fraction of positions routed into the latent blocks (learned router: top-k per sequence; chunk: the boundary rate its ratio loss aims at; spacelike: the cap on rule positions)."""
+    chunk_cap: float = 0.0
+    """Chunk router only: most boundaries routed per sequence, as a fraction of max_seq_len (bounds the latent blocks' memory); boundaries past it are dropped and counted in router stats (chunk_overflow_frac). 0 = 2 x capacity, at most 1."""
+    dechunk: bool = False
+    """Return path of the latent blocks (chunk, spacelike, learned): false adds the latent output at the routed positions only; true gives every byte its chunk's output (the last routed position's, repeated), smoothed by an EMA with the boundary probability, times a confidence straight-through estimator, plus a zero-initialised linear residual (H-Net's dechunking)."""
     router_gate: RouterGate = "sigmoid"
     """How the router weight scales the latent output: sigmoid(score), or 1 in the forward pass with sigmoid's gradient."""
     aux_loss_weight: float = 0.01
-    """Weight of the BCE loss that teaches the router's score to predict top-k membership causally."""
+    """Weight of the router's auxiliary loss: the BCE that teaches the learned router's score to predict top-k membership causally, or the chunk router's ratio loss toward `capacity` (H-Net uses 0.03)."""
     router_prior: float = 0.0
     """Learned router only: initial value of a learned scalar added to the score at SpaceByte's rule positions (0 = no prior; about 4 starts the router from SpaceByte's choice and lets it learn where to deviate)."""
     router_aux: RouterAux = "score"
@@ -88,7 +92,7 @@ class ModelConfig:
         need(self.window >= 1, f"window={self.window} must be >= 1")
         need(self.n_in >= 0 and self.n_out >= 0 and self.n_latent >= 0, "layer counts must be >= 0")
         need(self.n_predict >= 1, f"n_predict={self.n_predict} must be >= 1")
-        need(0.0 < self.capacity <= 1.0, f"capacity={self.capacity} must be in (0, 1]")
+        need(0.0 < self.capacity <= 1.0, f"model.capacity={self.capacity} must be in (0, 1]")
         need(self.max_seq_len >= 2, "max_seq_len must be >= 2")
         need(self.mtp_mlp_ratio > 0, f"mtp_mlp_ratio={self.mtp_mlp_ratio} must be > 0")
         need(self.mtp_weight >= 0 and self.aux_loss_weight >= 0, "mtp_weight and aux_loss_weight must be >= 0")
@@ -100,6 +104,14 @@ class ModelConfig:
                  f"d_latent={self.d_latent} must be a multiple of n_latent_heads={self.n_latent_heads}")
         else:
             need(self.n_in + self.n_out > 0, "router: none needs at least one local block")
+            need(not self.dechunk, "model.dechunk=true needs a router: with model.router=none there are no chunks to "
+                                   "return; set model.router to chunk, spacelike or learned, or model.dechunk=false")
+        if self.router == "chunk":
+            if self.chunk_cap == 0.0:  # derived default: room for twice the target boundary rate
+                self.chunk_cap = min(1.0, 2 * self.capacity)
+            need(self.capacity <= self.chunk_cap <= 1.0,
+                 f"model.chunk_cap={self.chunk_cap} must be in [model.capacity={self.capacity}, 1]: a cap below the "
+                 "target boundary rate would drop boundaries on every sequence (0 = 2 x capacity)")
 
 
 # Shape rules derived from a config, torch-free so that FLOP counts and cluster/ can use them.
@@ -113,6 +125,11 @@ def hidden_width(d: int, ratio: float) -> int:
 def predictor_width(d: int) -> int:
     """Hidden width of the causal routing predictor (router_aux: predictor): d / 4, at least 64."""
     return max(64, hidden_width(d, 0.25))
+
+
+def chunk_slots(cfg: ModelConfig) -> int:
+    """Most boundaries the chunk router sends to the latent blocks per sequence: ceil(chunk_cap * max_seq_len)."""
+    return n_routed(cfg.chunk_cap, cfg.max_seq_len)
 
 
 def n_routed(capacity: float, T: int) -> int:

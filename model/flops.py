@@ -11,7 +11,12 @@ most and are left out). A forward pass over a sequence of T = max_seq_len bytes,
 - the latent path, per routed position, times k / T with k = ceil(capacity * T) routed positions:
   the two projections 2 * 2 * d_local * d_latent, and each latent block as above at width
   d_latent with keys = (k + 1) / 2 (causal among the routed positions, no window). `spacelike`
-  is counted at the same k: training pads its slots to k, so that is what it costs;
+  is counted at the same k: training pads its slots to k, so that is what it costs. `chunk` is
+  counted at k = capacity * T too, the rate its ratio loss holds; what a batch really routes
+  varies, so `flops_at_rate` gives both bounds (capacity and the `chunk_cap` cap) and the model
+  logs the cost at its measured rate (`router/flops_per_byte_at_rate`);
+- the chunk router: 2 * d_local^2 (W_q and W_k); `dechunk`: the linear residual d_local^2 plus
+  the EMA over chunks, k^2 / T * d_local;
 - the heads: 2 * d_local * 259 each, plus each draft head's SwiGLU 2 * 3 * d_local * hidden.
 
 Inference FLOPs per byte = that forward (self-speculative decoding evaluates every head on every
@@ -41,21 +46,28 @@ def _block_params(d: int, n_heads: int, n_kv_heads: int, mlp_ratio: float) -> in
     return 2 * d + d * (n_heads + 2 * n_kv_heads) * head_dim + d * d + 3 * d * hidden_width(d, mlp_ratio)
 
 
-def flops_breakdown(cfg: ModelConfig) -> dict[str, float]:
-    """Forward FLOPs per byte by part: local, router, latent, heads (and their total)."""
+def flops_breakdown(cfg: ModelConfig, rate: float | None = None) -> dict[str, float]:
+    """Forward FLOPs per byte by part: local, router, latent, heads (and their total).
+
+    `rate` is the fraction of positions routed (default: ceil(capacity * T) of T), for costing
+    what a chunk router (or causal routing) measured."""
     T = cfg.max_seq_len
     local_keys = sum(min(t + 1, cfg.window) for t in range(T)) / T
     local = (cfg.n_in + cfg.n_out) * _block_macs(cfg.d_local, cfg.n_heads, cfg.n_kv_heads, cfg.mlp_ratio, local_keys)
     router = latent = 0.0
     if cfg.router != "none":
-        k = n_routed(cfg.capacity, T)
+        k = n_routed(cfg.capacity, T) if rate is None else rate * T
         per_routed = 2 * cfg.d_local * cfg.d_latent + cfg.n_latent * _block_macs(
             cfg.d_latent, cfg.n_latent_heads, cfg.n_latent_kv_heads, cfg.mlp_ratio, (k + 1) / 2)
         latent = per_routed * k / T
+        if cfg.dechunk:
+            latent += cfg.d_local * cfg.d_local + k * k / T * cfg.d_local
         if cfg.router == "learned":
             router = cfg.d_local
             if cfg.router_aux == "predictor":
                 router += predictor_width(cfg.d_local) * (cfg.d_local + 1)
+        elif cfg.router == "chunk":
+            router = 2 * cfg.d_local * cfg.d_local
     heads = cfg.n_predict * cfg.d_local * VOCAB_SIZE + (cfg.n_predict - 1) * 3 * cfg.d_local * hidden_width(
         cfg.d_local, cfg.mtp_mlp_ratio)
     parts = {"local": 2 * local, "router": 2 * router, "latent": 2 * latent, "heads": 2 * heads}
@@ -63,10 +75,21 @@ def flops_breakdown(cfg: ModelConfig) -> dict[str, float]:
     return parts
 
 
-def flops_per_byte(cfg: ModelConfig, training: bool = True) -> float:
-    """Training (3 x forward) or inference (forward) FLOPs per byte of cfg."""
-    fwd = flops_breakdown(cfg)["total"]
+def flops_per_byte(cfg: ModelConfig, training: bool = True, rate: float | None = None) -> float:
+    """Training (3 x forward) or inference (forward) FLOPs per byte of cfg (at a routed fraction `rate`)."""
+    fwd = flops_breakdown(cfg, rate)["total"]
     return 3 * fwd if training else fwd
+
+
+def flops_at_rate(cfg: ModelConfig, measured_rate: float | None = None, training: bool = True) -> dict[str, float]:
+    """Training FLOPs per byte of a chunk router at its target rate (`capacity`, what budgets and
+    `match_flops` use), at its cap (`chunk_cap`: the most a batch can cost) and, when given, at a
+    measured boundary rate. Other routers route a fixed count: all three are the config's."""
+    cap = cfg.chunk_cap if cfg.router == "chunk" else None
+    out = {"at_capacity": flops_per_byte(cfg, training), "at_cap": flops_per_byte(cfg, training, cap)}
+    if measured_rate is not None:
+        out["at_measured"] = flops_per_byte(cfg, training, measured_rate if cfg.router == "chunk" else None)
+    return out
 
 
 def param_count(cfg: ModelConfig) -> int:
@@ -79,6 +102,10 @@ def param_count(cfg: ModelConfig) -> int:
             n += d + d + 1 + (cfg.router_prior != 0.0)  # router norm, score weight and bias, rule weight
             if cfg.router_aux == "predictor":
                 n += predictor_width(d) * (d + 1) + 1
+        elif cfg.router == "chunk":
+            n += 2 * d * d  # W_q, W_k
+        if cfg.dechunk:
+            n += d * d  # the linear residual
         n += 2 * d * cfg.d_latent + cfg.d_latent  # projections in and out, latent norm
         n += cfg.n_latent * _block_params(cfg.d_latent, cfg.n_latent_heads, cfg.n_latent_kv_heads, cfg.mlp_ratio)
     n += (cfg.n_predict - 1) * (d + 3 * d * hidden_width(d, cfg.mtp_mlp_ratio))

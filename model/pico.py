@@ -54,7 +54,16 @@ Design choices and their sources:
   many rule positions the cap dropped). In causal mode the cap is ceil(capacity * max_seq_len)
   and the slots are padded only to the batch's largest count. `none` is a plain byte-level
   Transformer: the `n_in + n_out` local blocks and nothing else (give it a larger `window`).
-- **Padded slots** (causal routing, spacelike) sit after every real slot with position T, so
+- **Learned chunks** (`router: chunk`, H-Net, Hwang et al. 2025; see `chunk.py`): a boundary
+  where the cosine between W_q x_t and W_k x_{t-1} says the residual changed (p_t >= 0.5), a
+  ratio loss holding the boundary rate near `capacity`, at most `chunk_slots` boundaries per
+  sequence (overflow counted in the stats). Causal by construction: both routing modes decide
+  the same way.
+- **Dechunking** (`dechunk: true`, H-Net's return path; chunk, spacelike and learned): instead
+  of adding the latent output at the routed positions only, every byte receives its chunk's
+  output (EMA-smoothed with the boundary probability, times a confidence straight-through
+  estimator), and a zero-initialised linear residual of the stream joins it.
+- **Padded slots** (causal routing, spacelike, chunk) sit after every real slot with position T, so
   that causal masking keeps real positions from seeing them, and carry a gate of 0.
 - **Multi-token prediction** (Gloeckle et al. 2024, "Better & Faster Large Language Models via
   Multi-token Prediction"): head 1 is final norm + unembedding; head h >= 2 first adds its own
@@ -78,7 +87,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pico.model.config import PAD, VOCAB_SIZE, ModelConfig, hidden_width, n_routed, predictor_width
+from pico.model.chunk import ChunkScorer, capped, dechunk, ratio_loss
+from pico.model.config import PAD, VOCAB_SIZE, ModelConfig, chunk_slots, hidden_width, n_routed, predictor_width
 from pico.model.spacelike import spacelike_boundaries
 
 IGNORE = -100  # target id that contributes no loss (cross_entropy's ignore_index)
@@ -212,6 +222,8 @@ class Routing:
     topk_mask: torch.Tensor | None = None  # (B, T) bool: training top-k membership (learned router)
     rule: torch.Tensor | None = None       # (B, T) bool: SpaceByte rule positions, uncapped
     causal_logits: torch.Tensor | None = None  # (B, T) what causal routing thresholds at 0 (learned router)
+    prob: torch.Tensor | None = None        # (B, T) boundary probability (chunk; learned with dechunk)
+    boundaries: torch.Tensor | None = None  # (B, T) bool: chunk boundaries before the cap
 
 
 def pack_slots(mask: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -234,6 +246,9 @@ class Router(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        if cfg.router == "chunk":
+            self.chunk = ChunkScorer(cfg.d_local)
+            return
         if cfg.router != "learned":  # the spacelike rule has no parameters (none would sit idle under DDP)
             return
         self.norm = RMSNorm(cfg.d_local, cfg.norm_eps)
@@ -289,6 +304,8 @@ class Router(nn.Module):
             K = cap if routing == "topk" else max(int(mask.sum(1).max()), 1)
             idx, pos, valid = pack_slots(mask, min(K, T))
             return Routing(idx, pos, valid.to(x.dtype), mask, rule=rule)
+        if cfg.router == "chunk":
+            return self.route_chunks(x, rule)
         scores, causal = self.logits(x, rule)
         k = n_routed(cfg.capacity, T)
         top = scores.topk(k, dim=1).indices.sort(dim=1).values  # (B, k), in position order
@@ -303,7 +320,19 @@ class Router(nn.Module):
         gate = self.weight(scores.gather(1, idx))  # weights of the selected positions
         if valid is not None:
             gate = gate * valid
-        return Routing(idx, pos, gate, mask, scores, topk_mask, rule, causal)
+        prob = torch.sigmoid(scores) if cfg.dechunk else None
+        return Routing(idx, pos, gate, mask, scores, topk_mask, rule, causal, prob)
+
+    def route_chunks(self, x: torch.Tensor, rule: torch.Tensor) -> Routing:
+        """Chunk boundaries (p_t >= 0.5, the first `chunk_slots` of each sequence), the same in both modes."""
+        T = x.shape[1]
+        p = self.chunk(x)  # (B, T); p[:, 0] = 1
+        boundaries = p >= 0.5
+        mask = capped(boundaries, chunk_slots(self.cfg))
+        idx, pos, valid = pack_slots(mask, min(max(int(mask.sum(1).max()), 1), T))
+        w = p.gather(1, idx)
+        gate = (w - w.detach() + 1.0 if self.cfg.router_gate == "straight_through" else w) * valid
+        return Routing(idx, pos, gate.to(x.dtype), mask, rule=rule, prob=p, boundaries=boundaries)
 
 
 # ----------------------------------------------------------------------------- model
@@ -351,6 +380,8 @@ class Pico(nn.Module):
             self.latent_norm = RMSNorm(cfg.d_latent, cfg.norm_eps)
             self.latent_out = nn.Linear(cfg.d_latent, cfg.d_local, bias=False)
             self.register_buffer("latent_slopes", alibi_slopes(cfg.n_latent_heads), persistent=False)
+            if cfg.dechunk:  # H-Net's linear residual from the stream, beside the identity (see chunk.py)
+                self.dechunk_residual = nn.Linear(cfg.d_local, cfg.d_local, bias=False)
         self.blocks_out = nn.ModuleList(local() for _ in range(cfg.n_out))
         self.norm = RMSNorm(cfg.d_local, cfg.norm_eps)
         self.mtp_heads = nn.ModuleList(MTPHead(cfg) for _ in range(cfg.n_predict - 1))
@@ -367,6 +398,10 @@ class Pico(nn.Module):
                 nn.init.normal_(p, 0.0, self.cfg.init_std / (math.sqrt(2 * n_blocks) if resid else 1.0))
             elif name.endswith("score.bias"):
                 nn.init.zeros_(p)
+        if self.cfg.router == "chunk":
+            self.router.chunk.reset_parameters()  # W_q = W_k = I
+        if self.cfg.dechunk:
+            nn.init.zeros_(self.dechunk_residual.weight)
 
     def local_bias(self, T: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """(n_heads, T, T) window + ALiBi mask of the local blocks, cached per (T, device, dtype).
@@ -384,13 +419,19 @@ class Pico(nn.Module):
         return self._bias_cache[key]
 
     def latent(self, x: torch.Tensor, r: Routing) -> torch.Tensor:
-        """Gather the routed positions, run the latent blocks, add gate * output back at them."""
+        """Gather the routed positions, run the latent blocks, return their output to the stream:
+        gate * output added at the routed positions, or with `dechunk` to every byte (chunk.py)."""
         g = r.idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])  # (B, K, d_local)
         z = self.latent_in(torch.gather(x, 1, g))  # (B, K, d_latent)
         bias = attention_bias(r.pos, r.pos, self.latent_slopes, None, z.dtype)  # (B, H, K, K)
         for blk in self.latent_blocks:
             z = blk(z, bias)
-        delta = self.latent_out(self.latent_norm(z)) * r.gate.unsqueeze(-1).to(z.dtype)  # (B, K, d_local)
+        y = self.latent_out(self.latent_norm(z))  # (B, K, d_local)
+        if self.cfg.dechunk:  # the EMA and the confidence estimator take the gate's place
+            valid = r.pos < x.shape[1]
+            back = dechunk(y, r.idx, valid, r.mask, r.prob)  # (B, T, d_local)
+            return x + self.dechunk_residual(x) + back.to(x.dtype)
+        delta = y * r.gate.unsqueeze(-1).to(z.dtype)  # (B, K, d_local)
         return x.scatter_add(1, g, delta.to(x.dtype))  # under autocast x stays fp32, delta is bf16
 
     def trunk(self, idx: torch.Tensor, routing: str = "topk") -> tuple[torch.Tensor, Routing | None]:
@@ -432,6 +473,8 @@ class Pico(nn.Module):
         x, r = self.trunk(idx, routing)
         aux = self.aux_loss(r, x)
         stats = router_stats(r, aux) if r is not None and with_stats else {}
+        if stats:  # the latent cost of the positions this batch actually routed (flops.py counts at capacity)
+            stats["flops_per_byte_at_rate"] = self.flops_per_byte(True, rate=stats["routed_frac_mean"])
         routed = r.mask if r is not None else None
         if targets is None:
             return ModelOutput(self.head_logits(x, 1), aux_loss=aux, routed=routed, stats=stats)
@@ -452,16 +495,20 @@ class Pico(nn.Module):
         return ModelOutput(logits, loss, torch.stack(losses).detach(), aux.detach(), routed, stats)
 
     def aux_loss(self, r: Routing | None, x: torch.Tensor) -> torch.Tensor:
-        """BCE teaching causal logit > 0 to mean "in the top k" (learned router), else 0."""
+        """BCE teaching causal logit > 0 to mean "in the top k" (learned router), the ratio loss
+        toward `capacity` (chunk router), else 0."""
+        if r is not None and r.boundaries is not None:
+            return ratio_loss(r.boundaries, r.prob, self.cfg.capacity)
         if r is None or r.scores is None:
             return x.new_zeros(())
         return F.binary_cross_entropy_with_logits(r.causal_logits.float(), r.topk_mask.float())
 
-    def flops_per_byte(self, training: bool = True) -> float:
-        """FLOPs per byte of this model's config (see `pico.model.flops`)."""
+    def flops_per_byte(self, training: bool = True, rate: float | None = None) -> float:
+        """FLOPs per byte of this model's config (see `pico.model.flops`), at a routed fraction
+        `rate` of the positions (default: what the config routes, `capacity`)."""
         from pico.model.flops import flops_per_byte
 
-        return flops_per_byte(self.cfg, training)
+        return flops_per_byte(self.cfg, training, rate=rate)
 
 
 @torch.no_grad()
@@ -469,12 +516,22 @@ def router_stats(r: Routing, aux: torch.Tensor) -> dict[str, float]:
     """Routing statistics for logging, gathered in one device-to-host copy."""
     mask, rule = r.mask, r.rule
     frac = mask.float().mean(1)
+    after_rule = torch.zeros_like(rule)
+    after_rule[:, 1:] = rule[:, :-1]  # the byte after a rule position: a word's first byte
     names = ["routed_frac_mean", "routed_frac_min", "routed_frac_max", "aux_loss",
-             "spacelike_share_of_routed", "routed_share_of_spacelike", "rule_frac"]
+             "spacelike_share_of_routed", "routed_share_of_spacelike", "rule_frac", "after_spacelike_share_of_routed"]
     both = (mask & rule).sum().float()
     vals = [frac.mean(), frac.min(), frac.max(), aux.float(),
-            both / mask.sum().clamp(min=1), both / rule.sum().clamp(min=1), rule.float().mean()]
-    if r.scores is not None:
+            both / mask.sum().clamp(min=1), both / rule.sum().clamp(min=1), rule.float().mean(),
+            (mask & after_rule).sum() / mask.sum().clamp(min=1)]
+    if r.boundaries is not None:  # chunk: the same decision in both modes; what the cap dropped, never silently
+        dropped = r.boundaries & ~mask
+        names += ["causal_agreement", "boundary_frac", "boundary_prob_mean", "chunk_len_mean", "chunk_overflow",
+                  "chunk_overflow_frac", "chunk_overflow_seqs"]
+        vals += [torch.ones((), device=mask.device), r.boundaries.float().mean(), r.prob.float().mean(),
+                 mask.numel() / mask.sum().clamp(min=1), dropped.sum(), dropped.sum() / r.boundaries.sum().clamp(min=1),
+                 dropped.any(1).float().mean()]
+    elif r.scores is not None:
         s = r.scores.float().flatten()
         q = torch.quantile(s[:: max(1, s.numel() // 65536)], torch.tensor([0.1, 0.5, 0.9], device=s.device))
         names += ["score_mean", "score_std", "score_p10", "score_p50", "score_p90", "causal_agreement"]
