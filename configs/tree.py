@@ -66,6 +66,12 @@ class OptimConfig:
     """Optimizer: adamw (torch AdamW) or soap (Shampoo-preconditioned Adam, sharded by matrix)."""
     lr: float = 1e-3
     """Peak learning rate."""
+    lr_scale_local: float = 1.0
+    """LR multiplier of the local (byte-level) stage: embedding, local blocks, MTP heads, final norm, unembedding, dechunk residual."""
+    lr_scale_latent: float = 1.0
+    """LR multiplier of the latent stage: the latent blocks and their projections in and out."""
+    lr_scale_router: float = 1.0
+    """LR multiplier of the router's parameters (MoD score and predictor, chunk W_q/W_k, router_prior's weight)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     """Adam betas (SOAP's paper default is [0.95, 0.95])."""
     eps: float = 1e-8
@@ -98,6 +104,10 @@ class OptimConfig:
             raise ConfigError(f"optim.lr={self.lr} must be a finite number > 0")
         if not 0 <= self.weight_decay < math.inf:
             raise ConfigError(f"optim.weight_decay={self.weight_decay} must be >= 0 (0 disables it)")
+        for stage in ("local", "latent", "router"):
+            scale = getattr(self, f"lr_scale_{stage}")
+            if not scale > 0 or not math.isfinite(scale):
+                raise ConfigError(f"optim.lr_scale_{stage}={scale} must be a finite number > 0 (1 = optim.lr)")
         if not 0 < self.eps < math.inf:
             raise ConfigError(f"optim.eps={self.eps} must be > 0")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):

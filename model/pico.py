@@ -543,6 +543,20 @@ def router_stats(r: Routing, aux: torch.Tensor) -> dict[str, float]:
     return dict(zip(names, torch.stack([v.float().to(mask.device) for v in vals]).tolist()))
 
 
+LATENT_MODULES = ("latent_in", "latent_blocks", "latent_norm", "latent_out")
+STAGES = ("local", "latent", "router")
+
+
+def param_stage(name: str) -> str:
+    """Stage of a parameter, from its name in `Pico.named_parameters()` (wrapper prefixes allowed):
+    "router" (scores, predictor, chunk W_q/W_k), "latent" (the latent blocks and their projections)
+    or "local" (embedding, local blocks, heads, dechunk residual): the unit of per-stage learning rates."""
+    parts = name.split(".")
+    if "router" in parts:
+        return "router"
+    return "latent" if any(p in LATENT_MODULES for p in parts) else "local"
+
+
 def build_model(cfg: ModelConfig) -> Pico:
     """The Pico network of cfg, initialised from the current torch seed."""
     return Pico(cfg)

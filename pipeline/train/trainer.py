@@ -365,7 +365,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to `train.steps`; returns a summary. Raises TrainingDiverged on NaN/inf loss."""
         from pico.model import make_targets
-        from pico.pipeline.optim.build import lr_at
+        from pico.pipeline.optim.build import lr_at, set_lr
 
         cfg = self.cfg
         self.preemption.install()
@@ -379,8 +379,7 @@ class Trainer:
                     f"{self.world} rank(s) on {self.device.type}, ZeRO-{cfg.train.zero_stage}, {cfg.optim.name}")
         while self.step < cfg.train.steps:
             lr = lr_at(self.step, cfg.optim, cfg.train.steps)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(self.optimizer, lr)  # times each param group's stage scale (optim.lr_scale_*)
             losses, heads, stats, grad_norm, bad = [], [], {}, None, False
             for micro in range(cfg.train.grad_accum):
                 batch = next(it).to(self.device, non_blocking=True)

@@ -78,3 +78,45 @@ def test_constant_and_no_warmup():
     assert lr_at(10, _cfg("constant"), 100) == lr_at(10_000, _cfg("constant"), 100) == 1.0
     cfg = OptimConfig(lr=1.0, schedule="cosine", warmup_steps=0)
     assert lr_at(0, cfg, 100) == 1.0
+
+
+@pytest.mark.parametrize("name", ["adamw", "soap"])
+def test_stage_groups_carry_their_lr_scale(name):
+    from pico.model import build_model
+    from pico.pipeline.optim.build import set_lr
+    from tests.model.conftest import tiny_config
+
+    model = build_model(tiny_config(router="chunk", dechunk=True))
+    cfg = OptimConfig(name=name, lr=1e-3, lr_scale_local=3.0, lr_scale_latent=1.0, lr_scale_router=0.5)
+    opt = build_optimizer(model.named_parameters(), cfg)
+    stages = {(g["pico_stage"], g["weight_decay"] > 0): g for g in opt.param_groups}
+    assert set(stages) == {("local", True), ("local", False), ("latent", True), ("latent", False), ("router", True)}
+    assert stages[("router", True)]["param_names"] == ["router.chunk.q_proj.weight", "router.chunk.k_proj.weight"]
+    assert "dechunk_residual.weight" in stages[("local", True)]["param_names"]
+    assert all(n.startswith("latent_") for n in stages[("latent", True)]["param_names"])
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    assert stages[("local", True)]["lr"] == pytest.approx(3e-3)  # the scale holds from step 0
+    set_lr(opt, 2e-3)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([2e-3 * g["lr_scale"] for g in opt.param_groups])
+    assert stages[("router", True)]["lr"] == pytest.approx(1e-3)
+    # one step moves every stage, the SOAP sharding counts parameters across all groups
+    idx, targets = model.make_targets(torch.randint(0, 256, (2, 40)))
+    for _ in range(2):
+        opt.zero_grad()
+        model(idx, targets).loss.backward()
+        opt.step()
+
+
+def test_stage_scales_need_names():
+    params = list(_model().parameters())
+    with pytest.raises(ValueError, match="named_parameters"):
+        build_optimizer(params, OptimConfig(lr_scale_router=2.0))
+    assert len(build_optimizer(params, OptimConfig(lr_scale_local=2.0)).param_groups) == 2
+
+
+def test_bad_lr_scale_is_a_config_error():
+    from pico.configs.errors import ConfigError
+    from pico.configs.tree import load_config
+
+    with pytest.raises(ConfigError, match="optim.lr_scale_router"):
+        load_config(None, ["--optim.lr_scale_router=0"])
