@@ -29,13 +29,27 @@ from pico.model.config import ModelConfig
 
 
 @dataclass
+class MixSource:
+    """One source of a weighted training mixture (`data.mix`)."""
+
+    name: str = ""
+    """Short name, used in metrics (`bpb_train/NAME`, `val/bpb/NAME`, `data/bytes_seen/NAME`)."""
+    paths: list[str] = field(default_factory=list)
+    """Shard directories, globs or s3:// URLs of this source (the train split is trained on, the val split scored)."""
+    weight: float = 1.0
+    """Share of training bytes, relative to the other sources' weights (0: scored, never trained on)."""
+
+
+@dataclass
 class DataConfig:
     """Where training bytes come from and how they are packed into sequences."""
 
     train: list[str] = field(default_factory=list)
     """Training shards: directories written by `pico prep`, globs, or s3:// URLs (`{split}-*.tar` inside a directory)."""
     val: list[str] = field(default_factory=list)
-    """Validation shards (same forms as train); empty means: the val split of the train directories."""
+    """Validation shards (same forms as train); empty means: the val split of the train directories (or of every data.mix source)."""
+    mix: list[MixSource] = field(default_factory=list)
+    """Weighted sources instead of data.train, e.g. [{name: web, paths: [s/web], weight: 0.7}, {name: code, paths: [s/code], weight: 0.3}]: each batch row comes from one source, so that byte shares follow the weights; a small source repeats its epochs while a large one goes on."""
     seq_len: int = 512
     """Bytes per training sequence (the model sees seq_len inputs; targets run n_predict bytes further)."""
     batch_size: int = 8
@@ -56,6 +70,30 @@ class DataConfig:
             raise ConfigError(f"data.batch_size={self.batch_size} must be >= 1")
         if self.num_workers < 0 or self.shuffle_buffer < 1 or self.shuffle_buffer_bytes < 1:
             raise ConfigError("data.num_workers must be >= 0, data.shuffle_buffer and data.shuffle_buffer_bytes >= 1")
+        _check_mix(self)
+
+
+def _check_mix(data: DataConfig) -> None:
+    """data.mix: named, non-empty sources with weights >= 0 that sum to more than 0, and not beside data.train."""
+    if not data.mix:
+        return
+    if data.train:
+        raise ConfigError("data.train and data.mix are both set; list every training source in data.mix "
+                          "(--data.train=[]) or drop data.mix")
+    seen: set[str] = set()
+    for i, src in enumerate(data.mix):
+        key = f"data.mix[{i}]"
+        if not src.name or not src.name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"{key}.name={src.name!r}: give each source a short name of letters, digits, - or _")
+        if src.name in seen:
+            raise ConfigError(f"{key}.name={src.name!r} is used twice; source names must be unique")
+        seen.add(src.name)
+        if not src.paths:
+            raise ConfigError(f"{key}.paths is empty: list the shard directories of source {src.name!r}")
+        if src.weight < 0:
+            raise ConfigError(f"{key}.weight={src.weight} is negative; weights are shares >= 0")
+    if sum(src.weight for src in data.mix) <= 0:
+        raise ConfigError("data.mix weights sum to 0; give at least one source a weight > 0")
 
 
 @dataclass

@@ -33,6 +33,11 @@ Design choices, and why:
   offset into the first). Resuming re-reads the few shards those documents come from (bounded:
   about one shuffle buffer's span). The new DataLoader's worker ids are rotated so that its
   first batch comes from the worker that was next.
+- **Mixtures** (`data.mix`, `_MixStream`): every source is its own slot stream (own shard
+  plan, shuffle, packing and epochs) and each batch row comes from one source, picked by a
+  deterministic deficit rule, so byte shares follow the weights within one row per slot and the
+  state is the sources' states plus rows taken per source. `row_sources` names each row's source
+  for per-source training bpb.
 - **Corrupt input:** an unreadable shard or sample stops with a UserError naming the shard and
   member, or, with skip_corrupt, is skipped and counted in `stats["corrupt_skipped"]`.
 
@@ -363,6 +368,73 @@ class _SlotStream:
                             "the shards changed since the checkpoint")
 
 
+class _MixStream:
+    """Rows from several weighted sources for one slot; same interface as `_SlotStream`.
+
+    Each source is its own `_SlotStream` of one-row batches (own shard plan, shuffle, packing
+    and epochs, so a small source repeats while a large one goes on). Row k of the slot's output
+    comes from the source furthest below its share: argmax_i (w_i * (k + 1) - rows_i), ties to
+    the first. Rows all hold seq_len inputs, so each source's share of training bytes stays
+    within one row of its weight at every point, with no randomness to store: the state is the
+    sources' states and the rows taken from each.
+    """
+
+    def __init__(self, sources: list[tuple[str, list[str], float]], slot: int, n_slots: int, seq_len: int,
+                 extra: int, batch_size: int, seed: int, shuffle_buffer: int, shuffle_buffer_bytes: int,
+                 skip_corrupt: bool, state: dict | None = None):
+        total = sum(w for _, _, w in sources)
+        self.names = [name for name, _, _ in sources]
+        self.weights = [w / total for _, _, w in sources]
+        self.seq_len, self.batch_size = seq_len, batch_size
+        sub = state["sources"] if state is not None else [None] * len(sources)
+        self.streams = [None if w == 0 else
+                        _SlotStream(shards, slot, n_slots, seq_len, extra, 1, seed, shuffle_buffer,
+                                    shuffle_buffer_bytes, skip_corrupt, sub[i])
+                        for i, (_, shards, w) in enumerate(sources)]
+        self.rows = list(state["rows"]) if state is not None else [0] * len(sources)
+        self._rows = [None if s is None else s.batches() for s in self.streams]
+        self.row_sources: list[int] = []  # the source of each row of the last batch
+
+    def _next_row(self) -> np.ndarray:
+        k = sum(self.rows) + 1
+        i = max(range(len(self.weights)), key=lambda j: (self.weights[j] * k - self.rows[j], -j))
+        self.rows[i] += 1
+        self.row_sources.append(i)
+        return next(self._rows[i])[0]
+
+    def batches(self) -> Iterator[np.ndarray]:
+        while True:
+            self.row_sources = []
+            batch = np.stack([self._next_row() for _ in range(self.batch_size)])
+            yield batch
+
+    def advance(self, n_tokens: int) -> None:
+        self.row_sources = []
+        for _ in range(n_tokens // self.seq_len):
+            self._next_row()
+
+    def counters(self) -> dict:
+        live = [s.counters() for s in self.streams if s is not None]
+        per = {name: {"rows": r, "epoch": s.epoch if s is not None else 0}
+               for name, r, s in zip(self.names, self.rows, self.streams)}
+        return {"epoch": min(c["epoch"] for c in live), "docs": sum(c["docs"] for c in live),
+                "bytes": sum(c["bytes"] for c in live), "corrupt": sum(c["corrupt"] for c in live),
+                "corrupt_shards": sorted({n for c in live for n in c["corrupt_shards"]}),
+                "sources": per, "row_sources": list(self.row_sources)}
+
+    def state(self) -> dict:
+        return {"sources": [None if s is None else s.state() for s in self.streams], "rows": list(self.rows)}
+
+
+def _stream(a: dict, slot: int, n_slots: int, state: dict | None):
+    """The stream of one slot: of the one shard list, or of the weighted sources of data.mix."""
+    common = (a["seq_len"], a["extra"], a["batch_size"], a["seed"], a["shuffle_buffer"], a["shuffle_buffer_bytes"],
+              a["skip_corrupt"], state)
+    if a.get("mix"):
+        return _MixStream(a["mix"], slot, n_slots, *common)
+    return _SlotStream(a["shards"], slot, n_slots, *common)
+
+
 # ---------------------------------------------------------------------------------------------
 # The loader the trainer uses
 
@@ -374,6 +446,8 @@ def _as_is(item: Any) -> Any:
 
 def _plain(state: dict) -> dict:
     """A worker state with lists instead of tuples: what JSON gives back, so saved and live states compare equal."""
+    if "sources" in state:  # a _MixStream's
+        return {"sources": [None if x is None else _plain(x) for x in state["sources"]], "rows": list(state["rows"])}
     return {k: [list(d) for d in v] if isinstance(v, list) else v for k, v in state.items()}
 
 
@@ -412,9 +486,7 @@ class _WorkerStreams(IterableDataset):
         logical = ((info.id if info else 0) + self.rotation) % n
         a = self.args
         try:
-            stream = _SlotStream(a["shards"], a["rank"] * n + logical, a["world_size"] * n, a["seq_len"], a["extra"],
-                                 a["batch_size"], a["seed"], a["shuffle_buffer"], a["shuffle_buffer_bytes"],
-                                 a["skip_corrupt"], self.states[logical])
+            stream = _stream(a, a["rank"] * n + logical, a["world_size"] * n, self.states[logical])
             size = self.chunk
             if logical == self.rotation:
                 stream.advance(self.skip)
@@ -441,7 +513,10 @@ class ByteBatches:
 
     def __init__(self, shards: list[str], seq_len: int, batch_size: int, extra: int = 0, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, seed: int = 0, shuffle_buffer: int = 256,
-                 skip_corrupt: bool = False, shuffle_buffer_bytes: int = 64 << 20, worker_chunk: int | None = None):
+                 skip_corrupt: bool = False, shuffle_buffer_bytes: int = 64 << 20, worker_chunk: int | None = None,
+                 mix: list[tuple[str, list[str], float]] | None = None):
+        if mix:
+            shards = [u for _, src, w in mix if w > 0 for u in src]
         if not shards:
             raise UserError("ByteBatches got no shards; check data.train (resolve_shards finds them)")
         if seq_len < 1 or batch_size < 1 or extra < 0 or shuffle_buffer < 1:
@@ -451,11 +526,13 @@ class ByteBatches:
             raise UserError(f"ByteBatches: rank {rank} is outside world_size {world_size}")
         self._args = dict(shards=list(shards), rank=rank, world_size=world_size, seq_len=seq_len, extra=extra,
                           batch_size=batch_size, seed=seed, shuffle_buffer=shuffle_buffer,
-                          shuffle_buffer_bytes=shuffle_buffer_bytes, skip_corrupt=skip_corrupt)
+                          shuffle_buffer_bytes=shuffle_buffer_bytes, skip_corrupt=skip_corrupt,
+                          mix=[(name, list(src), float(w)) for name, src, w in mix] if mix else None)
         self.num_workers = num_workers
         slots = world_size * max(1, num_workers)
-        if len(shards) < slots:
-            warnings.warn(f"{len(shards)} shard(s) for {slots} loader workers (world_size x num_workers): every "
+        smallest = min((len(src) for _, src, w in mix if w > 0), default=0) if mix else len(shards)
+        if smallest < slots:
+            warnings.warn(f"{smallest} shard(s) for {slots} loader workers (world_size x num_workers): every "
                           "worker reads every shard and keeps its share of the samples; prepare more shards "
                           "(pico prep --shard-bytes) so that each worker reads only its own", stacklevel=2)
         # Each DataLoader item costs a pickle and two process wake-ups (milliseconds on busy cores),
@@ -470,16 +547,16 @@ class ByteBatches:
         self._skip = 0
         self._left = 0
         self._batches = 0
+        self._row_sources: list[int] | None = None
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         a, n = self._args, len(self._states)
         if self.num_workers == 0:
-            stream = _SlotStream(a["shards"], a["rank"], a["world_size"], a["seq_len"], a["extra"], a["batch_size"],
-                                 a["seed"], a["shuffle_buffer"], a["shuffle_buffer_bytes"], a["skip_corrupt"],
-                                 self._states[0])
+            stream = _stream(a, a["rank"], a["world_size"], self._states[0])
             for batch in stream.batches():
                 self._states[0] = stream.state()
                 self._counters[0] = stream.counters()
+                self._row_sources = self._counters[0].get("row_sources")
                 self._batches += 1
                 yield torch.from_numpy(batch.astype(np.int64))
             return
@@ -492,6 +569,7 @@ class ByteBatches:
                 raise UserError(state)
             for i, batch in enumerate(batches):
                 self._counters[logical] = counters[i]
+                self._row_sources = counters[i].get("row_sources")
                 if i + 1 < len(batches):
                     self._next, self._skip, self._left = logical, self._skip + tokens_per_batch, len(batches) - 1 - i
                 else:
@@ -530,7 +608,8 @@ class ByteBatches:
                 "seed": a["seed"], "shuffle_buffer": a["shuffle_buffer"],
                 "shuffle_buffer_bytes": a["shuffle_buffer_bytes"], "seq_len": a["seq_len"],
                 "extra": a["extra"], "batch_size": a["batch_size"], "worker_chunk": self.worker_chunk,
-                "shards": hashlib.sha256(names).hexdigest()[:16]}
+                "shards": hashlib.sha256(names).hexdigest()[:16],
+                **({"mix": [[name, w, len(src)] for name, src, w in a["mix"]]} if a["mix"] else {})}
 
     @property
     def stats(self) -> dict:
@@ -540,7 +619,23 @@ class ByteBatches:
                 "worker_epochs": [s["epoch"] if s else 0 for s in self._counters],
                 "documents": sum(s["docs"] for s in started), "bytes": sum(s["bytes"] for s in started),
                 "corrupt_skipped": sum(s["corrupt"] for s in started), "batches": self._batches,
-                "corrupt_shards": sorted({n for s in started for n in s.get("corrupt_shards", [])})}
+                "corrupt_shards": sorted({n for s in started for n in s.get("corrupt_shards", [])}),
+                **({"sources": self._source_stats(started)} if self._args["mix"] else {})}
+
+    def _source_stats(self, started: list[dict]) -> dict:
+        """Per mixture source: rows and training bytes (inputs) handed out, and completed epochs (repeats)."""
+        T = self._args["seq_len"]
+        out = {}
+        for name, _, _ in self._args["mix"]:
+            per = [s["sources"][name] for s in started if "sources" in s]
+            rows = sum(p["rows"] for p in per)
+            out[name] = {"rows": rows, "bytes": rows * T, "epoch": min((p["epoch"] for p in per), default=0)}
+        return out
+
+    @property
+    def row_sources(self) -> list[int] | None:
+        """Source index (into the mix) of each row of the last batch handed out; None without data.mix."""
+        return self._row_sources
 
 
 # ---------------------------------------------------------------------------------------------

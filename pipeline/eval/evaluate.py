@@ -48,11 +48,13 @@ def evaluate(model, batches: Iterable, device: torch.device, routing: str = "cau
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 out = model(idx, tgt, routing=routing, return_logits=False)
             valid = (tgt != IGNORE).sum(dim=(0, 1)).double().cpu()
-            sums += out.head_losses.detach().double().cpu() * valid
+            # a head with no valid target here (a rank's all-PAD last batch) has a NaN mean: it adds nothing
+            sums += torch.where(valid > 0, out.head_losses.detach().double().cpu() * valid, 0.0)
             counts += valid
-            for k, v in (out.stats or {}).items():
-                stat_sums[k] = stat_sums.get(k, 0.0) + float(v)
-            n_batches += 1
+            if valid[0] > 0:  # router statistics of real bytes only, not of an all-PAD batch
+                for k, v in (out.stats or {}).items():
+                    stat_sums[k] = stat_sums.get(k, 0.0) + float(v)
+                n_batches += 1
     finally:
         model.train(was_training)
     sums = dist.all_reduce_sum(sums)

@@ -175,16 +175,24 @@ class Trainer:
         if start is not None:
             self._check_resumable(start)
 
-        if not cfg.data.train:
+        if not cfg.data.train and not cfg.data.mix:
             raise UserError("data.train is empty: pass shard directories, e.g. --data.train=[runs/shards] "
-                            "(make them with `pico prep`)")
-        self.train_shards = resolve_shards(cfg.data.train, "train")
-        try:
-            self.val_shards = resolve_shards(cfg.data.val or cfg.data.train, "val")
-        except UserError as e:
-            where = "data.val" if cfg.data.val else "data.train (data.val is empty)"
-            raise UserError(f"no validation split in {where}: {e}. Set data.val to shards with a val split, or re-run "
-                            "`pico prep` with --val-fraction > 0 (e.g. 0.01)") from None
+                            "(make them with `pico prep`), or weighted sources in data.mix")
+        self.mix = self._mix_sources() if cfg.data.mix else None
+        self.train_shards = ([u for _, src, w in self.mix if w > 0 for u in src] if self.mix
+                             else resolve_shards(cfg.data.train, "train"))
+        if not cfg.data.val and self.mix:
+            self.val_shards = [u for shards in self.val_sources.values() for u in shards]
+            if not self.val_shards:
+                raise UserError("no validation split in any data.mix source (data.val is empty). Set data.val to shards "
+                                "with a val split, or re-run `pico prep` with --val-fraction > 0 (e.g. 0.01)")
+        else:
+            try:
+                self.val_shards = resolve_shards(cfg.data.val or cfg.data.train, "val")
+            except UserError as e:
+                where = "data.val" if cfg.data.val else "data.train (data.val is empty)"
+                raise UserError(f"no validation split in {where}: {e}. Set data.val to shards with a val split, or "
+                                "re-run `pico prep` with --val-fraction > 0 (e.g. 0.01)") from None
 
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model)
@@ -203,7 +211,7 @@ class Trainer:
                                   extra=cfg.model.n_predict, rank=self.rank, world_size=self.world,
                                   num_workers=cfg.data.num_workers, seed=cfg.train.seed,
                                   shuffle_buffer=cfg.data.shuffle_buffer, skip_corrupt=cfg.data.skip_corrupt,
-                                  shuffle_buffer_bytes=cfg.data.shuffle_buffer_bytes)
+                                  shuffle_buffer_bytes=cfg.data.shuffle_buffer_bytes, mix=self.mix)
         if start is not None:
             self._load(start)
         if dist.is_main():
@@ -211,6 +219,23 @@ class Trainer:
         from pico.pipeline.train.metrics import MetricsLogger
 
         self.logger = MetricsLogger(self.out_dir, cfg.logging, cfg.to_dict(), resume=start is not None)
+
+    def _mix_sources(self) -> list[tuple[str, list[str], float]]:
+        """(name, train shards, weight) per data.mix source; `self.val_sources` gets each one's val shards, if any."""
+        from pico.pipeline.data.loader import resolve_shards
+
+        out, self.val_sources = [], {}
+        for i, src in enumerate(self.cfg.data.mix):
+            try:
+                shards = resolve_shards(src.paths, "train") if src.weight > 0 else []
+            except UserError as e:
+                raise UserError(f"data.mix[{i}] ({src.name}): {e}") from None
+            out.append((src.name, shards, src.weight))
+            try:
+                self.val_sources[src.name] = resolve_shards(src.paths, "val")
+            except UserError:
+                dist.print0(f"data.mix[{i}] ({src.name}) has no val split: it gets no val/bpb/{src.name}")
+        return out
 
     def _resume_point(self) -> Path | None:
         """The newest checkpoint that reads back; newer damaged ones are named, with the reason, and skipped.
@@ -284,11 +309,11 @@ class Trainer:
         return path
 
     # ----------------------------------------------------------------------------- eval
-    def _val_batches(self, max_batches: int | None):
+    def _val_batches(self, max_batches: int | None, shards: list[str] | None = None):
         from pico.pipeline.data.loader import eval_sequences
 
         cfg = self.cfg
-        batches = eval_sequences(self.val_shards, seq_len=cfg.data.seq_len, extra=cfg.model.n_predict,
+        batches = eval_sequences(self.val_shards if shards is None else shards, seq_len=cfg.data.seq_len, extra=cfg.model.n_predict,
                                  batch_size=cfg.data.batch_size, rank=self.rank, world_size=self.world,
                                  max_batches=max_batches)
         if cfg.train.zero_stage == 3 and self.world > 1:
@@ -321,6 +346,35 @@ class Trainer:
                         f"{where}")
         return total
 
+    @staticmethod
+    def _count_sources(logits: torch.Tensor, targets: torch.Tensor, rows: list[int] | None, sums: torch.Tensor) -> None:
+        """Add each row's next-byte cross-entropy (nats) and target count to its source's column of `sums`."""
+        if logits is None or rows is None:
+            return
+        with torch.no_grad():
+            t = targets[..., 0]
+            ce = torch.nn.functional.cross_entropy(logits.detach().float().transpose(1, 2), t, reduction="none",
+                                                   ignore_index=-100)
+            valid = (t != -100).sum(1).double().cpu()
+            nats = ce.sum(1).double().cpu()
+        for r, src in enumerate(rows):
+            sums[0, src] += nats[r]
+            sums[1, src] += valid[r]
+
+    def _source_metrics(self, sums: torch.Tensor) -> dict[str, float]:
+        """Collective: per data.mix source, training bpb since the last log, bytes seen and epochs so far (all ranks)."""
+        sums = dist.all_reduce_sum(sums.to(self.device)).cpu()
+        stats = self.loader.stats["sources"]
+        seen = dist.all_reduce_sum(torch.tensor([float(stats[n]["bytes"]) for n, _, _ in self.mix],
+                                                device=self.device)).cpu()
+        out = {}
+        for i, (name, _, _) in enumerate(self.mix):
+            if sums[1, i] > 0:
+                out[f"bpb_train/{name}"] = float(sums[0, i] / sums[1, i]) / math.log(2)
+            out[f"data/bytes_seen/{name}"] = float(seen[i])
+            out[f"data/epoch/{name}"] = stats[name]["epoch"]
+        return out
+
     def evaluate(self) -> dict[str, float]:
         """Validation bits per byte with causal routing (and top-k routing on a few batches)."""
         from pico.pipeline.eval.evaluate import evaluate
@@ -334,6 +388,10 @@ class Trainer:
             topk = evaluate(self.engine.module, self._val_batches(min(4, n or 4)), self.device, routing="topk",
                             autocast_dtype=self.autocast_dtype)
             result["bpb_topk_4batches"] = topk["bpb"]
+        for name, shards in (self.val_sources.items() if self.mix else ()):
+            one = evaluate(self.engine.module, self._val_batches(n, shards), self.device, routing="causal",
+                           autocast_dtype=self.autocast_dtype)
+            result[f"bpb/{name}"] = one["bpb"]
         self.last_eval = result
         self._routing_picture()
         return result
@@ -372,6 +430,7 @@ class Trainer:
         peak, peak_kind = _peak_flops(self.device)
         bytes_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.train.grad_accum * self.world
         it = iter(self.loader)
+        source_sums = None  # data.mix: next-byte nats and targets per source since the last log
         window_t, window_steps, rates = time.perf_counter(), 0, []
         bar = _progress(self.progress, cfg.train.steps, self.step)
         exit_reason = "completed"
@@ -381,6 +440,8 @@ class Trainer:
             lr = lr_at(self.step, cfg.optim, cfg.train.steps)
             set_lr(self.optimizer, lr)  # times each param group's stage scale (optim.lr_scale_*)
             losses, heads, stats, grad_norm, bad = [], [], {}, None, False
+            if self.mix and source_sums is None:
+                source_sums = torch.zeros(2, len(self.mix), dtype=torch.float64)  # (nats, targets) per source
             for micro in range(cfg.train.grad_accum):
                 batch = next(it).to(self.device, non_blocking=True)
                 idx, targets = make_targets(batch, cfg.model.n_predict)
@@ -394,6 +455,8 @@ class Trainer:
                 self.engine.step()
                 losses.append(float(out.loss.detach()))
                 heads.append(out.head_losses.detach().float().cpu())
+                if self.mix:
+                    self._count_sources(out.logits, targets, self.loader.row_sources, source_sums)
                 for k, v in (out.stats or {}).items():
                     stats[k] = stats.get(k, 0.0) + float(v) / cfg.train.grad_accum
             self.step += 1
@@ -423,6 +486,9 @@ class Trainer:
                            "mfu": bps * self.flops_per_byte / (peak * self.world)}
                 metrics.update({f"loss_head{h + 1}": float(v) for h, v in enumerate(head)})
                 metrics["data/corrupt_skipped"] = self._report_corrupt()
+                if self.mix:
+                    metrics.update(self._source_metrics(source_sums))
+                    source_sums = None
                 metrics.update({f"router/{k}": v for k, v in stats.items()})
                 self.logger.log(self.step, metrics)
                 if bar is not None:
@@ -458,6 +524,7 @@ class Trainer:
                    "bytes_per_s_median": statistics.median(rates) if rates else None,
                    "peak_flops": peak, "peak_kind": peak_kind,
                    "eval": self.last_eval, "out_dir": str(self.out_dir),
+                   **({"data_sources": self.loader.stats["sources"]} if self.mix else {}),
                    "checkpoint": str(ckpt.latest_checkpoint(self.ckpt_dir) or ""),
                    "wandb_dir": self.logger.wandb_dir, "routing_picture": str(self.out_dir / "routing" / "latest.png")}
         if summary["bytes_per_s_median"]:

@@ -53,6 +53,16 @@ def test_pad_targets_are_not_scored():
     assert part["bytes"] == 32 + 19
 
 
+def test_a_batch_of_only_padding_adds_nothing():
+    """A rank's last batch can be all PAD (eval_packing evens out batch counts): it must not turn bpb into NaN."""
+    torch.manual_seed(0)
+    model = build_model(TINY).eval()
+    seq = torch.randint(0, 256, (2, 35))
+    alone = evaluate(model, [seq], torch.device("cpu"))
+    with_pad = evaluate(model, [seq, torch.full((2, 35), PAD)], torch.device("cpu"))
+    assert with_pad == alone and math.isfinite(alone["bpb_head3"])
+
+
 def test_text_files_and_validation_shards_are_one_measurement(tmp_path):
     """`pico eval` on text files, the quickstart and training's validation pack the same way."""
     from tests.pipeline.data.test_loader import write_dataset
