@@ -192,6 +192,9 @@ class Decoder:
     def __init__(self, model: Pico, batch: int):
         self.model, cfg = model, model.cfg
         self.cfg = cfg
+        if cfg.router == "chunk" or cfg.dechunk:  # both need per-sequence state across steps (chunk.py)
+            raise NotImplementedError(f"router {cfg.router}{' with dechunk' if cfg.dechunk else ''} does not support "
+                                      "incremental decoding yet; score it with `pico eval` (causal routing)")
         p = next(model.parameters())
         dev, dt = p.device, p.dtype
         self.local = KVCache(cfg.n_in + cfg.n_out, batch, cfg.n_kv_heads, cfg.d_local // cfg.n_heads,

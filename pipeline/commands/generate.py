@@ -81,8 +81,11 @@ def run(args: argparse.Namespace) -> int:
             prompt_ids(p, ctx)
         except ValueError as e:
             raise UserError(f"prompt {i + 1}: {e}; shorten it (keep its end) or use a model with a longer context") from None
-    res = generate(model, prompts, args.max_bytes, speculative=args.speculative, temperature=args.temperature,
-                   top_p=args.top_p, seed=args.seed)
+    try:
+        res = generate(model, prompts, args.max_bytes, speculative=args.speculative, temperature=args.temperature,
+                       top_p=args.top_p, seed=args.seed)
+    except NotImplementedError as e:  # a router the decoder cannot run yet (router: chunk, dechunk)
+        raise UserError(f"{args.model}: {e}") from None
     speed = (f"{res.n_bytes} bytes in {res.seconds:.2f} s: {res.bytes_per_s:.0f} bytes/s, {res.forward_passes} "
              f"forward passes, {res.bytes_per_pass:.2f} bytes per pass ({'speculative' if args.speculative else 'plain'})")
     if any(s == "context" for s in res.stopped):
