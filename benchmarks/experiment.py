@@ -5,8 +5,18 @@
 Three models from `configs/`, the same shape except for the router and each configured to the
 same training FLOPs per byte (`pico info`): `pico` (quickstart.yaml, learned MoD router),
 `spacelike` (spacebyte.yaml, SpaceByte's rule) and `vanilla` (vanilla.yaml, router none, width
-matched with `match_flops`). For every budget B (total training FLOPs) a model trains for
+matched with `match_flops`). Issue 18 adds the H-Net variants, each a base config plus
+overrides (`MODEL_OVERRIDES`): `chunk` (quickstart.yaml with `router: chunk`, ratio-loss weight
+0.03 as in H-Net), and the dechunking return path on each routed model (`pico-dechunk`,
+`spacelike-dechunk`, `chunk-dechunk`). All are within 3 % of quickstart's training FLOPs per
+byte (the chunk router counted at its target rate `capacity`, 0.19 for that; a run checks this
+and notes any model outside it). For every budget B (total training FLOPs) a model trains for
 steps = B / (train_flops_per_byte * batch_size * seq_len) steps, so each sees B FLOPs.
+`--models` picks a subset (default: all seven).
+
+Not yet here (issue 18's full protocol, for the session that runs it): the code domain
+(SymPy + Python docs training, held-out SymPy modules), 3 seeds at the largest budget with
+mean and spread, and the chunk-length histogram.
 
 Protocol, in the order the script runs it:
 
@@ -55,8 +65,17 @@ ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "corpus"
 RESULTS = ROOT / "benchmarks" / "results"
 PREFIX = "experiment_"
-MODELS = {"pico": "configs/quickstart.yaml", "spacelike": "configs/spacebyte.yaml", "vanilla": "configs/vanilla.yaml"}
-GOALS = {"spacelike": 0.97, "vanilla": 0.90}  # Pico's bpb over each baseline's, at the largest budget
+MODELS = {"pico": "configs/quickstart.yaml", "spacelike": "configs/spacebyte.yaml", "vanilla": "configs/vanilla.yaml",
+          "chunk": "configs/quickstart.yaml", "pico-dechunk": "configs/quickstart.yaml",
+          "spacelike-dechunk": "configs/spacebyte.yaml", "chunk-dechunk": "configs/quickstart.yaml"}
+# H-Net's ratio-loss weight 0.03; target rate 0.19, not 0.2: W_q, W_k (and dechunk's residual) cost 1-1.5 % more
+# per byte, and at 0.2 chunk-dechunk would be 3.4 % over pico (at 0.19: chunk 1.01x, chunk-dechunk 1.02x)
+CHUNK = ["--model.router=chunk", "--model.aux_loss_weight=0.03", "--model.capacity=0.19"]
+MODEL_OVERRIDES = {"chunk": CHUNK, "pico-dechunk": ["--model.dechunk=true"],
+                   "spacelike-dechunk": ["--model.dechunk=true"], "chunk-dechunk": [*CHUNK, "--model.dechunk=true"]}
+LEARNED = ("pico", "chunk", "pico-dechunk", "chunk-dechunk")  # the models whose routing is learned
+GOALS = {"spacelike": 0.97, "vanilla": 0.90}  # a learned model's bpb over each baseline's, at the largest budget
+FLOPS_TOLERANCE = 0.03  # every model's training FLOPs per byte within 3 % of pico's
 
 
 def pin_code(out: Path, rev: str) -> None:
@@ -298,19 +317,20 @@ def kept(records: list[dict]) -> list[dict]:
 def ratios(records: list[dict], budget: float) -> dict:
     at = {r["model"]: r for r in kept(records) if r["budget"] == budget}
     out = {}
-    if "pico" in at:
+    for model in (m for m in LEARNED if m in at):
         for base, goal in GOALS.items():
             if base in at:
                 for split in ("val", "ood"):
-                    out[f"pico/{base} {split}"] = {"ratio": at["pico"][f"{split}_bpb"] / at[base][f"{split}_bpb"],
-                                                   "goal": goal}
+                    out[f"{model}/{base} {split}"] = {"ratio": at[model][f"{split}_bpb"] / at[base][f"{split}_bpb"],
+                                                      "goal": goal}
     return out
 
 
 def router_summary(records: list[dict]) -> dict:
-    pico = [r for r in kept(records) if r["router"] == "learned"]
+    pico = [r for r in kept(records) if r["router"] in ("learned", "chunk")]
     keys = ("routed_frac_mean", "spacelike_share_of_routed", "routed_share_of_spacelike", "rule_frac",
-            "causal_agreement", "aux_loss", "score_mean", "score_std")
+            "after_spacelike_share_of_routed", "causal_agreement", "aux_loss", "score_mean", "score_std",
+            "boundary_frac", "chunk_len_mean", "chunk_overflow_frac", "flops_per_byte_at_rate")
     out = {}
     for r in pico:
         out[f"{r['model']} B={r['budget']:.0e}"] = {
@@ -365,8 +385,9 @@ def protocol(args: argparse.Namespace) -> list[str]:
 def write_results(sweep: Sweep, lr_choice: dict, notes: list[str]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     recs = kept(sweep.records)
-    budgets = sorted({r["budget"] for r in recs if r["model"] in MODELS})
-    top = max((b for b in budgets if all(any(r["model"] == m and r["budget"] == b for r in recs) for m in MODELS)),
+    models = sweep.args.models
+    budgets = sorted({r["budget"] for r in recs if r["model"] in models})
+    top = max((b for b in budgets if all(any(r["model"] == m and r["budget"] == b for r in recs) for m in models)),
               default=None)
     payload = {"code_rev": os.environ.get("PICO_EXPERIMENT_REV", "working tree (--no-pin)"),
                "protocol": protocol(sweep.args), "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -382,11 +403,11 @@ def write_results(sweep: Sweep, lr_choice: dict, notes: list[str]) -> None:
     (RESULTS / f"{PREFIX}router.json").write_text(json.dumps(router, indent=1))
     if recs:
         plot(sweep.records, RESULTS / f"{PREFIX}bpb.png")
-    pics = [r for r in recs if r["router"] == "learned" and r["model"] == "pico"]
-    if pics:
+    for model in sorted({r["model"] for r in recs if r["router"] != "none" and r["model"] in MODELS}):
+        pics = [r for r in recs if r["model"] == model]  # one picture per routed model, its largest run
         src = Path(max(pics, key=lambda r: r["budget"])["run_dir"]) / "routing" / "latest.png"
         if src.exists():
-            shutil.copyfile(src, RESULTS / f"{PREFIX}routing.png")
+            shutil.copyfile(src, RESULTS / (f"{PREFIX}routing.png" if model == "pico" else f"{PREFIX}routing-{model}.png"))
     lines = ["| model | params | train FLOPs/byte | budget (FLOPs) | steps | LR | val bpb | OOD bpb | train s |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in recs:
@@ -434,10 +455,11 @@ def measure(args: argparse.Namespace) -> None:
     budgets of the shape of --budgets whose sweep (LR sweep included) fits --plan-minutes."""
     sweep = Sweep(args)
     speeds = []
-    for name, config in MODELS.items():
-        info = model_info(config, [])
+    for name in args.models:
+        config, overrides = MODELS[name], MODEL_OVERRIDES.get(name, [])
+        info = model_info(config, overrides)
         run_dir = sweep.out / "measure" / name
-        r = train_run(run_dir, config, [], args.measure, 3e-3, sweep.shards, 4)
+        r = train_run(run_dir, config, overrides, args.measure, 3e-3, sweep.shards, 4)
         per_step = (r["bytes_seen"] / r["bytes_per_s"]) / args.measure
         ev = score(run_dir, sweep.val_files, sweep.ood_file, info["seq_len"], args.ood_batches)
         emit({"measurement": "speed", "model": name, "steps": args.measure, "seconds": r["seconds"],
@@ -451,13 +473,31 @@ def measure(args: argparse.Namespace) -> None:
     sec_per_flop = sum(x[0] for x in speeds) / len(speeds)
     start, scoring = max(x[1] for x in speeds), max(x[2] for x in speeds)
     b = sorted(args.budgets)
-    n_train, n_scored = len(MODELS) * (len(args.lrs) + len(b) - 1), len(MODELS) * len(b)
-    flops = len(MODELS) * (len(args.lrs) * b[0] + sum(b[1:]))
+    n_train, n_scored = len(args.models) * (len(args.lrs) + len(b) - 1), len(args.models) * len(b)
+    flops = len(args.models) * (len(args.lrs) * b[0] + sum(b[1:]))
     fixed = n_train * start + n_scored * scoring
     scale = max(0.0, args.plan_minutes * 60 - fixed) / (flops * sec_per_flop)
     emit({"measurement": "plan", "seconds_per_gflop": sec_per_flop * 1e9, "start_s": start, "scoring_s": scoring,
           "predicted_minutes_for_budgets": (fixed + flops * sec_per_flop) / 60, "budgets": b,
           "scale_to_fit": scale, "budgets_that_fit": [x * scale for x in b], "plan_minutes": args.plan_minutes})
+
+
+def check_flops(models: list[str]) -> list[str]:
+    """Training FLOPs per byte of each model against pico's (emitted); a note for any outside FLOPS_TOLERANCE."""
+    from pico.configs.tree import load_config
+    from pico.model.flops import flops_at_rate
+
+    ref = model_info(MODELS["pico"], [])["train_flops_per_byte"]
+    notes = []
+    for name in models:
+        cfg = load_config(config_path(MODELS[name]), MODEL_OVERRIDES.get(name, [])).model
+        f = flops_at_rate(cfg)
+        ratio = f["at_capacity"] / ref
+        emit({"measurement": "flops_match", "model": name, "train_flops_per_byte": f["at_capacity"],
+              "train_flops_per_byte_at_cap": f["at_cap"], "ratio_to_pico": ratio})
+        if abs(ratio - 1) > FLOPS_TOLERANCE:
+            notes.append(f"- `{name}` costs {ratio:.3f}x pico's training FLOPs per byte (outside {FLOPS_TOLERANCE:.0%})")
+    return notes
 
 
 def main() -> None:
@@ -492,20 +532,20 @@ def main() -> None:
         return measure(args)
     args.budgets = sorted(args.budgets)
     sweep = Sweep(args)
-    notes: list[str] = []
+    notes = check_flops(args.models)
     lr_choice: dict[str, float] = {}
     b0 = args.budgets[0]
     for name in args.models:  # 1. LR sweep at the smallest budget
-        runs = [sweep.run(name, MODELS[name], b0, lr) for lr in args.lrs]
+        runs = [sweep.run(name, MODELS[name], b0, lr, MODEL_OVERRIDES.get(name, [])) for lr in args.lrs]
         best = min(runs, key=lambda r: r["select_val_bpb"])
         lr_choice[name] = best["lr"]
         emit({"measurement": "lr_choice", "model": name, "lr": best["lr"],
               "select_val_bpb": {f"{r['lr']:g}": r["select_val_bpb"] for r in runs}})
-        sweep.run(name, MODELS[name], b0, best["lr"], scored=True)
+        sweep.run(name, MODELS[name], b0, best["lr"], MODEL_OVERRIDES.get(name, []), scored=True)
         write_results(sweep, lr_choice, notes)
     for budget in args.budgets[1:]:  # 2. the larger budgets, every model before the next budget
         for name in args.models:
-            sweep.run(name, MODELS[name], budget, lr_choice[name], scored=True)
+            sweep.run(name, MODELS[name], budget, lr_choice[name], MODEL_OVERRIDES.get(name, []), scored=True)
             write_results(sweep, lr_choice, notes)
     top = args.variant_budget or args.budgets[-1]  # 3. follow-ups on the learned router
     lr = lr_choice.get("pico", args.lrs[0])
