@@ -1,13 +1,16 @@
 """Prep throughput against zstandard's own single-core compression, and 1 vs 2 Ray workers.
 
-    nice python benchmarks/bench_prep.py [--corpus ../shared/corpus] [--levels 3 9] [--repeats 3]
+    nice python benchmarks/bench_prep.py [--corpus ../shared/corpus] [--levels 3 9] [--repeats 3] [--formats]
 
 Both sides see the same documents (the corpus decompressed, one document per file or JSON line)
 at the same zstd level, in the same run. The baseline compresses each document with one
 ZstdCompressor in a loop, nothing else: the ceiling of one core. Prep does the whole job: list,
 read and decompress the inputs, parse JSON, hash, compress, write tar shards with sha256, and
 assemble the manifest, as Ray tasks; its time excludes starting Ray (started once, reused).
-Prints one JSON line per measurement, writes benchmarks/results/prep_throughput.json.
+`--formats` adds the same documents written as one Parquet file (zstd-compressed columns, 256
+rows per row group, the size FineWeb's files use) and as one JSON Lines file (.jsonl.zst), each
+prepped on 1 worker beside zstd alone. Prints one JSON line per measurement, writes
+benchmarks/results/prep_throughput.json.
 """
 
 from __future__ import annotations
@@ -96,6 +99,49 @@ def measure(corpus: Path, docs: list[bytes], raw: int, level: int, args, rows: l
           "machine_ceiling": round(max(ceilings), 3)}, rows)
 
 
+def format_inputs(docs: list[bytes], root: Path) -> dict[str, Path]:
+    """The documents as one Parquet file and one zstd JSON Lines file (the layouts corpora are published in)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    texts = [d.decode("utf-8", "replace") for d in docs]
+    pq_dir, jl_dir = root / "parquet", root / "jsonl"
+    pq_dir.mkdir(parents=True)
+    jl_dir.mkdir(parents=True)
+    pq.write_table(pa.table({"id": [str(i) for i in range(len(texts))], "text": texts}),
+                   pq_dir / "train-00000-of-00001.parquet", row_group_size=256, compression="zstd")
+    lines = "".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(texts)).encode()
+    (jl_dir / "corpus.jsonl.zst").write_bytes(zstandard.ZstdCompressor(level=3).compress(lines))
+    return {"parquet": pq_dir, "jsonl": jl_dir}
+
+
+def measure_formats(docs: list[bytes], level: int, args, rows: list[dict]) -> None:
+    """Parquet prep vs JSON Lines prep vs zstd alone, same documents, 1 worker, interleaved, best of repeats."""
+    root = Path(tempfile.mkdtemp(prefix="bench-prep-formats-"))
+    try:
+        inputs = format_inputs(docs, root)
+        raw = sum(len(t.encode()) for t in (d.decode("utf-8", "replace") for d in docs))
+        best = {k: float("inf") for k in ("zstd", *inputs)}
+        for _ in range(args.repeats):
+            wall, _ = zstd_baseline(docs, level)
+            best["zstd"] = min(best["zstd"], wall)
+            for name, path in inputs.items():
+                wall, _, manifest = prep_once(path, 1, level, args.unit_bytes, args.shard_bytes)
+                assert sum(t["raw_bytes"] for t in manifest["totals"].values()) == raw
+                best[name] = min(best[name], wall)
+        base = raw / best["zstd"] / 1e6
+        for name in inputs:
+            emit({"measurement": "prep_format", "format": name, "workers": 1, "level": level,
+                  "seconds": round(best[name], 3), "raw_mb_per_s": round(raw / best[name] / 1e6, 1),
+                  "vs_zstd_single_core": round(raw / best[name] / 1e6 / base, 3),
+                  "input_mb": round(sum(f.stat().st_size for f in inputs[name].iterdir()) / 1e6, 2)}, rows)
+        emit({"measurement": "prep_format_ratio", "level": level,
+              "parquet_vs_jsonl": round(best["jsonl"] / best["parquet"], 3)}, rows)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def _spin(n: int) -> int:
     x = 0
     for i in range(n):
@@ -127,6 +173,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each side; the fastest counts")
     ap.add_argument("--unit-bytes", type=int, default=2 << 20, help="prep's --unit-bytes (input bytes per Ray task)")
     ap.add_argument("--shard-bytes", type=int, default=64 << 20)
+    ap.add_argument("--formats", action="store_true", help="also Parquet vs JSON Lines inputs of the same documents")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "prep_throughput.json"))
     args = ap.parse_args()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -145,6 +192,8 @@ def main() -> int:
         prep_once(corpus, 2, args.levels[0], args.unit_bytes, args.shard_bytes)  # warm the workers' imports
         for level in args.levels:
             measure(corpus, docs, raw, level, args, rows)
+        if args.formats:
+            measure_formats(docs, args.levels[0], args, rows)
     finally:
         ray.shutdown()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -543,7 +543,7 @@ def _iter_parquet(url: str, text_field: str, id_field: str, chunk_bytes: int) ->
             try:
                 for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[g], columns=columns,
                                              use_threads=False):
-                    texts = batch.column(0).to_pylist()
+                    texts = _utf8_bytes(batch.column(0))
                     ids = batch.column(1).to_pylist() if len(columns) > 1 else [None] * len(texts)
                     for text, doc_id in zip(texts, ids):
                         row += 1
@@ -554,13 +554,21 @@ def _iter_parquet(url: str, text_field: str, id_field: str, chunk_bytes: int) ->
                                                      f"decoded, its rows are left out: {type(e).__name__}: {e}")
 
 
-def _parquet_doc(url: str, row: int, text: str | None, doc_id, column: str, chunk_bytes: int) -> Doc | Skip:
-    if text is None:
+def _utf8_bytes(arr) -> list[bytes | None]:
+    """The UTF-8 bytes of a string column, without decoding to str and encoding back (Arrow strings
+    are UTF-8 already: viewing them as binary is free)."""
+    import pyarrow as pa
+
+    if pa.types.is_large_string(arr.type):
+        return arr.view(pa.large_binary()).to_pylist()
+    if pa.types.is_string(arr.type):
+        return arr.view(pa.binary()).to_pylist()
+    return [None if t is None else t.encode("utf-8") for t in arr.to_pylist()]  # string_view
+
+
+def _parquet_doc(url: str, row: int, data: bytes | None, doc_id, column: str, chunk_bytes: int) -> Doc | Skip:
+    if data is None:
         return Skip("empty", url, row, f"column {column!r} is null")
-    try:
-        data = text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        return Skip("failed", url, row, f"column {column!r} holds an unpaired surrogate: {e}")
     if not data:
         return Skip("empty", url, row, "empty document")
     n, chunks = _in_memory(data, chunk_bytes)
