@@ -19,6 +19,7 @@ VOCAB_SIZE = 259
 RouterKind = Literal["learned", "chunk", "spacelike", "none"]
 RouterGate = Literal["sigmoid", "straight_through"]
 RouterAux = Literal["score", "predictor"]
+AttnImpl = Literal["auto", "dense", "banded", "flex"]
 
 
 @dataclass
@@ -33,6 +34,8 @@ class ModelConfig:
     """Key/value heads in each local block (grouped-query attention); must divide n_heads."""
     window: int = 256
     """Sliding attention window of the local blocks, in bytes (a byte sees itself and window-1 before it)."""
+    attn_impl: AttnImpl = "auto"
+    """How attention runs (same numbers, see model/attention.py): dense: SDPA under a (n_heads, T, T) mask; banded: query blocks against the window only, O(T * window) (CPU); flex: FlexAttention, compiled, causal-window block mask and ALiBi score_mod, local and latent blocks (CUDA; no CPU backward); auto: flex on CUDA, banded elsewhere. Cached decoding always uses dense masks."""
     n_in: int = 2
     """Local blocks before the router."""
     n_out: int = 2
@@ -90,6 +93,8 @@ class ModelConfig:
         need(self.d_local % self.n_heads == 0,
              f"d_local={self.d_local} must be a multiple of n_heads={self.n_heads}")
         need(self.window >= 1, f"window={self.window} must be >= 1")
+        need(self.attn_impl in AttnImpl.__args__,
+             f"model.attn_impl={self.attn_impl!r} must be one of {', '.join(AttnImpl.__args__)}")
         need(self.n_in >= 0 and self.n_out >= 0 and self.n_latent >= 0, "layer counts must be >= 0")
         need(self.n_predict >= 1, f"n_predict={self.n_predict} must be >= 1")
         need(0.0 < self.capacity <= 1.0, f"model.capacity={self.capacity} must be in (0, 1]")

@@ -12,12 +12,14 @@ Design choices and their sources:
   (`n_heads` query heads share `n_kv_heads` key/value heads; Ainslie et al. 2023); ALiBi biases
   and no position embeddings (Press et al. 2022, "Train Short, Test Long"), so a model can run on
   any absolute position; SwiGLU MLP (Shazeer 2020); no biases anywhere but the router's scalar.
-  Attention runs through `F.scaled_dot_product_attention` with an additive float mask that holds
-  both the ALiBi bias and the window, built from absolute positions (`attention_bias`) and cached
-  per (T, device, dtype). For an inference cache, `Block` and `Attention` take an optional
-  `cache` whose `update(k, v)` returns the past keys/values joined to the new ones; the caller
-  builds the bias from the absolute positions of the queries and the cached keys
-  (`attention_bias(pos_q, pos_k, slopes, window)`).
+  Attention runs through `attention.attend` (`model.attn_impl`): dense is
+  `F.scaled_dot_product_attention` under an additive float mask that holds both the ALiBi bias and
+  the window, built from absolute positions (`attention_bias`) and cached per (T, device, dtype);
+  banded (CPU) and flex (CUDA) compute the same numbers at a cost of O(T * window), from a
+  `MaskSpec` instead of a mask (see attention.py). For an inference cache, `Block` and
+  `Attention` take an optional `cache` whose `update(k, v)` returns the past keys/values joined
+  to the new ones; the caller builds the dense bias from the absolute positions of the queries
+  and the cached keys (`attention_bias(pos_q, pos_k, slopes, window)`).
 - **Router** (Mixture-of-Depths, Raposo et al. 2024, expert choice): a scalar score per position,
   read from the RMS-normalised residual after the `n_in` local blocks. In training
   (`routing="topk"`) the top k = ceil(capacity * T) positions of each sequence are gathered in
@@ -87,6 +89,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pico.model.attention import MaskSpec, alibi_slopes, attend, attention_bias, resolve_impl
 from pico.model.chunk import ChunkScorer, capped, dechunk, ratio_loss
 from pico.model.config import PAD, VOCAB_SIZE, ModelConfig, chunk_slots, hidden_width, n_routed, predictor_width
 from pico.model.spacelike import spacelike_boundaries
@@ -112,31 +115,6 @@ def make_targets(seq: torch.Tensor, n_predict: int = 4) -> tuple[torch.Tensor, t
 # ----------------------------------------------------------------------------- attention
 
 
-def alibi_slopes(n_heads: int) -> torch.Tensor:
-    """ALiBi head slopes (Press et al. 2022): 2^(-8i/n) for i = 1..n, interleaved for non-powers of 2."""
-    def powers(n: int) -> list[float]:
-        return [2.0 ** (-8.0 * i / n) for i in range(1, n + 1)]
-
-    p = 2 ** math.floor(math.log2(n_heads))
-    slopes = powers(p) + powers(2 * p)[0::2][: n_heads - p]
-    return torch.tensor(slopes)
-
-
-def attention_bias(pos_q: torch.Tensor, pos_k: torch.Tensor, slopes: torch.Tensor,
-                   window: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Additive attention mask from absolute byte positions: ALiBi, causality and the window.
-
-    pos_q (..., Tq) and pos_k (..., Tk) hold positions; the result is (..., H, Tq, Tk) with
-    -slope * (q - k) where key k is visible (0 <= q - k < window) and -inf elsewhere.
-    """
-    dist = (pos_q.unsqueeze(-1) - pos_k.unsqueeze(-2)).unsqueeze(-3)  # (..., 1, Tq, Tk)
-    visible = dist >= 0
-    if window is not None:
-        visible = visible & (dist < window)
-    bias = -slopes.to(pos_q.device, dtype).view(-1, 1, 1) * dist.to(dtype)  # (..., H, Tq, Tk)
-    return bias.masked_fill(~visible, float("-inf"))
-
-
 class RMSNorm(nn.Module):
     """Root-mean-square norm with a learned gain (Zhang & Sennrich 2019)."""
 
@@ -150,7 +128,7 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Grouped-query attention; position information comes only from the additive bias."""
+    """Grouped-query attention; position information comes only from the ALiBi bias (a mask or a MaskSpec)."""
 
     def __init__(self, d: int, n_heads: int, n_kv_heads: int):
         super().__init__()
@@ -165,13 +143,11 @@ class Attention(nn.Module):
             [self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=1)
         return q, k, v
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | MaskSpec) -> torch.Tensor:
         """Attention output (B, Tq, d) for queries against (possibly cached) keys and values."""
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=self.n_kv_heads != self.n_heads)
-        B, _, Tq, _ = y.shape
-        return self.out_proj(y.transpose(1, 2).reshape(B, Tq, -1))
+        return self.out_proj(attend(q, k, v, bias))
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | MaskSpec, cache=None) -> torch.Tensor:
         """Attention of x (B, T, d); `cache.update(k, v)` may prepend past keys/values (inference)."""
         q, k, v = self.qkv(x)
         if cache is not None:
@@ -202,7 +178,7 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(d, eps)
         self.mlp = SwiGLU(d, hidden_width(d, mlp_ratio))
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | MaskSpec, cache=None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), bias, cache)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -418,12 +394,31 @@ class Pico(nn.Module):
                 self._bias_cache.popitem(last=False)
         return self._bias_cache[key]
 
+    def local_mask(self, T: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor | MaskSpec:
+        """What the local blocks attend under: the dense mask, or a MaskSpec for banded / flex (`model.attn_impl`).
+
+        A sequence no longer than the window is plain causal attention: banded would run it as
+        one dense block anyway, so it gets the cached dense mask."""
+        impl = resolve_impl(self.cfg.attn_impl, device)
+        if impl == "dense" or (impl == "banded" and T <= self.cfg.window):
+            return self.local_bias(T, device, dtype)
+        return MaskSpec(impl, self.local_slopes, self.cfg.window)
+
+    def latent_mask(self, pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | MaskSpec:
+        """Mask of the latent blocks over slots at byte positions pos (B, K): causal, ALiBi, no window.
+
+        Only flex pays here (its block mask skips the upper triangle); banded has no window to
+        exploit, so CPU keeps the dense (B, H, K, K) mask."""
+        if resolve_impl(self.cfg.attn_impl, pos.device) == "flex":
+            return MaskSpec("flex", self.latent_slopes, None, pos=pos)
+        return attention_bias(pos, pos, self.latent_slopes, None, dtype)
+
     def latent(self, x: torch.Tensor, r: Routing) -> torch.Tensor:
         """Gather the routed positions, run the latent blocks, return their output to the stream:
         gate * output added at the routed positions, or with `dechunk` to every byte (chunk.py)."""
         g = r.idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])  # (B, K, d_local)
         z = self.latent_in(torch.gather(x, 1, g))  # (B, K, d_latent)
-        bias = attention_bias(r.pos, r.pos, self.latent_slopes, None, z.dtype)  # (B, H, K, K)
+        bias = self.latent_mask(r.pos, z.dtype)  # (B, H, K, K) mask or a MaskSpec
         for blk in self.latent_blocks:
             z = blk(z, bias)
         y = self.latent_out(self.latent_norm(z))  # (B, K, d_local)
@@ -442,7 +437,7 @@ class Pico(nn.Module):
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} bytes exceeds model.max_seq_len={self.cfg.max_seq_len}")
         x = self.embed(idx)  # (B, T, d_local)
-        bias = self.local_bias(T, x.device, x.dtype)
+        bias = self.local_mask(T, x.device, x.dtype)
         for blk in self.blocks_in:
             x = blk(x, bias)
         r = None

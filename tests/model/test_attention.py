@@ -1,12 +1,17 @@
-"""Local attention against references written out by hand: ALiBi + window, and GQA vs MHA."""
+"""Attention against references: ALiBi + window and GQA written out by hand, then every path of
+`pico.model.attention` (banded, flex) against the dense SDPA path, forward and backward."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
+import pytest
 import torch
 from torch.testing import assert_close
 
+from pico.model import ModelConfig
+from pico.model.attention import MaskSpec, attend, banded_attention, flex_available
 from pico.model.pico import Attention, alibi_slopes, attention_bias, build_model
 
 from .conftest import tiny_config
@@ -102,3 +107,121 @@ def test_block_run_byte_by_byte_through_a_cache_equals_the_full_pass():
         bias = attention_bias(torch.tensor([t]), torch.arange(t + 1), model.local_slopes, cfg.window)
         steps.append(block(x[:, t:t + 1], bias, cache))
     assert_close(torch.cat(steps, dim=1), full)
+
+
+# ----------------------------------------------------------------------------- banded and flex vs dense
+
+FP32 = dict(atol=1e-5, rtol=1e-5)  # the numerical contract of every path in fp32
+
+
+def qkv(B: int, H: int, Hkv: int, T: int, hd: int = 8, dtype=torch.float32):
+    make = lambda h: torch.randn(B, h, T, hd, dtype=dtype, requires_grad=True)  # noqa: E731
+    return make(H), make(Hkv), make(Hkv)
+
+
+def dense(q, k, v, window):
+    pos = torch.arange(q.shape[2])
+    return attend(q, k, v, attention_bias(pos, pos, alibi_slopes(q.shape[1]), window, q.dtype))
+
+
+def grads(y, inputs):
+    return torch.autograd.grad(y.square().sum(), inputs)
+
+
+# (T, window, block, n_heads, n_kv_heads): T not a multiple of the block, T < window, T == block,
+# a block that does not divide the window, window 1, GQA 4:1 and 2:1, and plain MHA.
+SHAPES = [(13, 5, None, 4, 2), (9, 64, None, 4, 2), (100, 16, 7, 8, 2), (64, 16, 16, 4, 4),
+          (50, 1, None, 4, 2), (70, 32, None, 4, 1), (16, 16, 16, 4, 2)]
+
+
+@pytest.mark.parametrize("T,window,block,H,Hkv", SHAPES)
+def test_banded_equals_dense_forward_and_backward(T, window, block, H, Hkv):
+    q, k, v = qkv(2, H, Hkv, T)
+    ref = dense(q, k, v, window)
+    got = banded_attention(q, k, v, alibi_slopes(H), window, block)
+    assert_close(got, ref, **FP32)
+    for g, r in zip(grads(got, (q, k, v)), grads(ref, (q, k, v))):
+        assert_close(g, r, **FP32)
+
+
+def test_banded_bf16_stays_within_bf16_rounding_of_fp32_dense():
+    q, k, v = qkv(1, 4, 2, 200, hd=16)
+    ref = dense(q, k, v, 48)
+    got = banded_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), alibi_slopes(4), 48)
+    assert_close(got.float(), ref, atol=2e-2, rtol=2e-2)  # bf16 keeps 8 bits of mantissa
+
+
+@pytest.mark.parametrize("T,window", [(13, 5), (9, 64), (130, 16)])
+def test_flex_forward_equals_dense(T, window):
+    """CPU runs FlexAttention eagerly, forward only; the backward is checked on CUDA (below)."""
+    q, k, v = qkv(2, 4, 2, T)
+    with torch.no_grad():
+        assert_close(attend(q, k, v, MaskSpec("flex", alibi_slopes(4), window)), dense(q, k, v, window), **FP32)
+
+
+def test_flex_with_slot_positions_equals_dense_latent_mask():
+    """Latent slots: ALiBi distance from scattered byte positions, causal over the slots."""
+    pos = torch.sort(torch.randperm(200)[:40]).values.repeat(2, 1)
+    pos[1] = torch.sort(torch.randperm(200)[:40]).values
+    q, k, v = qkv(2, 4, 2, 40)
+    slopes = alibi_slopes(4)
+    with torch.no_grad():
+        got = attend(q, k, v, MaskSpec("flex", slopes, None, pos=pos))
+        assert_close(got, attend(q, k, v, attention_bias(pos, pos, slopes, None)), **FP32)
+
+
+def test_flex_refuses_to_train_on_cpu_with_a_hint():
+    q, k, v = qkv(1, 4, 2, 16)
+    with pytest.raises(RuntimeError, match="attn_impl"):
+        attend(q, k, v, MaskSpec("flex", alibi_slopes(4), 8))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's backward needs CUDA")
+def test_flex_equals_dense_forward_and_backward_on_cuda():
+    assert flex_available("cuda")
+    q, k, v = (t.detach().cuda().requires_grad_() for t in qkv(2, 8, 4, 300, hd=64))
+    ref = dense(q, k, v, 64)
+    got = attend(q, k, v, MaskSpec("flex", alibi_slopes(8), 64))
+    assert_close(got, ref, atol=1e-4, rtol=1e-4)  # TF32-free fp32 kernels still sum in another order
+    for g, r in zip(grads(got, (q, k, v)), grads(ref, (q, k, v))):
+        assert_close(g, r, atol=1e-4, rtol=1e-4)
+
+
+def whole_model(impl: str, **over):
+    torch.manual_seed(0)
+    return build_model(tiny_config(attn_impl=impl, **over))
+
+
+@pytest.mark.parametrize("router", ["learned", "none"])
+def test_pico_banded_equals_dense_logits_and_grads(router):
+    """The whole network, T (40) longer than the window (8), so the banded path really runs."""
+    dense_m, banded_m = whole_model("dense", router=router), whole_model("banded", router=router)
+    seq = torch.randint(0, 256, (2, 40 + 3))
+    idx, targets = dense_m.make_targets(seq)
+    out_d, out_b = dense_m(idx, targets), banded_m(idx, targets)
+    assert_close(out_b.logits, out_d.logits, **FP32)
+    out_d.loss.backward()
+    out_b.loss.backward()
+    for (name, p_d), p_b in zip(dense_m.named_parameters(), banded_m.parameters()):
+        assert_close(p_b.grad, p_d.grad, **FP32, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("router", ["learned", "spacelike"])
+def test_pico_flex_forward_equals_dense_in_local_and_latent_blocks(router):
+    """Causal routing pads the slots: padded slots must not change what real slots see."""
+    dense_m, flex_m = whole_model("dense", router=router), whole_model("flex", router=router)
+    idx = torch.randint(0, 256, (2, 40))
+    idx[:, ::5] = 32  # spaces, so that the spacelike rule routes a few positions
+    with torch.no_grad():
+        for routing in ("topk", "causal"):
+            assert_close(flex_m(idx, routing=routing).logits, dense_m(idx, routing=routing).logits, **FP32)
+
+
+def test_attn_impl_auto_is_banded_on_cpu_and_a_bad_value_names_the_key():
+    model = whole_model("auto")
+    mask = model.local_mask(40, torch.device("cpu"), torch.float32)
+    assert isinstance(mask, MaskSpec) and mask.impl == "banded"
+    assert isinstance(model.local_mask(8, torch.device("cpu"), torch.float32), torch.Tensor)  # T <= window
+    with pytest.raises(ValueError, match="model.attn_impl='sparse' must be one of auto, dense, banded, flex"):
+        dataclasses.replace(ModelConfig(), attn_impl="sparse")
