@@ -41,13 +41,17 @@ from typing import Any
 
 from pico.configs.errors import UserError
 from pico.configs.runs import TRUST_HELP
+from pico.pipeline.release import hf
 from pico.pipeline.release.load import (CARD, CONFIG, DTYPES, FORMAT, FORMAT_VERSION, SUMS, WEIGHTS, build_network,
                                         checksum_errors, load_release, parse_model_config, pico_version,
                                         read_checksums, sha256_file)
 
+FORMATS = ("pico", "hf")
+
 EPILOG = """examples:
   pico convert runs/quickstart/run                       # newest checkpoint -> runs/quickstart/run/releases/step_NNNNNN
   pico convert runs/big/checkpoints/step_020000 releases/big-20k --dtype bf16
+  pico convert runs/big/checkpoints/step_020000 releases/big-20k-hf --format hf   # for transformers
   pico generate --model releases/big-20k --prompt 'The '
 """
 
@@ -61,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                            "(a run or checkpoints directory means its newest complete step)")
     parser.add_argument("out", nargs="?", default=None,
                         help="release directory to write (default: <run dir>/releases/step_NNNNNN)")
+    parser.add_argument("--format", choices=FORMATS, default="pico",
+                        help="pico: pico's own release (default); hf: a Hugging Face transformers directory "
+                             "(custom code, byte tokenizer, generate()); see pipeline/release/hf.py")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                         help="weight dtype of the release (default: fp32, the exact trained weights; bf16 halves "
                              "the size and is loaded back into fp32)")
@@ -75,17 +82,21 @@ def run(args: argparse.Namespace) -> int:
     # DeepSpeed prints progress (and its logger writes) to stdout; stdout is for --json alone.
     with contextlib.redirect_stdout(sys.stderr):
         out = convert(args.checkpoint, args.out, dtype=args.dtype, overwrite=args.overwrite,
-                      trust=args.trust_checkpoint)
+                      trust=args.trust_checkpoint, format=args.format)
     sums = read_checksums(out)
     config = json.loads((out / CONFIG).read_text())
     if args.json:
-        print(json.dumps({"release": str(out), "dtype": config["dtype"], "format_version": config["format_version"],
+        print(json.dumps({"release": str(out), "format": args.format, "dtype": args.dtype,
+                          "format_version": config.get("format_version"),
                           "files": sums, "bytes": sum((out / f).stat().st_size for f in sums)}))
     else:
         print(f"release: {out}", file=sys.stderr)
         for name in sums:
             print(f"  {name:<18} {(out / name).stat().st_size:>12,} bytes", file=sys.stderr)
-        print(f"next: pico generate --model {out} --prompt 'The '", file=sys.stderr)
+        if args.format == "hf":
+            print(f"next: AutoModelForCausalLM.from_pretrained('{out}', trust_remote_code=True)", file=sys.stderr)
+        else:
+            print(f"next: pico generate --model {out} --prompt 'The '", file=sys.stderr)
     return 0
 
 
@@ -93,8 +104,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def convert(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike | None = None,
-            dtype: str = "fp32", overwrite: bool = False, trust: bool = False) -> Path:
+            dtype: str = "fp32", overwrite: bool = False, trust: bool = False, format: str = "pico") -> Path:
     """Write the release of a checkpoint (a run, checkpoints or step directory) to out_dir; return its path.
+
+    `format`: "pico" (pico's own release) or "hf" (a transformers directory, see hf.py).
 
     An identical release already at out_dir is left alone; a different one is replaced only with
     `overwrite` (other files in out_dir are kept and named in a warning)."""
@@ -102,6 +115,8 @@ def convert(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike | Non
 
     if dtype not in DTYPES:
         raise UserError(f"dtype={dtype!r}: choose one of {', '.join(sorted(DTYPES))}")
+    if format not in FORMATS:
+        raise UserError(f"format={format!r}: choose one of {', '.join(FORMATS)}")
     src = Path(checkpoint_path)
     if (src / CONFIG).exists() or (src / WEIGHTS).exists():
         raise UserError(f"{src} is already a release; convert takes a training checkpoint (a run directory or "
@@ -115,19 +130,26 @@ def convert(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike | Non
     damage = ckpt.sums_errors(step_dir)
     if damage:
         raise UserError(f"checkpoint {step_dir} is damaged: {'; '.join(damage)}. Convert an earlier step")
-    out = Path(out_dir) if out_dir is not None else default_out_dir(step_dir)
+    out = Path(out_dir) if out_dir is not None else default_out_dir(step_dir, format)
 
-    state, _ = ckpt.load_model_state(step_dir, trust)
     model_cfg = parse_model_config(run_state["config"]["model"], step_dir / ckpt.STATE_FILE)
+    if format == "hf":
+        hf.check_supported(model_cfg)  # before the weights are read: a refusal costs nothing
+    state, _ = ckpt.load_model_state(step_dir, trust)
     _check_matches(state, model_cfg, step_dir)
+    if format == "hf":
+        return _publish(out, lambda tmp: hf.write_hf_release(tmp, _cast(state, dtype), model_cfg,
+                                                             training_record(model_cfg, run_state, step_dir), dtype),
+                        overwrite, verify=hf.verify_hf_release, replaceable=hf.is_hf_release)
     return _publish(out, lambda tmp: _write_release(tmp, state, model_cfg, run_state, step_dir, dtype), overwrite)
 
 
-def default_out_dir(step_dir: Path) -> Path:
-    """<run dir>/releases/step_NNNNNN (the run dir holds checkpoints/; else beside the checkpoints dir)."""
+def default_out_dir(step_dir: Path, format: str = "pico") -> Path:
+    """<run dir>/releases/step_NNNNNN (-hf for --format hf; the run dir holds checkpoints/; else beside
+    the checkpoints dir)."""
     holder = step_dir.parent
     base = holder.parent if holder.name == "checkpoints" else holder
-    return base / "releases" / step_dir.name
+    return base / "releases" / (step_dir.name + ("-hf" if format == "hf" else ""))
 
 
 def _check_matches(state: dict, model_cfg, where: Path) -> None:
@@ -148,16 +170,19 @@ def _check_matches(state: dict, model_cfg, where: Path) -> None:
         raise UserError(f"{where}: weights {bad[:5]} hold NaN or infinite values; convert an earlier step")
 
 
-def _publish(out: Path, write, overwrite: bool = False) -> Path:
+def _publish(out: Path, write, overwrite: bool = False, verify=None, replaceable=None) -> Path:
     """Run write(tmp) on a temporary directory beside out, verify it, then rename it to out.
 
     An existing release at out is left alone when its files are the same bytes; else (with
     `overwrite`) it is replaced by two renames (old aside, new in), after the other files of out
     were linked into the new directory, so that they survive and the swap stays atomic. On any
     failure the temporary directory, and any parent this call created, are removed and an old
-    release is put back."""
+    release is put back. `verify(tmp)` (default: load_release) must pass before the rename;
+    `replaceable(out)` (default: a pico release) says which existing directory may be replaced."""
+    verify = verify or load_release
+    replaceable = replaceable or _replaceable
     out = out.absolute()
-    if out.exists() and not _replaceable(out):
+    if out.exists() and not (_empty_dir(out) or replaceable(out)):
         raise UserError(f"{out} exists and is not a pico release; choose another output directory or remove it")
     created = [p for p in reversed(out.parents) if not p.exists()]  # outermost first
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -168,7 +193,7 @@ def _publish(out: Path, write, overwrite: bool = False) -> Path:
         tmp.mkdir()
         write(tmp)
         _fsync_tree(tmp)
-        load_release(tmp)  # the release must load before anyone can see it
+        verify(tmp)  # the release must load before anyone can see it
         if out.exists() and _same_files(out, tmp):
             shutil.rmtree(tmp)
             return out
@@ -220,9 +245,13 @@ def _link_or_copy(src, dst) -> None:
         shutil.copy2(src, dst)
 
 
+def _empty_dir(out: Path) -> bool:
+    return out.is_dir() and not any(out.iterdir())
+
+
 def _replaceable(out: Path) -> bool:
     """An empty directory, or a release written by pico (any version) may be replaced."""
-    if out.is_dir() and not any(out.iterdir()):
+    if _empty_dir(out):
         return True
     try:
         return json.loads((out / CONFIG).read_text()).get("format") == FORMAT
@@ -240,20 +269,8 @@ def _same_files(a: Path, b: Path) -> bool:
 def _write_release(tmp: Path, state: dict, model_cfg, run_state: dict[str, Any], step_dir: Path, dtype: str) -> None:
     import dataclasses
 
-    import torch
-
-    from pico.model import flops_per_byte, param_count
-
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    tensors = {k: v.detach().to("cpu", torch_dtype).contiguous() for k, v in state.items()}
-    training = {
-        "checkpoint": step_dir.name,
-        **{k: run_state.get(k) for k in ("step", "bytes_seen", "world_size", "zero_stage", "optimizer")},
-        "n_params": param_count(model_cfg),  # parameters only (the state also holds buffers)
-        "flops_per_byte": {"training": flops_per_byte(model_cfg, True), "inference": flops_per_byte(model_cfg, False)},
-        "data": {k: run_state["config"].get("data", {}).get(k) for k in ("train", "val", "seq_len")},
-        "eval": run_state.get("eval") or {},
-    }
+    tensors = _cast(state, dtype)
+    training = training_record(model_cfg, run_state, step_dir)
     write_safetensors(tmp / WEIGHTS, tensors, {"format": "pt", "pico_training": _json(training)})
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "pico_version": pico_version(),
               "dtype": dtype, "model": dataclasses.asdict(model_cfg)}
@@ -261,6 +278,40 @@ def _write_release(tmp: Path, state: dict, model_cfg, run_state: dict[str, Any],
     (tmp / CARD).write_text(model_card(model_cfg, training, dtype))
     sums = {name: sha256_file(tmp / name) for name in (WEIGHTS, CONFIG, CARD)}
     (tmp / SUMS).write_text("".join(f"{h}  {name}\n" for name, h in sums.items()))
+
+
+def _cast(state: dict, dtype: str) -> dict:
+    import torch
+
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    return {k: v.detach().to("cpu", torch_dtype).contiguous() for k, v in state.items()}
+
+
+def training_record(model_cfg, run_state: dict[str, Any], step_dir: Path) -> dict[str, Any]:
+    """What a release records about its training (safetensors metadata and the card), without local paths."""
+    from pico.model import flops_per_byte, param_count
+
+    data = run_state["config"].get("data", {})
+    return {
+        "checkpoint": step_dir.name,
+        **{k: run_state.get(k) for k in ("step", "bytes_seen", "world_size", "zero_stage", "optimizer")},
+        "n_params": param_count(model_cfg),  # parameters only (the state also holds buffers)
+        "flops_per_byte": {"training": flops_per_byte(model_cfg, True), "inference": flops_per_byte(model_cfg, False)},
+        "data": {"train": _public_paths(data.get("train")), "val": _public_paths(data.get("val")),
+                 "seq_len": data.get("seq_len")},
+        "eval": run_state.get("eval") or {},
+    }
+
+
+def _public_paths(paths: Any) -> Any:
+    """Data paths as a release may show them: URLs (s3://...) and relative paths as they are, an
+    absolute or home-relative local path as its last component (the machine's layout is nobody's business)."""
+    if paths is None or isinstance(paths, (list, tuple)):
+        return None if paths is None else [_public_paths(p) for p in paths]
+    p = str(paths).removeprefix("file://")
+    if "://" in p or not (p.startswith(("/", "~")) or (len(p) > 1 and p[1] == ":")):
+        return p
+    return Path(p.rstrip("/\\")).name or p
 
 
 def _json(obj: Any) -> str:
@@ -302,8 +353,11 @@ def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str]) -> No
 # ----------------------------------------------------------------------------- model card
 
 
-def model_card(model_cfg, training: dict[str, Any], dtype: str) -> str:
-    """README.md of a release: deterministic text (no dates), so converting twice gives the same bytes."""
+def model_card(model_cfg, training: dict[str, Any], dtype: str, use: list[str] | None = None,
+               files: str | None = None) -> str:
+    """README.md of a release: deterministic text (no dates), so converting twice gives the same bytes.
+
+    `use` and `files` replace the "Use" lines and the "Files" paragraph (the HF release has its own)."""
     c = model_cfg
     ev = training["eval"]
     fpb = training["flops_per_byte"]
@@ -311,6 +365,7 @@ def model_card(model_cfg, training: dict[str, Any], dtype: str) -> str:
     router = {"learned": f"learned Mixture-of-Depths router, capacity {c.capacity:g} (top-k in training, causal "
                          f"score > 0 at inference; aux: {c.router_aux}, gate: {c.router_gate})",
               "spacelike": f"SpaceByte's spacelike rule, capped at capacity {c.capacity:g}",
+              "chunk": f"H-Net's learned causal chunk boundaries, target rate {c.capacity:g}",
               "none": "no router: a plain byte-level Transformer"}[c.router]
     lines = [
         f"# Pico release ({training['checkpoint']})", "",
@@ -359,14 +414,13 @@ def model_card(model_cfg, training: dict[str, Any], dtype: str) -> str:
         lines += ["| statistic | value |", "| --- | --- |"] + [f"| {k} | {_num(v)} |" for k, v in stats.items()]
     else:
         lines.append("None recorded." if c.router != "none" else "This model has no router.")
-    lines += [
-        "", "## Use", "",
+    lines += ["", "## Use", ""] + (use if use is not None else [
         "```", "pico generate --model DIR --prompt 'The ' --max-bytes 200", "pico eval --model DIR --data FILE_OR_SHARDS", "```", "",
         "```python", "from pico.pipeline.release.load import load_release", "model, info = load_release('DIR')  "
-        "# safetensors + JSON only; checksums verified", "```", "",
+        "# safetensors + JSON only; checksums verified", "```", ""]) + [
         "## Files", "",
-        f"`{WEIGHTS}` (weights; training record in its metadata), `{CONFIG}` (model config, release format "
-        f"{FORMAT_VERSION}), `{CARD}` (this card), `{SUMS}` (`sha256sum -c {SUMS}`).", "",
+        files or (f"`{WEIGHTS}` (weights; training record in its metadata), `{CONFIG}` (model config, release format "
+                  f"{FORMAT_VERSION}), `{CARD}` (this card), `{SUMS}` (`sha256sum -c {SUMS}`)."), "",
     ]
     return "\n".join(lines)
 
