@@ -92,25 +92,22 @@ def model_source() -> tuple[str, str]:
     """Text of (configuration_pico.py, modeling_pico.py): pico's model modules, copied, then the templates."""
     from pico.pipeline.release.load import pico_version
 
-    order = _dependencies(ENTRY)
-    if order[0] != CONFIG_MODULE and CONFIG_MODULE in order:
-        order.remove(CONFIG_MODULE)
-        order.insert(0, CONFIG_MODULE)
     config_deps = _dependencies(CONFIG_MODULE)
     if config_deps != [CONFIG_MODULE]:
-        raise UserError(f"--format hf: {CONFIG_MODULE} imports {config_deps[1:]}; the export needs it self-contained")
-    bundled = [m for m in order if m != CONFIG_MODULE]
+        raise UserError(f"--format hf: {CONFIG_MODULE} imports {config_deps[:-1]}; the export needs it self-contained")
+    bundled = [m for m in _dependencies(ENTRY) if m != CONFIG_MODULE]
     _check_names([CONFIG_MODULE], "configuration_pico.py.tmpl")
     _check_names(bundled, "modeling_pico.py.tmpl")
     head = ('"""{what} of Pico for Hugging Face transformers, written by `pico convert --format hf` (pico {v}).\n\n'
-            "The sections below are the text of pico's own modules ({mods}), with their imports of\n"
-            'one another pointed inside this release; the last section is the transformers wrapper."""\n\n'
+            "The sections below are the text of pico's own modules, with their imports of one another\n"
+            "pointed inside this release:\n\n    {mods}\n\n"
+            'The last section is the transformers wrapper."""\n\n'
             "from __future__ import annotations\n")
     config = head.format(what="Configuration", v=pico_version(), mods=_path(CONFIG_MODULE))
     config += _section(CONFIG_MODULE) + "\n\nMODEL_FIELDS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}\n"
     config = config.replace("from __future__ import annotations\n", "from __future__ import annotations\n\nimport dataclasses\n", 1)
     config += (TEMPLATES / "configuration_pico.py.tmpl").read_text()
-    modeling = head.format(what="Network", v=pico_version(), mods=", ".join(_path(m) for m in bundled))
+    modeling = head.format(what="Network", v=pico_version(), mods="\n    ".join(_path(m) for m in bundled))
     modeling += "".join(_section(m) for m in bundled) + (TEMPLATES / "modeling_pico.py.tmpl").read_text()
     for name, text in (("configuration_pico.py", config), ("modeling_pico.py", modeling)):
         compile(text, name, "exec")  # a bundling mistake fails here, at convert time, not on the user's side

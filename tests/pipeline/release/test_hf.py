@@ -147,6 +147,27 @@ def test_logits_equal_pico_after_from_pretrained(ckpt, hf_dir):
     assert torch.isfinite(labels_loss)
 
 
+def test_without_the_rebuild_the_logits_are_wrong(ckpt, hf_dir, tmp_path):
+    """The test above is not vacuous: the same directory with rebuild_buffers() disabled loads
+    slopes from uninitialised memory, and its logits are not pico's."""
+    import shutil
+
+    ref, _ = reference_model(ckpt)
+    broken = Path(shutil.copytree(hf_dir, tmp_path / "broken"))
+    code = (broken / "modeling_pico.py").read_text()
+    marker = "    with torch.no_grad():\n        model.local_slopes.copy_("
+    assert marker in code
+    (broken / "modeling_pico.py").write_text(code.replace(marker, "    return\n" + marker, 1))
+    model = load(broken)
+    from pico.model.pico import alibi_slopes
+
+    if torch.equal(model.model.local_slopes, alibi_slopes(ref.cfg.n_heads)):
+        pytest.skip("the uninitialised memory happened to hold the right slopes")
+    ids = probe_input(ref.cfg.max_seq_len)
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, ref(ids, routing="causal").logits, atol=1e-3)
+
+
 def pico_cli(capsysbinary, *args: str) -> bytes:
     from pico.pipeline.cli import main
 
