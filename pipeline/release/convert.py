@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"release: {out}", file=sys.stderr)
         for name in sums:
-            print(f"  {name:<18} {(out / name).stat().st_size:>12,} bytes", file=sys.stderr)
+            print(f"  {name:<22} {(out / name).stat().st_size:>12,} bytes", file=sys.stderr)
         if args.format == "hf":
             print(f"next: AutoModelForCausalLM.from_pretrained('{out}', trust_remote_code=True)", file=sys.stderr)
         else:
@@ -138,6 +138,9 @@ def convert(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike | Non
     state, _ = ckpt.load_model_state(step_dir, trust)
     _check_matches(state, model_cfg, step_dir)
     if format == "hf":
+        if out.exists() and not (_empty_dir(out) or hf.is_hf_release(out)):
+            raise UserError(f"{out} exists and is not a Hugging Face export written by pico (--format hf replaces "
+                            "only those); choose another output directory or remove it")
         return _publish(out, lambda tmp: hf.write_hf_release(tmp, _cast(state, dtype), model_cfg,
                                                              training_record(model_cfg, run_state, step_dir), dtype),
                         overwrite, verify=hf.verify_hf_release, replaceable=hf.is_hf_release)

@@ -321,10 +321,22 @@ def test_unsupported_router_is_refused_with_one_line(ckpt, tmp_path, capsys, mon
     assert not (tmp_path / "out").exists()
 
 
-def test_convert_refuses_to_replace_what_is_not_a_release(ckpt, tmp_path):
+def test_convert_refuses_to_replace_what_is_not_an_hf_export(ckpt, tmp_path):
     from pico.pipeline.release.convert import convert
 
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
-    with pytest.raises(UserError, match="not a pico release"):
-        convert(ckpt, tmp_path / "busy", format="hf")
+    pico_release = convert(ckpt, tmp_path / "pico")
+    for out in (tmp_path / "busy", pico_release):
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        with pytest.raises(UserError, match="is not a Hugging Face export written by pico"):
+            convert(ckpt, out, format="hf")
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_cli_json_prints_one_object(ckpt, tmp_path, capsys):
+    from pico.pipeline.cli import main
+
+    assert main(["convert", str(ckpt), str(tmp_path / "hf"), "--format", "hf", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["format"] == "hf" and out["dtype"] == "fp32" and "modeling_pico.py" in out["files"]
