@@ -326,10 +326,11 @@ def use_section() -> list[str]:
     """The card's "Use" lines: the three lines a transformers user runs."""
     return ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "DIR = 'path/to/this/directory'",
             *USE_LINES, "```", "",
-            "`trust_remote_code=True` runs `modeling_pico.py`, which is pico's own model code copied at convert time. "
+            "`trust_remote_code=True` runs `modeling_pico.py`, which is pico's own model code copied at convert time "
+            "(the tokenizer is plain `tokenizers`; AutoTokenizer asks for trust only because it reads `config.json`). "
             "`generate()` recomputes the whole prefix each step (no key/value cache; contexts are at most "
             "`max_seq_len` bytes) and its greedy output equals `pico generate --no-speculative`. Ids are bytes "
-            "(0-255) and <bos> 256, <eos> 257, <pad> 258; the tokenizer prepends <eos>, pico's start of text. "
+            "(0-255) and `<bos>` 256, `<eos>` 257, `<pad>` 258; the tokenizer prepends `<eos>`, pico's start of text. "
             "No padding: one prompt per call, or prompts of equal length.", ""]
 
 
