@@ -280,3 +280,6 @@ def test_pico_train_quickstart_with_router_chunk(tmp_path):  # about 5 s
     assert len(train) == 3 and all(r["loss"] == r["loss"] for r in train)
     for key in ("router/boundary_frac", "router/chunk_overflow", "router/aux_loss", "router/flops_per_byte_at_rate"):
         assert key in train[-1], sorted(train[-1])
+    gen = subprocess.run([sys.executable, "-m", "pico.pipeline.cli", "generate", "--model", str(out), "--prompt", "the "],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert gen.returncode == 2 and "does not support incremental decoding yet" in gen.stderr, gen.stderr[-2000:]
