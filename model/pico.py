@@ -90,7 +90,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pico.model.attention import MaskSpec, alibi_slopes, attend, attention_bias, resolve_impl
-from pico.model.chunk import ChunkScorer, capped, dechunk, ratio_loss
+from pico.model.chunk import ChunkScorer, capped, confidence_ste, dechunk, ratio_loss
 from pico.model.config import PAD, VOCAB_SIZE, ModelConfig, chunk_slots, hidden_width, n_routed, predictor_width
 from pico.model.spacelike import spacelike_boundaries
 
@@ -307,7 +307,7 @@ class Router(nn.Module):
         mask = capped(boundaries, chunk_slots(self.cfg))
         idx, pos, valid = pack_slots(mask, min(max(int(mask.sum(1).max()), 1), T))
         w = p.gather(1, idx)
-        gate = (w - w.detach() + 1.0 if self.cfg.router_gate == "straight_through" else w) * valid
+        gate = (confidence_ste(w) if self.cfg.router_gate == "straight_through" else w) * valid
         return Routing(idx, pos, gate.to(x.dtype), mask, rule=rule, prob=p, boundaries=boundaries)
 
 
