@@ -104,10 +104,11 @@ def ema_weights(prob: torch.Tensor) -> torch.Tensor:
     z_j = P_j y_j + (1 - P_j) z_{j-1} over K chunks with probabilities prob (B, K).
 
     Computed in float64 log space: a product of many (1 - P) underflows float32 and a division
-    by it is undefined where P = 1 (the first chunk)."""
+    by it is undefined where P = 1 (the first chunk). Both logs are clamped at 1e-30, so a
+    probability of exactly 0 or 1 keeps finite gradients."""
     P = prob.double()
     log_keep = torch.log((1 - P).clamp(min=1e-30)).cumsum(1)  # (B, K): sum of log(1 - P_l), l <= j
-    log_w = torch.log(P).unsqueeze(1) + log_keep.unsqueeze(2) - log_keep.unsqueeze(1)  # [j, i]
+    log_w = torch.log(P.clamp(min=1e-30)).unsqueeze(1) + log_keep.unsqueeze(2) - log_keep.unsqueeze(1)  # [j, i]
     K = prob.shape[1]
     lower = torch.ones(K, K, dtype=torch.bool, device=prob.device).tril()
     return torch.where(lower, log_w, float("-inf")).exp()
