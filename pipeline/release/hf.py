@@ -4,8 +4,8 @@
                              the fields of pico's ModelConfig, plus `routing` (causal by default)
     model.safetensors        the weights, named `model.<pico name>`; metadata: the training record
     configuration_pico.py    pico/model/config.py's text + PicoConfig (templates/)
-    modeling_pico.py         the text of pico's network modules (pico.py and what it imports from
-                             pico.model), copied at convert time, + PicoForCausalLM (templates/)
+    modeling_pico.py         the text of pico's network and decoder modules (pico.py, generate.py and
+                             what they import), copied at convert time, + PicoForCausalLM (templates/)
     tokenizer.json           byte tokenizer: id b is byte b, then <bos> 256, <eos> 257, <pad> 258;
     tokenizer_config.json    encoding prepends <eos> (pico's start of text); invalid UTF-8 decodes
                              to U+FFFD; text that spells "<eos>" stays bytes (split_special_tokens)
@@ -21,9 +21,13 @@ transformers runs is pico's own source text of the converting pico (its imports 
 point inside the two files), so the HF logits are pico's logits by construction; the test holds
 them to fp32 `assert_close`. The user needs transformers and torch, never pico.
 
-No key/value cache: pico's decoder caches routed positions per sequence, which transformers'
-Cache classes cannot hold, so `generate()` recomputes the prefix each step (documented in
-modeling_pico.py). Greedy output equals `pico generate --no-speculative` byte for byte.
+Incremental decoding: `generate()` runs pico's own Decoder (model/generate.py: a window-bounded
+ring per local layer, a cache of routed positions per latent layer), feeding only the new byte
+each step, exactly as `pico generate --no-speculative` does, so greedy output is the same bytes.
+The decoder state lives for one generate() call rather than in `past_key_values`: transformers'
+Cache classes hold keys/values of every position per layer, which is not what pico caches. With
+`use_cache=False`, or a router the decoder refuses (chunk, dechunk), each step recomputes the
+prefix with the full forward instead; `model(ids)` outside generate() is always the full forward.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ TOKENIZER = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 GENERATION = "generation_config.json"
 TEMPLATES = Path(__file__).parent / "templates"
-ENTRY = "pico.model.pico"  # the network; every pico.model module it imports is copied with it
+ENTRIES = ("pico.model.pico", "pico.model.generate")  # the network and its decoder, with what they import
 CONFIG_MODULE = "pico.model.config"  # copied into configuration_pico.py
 ROUTERS = ("learned", "chunk", "spacelike", "none")  # those whose causal forward this export was tested on
 REBUILT_BUFFERS = ("local_slopes", "latent_slopes")  # non-persistent buffers rebuild_buffers() recomputes
@@ -95,7 +99,7 @@ def model_source() -> tuple[str, str]:
     config_deps = _dependencies(CONFIG_MODULE)
     if config_deps != [CONFIG_MODULE]:
         raise UserError(f"--format hf: {CONFIG_MODULE} imports {config_deps[:-1]}; the export needs it self-contained")
-    bundled = [m for m in _dependencies(ENTRY) if m != CONFIG_MODULE]
+    bundled = [m for m in dict.fromkeys(m for e in ENTRIES for m in _dependencies(e)) if m != CONFIG_MODULE]
     _check_names([CONFIG_MODULE], "configuration_pico.py.tmpl")
     _check_names(bundled, "modeling_pico.py.tmpl")
     head = ('"""{what} of Pico for Hugging Face transformers, written by `pico convert --format hf` (pico {v}).\n\n'
@@ -282,7 +286,7 @@ def hf_config(model_cfg, dtype: str) -> dict[str, Any]:
         "torch_dtype": {"fp32": "float32", "bf16": "bfloat16"}[dtype],
         "routing": "causal", **dataclasses.asdict(model_cfg),
         "vocab_size": VOCAB_SIZE, "bos_token_id": EOS, "eos_token_id": EOS, "pad_token_id": PAD,
-        "tie_word_embeddings": False, "use_cache": False,
+        "tie_word_embeddings": False, "use_cache": True,
         "pico_format": FORMAT_HF, "pico_version": pico_version(),
     }
 
@@ -293,7 +297,7 @@ def generation_config(model_cfg) -> dict[str, Any]:
     from pico.model.config import BOS, EOS, PAD
 
     return {"do_sample": False, "bos_token_id": EOS, "eos_token_id": EOS, "pad_token_id": PAD,
-            "suppress_tokens": [BOS, PAD], "use_cache": False}
+            "suppress_tokens": [BOS, PAD], "use_cache": True}
 
 
 def write_hf_release(tmp: Path, tensors: dict, model_cfg, training: dict[str, Any], dtype: str) -> None:
@@ -328,8 +332,9 @@ def use_section() -> list[str]:
             *USE_LINES, "```", "",
             "`trust_remote_code=True` runs `modeling_pico.py`, which is pico's own model code copied at convert time "
             "(the tokenizer is plain `tokenizers`; AutoTokenizer asks for trust only because it reads `config.json`). "
-            "`generate()` recomputes the whole prefix each step (no key/value cache; contexts are at most "
-            "`max_seq_len` bytes) and its greedy output equals `pico generate --no-speculative`. Ids are bytes "
+            "`generate()` decodes incrementally with pico's own decoder (one new byte per step; routers it cannot "
+            "decode incrementally, and `use_cache=False`, recompute the prefix each step) and its greedy output "
+            "equals `pico generate --no-speculative`; contexts are at most `max_seq_len` bytes. Ids are bytes "
             "(0-255) and `<bos>` 256, `<eos>` 257, `<pad>` 258; the tokenizer prepends `<eos>`, pico's start of text. "
             "No padding: one prompt per call, or prompts of equal length.", ""]
 

@@ -8,6 +8,7 @@ written straight from `build_model` weights through the same writer convert uses
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -106,8 +107,10 @@ def test_layout_config_and_card(hf_dir):
     assert "model.embed.weight" in header and "model.unembed.weight" in header
     # the user's side needs no pico: neither file imports it
     for name in ("configuration_pico.py", "modeling_pico.py"):
-        text = (hf_dir / name).read_text()
-        assert not re.search(r"^\s*(from|import)\s+pico\b", text, re.M), name
+        tree = ast.parse((hf_dir / name).read_text())
+        mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        mods |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not [m for m in mods if m and m.split(".")[0] == "pico"], name
 
 
 def test_no_release_format_carries_local_paths(ckpt, hf_dir, tmp_path):
@@ -176,16 +179,29 @@ def pico_cli(capsysbinary, *args: str) -> bytes:
     return capsysbinary.readouterr().out
 
 
-def test_greedy_generate_equals_pico_generate(ckpt, hf_dir, capsysbinary):
+def hf_bytes(model, tok, prompt: str, n: int, **kw) -> bytes:
+    enc = tok(prompt, return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=n, **kw)[0, enc.input_ids.shape[1]:].tolist()
+    return bytes(out[:-1] if out and out[-1] == 257 else out)
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["pico-decoder", "recompute"])
+def test_greedy_generate_equals_pico_generate(ckpt, hf_dir, capsysbinary, use_cache):
     model, tok = load(hf_dir), tokenizer(hf_dir)
     for prompt, n in (("The ", 40), ("", 25), ("x" * 30, 100)):  # the last one stops at the context (64)
         want = pico_cli(capsysbinary, "generate", "--model", str(ckpt), "--prompt", prompt, "--max-bytes", str(n),
                         "--no-speculative", "--raw")
-        enc = tok(prompt, return_tensors="pt")
-        out = model.generate(**enc, max_new_tokens=n)[0, enc.input_ids.shape[1]:].tolist()
-        got = bytes(out[:-1] if out and out[-1] == 257 else out)
-        assert got == want, prompt
+        assert hf_bytes(model, tok, prompt, n, use_cache=use_cache) == want, prompt
     assert len(want) == 64 - 31  # context: start id + 30 prompt bytes + 33 generated
+
+
+def test_generate_feeds_one_new_byte_per_step(hf_dir):
+    """The decoder path is incremental: a prefill of the prompt, then one id per forward pass."""
+    model, tok = load(hf_dir), tokenizer(hf_dir)
+    widths = []
+    model.model.embed.register_forward_hook(lambda mod, args, out: widths.append(args[0].shape[1]))
+    hf_bytes(model, tok, "The ", 10, min_new_tokens=10)
+    assert widths == [5] + [1] * 9  # <eos> + 4 prompt bytes; the 10th byte needs no pass
 
 
 def test_readme_lines_run_as_written(ckpt, hf_dir, capsysbinary):
@@ -271,8 +287,13 @@ def test_every_router_gives_pico_logits(kw, tmp_path):
     ref = export(cfg, tmp_path / "hf")
     ids = probe_input(cfg.max_seq_len)
     ids[:, ::5] = 32  # spaces, so that the spacelike rule routes
+    model = load(tmp_path / "hf")
     with torch.no_grad():
-        torch.testing.assert_close(load(tmp_path / "hf")(ids).logits, ref(ids, routing="causal").logits)
+        torch.testing.assert_close(model(ids).logits, ref(ids, routing="causal").logits)
+    # generate(): pico's decoder where it runs (else recompute), the same bytes as recomputing
+    prompt = torch.tensor([[257, *b"Hi there, "]])
+    cached, full = (model.generate(prompt, max_new_tokens=12, min_new_tokens=12, use_cache=c) for c in (True, False))
+    assert torch.equal(cached, full)
 
 
 def test_bf16_release_loads_in_bf16(tmp_path):
