@@ -101,7 +101,7 @@ def model_source() -> tuple[str, str]:
         raise UserError(f"--format hf: {CONFIG_MODULE} imports {config_deps[:-1]}; the export needs it self-contained")
     bundled = [m for m in dict.fromkeys(m for e in ENTRIES for m in _dependencies(e)) if m != CONFIG_MODULE]
     _check_names([CONFIG_MODULE], "configuration_pico.py.tmpl")
-    _check_names(bundled, "modeling_pico.py.tmpl")
+    _check_names([CONFIG_MODULE, *bundled], "modeling_pico.py.tmpl")  # config names are imported there too
     head = ('"""{what} of Pico for Hugging Face transformers, written by `pico convert --format hf` (pico {v}).\n\n'
             "The sections below are the text of pico's own modules, with their imports of one another\n"
             "pointed inside this release:\n\n    {mods}\n\n"
@@ -126,8 +126,8 @@ def _file(module: str) -> Path:
     return Path(importlib.import_module(module).__file__)
 
 
-def _pico_imports(tree: ast.AST, where: str) -> list[tuple[ast.ImportFrom, list[str]]]:
-    """Every import of pico code in tree (also inside functions): (node, the pico.model modules it names)."""
+def _pico_imports(tree: ast.AST, where: str) -> list[tuple[ast.ImportFrom, list[tuple[ast.alias, str]]]]:
+    """Every import of pico code in tree (also inside functions): (node, [(name, its pico.model module)])."""
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import) and any(a.name == "pico" or a.name.startswith("pico.") for a in node.names):
@@ -137,15 +137,15 @@ def _pico_imports(tree: ast.AST, where: str) -> list[tuple[ast.ImportFrom, list[
             continue
         if node.module == "pico.model":  # the package's lazy names: their home modules
             homes = importlib.import_module("pico.model")._HOME
-            mods = [f"pico.model.{homes[a.name]}" for a in node.names if a.name in homes]
-            if len(mods) != len(node.names):
+            if any(a.name not in homes for a in node.names):
                 raise UserError(f"--format hf: {where}:{node.lineno} imports a pico.model name the export cannot place")
+            names = [(a, f"pico.model.{homes[a.name]}") for a in node.names]
         elif node.module.startswith("pico.model."):
-            mods = [node.module]
+            names = [(a, node.module) for a in node.names]
         else:
             raise UserError(f"--format hf: {where}:{node.lineno} imports {node.module}; the Hugging Face code can only "
                             "carry pico.model (torch and the standard library)")
-        found.append((node, mods))
+        found.append((node, names))
     return found
 
 
@@ -157,8 +157,8 @@ def _dependencies(entry: str) -> list[str]:
         if module in order or module in stack:
             return
         tree = ast.parse(_file(module).read_text())
-        for _, mods in _pico_imports(tree, _path(module)):
-            for m in mods:
+        for _, names in _pico_imports(tree, _path(module)):
+            for _, m in names:
                 visit(m, stack + (module,))
         order.append(module)
 
@@ -201,15 +201,13 @@ def _section(module: str) -> str:
     for node in tree.body:
         if isinstance(node, ast.ImportFrom) and node.module == "__future__":
             edits.append((node, ""))
-    for node, mods in _pico_imports(tree, _path(module)):
-        indent = " " * node.col_offset
-        if mods == [CONFIG_MODULE] and module != CONFIG_MODULE:
-            names = ", ".join(a.name if a.asname is None else f"{a.name} as {a.asname}" for a in node.names)
-            edits.append((node, f"{indent}from .configuration_pico import {names}"))
-        else:
-            aliases = [f"{a.asname} = {a.name}" for a in node.names if a.asname and a.asname != a.name]
-            stmt = "; ".join(aliases) or ("pass" if node.col_offset else "")  # a nested import needs a statement
-            edits.append((node, indent + stmt if stmt else ""))
+    for node, names in _pico_imports(tree, _path(module)):
+        config = [a.name if a.asname is None else f"{a.name} as {a.asname}" for a, m in names if m == CONFIG_MODULE]
+        stmts = [f"from .configuration_pico import {', '.join(config)}"] if config else []
+        stmts += [f"{a.asname} = {a.name}" for a, m in names if m != CONFIG_MODULE and a.asname not in (None, a.name)]
+        if not stmts and node.col_offset:  # a nested import needs a statement in its place
+            stmts = ["pass"]
+        edits.append((node, " " * node.col_offset + "; ".join(stmts) if stmts else ""))
     for node, new in sorted(edits, key=lambda e: e[0].lineno, reverse=True):
         lines[node.lineno - 1:node.end_lineno] = [new] if new else []
     rule = "# " + "-" * 77

@@ -361,3 +361,50 @@ def test_cli_json_prints_one_object(ckpt, tmp_path, capsys):
     assert main(["convert", str(ckpt), str(tmp_path / "hf"), "--format", "hf", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["format"] == "hf" and out["dtype"] == "fp32" and "modeling_pico.py" in out["files"]
+
+
+# ----------------------------------------------------------------------------- the source bundle
+
+
+FAKE = '''"""A module as pico.model might grow one."""
+
+from __future__ import annotations
+
+import torch
+
+from pico.model import EOS, build_model
+from pico.model.config import (PAD,
+                               VOCAB_SIZE as V)
+
+
+def f():
+    from pico.model.flops import flops_per_byte
+    from pico.model.pico import Pico as P
+    return flops_per_byte, P, EOS, PAD, V, build_model, torch
+'''
+
+
+def test_bundle_rewrites_every_kind_of_pico_import(tmp_path, monkeypatch):
+    fake = tmp_path / "fake.py"
+    fake.write_text(FAKE)
+    real = hf._file
+    monkeypatch.setattr(hf, "_file", lambda m: fake if m == "pico.model.fake" else real(m))
+    text = hf._section("pico.model.fake")
+    compile(text, "fake", "exec")
+    assert "from __future__" not in text and "from pico" not in text
+    assert "from .configuration_pico import EOS\n" in text  # config names from the config file, the rest global
+    assert "from .configuration_pico import PAD, VOCAB_SIZE as V\n" in text
+    assert "    pass\n    P = Pico\n" in text  # nested: a statement stays where the import was
+    assert hf._dependencies("pico.model.fake")[-1] == "pico.model.fake"
+
+
+def test_bundle_refuses_imports_it_cannot_carry_and_clashing_names(tmp_path, monkeypatch):
+    fake = tmp_path / "fake.py"
+    real = hf._file
+    monkeypatch.setattr(hf, "_file", lambda m: fake if m == "pico.model.fake" else real(m))
+    fake.write_text("def g():\n    from pico.pipeline.dist import print0\n")
+    with pytest.raises(UserError, match="fake.py:2 imports pico.pipeline.dist"):
+        hf._dependencies("pico.model.fake")
+    fake.write_text("def build_model():\n    pass\n")  # also defined in model/pico.py
+    with pytest.raises(UserError, match="'build_model' is defined in both"):
+        hf._check_names(["pico.model.pico", "pico.model.fake"], "modeling_pico.py.tmpl")
