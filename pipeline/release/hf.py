@@ -359,10 +359,26 @@ def is_hf_release(path: Path) -> bool:
 
 
 def verify_hf_release(path: Path) -> None:
-    """The checksums of a written HF release (its code compiled when it was generated; the tests load
-    it with transformers, which pico itself does not need)."""
-    from pico.pipeline.release.load import checksum_errors, read_checksums
+    """What pico can check of a written HF release without transformers: the checksums, that
+    config.json rebuilds the ModelConfig, and that the weights are exactly that network's, by
+    name and shape (the code compiled when it was generated; the tests load it with transformers)."""
+    import torch
+    from safetensors import safe_open
+
+    from pico.model import build_model
+    from pico.model.config import ModelConfig
+    from pico.pipeline.release.load import checksum_errors, parse_model_config, read_checksums
 
     errors = checksum_errors(path, read_checksums(path))
     if errors:
         raise UserError(f"HF release {path} is corrupt: {'; '.join(errors)}")
+    config = json.loads((path / "config.json").read_text())
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    model_cfg = parse_model_config({k: v for k, v in config.items() if k in fields}, path / "config.json")
+    with torch.device("meta"):
+        want = {f"model.{k}": tuple(v.shape) for k, v in build_model(model_cfg).state_dict().items()}
+    with safe_open(str(path / "model.safetensors"), framework="pt") as st:
+        got = {k: tuple(st.get_slice(k).get_shape()) for k in st.keys()}
+    if got != want:
+        raise UserError(f"HF release {path}: the weights are not the network of its config.json (missing "
+                        f"{sorted(set(want) - set(got))[:5]}, unexpected {sorted(set(got) - set(want))[:5]})")

@@ -31,7 +31,8 @@ transformers = pytest.importorskip("transformers")
 from pico.configs.errors import UserError  # noqa: E402
 from pico.pipeline.release import hf  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
-from tests.pipeline.release.test_release import make_zero0_checkpoint, probe_input, reference_model  # noqa: E402
+from tests.pipeline.release.test_release import (make_zero0_checkpoint, probe_input, reference_model,  # noqa: E402
+                                                 rewrite_sums)
 
 HOME_PATH = "/home/alice/secret-corpus/shards/novels"  # a local path no release may carry
 
@@ -320,6 +321,11 @@ def test_missing_weight_fails_from_pretrained(hf_dir, tmp_path):
     save_file(state, bad / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(OSError, match=r"missing \['model.blocks_in.0.attn.qkv_proj.weight'\]"):
         load(bad)
+    with pytest.raises(UserError, match="model.safetensors has sha256"):  # pico's own check sees it first
+        hf.verify_hf_release(bad)
+    rewrite_sums(bad)
+    with pytest.raises(UserError, match=r"not the network of its config.json \(missing \['model.blocks_in.0"):
+        hf.verify_hf_release(bad)
     (bad / "model.safetensors").unlink()
     with pytest.raises(OSError, match="model.safetensors"):  # transformers' own error: no weights file
         load(bad)
