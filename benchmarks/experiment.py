@@ -332,7 +332,8 @@ def router_summary(records: list[dict]) -> dict:
     pico = [r for r in kept(records) if r["router"] in ("learned", "chunk")]
     keys = ("routed_frac_mean", "spacelike_share_of_routed", "routed_share_of_spacelike", "rule_frac",
             "after_spacelike_share_of_routed", "causal_agreement", "aux_loss", "score_mean", "score_std",
-            "boundary_frac", "chunk_len_mean", "chunk_overflow_frac", "flops_per_byte_at_rate")
+            "boundary_frac", "chunk_len_mean", "chunk_len_p50", "chunk_len_p90", "chunk_overflow_frac",
+            "flops_per_byte_at_rate")
     out = {}
     for r in pico:
         out[f"{r['model']} B={r['budget']:.0e}"] = {

@@ -81,6 +81,18 @@ def capped(boundaries: torch.Tensor, cap: int) -> torch.Tensor:
     return boundaries & (boundaries.cumsum(1) <= cap)
 
 
+def chunk_lengths(mask: torch.Tensor) -> torch.Tensor:
+    """Lengths in bytes (1-D, every chunk of every row) of the chunks that routed positions mask
+    (B, T) start: from a routed position up to the next one or the end of the row. Bytes before
+    a row's first routed position belong to no chunk. For the chunk-length histogram."""
+    B, T = mask.shape
+    chunk = mask.long().cumsum(1) - 1  # (B, T)
+    row = torch.arange(B, device=mask.device).unsqueeze(1) * (T + 1)
+    ids = (row + chunk)[chunk >= 0]
+    counts = torch.bincount(ids, minlength=B * (T + 1))
+    return counts[counts > 0]
+
+
 def ratio_loss(boundaries: torch.Tensor, p: torch.Tensor, capacity: float) -> torch.Tensor:
     """H-Net's ratio loss toward a boundary rate of `capacity` = 1/N, over all positions of the batch.
 

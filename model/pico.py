@@ -90,7 +90,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pico.model.attention import MaskSpec, alibi_slopes, attend, attention_bias, resolve_impl
-from pico.model.chunk import ChunkScorer, capped, confidence_ste, dechunk, ratio_loss
+from pico.model.chunk import ChunkScorer, capped, chunk_lengths, confidence_ste, dechunk, ratio_loss
 from pico.model.config import PAD, VOCAB_SIZE, ModelConfig, chunk_slots, hidden_width, n_routed, predictor_width
 from pico.model.spacelike import spacelike_boundaries
 
@@ -521,10 +521,12 @@ def router_stats(r: Routing, aux: torch.Tensor) -> dict[str, float]:
             (mask & after_rule).sum() / mask.sum().clamp(min=1)]
     if r.boundaries is not None:  # chunk: the same decision in both modes; what the cap dropped, never silently
         dropped = r.boundaries & ~mask
-        names += ["causal_agreement", "boundary_frac", "boundary_prob_mean", "chunk_len_mean", "chunk_overflow",
-                  "chunk_overflow_frac", "chunk_overflow_seqs"]
+        lengths = chunk_lengths(mask).float()
+        q = torch.quantile(lengths, torch.tensor([0.5, 0.9], device=mask.device))
+        names += ["causal_agreement", "boundary_frac", "boundary_prob_mean", "chunk_len_mean", "chunk_len_p50",
+                  "chunk_len_p90", "chunk_overflow", "chunk_overflow_frac", "chunk_overflow_seqs"]
         vals += [torch.ones((), device=mask.device), r.boundaries.float().mean(), r.prob.float().mean(),
-                 mask.numel() / mask.sum().clamp(min=1), dropped.sum(), dropped.sum() / r.boundaries.sum().clamp(min=1),
+                 lengths.mean(), *q, dropped.sum(), dropped.sum() / r.boundaries.sum().clamp(min=1),
                  dropped.any(1).float().mean()]
     elif r.scores is not None:
         s = r.scores.float().flatten()

@@ -283,3 +283,12 @@ def test_pico_train_quickstart_with_router_chunk(tmp_path):  # about 5 s
     gen = subprocess.run([sys.executable, "-m", "pico.pipeline.cli", "generate", "--model", str(out), "--prompt", "the "],
                          env=env, capture_output=True, text=True, timeout=120)
     assert gen.returncode == 2 and "does not support incremental decoding yet" in gen.stderr, gen.stderr[-2000:]
+
+
+def test_chunk_lengths_cover_the_bytes_after_the_first_boundary():
+    from pico.model.chunk import chunk_lengths
+
+    mask = torch.tensor([[1, 0, 0, 1, 0, 1], [0, 0, 1, 0, 0, 0]], dtype=torch.bool)
+    assert sorted(chunk_lengths(mask).tolist()) == [1, 2, 3, 4]
+    out = build_model(tiny_config(router="chunk")).eval()(_bytes(2, 50))
+    assert 1 <= out.stats["chunk_len_p50"] <= out.stats["chunk_len_p90"]
