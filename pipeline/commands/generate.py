@@ -1,9 +1,15 @@
 """Generate bytes from a Pico checkpoint or release, self-speculative by default.
 
 Several --prompt (or --prompt-file) arguments are decoded together as one batch. Every prompt
-starts from the start-of-document byte, so an empty prompt is valid. Output is bytes: text
-mode prints each prompt with its continuation (invalid UTF-8 shown as U+FFFD), --raw writes
-the continuations' bytes unchanged, --json prints one object with the outputs and the speed.
+starts from the start-of-document byte, so an empty --prompt '' is valid. Prompts and outputs
+are bytes: --prompt TEXT is encoded as UTF-8; a --prompt-file is read as raw bytes and fed
+unchanged, whatever its encoding (a byte-level model needs none; binary input is valid input,
+and a file that is not UTF-8 only changes how text mode shows it). Prompts of any length: the
+model sees the last --context bytes of each (default: its training length, model.max_seq_len)
+and keeps that sliding window while generating, so any --max-bytes runs in fixed memory;
+stderr and --json say how many prompt bytes were outside the context. Text mode prints each
+prompt with its continuation (invalid UTF-8 shown as U+FFFD), --raw writes the continuations'
+bytes unchanged, --json prints one object with the outputs and the speed.
 """
 
 from __future__ import annotations
@@ -30,9 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                         help="prompt text, UTF-8 encoded (repeat for a batch; '' starts from nothing)")
     parser.add_argument("--prompt-file", action="append", default=[], metavar="F",
-                        help="a file whose bytes are one prompt (repeat for a batch; '-' reads stdin)")
-    parser.add_argument("--max-bytes", type=int, default=256, help="bytes to generate per prompt (default: 256); "
-                        "generation also stops at EOS and at the model's context (model.max_seq_len)")
+                        help="a file whose raw bytes are one prompt, fed unchanged whatever the encoding "
+                             "(repeat for a batch; '-' reads stdin); an empty file is an error")
+    parser.add_argument("--max-bytes", type=int, default=256, help="bytes to generate per prompt, >= 1 (default: 256); "
+                        "generation also stops at EOS")
+    parser.add_argument("--context", type=int, default=None, metavar="N",
+                        help="bytes each position attends back over, >= 2 (default: model.max_seq_len, what training "
+                             "showed); longer prompts are cut to their last N bytes")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: 1)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the sampler (default: random)")
@@ -50,50 +60,59 @@ def read_prompts(args: argparse.Namespace) -> list[bytes]:
     prompts = [p.encode("utf-8", "surrogateescape") for p in args.prompt]
     for f in args.prompt_file:
         if f == "-":
-            prompts.append(sys.stdin.buffer.read())
-            continue
-        path = Path(f)
-        if not path.is_file():
-            raise UserError(f"--prompt-file {f}: no such file")
-        prompts.append(path.read_bytes())
+            data = sys.stdin.buffer.read()
+        else:
+            path = Path(f)
+            if not path.is_file():
+                raise UserError(f"--prompt-file {f}: no such file")
+            data = path.read_bytes()
+        if not data:
+            raise UserError(f"--prompt-file {f}: {'stdin' if f == '-' else 'the file'} is empty; "
+                            "use --prompt '' to start from nothing")
+        prompts.append(data)
     if not prompts:
         raise UserError("give at least one --prompt TEXT or --prompt-file F (--prompt '' starts from an empty prompt)")
     return prompts
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.max_bytes < 0:
-        raise UserError(f"--max-bytes {args.max_bytes}: must be >= 0")
+    if args.max_bytes < 1:
+        raise UserError(f"--max-bytes {args.max_bytes}: must be >= 1 (bytes to generate per prompt)")
     if not 0 <= args.temperature < math.inf:  # also refuses nan
         raise UserError(f"--temperature {args.temperature}: must be a finite number >= 0 (0 is greedy)")
     if not 0.0 < args.top_p <= 1.0:
         raise UserError(f"--top-p {args.top_p}: must be in (0, 1]")
+    if args.context is not None and args.context < 2:
+        raise UserError(f"--context {args.context}: must be >= 2 bytes (leave it out for the model's max_seq_len)")
     if args.raw and args.json:
         raise UserError("--raw and --json are exclusive: choose raw bytes or one JSON object")
     prompts = read_prompts(args)
-    from pico.model.generate import generate, prompt_ids
+    from pico.model.generate import generate
     from pico.pipeline.release.load import load_model
 
     model, info = load_model(args.model, args.device, trust=args.trust_checkpoint)
-    ctx = model.cfg.max_seq_len
-    for i, p in enumerate(prompts):
-        try:
-            prompt_ids(p, ctx)
-        except ValueError as e:
-            raise UserError(f"prompt {i + 1}: {e}; shorten it (keep its end) or use a model with a longer context") from None
     try:
         res = generate(model, prompts, args.max_bytes, speculative=args.speculative, temperature=args.temperature,
-                       top_p=args.top_p, seed=args.seed)
+                       top_p=args.top_p, seed=args.seed, context=args.context)
     except NotImplementedError as e:  # a router the decoder cannot run yet (router: chunk, dechunk)
         raise UserError(f"{args.model}: {e}") from None
     speed = (f"{res.n_bytes} bytes in {res.seconds:.2f} s: {res.bytes_per_s:.0f} bytes/s, {res.forward_passes} "
              f"forward passes, {res.bytes_per_pass:.2f} bytes per pass ({'speculative' if args.speculative else 'plain'})")
-    if any(s == "context" for s in res.stopped):
-        print(f"pico generate: some outputs stopped at the model's context of {ctx} bytes (prompt + output)", file=sys.stderr)
+    for i, n in enumerate(res.prompt_bytes_outside):
+        if n:
+            print(f"pico generate: prompt {i + 1}: its first {n} of {len(prompts[i])} bytes are outside the context "
+                  f"of {res.context} bytes (--context); the model sees its last {res.context}", file=sys.stderr)
+    if not args.json and not args.raw:
+        for i, p in enumerate(prompts):
+            if not _valid_utf8(p):
+                print(f"pico generate: prompt {i + 1} is not valid UTF-8: fed as its raw bytes, shown with U+FFFD "
+                      "(--raw or --json for the exact bytes)", file=sys.stderr)
     if args.json:
         print(json.dumps({
             "outputs": [o.decode("utf-8", "replace") for o in res.outputs],
             "valid_utf8": [_valid_utf8(o) for o in res.outputs],
+            "prompt_bytes": [len(p) for p in prompts], "prompt_bytes_outside_context": res.prompt_bytes_outside,
+            "context": res.context, "cache_bytes_per_sequence": res.cache_bytes,
             "stopped": res.stopped, "n_bytes": res.n_bytes, "seconds": res.seconds,
             "bytes_per_s": res.bytes_per_s, "forward_passes": res.forward_passes,
             "bytes_per_pass": res.bytes_per_pass, "routing_agreement": res.routing_agreement,

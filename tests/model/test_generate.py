@@ -1,12 +1,11 @@
-"""Incremental decoding against the full forward pass, self-speculative decoding against plain
-decoding (greedy: byte for byte; sampling: in distribution), caches, and the CLI."""
+"""Incremental decoding against the full forward pass (within and past the training length),
+self-speculative decoding against plain decoding (greedy: byte for byte; sampling: in
+distribution), caches. The CLI is tested in tests/pipeline/commands/test_generate.py."""
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
-from dataclasses import asdict
 
 import pytest
 import torch
@@ -17,7 +16,6 @@ from pico.model.attention import attention_bias
 from pico.model.generate import START, Decoder, Sampler, generate
 from pico.model.pico import pack_slots
 from pico.model.spacelike import spacelike_boundaries
-from pico.pipeline.cli import main as cli_main
 
 from .conftest import tiny_config
 
@@ -305,42 +303,3 @@ def test_generation_stops_at_eos_and_goes_past_the_context():
     assert len(res.outputs[0]) == 100 and res.stopped == ["max_bytes"]
     with pytest.raises(ValueError, match="context=1"):
         generate(fresh, [b"x"], 5, context=1)
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A run directory laid out as `pico train` writes it (DeepSpeed model states + pico_state.json)."""
-    model = tiny("learned", n_predict=3, max_seq_len=48)
-    step = tmp_path_factory.mktemp("run") / "checkpoints" / "step_000001"
-    (step / "ds").mkdir(parents=True)
-    torch.save({"module": model.state_dict()}, step / "ds" / "mp_rank_00_model_states.pt")
-    (step / "pico_state.json").write_text(json.dumps({"step": 1, "config": {"model": asdict(model.cfg)}}))
-    return step.parent.parent
-
-
-def test_cli_generates_from_an_empty_prompt_as_json(checkpoint, capsys):
-    rc = cli_main(["generate", "--model", str(checkpoint), "--prompt", "", "--prompt", "ab", "--max-bytes", "12",
-                   "--json"])
-    assert rc == 0
-    out = json.loads(capsys.readouterr().out)
-    assert len(out["outputs"]) == 2 and out["forward_passes"] >= 1 and out["bytes_per_s"] > 0
-    assert out["bytes_per_pass"] > 0 and out["stopped"][0] in ("eos", "max_bytes")
-
-
-def test_cli_raw_writes_bytes_and_text_mode_replaces_invalid_utf8(checkpoint, capfdbinary):
-    assert cli_main(["generate", "--model", str(checkpoint), "--prompt", "hi", "--max-bytes", "20", "--raw",
-                     "--no-speculative"]) == 0
-    raw = capfdbinary.readouterr().out
-    assert cli_main(["generate", "--model", str(checkpoint), "--prompt", "hi", "--max-bytes", "20"]) == 0
-    text = capfdbinary.readouterr().out.decode("utf-8")  # always valid UTF-8
-    assert text.rstrip("\n") == (b"hi" + raw).decode("utf-8", "replace")
-
-
-def test_cli_errors_teach(checkpoint, tmp_path, capsys):
-    assert cli_main(["generate", "--model", str(tmp_path), "--prompt", "x", "--max-bytes", "4"]) == 2
-    assert "neither a release" in capsys.readouterr().err
-    assert cli_main(["generate", "--model", str(checkpoint), "--max-bytes", "4"]) == 2
-    assert "--prompt" in capsys.readouterr().err
