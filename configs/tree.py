@@ -183,7 +183,7 @@ class TrainConfig:
     log_every: int = 10
     """Write metrics every this many steps."""
     compile: bool = False
-    """torch.compile the model (GPU runs; leave off on CPU)."""
+    """torch.compile the model through DeepSpeed's engine.compile (GPU runs; off on CPU and in CI, where compiling even a tiny model takes minutes)."""
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):

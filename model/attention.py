@@ -12,11 +12,12 @@ attention). ALiBi slopes as in Press et al. 2022. `attend(q, k, v, mask)` is the
 - a tensor: **dense**, `F.scaled_dot_product_attention` under an additive float mask built by
   `attention_bias` from absolute positions. The reference, and the path of cached decoding, whose
   queries and keys are not the same positions.
-- `MaskSpec(impl="banded")`: **banded**, for CPU. Queries are cut into blocks of `block` positions;
-  a query block attends to the ceil((window - 1) / block) key blocks before it and its own, so
-  work and memory are O(T * (window + block)) instead of O(T^2), with the same ALiBi + window
-  mask added per block (it is the same for every block but the first few, whose earliest keys
-  would lie before position 0). A block of window / 4 keeps the waste at a quarter of the window.
+- `MaskSpec(impl="banded")`: **banded**, for CPU. Queries are cut into blocks of `block` positions
+  (default window / 4); a query block attends to the ceil((window - 1) / block) key blocks before
+  it and its own, so work and memory are O(T * (window + block)) instead of O(T^2). The blocks go
+  through SDPA as one batch under one (H, block, keys) mask, the same for every block; the
+  first blocks, whose key span would start before position 0, go through SDPA on their own.
+  Measured against dense in benchmarks/results/attention.md.
 - `MaskSpec(impl="flex")`: **FlexAttention** (`torch.nn.attention.flex_attention`), for CUDA: a
   block mask skips the blocks outside the causal window, a `score_mod` adds the ALiBi bias and
   the kernel shares kv heads itself (`enable_gqa`). It is compiled on CUDA (eager flex
