@@ -1,119 +1,76 @@
-"""Plain vs self-speculative greedy decoding on CPU, side by side on the same prompts.
+"""Plain vs self-speculative greedy decoding on CPU, side by side on the same held-out prompts.
 
-    python benchmarks/bench_generate.py [--model runs/quickstart/release] [--max-bytes 192]
+    python benchmarks/bench_generate.py --model runs/bench_gen/np4 --model runs/bench_gen/np8 \
+        --shards runs/bench_gen/shards
 
-Model: `--model` (a release or a training checkpoint), else runs/quickstart/release or
-runs/quickstart/run when the quickstart has run, else a model of configs/quickstart.yaml's
-shape trained here for `--train-minutes` on SymPy sources from the shared corpus with AdamW
-(cached in runs/bench_generate/ so reruns reuse it). Prompts are the beginnings of held-out
-documents the model never trained on. Each measurement is one JSON line on stdout; all of them
-go to benchmarks/results/generate_speed.json.
+Models: each `--model` (a release or a training checkpoint / run directory). Prompts: held-out
+documents (the `val` split of `--shards`, which the models never trained on), two kinds side by
+side: prose (the novels) and code (the SymPy sources); each prompt is `--prompt-bytes` bytes
+taken `--offset` bytes into a document (past title pages and licence headers), and
+`--max-bytes` bytes are generated from it (past max_seq_len with the defaults, so the
+streaming context is measured too). Each measurement is one JSON line on stdout; all of them go
+to benchmarks/results/generate_speed.json.
 
-Measurements: bytes/s of plain and speculative decoding (best of `--repeats` runs, the two
-modes interleaved so that load from other processes hits both alike), forward passes,
-accepted bytes per pass, whether the outputs are identical, draft acceptance per head, and
-causal-vs-top-k routing agreement on held-out text.
+Per model, kind of text and batch (1: each prompt alone; 8: all together), three modes in
+turn, best of `--repeats` (the modes interleaved so that load from other processes hits all of
+them alike): plain (one byte per pass), speculative (drafts from heads 2..n_predict verified
+in the same pass) and speculative with `lazy_latent` (a pass whose first byte routes nowhere
+skips the latent stack and stops at the first routed draft). Reported: bytes accepted per
+pass, ms per pass, pass cost relative to plain, speed-up over plain, whether the greedy outputs
+are byte-identical to plain decoding. Then the top-1 accuracy of each head on held-out text
+(drafts are accepted at most that often).
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
-import sys
-import time
 from pathlib import Path
 
 import torch
 
-from pico.model import EOS, build_model, make_targets
-from pico.model.generate import START, causal_topk_agreement, generate
+from pico.model import make_targets
+from pico.model.generate import START, generate
 
 REPO = Path(__file__).resolve().parents[1]
-CORPUS = REPO.parent / "shared" / "corpus" / "sympy-code.jsonl.zst"
-CACHE = REPO / "runs" / "bench_generate"
+MODES = {"plain": dict(speculative=False), "speculative": dict(speculative=True, lazy_latent=False),
+         "speculative_lazy": dict(speculative=True, lazy_latent=True)}
 
 
-def corpus_documents() -> list[bytes]:
-    """SymPy source files, in corpus order."""
+def held_out(shards: str) -> dict[str, list[bytes]]:
+    """Documents of the val split by kind: prose (novels) and code (Python sources)."""
     import zstandard
 
-    with open(CORPUS, "rb") as f:
-        text = zstandard.ZstdDecompressor().stream_reader(f).read()
-    return [json.loads(line)["text"].encode() for line in io.BytesIO(text) if line.strip()]
+    from pico.data_prep.shards import decode_sample, read_shard
+    from pico.pipeline.data.loader import resolve_shards
+
+    kinds: dict[str, list[bytes]] = {"prose": [], "code": []}
+    dctx = zstandard.ZstdDecompressor()
+    for url in resolve_shards([shards], "val"):
+        for _, sample in read_shard(url):
+            raw, meta = decode_sample(sample, dctx)
+            src = str(meta.get("source", ""))
+            if "novels" in src:
+                kinds["prose"].append(raw)
+            elif str(meta.get("id", "")).endswith(".py"):
+                kinds["code"].append(raw)
+    return kinds
 
 
-def split_documents(docs: list[bytes]) -> tuple[list[bytes], list[bytes]]:
-    """Every 20th document is held out (never trained on)."""
-    return [d for i, d in enumerate(docs) if i % 20], [d for i, d in enumerate(docs) if i % 20 == 0]
-
-
-def train_fallback(minutes: float, seed: int = 0):
-    """A configs/quickstart.yaml-shaped model trained for `minutes` of wall time with AdamW on
-    SymPy sources (lr 2e-3 after a 50-step warmup, batch 16 x max_seq_len). The model and
-    optimizer are cached in runs/bench_generate/; a rerun with more minutes continues training."""
-    from pico.configs.tree import load_config
-
-    cfg = load_config(REPO / "configs" / "quickstart.yaml").model
-    ckpt = CACHE / "model.pt"
-    torch.manual_seed(seed)
-    model = build_model(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.0)
-    info = {"kind": "trained by bench_generate.py", "steps": 0, "minutes": 0.0, "batch": 16, "seq_len": cfg.max_seq_len,
-            "optimizer": "AdamW lr 2e-3", "corpus": "sympy-code.jsonl.zst (every 20th doc held out)"}
-    if ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu")
-        model.load_state_dict(state["model"])
-        if "opt" in state:
-            opt.load_state_dict(state["opt"])
-        info = state["info"]
-    if info["minutes"] >= minutes:
-        return model.eval(), info
-    train, _ = split_documents(corpus_documents())
-    sep = bytes([0])  # placeholder byte, replaced by EOS below (EOS is not a byte value)
-    raw = torch.frombuffer(bytearray(sep.join(train) + sep), dtype=torch.uint8).long()
-    ends = torch.tensor([len(d) for d in train]).cumsum(0) + torch.arange(len(train))
-    stream = raw.index_fill(0, ends, EOS)  # documents end in EOS, as in the training loader
-    T, B, n = cfg.max_seq_len, info["batch"], cfg.n_predict
-    t0, budget = time.time(), (minutes - info["minutes"]) * 60
-    while time.time() - t0 < budget:
-        for g in opt.param_groups:
-            g["lr"] = 2e-3 * min(1.0, (info["steps"] + 1) / 50)
-        start = torch.randint(0, len(stream) - T - n, (B,))
-        seq = torch.stack([stream[s:s + T + n] for s in start.tolist()])
-        idx, tgt = make_targets(seq, n)
-        out = model(idx, tgt)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        info["steps"] += 1
-        if info["steps"] % 25 == 0:
-            info["head_losses"] = [round(x, 4) for x in out.head_losses.tolist()]
-            info["minutes"] = minutes - (budget - (time.time() - t0)) / 60
-            print(f"train step {info['steps']} loss {out.loss.item():.3f} heads {info['head_losses']}", file=sys.stderr)
-            _save(ckpt, model, opt, info)
-    info["minutes"] = minutes
-    _save(ckpt, model, opt, info)
-    return model.eval(), info
-
-
-def _save(path: Path, model, opt, info: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "info": info}, str(path) + ".part")
-    Path(str(path) + ".part").replace(path)
-
-
-def load(args):
-    """The model to benchmark and a description of where it came from."""
-    from pico.pipeline.release.load import load_model
-
-    for cand in ([args.model] if args.model else [REPO / "runs/quickstart/release", REPO / "runs/quickstart/run"]):
-        if cand and Path(cand).exists():
-            model, info = load_model(cand, "cpu")
-            return model, {**info, "path": str(cand)}
-    return train_fallback(args.train_minutes)
+def make_prompts(docs: list[bytes], n: int, offset: int, size: int) -> list[bytes]:
+    """n prompts of `size` bytes, `offset` bytes into each document (several per long document)."""
+    long = [d for d in docs if len(d) >= offset + size]
+    out, i = [], 0
+    while len(out) < n and long:
+        d = long[i % len(long)]
+        at = offset * (1 + i // len(long))
+        if at + size <= len(d):
+            out.append(d[at:at + size])
+        i += 1
+        if i > 100 * n:
+            break
+    return out
 
 
 def emit(row: dict, rows: list[dict]) -> None:
@@ -121,82 +78,85 @@ def emit(row: dict, rows: list[dict]) -> None:
     print(json.dumps(row), flush=True)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=None, help="release or checkpoint directory (default: quickstart run, else train)")
-    ap.add_argument("--train-minutes", type=float, default=30.0, help="training minutes of the fallback model (continued from its cache)")
-    ap.add_argument("--prompts", type=int, default=8, help="held-out prompts")
-    ap.add_argument("--prompt-bytes", type=int, default=48, help="bytes of each prompt")
-    ap.add_argument("--max-bytes", type=int, default=192, help="bytes generated per prompt")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared)")
-    ap.add_argument("--out", default=str(REPO / "benchmarks/results/generate_speed.json"))
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    model, info = load(args)
-    cfg = model.cfg
-    _, held = split_documents(corpus_documents())
-    held = [d for d in held if len(d) > 2 * cfg.max_seq_len][: args.prompts]
-    prompts = [d[: args.prompt_bytes] for d in held]
-    rows: list[dict] = []
-    emit({"measurement": "setup", "model": info, "n_params": sum(p.numel() for p in model.parameters()),
-          "config": {k: getattr(cfg, k) for k in ("d_local", "window", "n_in", "n_out", "d_latent", "n_latent",
-                                                   "router", "capacity", "n_predict", "max_seq_len")},
-          "prompts": len(prompts), "prompt_bytes": args.prompt_bytes, "max_bytes": args.max_bytes,
-          "threads": torch.get_num_threads(), "torch": torch.__version__}, rows)
-
-    for batch in (1, len(prompts)):
-        compare(model, prompts, batch, "held-out", args, rows)
-
-    emit({"measurement": "draft_acceptance", **draft_acceptance(model, held)}, rows)
-    seqs = [[START, *d[: cfg.max_seq_len - 1]] for d in held]
-    emit({"measurement": "routing_agreement", "text": "held-out documents", "positions": sum(map(len, seqs)),
-          "causal_vs_topk": causal_topk_agreement(model, seqs) if cfg.router == "learned" else None}, rows)
-    Path(args.out).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-
-
-def compare(model, prompts: list[bytes], batch: int, text: str, args, rows: list[dict]) -> None:
-    """Plain and speculative greedy decoding of the same prompts, interleaved, best of args.repeats."""
-    groups = [[p] for p in prompts] if batch == 1 else [prompts]
-    best = {"plain": math.inf, "speculative": math.inf}
+def compare(model, name: str, kind: str, prompts: list[bytes], batch: int, args, rows: list[dict]) -> None:
+    """All modes on the same prompts, interleaved, best of args.repeats."""
+    groups = [[p] for p in prompts] if batch == 1 else [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
+    best = {m: math.inf for m in MODES}
     stats: dict[str, dict] = {}
     for _ in range(args.repeats):
-        for mode in ("plain", "speculative"):
+        for mode, kw in MODES.items():
             secs, n_bytes, passes, bpp, outs = 0.0, 0, 0, [], []
             for g in groups:
-                res = generate(model, g, args.max_bytes, speculative=mode == "speculative",
-                               routing_agreement=False)
+                res = generate(model, g, args.max_bytes, routing_agreement=False, stop_at_eos=False, **kw)
                 secs += res.seconds
                 n_bytes += res.n_bytes
                 passes += res.forward_passes
                 bpp.append(res.bytes_per_pass)
                 outs += res.outputs
             best[mode] = min(best[mode], secs)
-            stats[mode] = {"bytes": n_bytes, "forward_passes": passes, "bytes_per_pass": sum(bpp) / len(bpp),
-                           "outputs": outs}
-    for mode in ("plain", "speculative"):
+            stats[mode] = {"bytes": n_bytes, "passes": passes, "bytes_per_pass": sum(bpp) / len(bpp), "outputs": outs}
+    plain_ms = 1e3 * best["plain"] / stats["plain"]["passes"]
+    for mode in MODES:
         st = stats[mode]
-        emit({"measurement": f"greedy_{mode}", "prompts": text, "batch": batch,
-              "bytes_per_s": st["bytes"] / best[mode], "seconds": best[mode], "bytes": st["bytes"],
-              "forward_passes": st["forward_passes"], "ms_per_pass": 1e3 * best[mode] / st["forward_passes"],
-              "bytes_per_pass": st["bytes_per_pass"]}, rows)
-    emit({"measurement": "speedup", "prompts": text, "batch": batch,
-          "speculative_over_plain": best["plain"] / best["speculative"],
-          "identical_outputs": stats["plain"]["outputs"] == stats["speculative"]["outputs"],
-          "sample": (prompts[0] + stats["speculative"]["outputs"][0]).decode("utf-8", "replace")}, rows)
+        ms = 1e3 * best[mode] / st["passes"]
+        emit({"measurement": "greedy", "model": name, "text": kind, "batch": batch, "mode": mode,
+              "bytes_per_pass": round(st["bytes_per_pass"], 3), "ms_per_pass": round(ms, 3),
+              "pass_cost_vs_plain": round(ms / plain_ms, 3), "speedup_vs_plain": round(best["plain"] / best[mode], 3),
+              "bytes_per_s": round(st["bytes"] / best[mode], 1), "seconds": round(best[mode], 3),
+              "forward_passes": st["passes"], "bytes": st["bytes"],
+              "identical_to_plain": st["outputs"] == stats["plain"]["outputs"]}, rows)
+    emit({"measurement": "sample", "model": name, "text": kind,
+          "prompt_tail": prompts[0][-60:].decode("utf-8", "replace"),
+          "output": stats["speculative"]["outputs"][0][:160].decode("utf-8", "replace")}, rows)
 
 
 @torch.inference_mode()
-def draft_acceptance(model, docs: list[bytes]) -> dict:
+def head_accuracy(model, docs: list[bytes]) -> list[float]:
     """Top-1 accuracy of each head (byte t+h) on held-out text: drafts can be accepted only as often
     as heads 2..n guess right (greedy acceptance also needs head 1 to agree)."""
     cfg = model.cfg
-    seq = torch.tensor([[START, *d[: cfg.max_seq_len + cfg.n_predict - 1]] for d in docs])
+    n = cfg.max_seq_len + cfg.n_predict - 1
+    seq = torch.tensor([[START, *d[:n]] for d in docs if len(d) >= n])
     idx, tgt = make_targets(seq, cfg.n_predict)
     x, _ = model.trunk(idx, "causal")
-    acc = [(model.head_logits(x, h).argmax(-1) == tgt[..., h - 1]).float().mean().item()
-           for h in range(1, cfg.n_predict + 1)]
-    return {"head_top1_accuracy": acc}
+    return [round((model.head_logits(x, h).argmax(-1) == tgt[..., h - 1]).float().mean().item(), 4)
+            for h in range(1, cfg.n_predict + 1)]
+
+
+def main() -> None:
+    from pico.pipeline.release.load import load_model
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", action="append", required=True, help="release or checkpoint directory (repeat)")
+    ap.add_argument("--shards", required=True, help="shards whose val split holds the prompts (held out from training)")
+    ap.add_argument("--prompts", type=int, default=8, help="prompts per kind of text (and the large batch)")
+    ap.add_argument("--prompt-bytes", type=int, default=128)
+    ap.add_argument("--offset", type=int, default=4000, help="bytes into a document where a prompt starts")
+    ap.add_argument("--max-bytes", type=int, default=320, help="bytes generated per prompt")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared)")
+    ap.add_argument("--out", default=str(REPO / "benchmarks/results/generate_speed.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    docs = held_out(args.shards)
+    prompts = {k: make_prompts(v, args.prompts, args.offset, args.prompt_bytes) for k, v in docs.items()}
+    rows: list[dict] = []
+    for path in args.model:
+        model, info = load_model(path, "cpu")
+        cfg = model.cfg
+        name = Path(path).name
+        emit({"measurement": "setup", "model": name, "path": str(path), "n_params": sum(p.numel() for p in model.parameters()),
+              "config": {k: getattr(cfg, k) for k in ("d_local", "window", "n_in", "n_out", "d_latent", "n_latent",
+                                                       "router", "capacity", "n_predict", "max_seq_len")},
+              "step": info.get("step"), "prompts": {k: len(v) for k, v in prompts.items()},
+              "prompt_bytes": args.prompt_bytes, "max_bytes": args.max_bytes, "threads": torch.get_num_threads(),
+              "torch": torch.__version__}, rows)
+        for kind, ps in prompts.items():
+            emit({"measurement": "head_top1_accuracy", "model": name, "text": kind,
+                  "accuracy": head_accuracy(model, docs[kind][:16])}, rows)
+            for batch in (1, args.prompts):
+                compare(model, name, kind, ps, batch, args, rows)
+    Path(args.out).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
 
 
 if __name__ == "__main__":

@@ -74,7 +74,8 @@ from pico.model.spacelike import is_spacelike
 
 START = EOS  # what precedes a document in training streams
 FAR = 1 << 40  # position of an empty cache slot: after every query, so never visible
-PAD_POS = 1 << 39  # position of a padding latent slot: sees real keys, seen by none of them
+PAD_POS = 1 << 39  # position of a padding latent slot: far from every real key, sees only padding
+STAGE = 16  # cache slots for a step's new entries (a speculative chunk is n_predict bytes)
 
 
 # ----------------------------------------------------------------------------- caches
@@ -83,34 +84,38 @@ PAD_POS = 1 << 39  # position of a padding latent slot: sees real keys, seen by 
 class KVCache:
     """Keys/values of a stack of attention layers in a ring of S slots keyed by byte position.
 
-    kv: (n_layers, 2, B, Hkv, S + 1, hd), keys then values; pos: (B, S + 1) absolute byte
-    position of each slot (FAR when empty). A committed entry at position p goes to slot
-    p mod S, so the ring holds any set of positions that spans fewer than S + 1 bytes: the
-    last `window - 1` bytes of a local layer, or the routed positions among the last
-    `context - 1` bytes of a latent layer (many latent slots stay empty). The last slot is
-    scratch: writes that nobody keeps land there, and its position stays FAR. Entries that
-    fell out of the window may linger in their slot until overwritten; the attention mask,
-    built from positions, never shows them. One tensor for all layers makes a commit one
-    scatter, and the memory never changes after construction.
+    kv: (n_layers, 2, B, Hkv, S + 1 + STAGE, hd), keys then values; pos: (B, S + 1 + STAGE)
+    absolute byte position of each slot (FAR when empty). A committed entry at position p
+    goes to slot p mod S, so the ring holds any set of positions that spans fewer than S + 1
+    bytes: the last `window - 1` bytes of a local layer, or the routed positions among the
+    last `context - 1` bytes of a latent layer (many latent slots stay empty). Slot S is
+    scratch: writes that nobody keeps land there, and its position stays FAR. The STAGE slots
+    after it hold a step's new entries (up to STAGE of them), so that a layer attends to the
+    view [0, S + 1 + C) instead of a concatenated copy, and a commit is one scatter out of
+    them; longer chunks (prefill) are joined by concatenation. Entries that fell out of the
+    window may linger in their slot until overwritten; the attention mask, built from
+    positions, never shows them. The memory never changes after construction.
     """
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, slots: int,
                  device: torch.device, dtype: torch.dtype):
         self.S, self.n_layers = slots, n_layers
-        self.kv = torch.zeros((n_layers, 2, batch, n_kv_heads, slots + 1, head_dim), device=device, dtype=dtype)
-        self.pos = torch.full((batch, slots + 1), FAR, device=device, dtype=torch.long)
-        self.new: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
+        total = slots + 1 + STAGE
+        self.kv = torch.zeros((n_layers, 2, batch, n_kv_heads, total, head_dim), device=device, dtype=dtype)
+        self.pos = torch.full((batch, total), FAR, device=device, dtype=torch.long)
+        self.new: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers  # chunks longer than STAGE
         self.new_pos: torch.Tensor | None = None
+        self.staged = False
 
     @property
     def k(self) -> list[torch.Tensor]:
-        """Keys (B, Hkv, S + 1, hd) of each layer."""
-        return list(self.kv[:, 0])
+        """Keys (B, Hkv, S + 1, hd) of each layer (ring and scratch slot)."""
+        return list(self.kv[:, 0, :, :, : self.S + 1])
 
     @property
     def v(self) -> list[torch.Tensor]:
-        """Values (B, Hkv, S + 1, hd) of each layer."""
-        return list(self.kv[:, 1])
+        """Values (B, Hkv, S + 1, hd) of each layer (ring and scratch slot)."""
+        return list(self.kv[:, 1, :, :, : self.S + 1])
 
     def layer(self, i: int) -> _LayerCache:
         """The cache hook one `Block` takes (its `update(k, v)` joins past and new keys/values)."""
@@ -119,19 +124,41 @@ class KVCache:
     def key_pos(self, new_pos: torch.Tensor) -> torch.Tensor:
         """Positions (B, S + 1 + C) of the keys a step attends to: the slots, then the new entries."""
         self.new_pos = new_pos
-        return torch.cat([self.pos, new_pos], dim=1)
+        C, a = new_pos.shape[1], self.S + 1
+        self.staged = C <= STAGE
+        if self.staged:
+            self.pos[:, a:a + C] = new_pos
+            return self.pos[:, : a + C]
+        return torch.cat([self.pos[:, :a], new_pos], dim=1)
+
+    def update(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, Hkv, S + 1 + C, hd) layer i attends to, given its new ones (B, Hkv, C, hd)."""
+        C, a = k.shape[2], self.S + 1
+        if self.staged:
+            self.kv[i, 0, :, :, a:a + C] = k
+            self.kv[i, 1, :, :, a:a + C] = v
+            return self.kv[i, 0, :, :, : a + C], self.kv[i, 1, :, :, : a + C]
+        self.new[i] = (k, v)
+        return torch.cat([self.kv[i, 0, :, :, :a], k], dim=2), torch.cat([self.kv[i, 1, :, :, :a], v], dim=2)
 
     def commit(self, keep: torch.Tensor) -> None:
         """Store the new entries where keep (B, C) is True; drop the rest (rejected or padding)."""
         B, C = keep.shape
+        staged, self.staged = self.staged, False
         if self.S == 0 or C == 0:  # window 1 (a byte sees only itself), or nothing new
             self.new, self.new_pos = [None] * self.n_layers, None
             return
         last = torch.where(keep, self.new_pos, -1).amax(1, keepdim=True)  # newest kept position
         keep = keep & (self.new_pos > last - self.S)  # only positions within S of the newest fit
         slot = torch.where(keep, self.new_pos % self.S, self.S)
-        if self.new[0] is not None:  # (n_layers, 2, B, Hkv, C, hd)
+        a = self.S + 1
+        if staged:  # (n_layers, 2, B, Hkv, C, hd); a copy: scatter_ may not read what it writes
+            new = self.kv[:, :, :, :, a:a + C].clone()
+        elif self.new[0] is not None:
             new = torch.stack([torch.stack(kv) for kv in self.new])
+        else:
+            new = None
+        if new is not None:
             L, _, _, H, _, hd = new.shape
             self.kv.scatter_(4, slot.view(1, 1, B, 1, C, 1).expand(L, 2, B, H, C, hd), new)
         self.pos.scatter_(1, slot, self.new_pos)
@@ -156,9 +183,7 @@ class _LayerCache:
         self.cache, self.i = cache, i
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.cache
-        c.new[self.i] = (k, v)
-        return torch.cat([c.kv[self.i, 0], k], dim=2), torch.cat([c.kv[self.i, 1], v], dim=2)
+        return self.cache.update(self.i, k, v)
 
 
 # ----------------------------------------------------------------------------- decoder
@@ -224,10 +249,17 @@ class Decoder:
         """Cache memory of the whole batch; constant however many bytes are decoded."""
         return self.local.nbytes() + (self.latent.nbytes() if self.latent is not None else 0)
 
-    def forward(self, ids: torch.Tensor, n_valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Trunk output (B, C, d_local) of chunk ids (B, C); entries at index >= n_valid[b] are padding."""
+    def forward(self, ids: torch.Tensor, n_valid: torch.Tensor | None = None, lazy_latent: bool = False) -> torch.Tensor:
+        """Trunk output (B, C, d_local) of chunk ids (B, C); entries at index >= n_valid[b] are padding.
+
+        `lazy_latent=True` (speculative steps): when no sequence routes the chunk's first byte,
+        the latent stack does not run, and the output is exact only before each row's first
+        routed byte; `self.exact` (B,) says how many leading positions are exact (C otherwise).
+        The caller commits no more than that. The causal router decides before the latent
+        stack runs, so this costs nothing to know."""
         m, cfg = self.model, self.cfg
         B, C = ids.shape
+        self.exact = torch.full((B,), C, dtype=torch.long, device=ids.device)
         ar = torch.arange(C, device=ids.device)
         pos = self.length.unsqueeze(1) + ar  # (B, C)
         valid = None if n_valid is None else ar < n_valid.unsqueeze(1)
@@ -237,7 +269,7 @@ class Decoder:
             x = blk(x, bias, self.local.layer(i))
         self.pending = _Pending(ids)
         if self.latent is not None:
-            x = self._latent(x, ids, pos, valid)
+            x = self._latent(x, ids, pos, valid, lazy_latent)
         for i, blk in enumerate(m.blocks_out):
             x = blk(x, bias, self.local.layer(cfg.n_in + i))
         return x
@@ -265,7 +297,7 @@ class Decoder:
         context bytes this is the full forward's causal cap (the first rule_cap rule positions)."""
         if not bool(rule.any()):
             return rule
-        ring = self.latent.pos[:, :-1]  # (B, S)
+        ring = self.latent.pos[:, : self.latent.S]  # (B, S) committed positions
         mask = torch.zeros_like(rule)
         for c in rule.any(0).nonzero().flatten().tolist():  # sequential: each decision counts the earlier ones
             lo, p = pos[:, c:c + 1] - self.context, pos[:, c:c + 1]
@@ -273,9 +305,15 @@ class Decoder:
             mask[:, c] = rule[:, c] & (n < self.rule_cap)
         return mask
 
-    def _latent(self, x: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    def _latent(self, x: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor | None,
+                lazy: bool) -> torch.Tensor:
         m, cache = self.model, self.latent
         mask, gate = self._route(x, ids, pos, valid)
+        if lazy and not bool(mask[:, 0].any()):  # skip the stack; stop each row at its first routed byte
+            C = mask.shape[1]
+            first = torch.where(mask, torch.arange(C, device=mask.device), C).amin(1)
+            self.exact = first
+            mask = mask & False
         K = int(mask.sum(1).max())
         if K == 0:  # nothing routed in this chunk: the latent stack has no work
             cache.key_pos(pos[:, :0])
@@ -390,29 +428,49 @@ class Sampler:
         q = self.probs(logits)
         return self._draw(q), q
 
-    def verify(self, logits: torch.Tensor, chunk: torch.Tensor, q: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def verify(self, logits: torch.Tensor, chunk: torch.Tensor, q: torch.Tensor | None,
+               n_exact: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Accepted drafts m (B,) of chunk (B, 1 + k) and the byte after them (B,), from head-1
-        logits (B, 1 + k, V) at the chunk's positions and the drafts' distributions q (B, k, V)."""
+        logits (B, 1 + k, V) at the chunk's positions and the drafts' distributions q (B, k, V).
+
+        Only the first n_exact[b] >= 1 logits of a row may be read (`Decoder.exact`): draft j
+        is tested with the logits at j - 1 < n_exact. When every testable draft passes, the
+        last of them, d_{n_exact}, is the byte after m = n_exact - 1 accepted drafts: it
+        passed the same test that makes a bonus byte exact, so greedy output stays head-1
+        greedy and sampling keeps plain sampling's distribution."""
         drafts = chunk[:, 1:]  # (B, k)
+        k = drafts.shape[1]
+        testable = None if n_exact is None else torch.arange(k, device=chunk.device) < n_exact.unsqueeze(1)
         if self.greedy:
             pred = self._mask(logits).argmax(-1)  # (B, 1 + k)
-            m = (pred[:, :-1] == drafts).long().cumprod(1).sum(1)
-            return m, pred.gather(1, m.unsqueeze(1)).squeeze(1)
-        p = self.probs(logits)  # (B, 1 + k, V)
-        if q is None:  # no drafts (plain decoding)
-            return drafts.new_zeros(drafts.shape[0]), self._draw(p[:, 0])
-        pd = p[:, :-1].gather(2, drafts.unsqueeze(-1)).squeeze(-1)
-        qd = q.gather(2, drafts.unsqueeze(-1)).squeeze(-1)
-        u = torch.rand(qd.shape, generator=self.gen, device=qd.device)
-        m = (u * qd < pd).long().cumprod(1).sum(1)  # accept with probability min(1, p/q)
-        # after a rejection resample from max(0, p - q); after k acceptances q is 0: plain p
-        q0 = torch.cat([q, torch.zeros_like(q[:, :1])], dim=1)
-        rows = torch.arange(p.shape[0], device=p.device)
-        pm, qm = p[rows, m], q0[rows, m]
-        r = (pm - qm).clamp(min=0.0)
-        mass = r.sum(-1, keepdim=True)
-        r = torch.where(mass > 0, r / mass.clamp(min=1e-30), pm)  # p == q to rounding: p itself
-        return m, self._draw(r)
+            ok = pred[:, :-1] == drafts
+        else:
+            p = self.probs(logits)  # (B, 1 + k, V)
+            if q is None:  # no drafts (plain decoding)
+                return drafts.new_zeros(drafts.shape[0]), self._draw(p[:, 0])
+            pd = p[:, :-1].gather(2, drafts.unsqueeze(-1)).squeeze(-1)
+            qd = q.gather(2, drafts.unsqueeze(-1)).squeeze(-1)
+            u = torch.rand(qd.shape, generator=self.gen, device=qd.device)
+            ok = u * qd < pd  # accept with probability min(1, p/q)
+        if testable is not None:
+            ok = ok & testable
+        m = ok.long().cumprod(1).sum(1)
+        if self.greedy:
+            nxt = pred.gather(1, m.unsqueeze(1)).squeeze(1)
+        else:
+            # after a rejection resample from max(0, p - q); after k acceptances q is 0: plain p
+            q0 = torch.cat([q, torch.zeros_like(q[:, :1])], dim=1)
+            rows = torch.arange(p.shape[0], device=p.device)
+            pm, qm = p[rows, m], q0[rows, m]
+            r = (pm - qm).clamp(min=0.0)
+            mass = r.sum(-1, keepdim=True)
+            r = torch.where(mass > 0, r / mass.clamp(min=1e-30), pm)  # p == q to rounding: p itself
+            nxt = self._draw(r)
+        if n_exact is not None:  # all testable drafts passed: the last one is the next byte
+            cut = m == n_exact
+            m = torch.where(cut, m - 1, m)
+            nxt = torch.where(cut, chunk.gather(1, (m + 1).clamp(max=k).unsqueeze(1)).squeeze(1), nxt)
+        return m, nxt
 
 
 # ----------------------------------------------------------------------------- generate
@@ -450,14 +508,17 @@ def prompt_ids(prompt: bytes, context: int) -> tuple[list[int], int]:
 @torch.inference_mode()
 def generate(model: Pico, prompts: list[bytes], max_new_bytes: int, speculative: bool = True,
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-             stop_at_eos: bool = True, routing_agreement: bool = True, context: int | None = None) -> GenerateResult:
+             stop_at_eos: bool = True, routing_agreement: bool = True, context: int | None = None,
+             lazy_latent: bool = True) -> GenerateResult:
     """Continue each prompt by up to max_new_bytes bytes (greedy when temperature == 0).
 
     speculative=True drafts with heads 2..n_predict and verifies in the same pass (see the
     module docstring); the output equals plain decoding's (greedy: byte for byte; sampling: in
     distribution). Prompts are batched; each sequence advances at its own pace. Prompts of any
     length and any max_new_bytes: every position sees its last `context` bytes (default: the
-    training length, see `Decoder`), with memory fixed per sequence.
+    training length, see `Decoder`), with memory fixed per sequence. `lazy_latent` (speculative
+    only): a step whose first byte routes nowhere skips the latent stack and stops at the first
+    routed draft (see `Decoder.forward`), which trades a few accepted bytes for cheaper passes.
     """
     if temperature < 0 or not 0.0 < top_p <= 1.0 or max_new_bytes < 0:
         raise ValueError(f"generate: need temperature >= 0, 0 < top_p <= 1, max_new_bytes >= 0 "
@@ -498,9 +559,9 @@ def generate(model: Pico, prompts: list[bytes], max_new_bytes: int, speculative:
                 nxt, drafts = nxt[sel], drafts[sel]
                 q = None if q is None else q[sel]
             chunk = torch.cat([nxt.unsqueeze(1), drafts], dim=1)  # (B, 1 + k)
-            x = dec.forward(chunk)
+            x = dec.forward(chunk, lazy_latent=lazy_latent and k > 0)
             n_passes += 1
-            m, nxt = sampler.verify(model.head_logits(x, 1), chunk, q)
+            m, nxt = sampler.verify(model.head_logits(x, 1), chunk, q, dec.exact if k > 0 else None)
             dec.commit(m + 1)
             rows = torch.arange(len(active), device=dev)
             x_last = x[rows, m]

@@ -134,13 +134,15 @@ def test_rollback_leaves_the_cache_of_the_accepted_bytes_only(router):
     ref.forward(ids[:, 17:19])
     ref.commit(torch.tensor([2, 2]))
     for a, b in [(spec.local, ref.local)] + ([(spec.latent, ref.latent)] if spec.latent else []):
-        assert torch.equal(a.pos, b.pos)
+        ring = a.pos[:, : a.S + 1]  # the staging slots after the scratch slot hold the last step's chunk
+        assert torch.equal(ring, b.pos[:, : b.S + 1])
         for ka, kb, va, vb in zip(a.k, b.k, a.v, b.v):
-            live = (a.pos != (1 << 40)).view(a.pos.shape[0], 1, -1, 1).expand_as(ka)
+            live = (ring != (1 << 40)).view(ring.shape[0], 1, -1, 1).expand_as(ka)
             assert_close(ka[live], kb[live], atol=1e-6, rtol=1e-5)
             assert_close(va[live], vb[live], atol=1e-6, rtol=1e-5)
     # live slots the 2 kept bytes did not overwrite (the scratch slot absorbs the rejected ones, unseen)
-    unchanged = ~torch.isin(spec.local.pos, torch.arange(17, 19)) & (spec.local.pos != (1 << 40))
+    ring = spec.local.pos[:, : spec.local.S + 1]
+    unchanged = ~torch.isin(ring, torch.arange(17, 19)) & (ring != (1 << 40))
     for k0, k1 in zip(before, spec.local.k):
         m = unchanged.view(2, 1, -1, 1).expand_as(k0)
         assert torch.equal(k0[m], k1[m])
@@ -161,12 +163,12 @@ def test_cache_memory_per_sequence_is_constant_in_the_generated_length(router):
         dec.commit(torch.tensor([1, 1]))
         sizes.append(dec.nbytes())
     assert sizes[N - 1] == sizes[3 * N - 1] and len(set(sizes)) == 1
-    assert dec.local.pos.shape[1] == 8  # window - 1 slots + 1 scratch
-    live = dec.local.pos[:, :-1]
+    assert dec.local.S == 7  # window - 1 slots
+    live = dec.local.pos[:, : dec.local.S]
     assert torch.equal(live.sort(1).values, torch.arange(3 * N - 7, 3 * N).expand(2, -1))  # the last window-1
     if dec.latent is not None:
-        assert dec.latent.pos.shape[1] == 32  # context - 1 slots + 1 scratch
-        seen = dec.latent.pos[:, :-1]
+        assert dec.latent.S == 31  # context - 1 slots
+        seen = dec.latent.pos[:, : dec.latent.S]
         recent = seen[(seen >= 3 * N - 31) & (seen < 1 << 40)]
         assert recent.numel() > 0  # routed positions of the last context bytes are there
     out = generate(model, [b"ab", b""], 3 * N, stop_at_eos=False)
@@ -216,10 +218,11 @@ def trained():
     return model.eval()
 
 
-def test_greedy_speculative_equals_greedy_plain_when_drafts_are_accepted(trained):
+@pytest.mark.parametrize("lazy", [False, True], ids=["eager", "lazy_latent"])
+def test_greedy_speculative_equals_greedy_plain_when_drafts_are_accepted(trained, lazy):
     prompts = [TEXT[i:i + n] for i, n in [(0, 10), (5, 30), (17, 3), (40, 45), (60, 1)]] + [b"", b"zzz qqq"]
     plain = generate(trained, prompts, 60, speculative=False)
-    spec = generate(trained, prompts, 60, speculative=True)
+    spec = generate(trained, prompts, 60, speculative=True, lazy_latent=lazy)
     assert spec.outputs == plain.outputs
     assert spec.bytes_per_pass > 2.0  # drafts are accepted: this exercises multi-byte steps
     assert spec.forward_passes < plain.forward_passes / 2
@@ -276,13 +279,48 @@ def test_speculative_sampling_has_plain_sampling_distribution():
         model.unembed.weight.mul_(35)
         for h in model.mtp_heads:
             h.mlp.down.weight.mul_(20)
-    dist = _exact_joint(model, Sampler(1.0, 0.9, 0, False, "cpu"), 3)
     N = 6000
+    dist = _exact_joint(model, Sampler(1.0, 0.9, 0, False, "cpu"), 3)
     res = generate(model, [b""] * N, 3, speculative=True, temperature=1.0, top_p=0.9, seed=1, stop_at_eos=False)
     assert res.bytes_per_pass > 1.2  # drafts were accepted ...
     assert res.forward_passes == 3  # ... and rejected: some sequences needed a third pass
     stat, dof = _chi_square(Counter(tuple(o) for o in res.outputs), dist, N)
     assert stat < dof + 4 * (2 * dof) ** 0.5, (stat, dof)  # about p < 0.001
+
+
+@pytest.mark.parametrize("n_exact", [1, 2])
+def test_a_cut_chain_keeps_the_sampling_distribution(n_exact):
+    """Lazy passes can read only the first n_exact logits: the byte after the accepted drafts
+    (the last testable draft when all pass, else the residual sample) must still follow p."""
+    g = torch.Generator().manual_seed(0)
+    N, k, V = 40000, 3, 259
+    sampler = Sampler(1.0, 1.0, 3, False, "cpu")
+    base = torch.full((V,), -30.0)
+    base[[97, 98, 99, 100]] = torch.tensor([2.0, 1.0, 0.5, 0.0])
+    logits = (base + torch.randn(k + 1, V, generator=g).clamp(-1, 1)).expand(N, -1, -1)  # (N, 1 + k, V)
+    dq = base.clone()
+    dq[[97, 98, 99, 100]] = torch.tensor([0.0, 1.5, 0.0, 1.0])
+    q = torch.softmax(dq, -1).expand(N, k, V)
+    drafts = torch.multinomial(q.reshape(-1, V), 1, generator=g).view(N, k)
+    chunk = torch.cat([torch.full((N, 1), 97), drafts], 1)
+    m, nxt = sampler.verify(logits, chunk, q, torch.full((N,), n_exact))
+    assert int(m.max()) <= n_exact - 1
+    p = torch.softmax(logits[0, n_exact - 1], -1)  # the byte at index n_exact follows head 1 there
+    last = m == n_exact - 1  # rows that accepted every testable draft before the last byte
+    got = torch.bincount(nxt[last], minlength=V).float()
+    want = p * last.sum()
+    keep = want > 5
+    stat = ((got[keep] - want[keep]) ** 2 / want[keep]).sum().item()
+    assert stat < int(keep.sum()) + 4 * (2 * int(keep.sum())) ** 0.5, stat
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["eager", "lazy_latent"])
+def test_greedy_speculative_equals_greedy_plain_one_prompt_at_a_time(trained, lazy):
+    """Batch 1 is where lazy passes happen (a batch skips the latent stack only when no row routes)."""
+    for prompt in [TEXT[:10], TEXT[17:20], b"zzz qqq", b""]:
+        plain = generate(trained, [prompt], 120, speculative=False, stop_at_eos=False)
+        spec = generate(trained, [prompt], 120, lazy_latent=lazy, stop_at_eos=False)
+        assert spec.outputs == plain.outputs and spec.bytes_per_pass > 1.5
 
 
 def test_sampling_is_reproducible_with_a_seed():
