@@ -2,7 +2,7 @@
 
 prep (Ray, WebDataset shards) -> train (DeepSpeed, SOAP, fp32) -> eval (bits per byte on held-out
 documents, beside a unigram byte model and xz -9e on the same bytes) -> convert (safetensors
-release) -> generate (plain and self-speculative) -> summary.
+release) -> generate (plain and self-speculative greedy, one sampled continuation) -> summary.
 
 The default corpus is the running interpreter's own standard library: every machine that runs
 pico has it, so nothing is downloaded; it is real text (English docstrings and comments mixed
@@ -33,6 +33,7 @@ EPILOG = ("Config overrides after the options change the training run, e.g. --tr
 SKIP_PARTS = {"test", "tests", "idlelib", "site-packages", "lib2to3", "__pycache__", "turtledemo", "ensurepip"}
 EVAL_BYTES = 96_000
 PROMPTS = ["def __init__(self", "The standard library ", "import os\n"]
+SAMPLE_TEMPERATURE, SAMPLE_TOP_P = 0.8, 0.95  # the summary's sampled continuation
 
 
 def default_corpus() -> list[Path]:
@@ -192,7 +193,7 @@ def quickstart(corpus: list[str] | None = None, out: Path = Path("runs/quickstar
     timings["convert_s"] = time.time() - t0
 
     # -- 5. generate -------------------------------------------------------------------------
-    _stage("5/5 generate: plain vs self-speculative decoding (greedy)")
+    _stage("5/5 generate: plain vs self-speculative decoding (greedy), and one sampled continuation")
     from pico.pipeline.release.load import load_model as load_release_model
     from pico.model.generate import generate
 
@@ -206,6 +207,12 @@ def quickstart(corpus: list[str] | None = None, out: Path = Path("runs/quickstar
                      "bytes_per_pass": res.bytes_per_pass,
                      "sample": (PROMPTS[0].encode() + res.outputs[0]).decode("utf-8", errors="replace")}
     gen["identical_greedy_output"] = gen["plain"]["sample"] == gen["speculative"]["sample"]
+    # greedy decoding of a tiny model loops; a sampled continuation shows what it learned
+    res = generate(released, [PROMPTS[0].encode()], max_new_bytes=max_bytes, temperature=SAMPLE_TEMPERATURE,
+                   top_p=SAMPLE_TOP_P, seed=0)
+    gen["sampled"] = {"temperature": SAMPLE_TEMPERATURE, "top_p": SAMPLE_TOP_P, "seed": 0,
+                      "bytes_per_pass": res.bytes_per_pass,
+                      "sample": (PROMPTS[0].encode() + res.outputs[0]).decode("utf-8", errors="replace")}
     gen["speedup"] = gen["speculative"]["bytes_per_s"] / gen["plain"]["bytes_per_s"]
     timings["generate_s"] = time.time() - t0
 
@@ -239,7 +246,11 @@ def print_summary(s: dict[str, Any]) -> None:
         f"  generate     plain {g['plain']['bytes_per_s']:.0f} B/s, speculative {g['speculative']['bytes_per_s']:.0f} B/s "
         f"({g['speedup']:.2f}x, {g['speculative']['bytes_per_pass']:.2f} bytes/pass, "
         f"identical greedy output: {g['identical_greedy_output']})",
-        f"  sample       {g['speculative']['sample'][:160]!r}",
+        f"  greedy       {g['speculative']['sample'][:160]!r}",
+        "               (greedy decoding of a model this small tends to repeat itself; a sampled continuation:)",
+        f"  sampled      {g['sampled']['sample'][:160]!r}",
+        f"               (temperature {g['sampled']['temperature']}, top-p {g['sampled']['top_p']}, seed "
+        f"{g['sampled']['seed']}; `pico generate --temperature 0.8 --top-p 0.95` for more)",
         f"  shards       {s['shards']}",
         f"  run          {s['run_dir']} (config.yaml, metrics.jsonl, checkpoints/)",
         f"  release      {s['release']}",

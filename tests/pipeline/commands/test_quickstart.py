@@ -42,6 +42,7 @@ def test_quickstart_full_chain_and_rerun(tmp_path):
     g = s["generate"]
     assert g["identical_greedy_output"] is True
     assert g["plain"]["bytes_per_s"] > 0 and g["speculative"]["bytes_per_s"] > 0
+    assert g["sampled"]["sample"].startswith("def __init__(self") and g["sampled"]["temperature"] > 0
     assert (out / "release" / "model.safetensors").exists() and (out / "release" / "SHA256SUMS").exists()
     assert (out / "shards" / "manifest.json").exists()
     assert (out / "run" / "routing" / "latest.png").exists()
@@ -50,3 +51,18 @@ def test_quickstart_full_chain_and_rerun(tmp_path):
     s2, err = _run(out, src, 6)
     assert "training already finished" in err
     assert s2["eval"]["model_bpb"] == e["model_bpb"]
+
+
+def test_summary_shows_a_sampled_continuation_beside_the_greedy_one(capsys):
+    from pico.pipeline.commands.quickstart import print_summary
+
+    gen = {"plain": {"bytes_per_s": 100.0}, "speculative": {"bytes_per_s": 200.0, "bytes_per_pass": 2.0,
+                                                            "sample": "def __init__(self, self, self"},
+           "sampled": {"temperature": 0.8, "top_p": 0.95, "seed": 0, "sample": "def __init__(self, name):"},
+           "speedup": 2.0, "identical_greedy_output": True}
+    print_summary({"total_s": 1.0, "steps": 3, "train": {"n_params": 1e6, "bytes_seen": 1e6}, "generate": gen,
+                   "eval": {"held_out_bytes": 10, "model_bpb": 2.0, "unigram_bpb": 5.0, "xz9e_bpb": 3.0},
+                   "shards": "s", "run_dir": "r", "release": "rel", "wandb": "w", "routing_picture": "p"})
+    out = capsys.readouterr().out
+    assert "greedy       'def __init__(self, self, self'" in out and "repeat itself" in out
+    assert "sampled      'def __init__(self, name):'" in out and "temperature 0.8, top-p 0.95" in out
