@@ -1,61 +1,63 @@
-"""Pico vs SpaceByte's rule vs a plain byte Transformer at equal training FLOPs (issue 10).
+"""Routing that pays? Learned routers vs SpaceByte's rule vs a plain byte Transformer (issue 18).
 
-    python benchmarks/experiment.py [--budgets 1e12 3e12 1e13] [--out DIR]
+    nice -n 5 python benchmarks/experiment.py --rev REV [--out /work/exp-runs] [--stop-at HH:MM]
+    python benchmarks/experiment.py --measure 20          # seconds per step of each model, then exit
+    python benchmarks/experiment.py --table --rev REV     # rewrite the table from the committed runs
 
-Three models from `configs/`, the same shape except for the router and each configured to the
-same training FLOPs per byte (`pico info`): `pico` (quickstart.yaml, learned MoD router),
-`spacelike` (spacebyte.yaml, SpaceByte's rule) and `vanilla` (vanilla.yaml, router none, width
-matched with `match_flops`). Issue 18 adds the H-Net variants, each a base config plus
-overrides (`MODEL_OVERRIDES`): `chunk` (quickstart.yaml with `router: chunk`, ratio-loss weight
-0.3, see `CHUNK`), and the dechunking return path on each routed model (`pico-dechunk`,
-`spacelike-dechunk`, `chunk-dechunk`). All are within 3 % of quickstart's training FLOPs per
-byte (the chunk router counted at its target rate `capacity`, 0.19 for that; a run checks this
-and notes any model outside it). For every budget B (total training FLOPs) a model trains for
-steps = B / (train_flops_per_byte * batch_size * seq_len) steps, so each sees B FLOPs.
-`--models` picks a subset (default: all seven).
+Models (`MODELS`, each a config plus overrides, all within 3 % of quickstart's training FLOPs
+per byte, checked at start): `vanilla` (vanilla.yaml, router none, width matched with
+`match_flops`), `spacelike` (spacebyte.yaml, SpaceByte's rule), `pico` (quickstart.yaml, MoD
+top-k `learned`), `chunk` (quickstart.yaml, `router: chunk`, H-Net's dynamic chunking, target
+rate 0.19, ratio-loss weight 0.3), and the dechunking return path on the three routed ones
+(`pico-dechunk`, `spacelike-dechunk`, `chunk-dechunk`).
 
-Not yet here (issue 18's full protocol, for the session that runs it): the code domain
-(SymPy + Python docs training, held-out SymPy modules), 3 seeds at the largest budget with
-mean and spread, and the chunk-length histogram.
+Domains (`DOMAINS`), each with a held-out *test* set (>= 512 KB, scored in full) and a disjoint
+held-out *select* set (picks the LR; never reported as the result):
+- `prose`: the 99 novels, `pico prep` val_fraction 0.05 (split by document hash); test = 80 KB
+  from the middle of each of the 7 val novels, select = 16 KB from a quarter into each.
+- `code`: SymPy 1.13.3 sources + the Python 3.11 docs; the SymPy subpackages in `HELD_OUT` are
+  removed from training whole (split by module, so held-out code is no near-duplicate of a
+  training file); their files, in id order, go to select (every 4th, up to 128 KB) or test.
 
-Protocol, in the order the script runs it:
+Protocol, in the order runs are launched (`plan`):
+1. Budget 1e13 training FLOPs, seed 0: each model at each of `--lrs` (3e-3, 6e-3, 1.2e-2), prose
+   first, then code (vanilla, spacelike, pico, chunk first; dechunk variants last). The LR with
+   the lowest select-set bpb is that model's LR in that domain (one rule for all models).
+2. Budget 3e13 at the chosen LR: seed 0 of every model in both domains, then seeds 1 and 2.
+   steps = budget / (train FLOPs per byte x 8 x 256); a seed sets the init and the data order, and
+   every model with the same seed reads the same batches.
+3. SOAP, the configs' betas, linear warmup over 10 % of the steps, cosine decay to 0.1 x peak.
+4. Each run is scored with causal routing (as in generation) on both held-out sets of its
+   domain, in windows of the model's max_seq_len (`pico eval`'s packer and `evaluate`), and its
+   router's decisions on the test set are counted: boundary rate, share of boundaries at
+   SpaceByte rule positions and at the byte after one (a word's first byte), chunk-length
+   histogram, and the routed bytes of one fixed held-out paragraph (the routing picture).
 
-1. `pico prep` the novels into shards (val_fraction 0.05, split by document hash), once.
-2. Two held-out texts, written once under DIR/eval: `val/` (a slice from the middle of every
-   document of the val split) and `ood.txt` (the start of every 8th document of the Python docs,
-   reStructuredText: a source none of the models trained on).
-3. Learning rate: at the smallest budget every model trains at each of `--lrs`; the LR with the
-   lowest in-training val bpb (the first `--select-batches` batches of the val split) is kept per
-   model and used at every larger budget. The rule is otherwise shared: SOAP, the configs'
-   betas, linear warmup over 10 % of the steps, cosine decay to 0.1 x peak, seed 0 (so the same
-   data order for all three: same seq_len, batch and n_predict).
-4. Every kept run is scored with causal routing, as in generation, on both held-out texts (the
-   `pico eval` code path: `load_model` + `evaluate` + `text_file_batches`).
-5. `--variants FILE...`: extra learned-router configs (`configs/experiment-*.yaml`) trained at
-   the largest budget with Pico's selected LR, for the follow-up experiments.
-
-Runs go one at a time, each `pico train` in its own process (DS_ACCELERATOR=cpu, W&B off). A run
-directory that holds `result.json` is reused, so an interrupted sweep continues where it
-stopped. One JSON line is printed per measurement; results are rewritten after every run to
-benchmarks/results/experiment_{results.md,results.json,bpb.png,routing.png,router.json}.
-
-Every run uses the pico of one commit (`--rev`, default HEAD), extracted with `git archive`
-under DIR/code/, so that edits others make to model/ or pipeline/ during the sweep cannot leak
-into it; run directories are keyed by that commit (DIR/runs-REV/).
-
-`--measure N` trains each model for N steps and prints its seconds per step and per run start,
-for choosing budgets that fit the machine, then exits.
+Persistence (each session starts from a fresh clone; only commits survive): run directories
+live outside the repo (`--out`, default /work/exp-runs); a scored run's small JSON is written to
+benchmarks/results/experiment2/runs/<key>.json and committed at once, with the table
+(results.md, results.json, routing-*.png). A committed run JSON is a finished run: it is reused,
+never re-run. Every run uses the pico of one commit (`--rev`), extracted with `git archive`; its
+rev is in every JSON and the table refuses to mix revs or held-out sets. Runs go one or more at a
+time (`--jobs`, or the number in OUT/jobs, re-read between runs), each `pico train` in its own
+process with OMP_NUM_THREADS=1; `--stop-at` launches nothing that would end after that time
+(UTC). SIGTERM stops the runs in flight and commits nothing half-written.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import gzip
+import hashlib
+import io
 import json
 import math
 import os
 import platform
 import shutil
+import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -63,34 +65,51 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "corpus"
-RESULTS = ROOT / "benchmarks" / "results"
-PREFIX = "experiment_"
-MODELS = {"pico": "configs/quickstart.yaml", "spacelike": "configs/spacebyte.yaml", "vanilla": "configs/vanilla.yaml",
-          "chunk": "configs/quickstart.yaml", "pico-dechunk": "configs/quickstart.yaml",
-          "spacelike-dechunk": "configs/spacebyte.yaml", "chunk-dechunk": "configs/quickstart.yaml"}
+RESULTS = ROOT / "benchmarks" / "results" / "experiment2"
+RUNS = RESULTS / "runs"
+
 # Ratio-loss weight 0.3, not H-Net's 0.03: at 0.03 the boundary rate swung between 0.03 and 0.25 and ended at 0.12
-# in 60-step smoke runs (experiment_notes.md), so the chunk model spent less than the FLOPs it is matched at; at 0.3
-# it held 0.18-0.20. Target rate 0.19, not 0.2: W_q, W_k (and dechunk's residual) cost 1-1.5 % more per byte, and at
-# 0.2 chunk-dechunk would be 3.4 % over pico (at 0.19: chunk 1.01x, chunk-dechunk 1.02x).
+# in 60-step smoke runs (experiment_notes.md), so the chunk model spent less than the FLOPs it is matched at. Target
+# rate 0.19, not 0.2: W_q, W_k (and dechunk's residual) cost 1-1.5 % more per byte; at 0.19 chunk is 1.01x pico.
 CHUNK = ["--model.router=chunk", "--model.aux_loss_weight=0.3", "--model.capacity=0.19"]
-MODEL_OVERRIDES = {"chunk": CHUNK, "pico-dechunk": ["--model.dechunk=true"],
-                   "spacelike-dechunk": ["--model.dechunk=true"], "chunk-dechunk": [*CHUNK, "--model.dechunk=true"]}
-LEARNED = ("pico", "chunk", "pico-dechunk", "chunk-dechunk")  # the models whose routing is learned
-GOALS = {"spacelike": 0.97, "vanilla": 0.90}  # a learned model's bpb over each baseline's, at the largest budget
+DECHUNK = ["--model.dechunk=true"]
+MODELS = {  # name: (config, overrides); the order is the launch order within a phase
+    "vanilla": ("configs/vanilla.yaml", []),
+    "spacelike": ("configs/spacebyte.yaml", []),
+    "pico": ("configs/quickstart.yaml", []),
+    "chunk": ("configs/quickstart.yaml", CHUNK),
+    "spacelike-dechunk": ("configs/spacebyte.yaml", DECHUNK),
+    "pico-dechunk": ("configs/quickstart.yaml", DECHUNK),
+    "chunk-dechunk": ("configs/quickstart.yaml", [*CHUNK, *DECHUNK]),
+}
+CORE = ("vanilla", "spacelike", "pico", "chunk")
+LEARNED = ("pico", "chunk", "pico-dechunk", "chunk-dechunk")
+BASELINES = ("spacelike", "vanilla")
+TARGETS = {("code", "spacelike"): 0.97, ("prose", "spacelike"): 1.00, ("code", "vanilla"): 0.93,
+           ("prose", "vanilla"): 0.93}  # issue 18: best learned router / baseline at 3e13, mean of 3 seeds
+DOMAINS = ("prose", "code")
+SWEEP_BUDGET, FINAL_BUDGET = 1e13, 3e13
+LRS = (3e-3, 6e-3, 1.2e-2)
+SEEDS = (0, 1, 2)
 FLOPS_TOLERANCE = 0.03  # every model's training FLOPs per byte within 3 % of pico's
+HELD_OUT = ("stats", "crypto", "logic")  # SymPy subpackages kept out of code training (test + select)
+PROSE_TEST_KB, PROSE_SELECT_KB, CODE_SELECT_KB, MIN_TEST_KB = 80, 16, 128, 512
+HIST_MAX = 32  # chunk lengths 1..32 counted one by one, longer ones in one bin
+
+
+# ----------------------------------------------------------------------------- code pinning and processes
 
 
 def pin_code(out: Path, rev: str) -> None:
-    """Re-run this script on the committed HEAD's pico (git archive under out/code/REV), once.
+    """Re-run this script on the pico of commit `rev` (git archive under out/snapshots/REV), once.
 
     Other engineers edit model/ and pipeline/ while a sweep runs; every run of one sweep must use
     the same code, so the driver and each `pico train` import pico from that snapshot
     (PYTHONPATH is searched before the editable install's finder)."""
     if os.environ.get("PICO_EXPERIMENT_REV"):
         return
-    rev = subprocess.run(["git", "rev-parse", rev], cwd=ROOT, capture_output=True, text=True,
-                         check=True).stdout.strip()
-    dest = out / "code" / rev[:12]
+    rev = git("rev-parse", rev).strip()
+    dest = out / "snapshots" / rev[:12]
     if not (dest / "pico" / "model").exists():
         tmp = dest.with_name(dest.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -103,12 +122,20 @@ def pin_code(out: Path, rev: str) -> None:
     os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:]], environ)
 
 
+def pinned_rev() -> str:
+    return os.environ.get("PICO_EXPERIMENT_REV", "working-tree")
+
+
 def config_path(config: str) -> str:
-    """A config from the pinned snapshot when it holds one (the three baselines), else from the tree."""
+    """A config from the pinned snapshot (the code every run uses), else from the tree."""
     pinned = os.environ.get("PYTHONPATH", "").split(os.pathsep)[0]
     if pinned and (Path(pinned) / "pico" / config).exists():
         return str(Path(pinned) / "pico" / config)
     return str(ROOT / config)
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
 
 
 def emit(record: dict) -> None:
@@ -119,84 +146,182 @@ def emit(record: dict) -> None:
 def env() -> dict[str, str]:
     e = dict(os.environ, DS_ACCELERATOR="cpu", TORCHDYNAMO_DISABLE="1", WANDB_MODE="disabled",
              PYTHONUNBUFFERED="1")
+    e.setdefault("OMP_NUM_THREADS", "1")  # two torch threads on a shared core spin in barriers (experiment_notes)
     e.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "pico-torch-extensions"))
     return e
+
+
+def commit(paths: list[Path], message: str) -> None:
+    """Commit exactly `paths` (others' staged work untouched), waiting out another process's index.lock."""
+    rel = [str(p.relative_to(ROOT)) for p in paths if p.exists()]
+    if not rel:
+        return
+    lock = ROOT / git("rev-parse", "--git-path", "index.lock").strip()
+    for attempt in range(60):
+        if lock.exists():
+            time.sleep(2)
+            continue
+        add = subprocess.run(["git", "add", "--", *rel], cwd=ROOT, capture_output=True, text=True)
+        if add.returncode == 0:
+            staged = subprocess.run(["git", "diff", "--cached", "--quiet", "--", *rel], cwd=ROOT)
+            if staged.returncode == 0:
+                return  # nothing changed
+            done = subprocess.run(["git", "commit", "-q", "-m", message, "--", *rel], cwd=ROOT, capture_output=True,
+                                  text=True)
+            if done.returncode == 0:
+                return
+            add = done
+        if "index.lock" not in add.stderr:
+            raise RuntimeError(f"git commit of {rel} failed: {add.stderr.strip()}")
+        time.sleep(2)
+    raise RuntimeError(f"git commit of {rel}: {lock} stayed locked for 2 minutes")
 
 
 # ----------------------------------------------------------------------------- data
 
 
-def prep_shards(out: Path) -> Path:
-    """Shards of the novels under out/shards (reused when the manifest is there)."""
-    shards = out / "shards"
-    if not (shards / "manifest.json").exists():
-        from pico.data_prep import prepare
+def sha(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
 
-        prepare(inputs=[str(CORPUS / "novels")], output=str(shards), val_fraction=0.05, workers=2, progress=False)
+
+def write_once(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.rename(path)
+
+
+def prepare(inputs: list[str], shards: Path, val_fraction: float) -> Path:
+    """`pico prep` into `shards`, once (reused when the manifest is there)."""
+    if not (shards / "manifest.json").exists():
+        from pico.data_prep import prepare as prep
+
+        prep(inputs=inputs, output=str(shards), val_fraction=val_fraction, workers=1, progress=False)
     return shards
 
 
-def val_documents(shards: Path) -> list[bytes]:
-    """Every document of the val split, in shard order (same decoding as the trainer's eval)."""
+def prose_data(out: Path) -> dict:
+    """Shards of the novels; test and select slices of every val novel (disjoint byte ranges)."""
     import zstandard
 
     from pico.pipeline.data.loader import _eval_documents, resolve_shards
 
-    dctx = zstandard.ZstdDecompressor()
-    return [doc for url in resolve_shards([str(shards)], "val") for _, doc in _eval_documents(url, dctx, False)]
-
-
-def write_eval_texts(out: Path, shards: Path, val_kb: int, ood_kb: int) -> tuple[list[Path], Path]:
-    """The held-out files: a slice of every val document, and Python docs text (written once)."""
-    folder = out / "eval"
-    val_dir, ood = folder / "val", folder / "ood.txt"
-    if not ood.exists():
-        val_dir.mkdir(parents=True, exist_ok=True)
-        docs = val_documents(shards)
-        per_doc = val_kb * 1024 // len(docs)
+    shards = prepare([str(CORPUS / "novels")], out / "prose" / "shards", 0.05)
+    folder = out / "prose" / "heldout"
+    if not (folder / "done").exists():
+        for split in ("test", "select"):
+            (folder / split).mkdir(parents=True, exist_ok=True)
+        dctx = zstandard.ZstdDecompressor()
+        docs = [doc for url in resolve_shards([str(shards)], "val") for _, doc in _eval_documents(url, dctx, False)]
         for i, doc in enumerate(docs):
             mid = doc.find(b"\n", len(doc) // 2) + 1  # start on a line, in the middle of the novel
-            (val_dir / f"doc{i}.txt").write_bytes(doc[mid:mid + per_doc])
-        parts, size = [], 0
-        with gzip.open(CORPUS / "python-docs.jsonl.gz", "rt", encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if i % 8 == 0 and size < ood_kb * 1024:
-                    text = json.loads(line)["text"].encode("utf-8")[:8192]
-                    parts.append(text)
-                    size += len(text)
-        tmp = ood.with_suffix(".tmp")
-        tmp.write_bytes(b"\n\n".join(parts)[: ood_kb * 1024])
-        tmp.rename(ood)
-    return sorted(val_dir.glob("doc*.txt")), ood
+            quarter = doc.find(b"\n", len(doc) // 4) + 1
+            assert quarter + PROSE_SELECT_KB * 1024 < mid, f"val novel {i} is too short for disjoint slices"
+            write_once(folder / "test" / f"doc{i}.txt", doc[mid:mid + PROSE_TEST_KB * 1024])
+            write_once(folder / "select" / f"doc{i}.txt", doc[quarter:quarter + PROSE_SELECT_KB * 1024])
+        (folder / "done").write_text("")
+    test = sorted((folder / "test").glob("doc*.txt"))
+    text = test[0].read_bytes()
+    start = text.find(b"\n\n") + 2  # the first whole paragraph of the first test slice
+    return {"shards": shards, "test": test, "select": sorted((folder / "select").glob("doc*.txt")),
+            "paragraph": text[start:start + 255]}
 
 
-# ----------------------------------------------------------------------------- runs
+def sympy_files() -> list[dict]:
+    import zstandard
+
+    with open(CORPUS / "sympy-code.jsonl.zst", "rb") as f:
+        reader = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(f), encoding="utf-8")
+        return sorted((json.loads(line) for line in reader), key=lambda r: r["id"])
 
 
-def model_info(config: str, overrides: list[str]) -> dict:
+def held_out(file_id: str) -> bool:
+    """A file of one of the HELD_OUT SymPy subpackages (ids look like sympy/stats/rv.py)."""
+    parts = file_id.split("/")
+    return len(parts) > 2 and parts[0] == "sympy" and parts[1] in HELD_OUT
+
+
+def split_held_out(files: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(test, select) of the non-empty held-out files in id order: every 4th to select until it holds CODE_SELECT_KB."""
+    test, select, size = [], [], 0
+    for i, f in enumerate(x for x in files if held_out(x["id"]) and x["text"].strip()):  # no empty __init__.py
+        if i % 4 == 3 and size < CODE_SELECT_KB * 1024:
+            select.append(f)
+            size += len(f["text"].encode("utf-8"))
+        else:
+            test.append(f)
+    return test, select
+
+
+def code_data(out: Path) -> dict:
+    """Shards of the SymPy sources outside HELD_OUT plus the Python docs; held-out SymPy files as test and select."""
+    root = out / "code"
+    raw = root / "raw"
+    folder = root / "heldout"
+    if not (folder / "done").exists():
+        files = sympy_files()
+        raw.mkdir(parents=True, exist_ok=True)
+        train = "".join(json.dumps({"id": f["id"], "text": f["text"]}) + "\n" for f in files if not held_out(f["id"]))
+        write_once(raw / "sympy-train.jsonl", train.encode("utf-8"))
+        test, select = split_held_out(files)
+        for split, part in (("test", test), ("select", select)):
+            (folder / split).mkdir(parents=True, exist_ok=True)
+            for i, f in enumerate(part):
+                write_once(folder / split / f"{i:04d}-{f['id'].replace('/', '.')}", f["text"].encode("utf-8"))
+        (folder / "done").write_text("")
+    shards = prepare([str(raw / "sympy-train.jsonl"), str(CORPUS / "python-docs.jsonl.gz")], root / "shards", 0.02)
+    test = sorted((folder / "test").iterdir())
+    text = b"".join(p.read_bytes() for p in test[:8])
+    start = text.find(b"\ndef ") + 1  # a function of a held-out module
+    return {"shards": shards, "test": test, "select": sorted((folder / "select").iterdir()),
+            "paragraph": text[start:start + 255]}
+
+
+def domain_data(out: Path, domain: str) -> dict:
+    data = prose_data(out) if domain == "prose" else code_data(out)
+    test_kb = sum(p.stat().st_size for p in data["test"]) / 1024
+    if test_kb < MIN_TEST_KB:
+        raise RuntimeError(f"{domain}: the test set holds {test_kb:.0f} KB, fewer than {MIN_TEST_KB}")
+    data.update(test_sha=sha(data["test"]), select_sha=sha(data["select"]), test_kb=test_kb,
+                select_kb=sum(p.stat().st_size for p in data["select"]) / 1024)
+    return data
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+def run_key(domain: str, model: str, budget: float, lr: float, seed: int) -> str:
+    return f"{domain}-{model}-{budget:.0e}".replace("+", "") + f"-lr{lr:g}-s{seed}"
+
+
+def model_info(model: str) -> dict:
     from pico.configs.tree import load_config
-    from pico.pipeline.commands.info import describe
+    from pico.model.flops import flops_at_rate
 
+    config, overrides = MODELS[model]
     cfg = load_config(config_path(config), overrides)
-    return {**describe(cfg.model), "batch_size": cfg.data.batch_size, "data_seq_len": cfg.data.seq_len}
+    f = flops_at_rate(cfg.model)
+    return {"router": cfg.model.router, "seq_len": cfg.model.max_seq_len, "batch_size": cfg.data.batch_size,
+            "data_seq_len": cfg.data.seq_len, "flops_per_byte": f["at_capacity"], "flops_per_byte_at_cap": f["at_cap"]}
 
 
 def steps_for(budget: float, info: dict) -> int:
-    return max(1, round(budget / (info["train_flops_per_byte"] * info["batch_size"] * info["data_seq_len"])))
+    return max(1, round(budget / (info["flops_per_byte"] * info["batch_size"] * info["data_seq_len"])))
 
 
-def train_run(run_dir: Path, config: str, overrides: list[str], steps: int, lr: float, shards: Path,
-              select_batches: int) -> dict:
-    """One `pico train` process; returns its JSON summary plus wall seconds and the last router stats."""
-    warmup = max(1, round(0.1 * steps))
+def train_run(run_dir: Path, model: str, steps: int, lr: float, seed: int, shards: Path) -> dict:
+    """One `pico train` process from scratch; its JSON summary, wall seconds and last logged router stats."""
+    config, overrides = MODELS[model]
     cmd = [sys.executable, "-m", "pico.pipeline.cli", "train", "--config", config_path(config), "--no-progress",
            "--json", f"--train.out_dir={run_dir}", f"--train.steps={steps}", f"--optim.lr={lr}",
-           f"--optim.warmup_steps={warmup}", "--optim.schedule=cosine", "--optim.min_lr_ratio=0.1",
-           "--train.seed=0", f"--train.eval_every={steps}", f"--train.eval_batches={select_batches}",
-           f"--train.log_every={max(1, min(10, steps // 5))}", f"--checkpoint.every={steps}",
-           "--checkpoint.keep_last=1", "--logging.wandb_mode=disabled", f"--data.train=[{shards}]", *overrides]
-    if run_dir.exists():  # an unfinished run: start it again from scratch (no result.json)
-        shutil.rmtree(run_dir)
+           f"--optim.warmup_steps={max(1, round(0.1 * steps))}", "--optim.schedule=cosine",
+           "--optim.min_lr_ratio=0.1", f"--train.seed={seed}", f"--train.eval_every={steps}",
+           "--train.eval_batches=4", f"--train.log_every={max(1, min(25, steps // 10))}",
+           f"--checkpoint.every={steps}", "--checkpoint.keep_last=1", "--logging.wandb_mode=disabled",
+           f"--data.train=[{shards}]", *overrides]
+    shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts again from scratch
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True)
     seconds = time.perf_counter() - t0
@@ -204,368 +329,514 @@ def train_run(run_dir: Path, config: str, overrides: list[str], steps: int, lr: 
         raise RuntimeError(f"pico train failed ({run_dir}):\n{proc.stderr[-3000:]}")
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train_rows = [r for r in rows if "loss" in r]
-    last = train_rows[-1] if train_rows else {}
+    last = ([r for r in rows if "loss" in r] or [{}])[-1]
     bps = summary.get("bytes_per_s_median")
-    return {"seconds": seconds, "seconds_per_step": summary["bytes_seen"] / bps / steps if bps else None,
-            "bytes_per_s": summary.get("bytes_per_s_median"), "bytes_seen": summary["bytes_seen"],
-            "select_val_bpb": summary["eval"]["bpb"], "select_eval": summary["eval"],
-            "train_router_last": {k: v for k, v in last.items() if k.startswith("router/")},
-            "bpb_train_last": last.get("bpb_train")}
+    return {"train_s": seconds, "seconds_per_step": summary["bytes_seen"] / bps / steps if bps else None,
+            "bytes_seen": summary["bytes_seen"], "train_bpb_last": last.get("bpb_train"),
+            "train_router_last": {k[len("router/"):]: v for k, v in last.items() if k.startswith("router/")}}
 
 
-def score_here(run_dir: Path, files: list[Path], seq_len: int, max_batches: int, routing: str = "causal") -> dict:
-    """Bits per byte of a finished run on plain text files (what `pico eval` does), causal routing by default."""
-    import itertools
+class Recorder:
+    """The model as `evaluate` calls it, keeping each batch's inputs, valid positions and routed mask."""
 
+    def __init__(self, model):
+        self.model, self.cfg, self.seen = model, model.cfg, []
+
+    @property
+    def training(self) -> bool:
+        return self.model.training
+
+    def eval(self):
+        self.model.eval()
+
+    def train(self, mode: bool = True):
+        self.model.train(mode)
+
+    def __call__(self, idx, targets, **kw):
+        from pico.model.pico import IGNORE
+
+        out = self.model(idx, targets, **kw)
+        if out.routed is not None:
+            self.seen.append((idx, targets[..., 0] != IGNORE, out.routed))
+        return out
+
+
+def routing_counts(seen: list) -> dict:
+    """Boundary rate, share at SpaceByte rule positions and at the byte after one, chunk-length histogram."""
     import torch
 
-    from pico.pipeline.release.load import load_model
-    from pico.pipeline.data.eval_packing import text_file_batches
-    from pico.pipeline.eval.evaluate import evaluate
+    from pico.model.spacelike import spacelike_boundaries
 
-    model, _ = load_model(run_dir, "cpu")
-    batches = text_file_batches(files, seq_len, model.cfg.n_predict, 8)
-    if max_batches:
-        batches = itertools.islice(batches, max_batches)
-    t0 = time.perf_counter()
-    result = evaluate(model, batches, torch.device("cpu"), routing=routing)
-    result["seconds"] = time.perf_counter() - t0
-    return result
+    n = routed = rule = at_rule = after = length_sum = 0
+    hist = [0] * (HIST_MAX + 1)  # hist[k-1]: chunks of k bytes; hist[HIST_MAX]: longer
+    for idx, valid, mask in seen:
+        valid = valid if valid is not None else torch.ones_like(mask)
+        r = spacelike_boundaries(idx)
+        a = torch.zeros_like(r)
+        a[:, 1:] = r[:, :-1]
+        m = mask & valid
+        n += int(valid.sum())
+        routed += int(m.sum())
+        rule += int((r & valid).sum())
+        at_rule += int((m & r).sum())
+        after += int((m & a).sum())
+        for row, v in zip(m, valid.sum(1).tolist()):  # a chunk runs to the next boundary or the row's last byte
+            pos = row[:v].nonzero().flatten().tolist()
+            for length in (b - s for s, b in zip(pos, pos[1:] + [v])):
+                hist[min(length, HIST_MAX + 1) - 1] += 1
+                length_sum += length
+    lengths = [(k + 1, c) for k, c in enumerate(hist) if c]
+    total = sum(hist)
 
+    def quantile(q: float) -> float | None:
+        acc = 0
+        for k, c in lengths:
+            acc += c
+            if acc >= q * total:
+                return k
+        return None
 
-def score(run_dir: Path, val_files: list[Path], ood_file: Path, seq_len: int, ood_batches: int,
-          topk: bool = False) -> dict:
-    """Both held-out scores of a run, in a fresh process (the code a run trained with, not this one's imports);
-    with topk, the val score under training's top-k routing too (the cost of routing causally)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--score", str(run_dir), "--seq", str(seq_len),
-           "--ood-batches", str(ood_batches), "--ood-file", str(ood_file), *(["--topk"] if topk else []),
-           *map(str, val_files)]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"scoring {run_dir} failed:\n{proc.stderr[-3000:]}")
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    out["wall_s"] = time.perf_counter() - t0
-    return out
+    return {"positions": n, "boundary_rate": routed / max(1, n), "rule_rate": rule / max(1, n),
+            "share_at_rule": at_rule / max(1, routed), "share_after_rule": after / max(1, routed),
+            "share_at_or_after_rule": (at_rule + after) / max(1, routed), "rule_recall": at_rule / max(1, rule),
+            "chunks": total, "chunk_len_mean": length_sum / max(1, total),
+            "chunk_len_p50": quantile(0.5), "chunk_len_p90": quantile(0.9), "chunk_len_hist": hist}
 
 
 def score_main(args: argparse.Namespace) -> None:
-    files = [Path(f) for f in args.files]
-    out = {"val": score_here(Path(args.score), files, args.seq, 0),
-           "ood": score_here(Path(args.score), [Path(args.ood_file)], args.seq, args.ood_batches)}
-    if args.topk:
-        out["val_topk"] = score_here(Path(args.score), files, args.seq, 0, routing="topk")
+    """Internal (`--score RUN_DIR`): both held-out sets and the routing picture of one run, one JSON line."""
+    import torch
+
+    from pico.pipeline.data.eval_packing import pack_eval, text_file_batches
+    from pico.pipeline.eval.evaluate import evaluate
+    from pico.pipeline.release.load import load_model
+
+    model, _ = load_model(Path(args.score), "cpu")
+    T, extra = model.cfg.max_seq_len, model.cfg.n_predict
+    out = {}
+    for split in ("select", "test"):
+        files = [Path(f) for f in json.loads(args.files_json)[split]]
+        rec = Recorder(model)
+        t0 = time.perf_counter()
+        res = evaluate(rec, text_file_batches(files, T, extra, 8), torch.device("cpu"), routing="causal")
+        out[split] = {"bpb": res["bpb"], "bytes": res["bytes"], "seconds": time.perf_counter() - t0,
+                      "router": {k[len("router/"):]: v for k, v in res.items() if k.startswith("router/")}}
+        if split == "test" and rec.seen:
+            out["routing"] = routing_counts(rec.seen)
+    if model.cfg.router != "none":
+        paragraph = bytes.fromhex(args.paragraph)
+        batch, n_valid = next(pack_eval([paragraph], T, extra=extra, batch_size=1))
+        idx = batch[:, :T]
+        with torch.no_grad():
+            routed = model.eval()(idx, routing="causal").routed[0, :int(n_valid[0])]
+        out["picture"] = {"ids": idx[0, :int(n_valid[0])].tolist(), "routed": "".join("1" if x else "0" for x in routed)}
     print(json.dumps(out))
 
 
-class Sweep:
-    """The runs of one experiment directory: trains what is missing, remembers what finished."""
-
-    def __init__(self, args: argparse.Namespace):
-        self.args = args
-        self.out = Path(args.out).resolve()
-        self.shards = prep_shards(self.out)
-        self.val_files, self.ood_file = write_eval_texts(self.out, self.shards, args.val_kb, args.ood_kb)
-        self.records: list[dict] = []
-
-    def run(self, name: str, config: str, budget: float, lr: float, overrides: list[str] = (),
-            scored: bool = False, tag: str = "") -> dict:
-        overrides = list(overrides)
-        info = model_info(config, overrides)
-        steps = steps_for(budget, info)
-        rev = os.environ.get("PICO_EXPERIMENT_REV", "tree")[:12]  # runs of other code are never reused
-        run_dir = self.out / f"runs-{rev}" / f"{name}{tag}-B{budget:.0e}-lr{lr:g}"
-        done = run_dir / "result.json"
-        rec = json.loads(done.read_text()) if done.exists() else None
-        if rec is None:
-            rec = {"model": name + tag, "router": info["router"], "config": config, "overrides": overrides,
-                   "params": info["params"], "flops_per_byte": info["train_flops_per_byte"], "budget": budget,
-                   "steps": steps, "lr": lr, "flops": steps * info["train_flops_per_byte"] * info["batch_size"]
-                   * info["data_seq_len"], "run_dir": str(run_dir),
-                   **train_run(run_dir, config, overrides, steps, lr, self.shards, self.args.select_batches)}
-            done.write_text(json.dumps(rec, indent=1))
-            emit({"measurement": "train", **{k: v for k, v in rec.items() if k not in ("select_eval",)}})
-        if scored and "val_bpb" not in rec:
-            seq = info["seq_len"]
-            both = score(run_dir, self.val_files, self.ood_file, seq, self.args.ood_batches,
-                         topk=info["router"] == "learned")
-            val, ood = both["val"], both["ood"]
-            if "val_topk" in both:
-                rec.update(val_bpb_topk=both["val_topk"]["bpb"],
-                           val_topk_router={k: v for k, v in both["val_topk"].items() if k.startswith("router/")})
-            rec.update(val_bpb=val["bpb"], val_bytes=val["bytes"], ood_bpb=ood["bpb"], ood_bytes=ood["bytes"],
-                       eval_seconds=both["wall_s"], val_eval_s=val["seconds"], ood_eval_s=ood["seconds"],
-                       val_router={k: v for k, v in val.items() if k.startswith("router/")},
-                       ood_router={k: v for k, v in ood.items() if k.startswith("router/")})
-            done.write_text(json.dumps(rec, indent=1))
-            emit({"measurement": "eval", "model": rec["model"], "budget": budget, "lr": lr, "val_bpb": rec["val_bpb"],
-                  "val_bytes": rec["val_bytes"], "ood_bpb": rec["ood_bpb"], "ood_bytes": rec["ood_bytes"],
-                  "val_bpb_topk": rec.get("val_bpb_topk"), "eval_seconds": rec["eval_seconds"],
-                  "val_eval_s": rec["val_eval_s"],
-                  "ood_eval_s": rec["ood_eval_s"]})
-        rec["scored"] = scored or rec.get("scored", False)
-        self.records = [r for r in self.records if r["run_dir"] != rec["run_dir"]] + [rec]
-        return rec
+def run_job(spec: dict, out: Path) -> Path:
+    """Train, score and write one run's result JSON (written under a temporary name, then renamed)."""
+    domain, model, budget, lr, seed = spec["domain"], spec["model"], spec["budget"], spec["lr"], spec["seed"]
+    key = run_key(domain, model, budget, lr, seed)
+    data = domain_data(out, domain)
+    info = model_info(model)
+    steps = steps_for(budget, info)
+    run_dir = out / "runs" / pinned_rev()[:12] / key
+    t0 = time.perf_counter()
+    trained = train_run(run_dir, model, steps, lr, seed, data["shards"])
+    files = json.dumps({s: [str(p) for p in data[s]] for s in ("select", "test")})
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--score", str(run_dir), "--files-json", files,
+           "--paragraph", data["paragraph"].hex()]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"scoring {run_dir} failed:\n{proc.stderr[-3000:]}")
+    scored = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = {"key": key, "rev": pinned_rev(), "domain": domain, "model": model, "router": info["router"],
+              "config": MODELS[model][0], "overrides": MODELS[model][1], "budget": budget, "lr": lr, "seed": seed,
+              "steps": steps, "flops_per_byte": info["flops_per_byte"], "flops_per_byte_at_cap": info["flops_per_byte_at_cap"],
+              "flops": steps * info["flops_per_byte"] * info["batch_size"] * info["data_seq_len"],
+              "test_bpb": scored["test"]["bpb"], "select_bpb": scored["select"]["bpb"],
+              "test_bytes": scored["test"]["bytes"], "select_bytes": scored["select"]["bytes"],
+              "test_sha": data["test_sha"], "select_sha": data["select_sha"],
+              "eval_router": scored["test"]["router"], "routing": scored.get("routing"),
+              "picture": scored.get("picture"), **trained,
+              "score_s": scored["test"]["seconds"] + scored["select"]["seconds"],
+              "wall_s": time.perf_counter() - t0, "machine": machine(),
+              "finished_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    RUNS.mkdir(parents=True, exist_ok=True)
+    path = RUNS / f"{key}.json"
+    write_once(path, json.dumps(result, indent=1, default=float).encode())
+    return path
 
 
-# ----------------------------------------------------------------------------- report
+def machine() -> str:
+    return f"{platform.machine()} {os.cpu_count()} cores, {os.environ.get('OMP_NUM_THREADS', '?')} thread(s)/run"
 
 
-def kept(records: list[dict]) -> list[dict]:
-    return sorted((r for r in records if "val_bpb" in r), key=lambda r: (r["model"], r["budget"]))
+# ----------------------------------------------------------------------------- results (pure: tested with fake runs)
 
 
-def ratios(records: list[dict], budget: float) -> dict:
-    at = {r["model"]: r for r in kept(records) if r["budget"] == budget}
+def load_runs(folder: Path = RUNS) -> list[dict]:
+    """Every committed run JSON; one rev and one held-out set per domain, or an error saying which differ."""
+    runs = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    revs = sorted({r["rev"] for r in runs})
+    if len(revs) > 1:
+        raise SystemExit(f"{folder} holds runs of {len(revs)} pico revs ({', '.join(r[:12] for r in revs)}); "
+                         "one table is one rev: move the other rev's runs away or pass its --rev")
+    for domain in {r["domain"] for r in runs}:
+        shas = {(r["test_sha"], r["select_sha"]) for r in runs if r["domain"] == domain}
+        if len(shas) > 1:
+            raise SystemExit(f"{folder}: {domain} runs were scored on {len(shas)} different held-out sets")
+    return runs
+
+
+def choose_lrs(runs: list[dict], lrs=LRS) -> dict[tuple[str, str], float]:
+    """(domain, model) -> the swept LR with the lowest select bpb, once all of `lrs` finished at SWEEP_BUDGET."""
     out = {}
-    for model in (m for m in LEARNED if m in at):
-        for base, goal in GOALS.items():
-            if base in at:
-                for split in ("val", "ood"):
-                    out[f"{model}/{base} {split}"] = {"ratio": at[model][f"{split}_bpb"] / at[base][f"{split}_bpb"],
-                                                      "goal": goal}
+    for domain, model in {(r["domain"], r["model"]) for r in runs}:
+        sweep = {r["lr"]: r["select_bpb"] for r in runs if (r["domain"], r["model"], r["budget"], r["seed"])
+                 == (domain, model, SWEEP_BUDGET, 0)}
+        if all(lr in sweep for lr in lrs):
+            out[domain, model] = min(lrs, key=lambda lr: (sweep[lr], lr))
     return out
 
 
-def router_summary(records: list[dict]) -> dict:
-    pico = [r for r in kept(records) if r["router"] in ("learned", "chunk")]
-    keys = ("routed_frac_mean", "spacelike_share_of_routed", "routed_share_of_spacelike", "rule_frac",
-            "after_spacelike_share_of_routed", "causal_agreement", "aux_loss", "score_mean", "score_std",
-            "boundary_frac", "chunk_len_mean", "chunk_len_p50", "chunk_len_p90", "chunk_overflow_frac",
-            "flops_per_byte_at_rate")
-    out = {}
-    for r in pico:
-        out[f"{r['model']} B={r['budget']:.0e}"] = {
-            where: {k: src.get(f"router/{k}") for k in keys}
-            for where, src in (("train_topk_last_log", r["train_router_last"]),
-                               ("val_causal", r["val_router"]), ("ood_causal", r["ood_router"]))}
-        out[f"{r['model']} B={r['budget']:.0e}"]["val_bpb"] = {"causal": r["val_bpb"], "topk": r.get("val_bpb_topk")}
-    return out
+def plan(runs: list[dict], models=tuple(MODELS), lrs=LRS, seeds=SEEDS) -> tuple[list[dict], int]:
+    """(runs ready to launch, in launch order, not yet finished; number of runs the protocol has in all)."""
+    done = {r["key"] for r in runs}
+    chosen = choose_lrs(runs, lrs)
+    groups = [[m for m in models if m in CORE], [m for m in models if m not in CORE]]
+    order, total = [], 0
+    for group in groups:
+        for domain in DOMAINS:  # 1. LR sweeps
+            order += [dict(domain=domain, model=m, budget=SWEEP_BUDGET, lr=lr, seed=0) for m in group for lr in lrs]
+        for seed_set in (seeds[:1], seeds[1:]):  # 2. seed 0 everywhere, then the other seeds
+            for seed in seed_set:
+                for domain in DOMAINS:
+                    order += [dict(domain=domain, model=m, budget=FINAL_BUDGET, lr=chosen[domain, m], seed=seed)
+                              for m in group if (domain, m) in chosen]
+        total += len(group) * len(DOMAINS) * (len(lrs) + len(seeds))
+    ready = [s for s in order if run_key(**s) not in done]
+    return ready, total
 
 
-def plot(records: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, split, title in ((axes[0], "val", "novels, val split"), (axes[1], "ood", "Python docs (OOD)")):
-        models = sorted({r["model"] for r in kept(records)}, key=lambda m: (m not in MODELS, m))
-        for m in models:
-            rs = [r for r in kept(records) if r["model"] == m]
-            style = "o-" if m in MODELS else "x"
-            ax.plot([r["flops"] for r in rs], [r[f"{split}_bpb"] for r in rs], style, label=m, ms=7)
-        ax.set_xscale("log")
-        ax.set_xlabel("training FLOPs")
-        ax.set_ylabel("bits per byte (causal routing)")
-        ax.set_title(title)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def mean_std(xs: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
 
 
-def protocol(args: argparse.Namespace) -> list[str]:
-    return [f"Data: the 99 ELTeC novels, `pico prep` with val_fraction 0.05 (split by document hash): 92 train "
-            "documents (59.1 MB), 7 val documents (4.9 MB). Every model reads the same training batches (seed 0, "
-            "same seq_len 256, batch 8, n_predict 4).",
-            f"Budgets (total training FLOPs): {', '.join(f'{b:.0e}' for b in args.budgets)}; steps = budget / "
-            "(train_flops_per_byte x 8 x 256), so a model with fewer FLOPs per byte trains on more bytes.",
-            "Optimizer: SOAP with the configs' betas (0.95, 0.95), no weight decay, grad clip 1; linear warmup over "
-            "10 % of the steps, cosine decay to 0.1 x peak LR.",
-            f"LR: each model trains at {', '.join(f'{x:g}' for x in args.lrs)} at the smallest budget; the LR with "
-            f"the lowest in-training val bpb (first {args.select_batches} val batches of 2 KB, the start of one val "
-            "novel) is used for that model at every budget.",
-            f"val bpb: causal routing over {args.val_kb} KB, an equal slice from the middle of each of the 7 val "
-            "novels (different bytes from the LR-selection batches).",
-            f"OOD bpb: causal routing over the first {args.ood_batches * 2} KB of a {args.ood_kb} KB file made of the "
-            "first 8 KB of every 8th document of the Python 3.11 docs (reStructuredText; no model trained on it)."]
-
-
-def write_results(sweep: Sweep, lr_choice: dict, notes: list[str]) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    recs = kept(sweep.records)
-    models = sweep.args.models
-    budgets = sorted({r["budget"] for r in recs if r["model"] in models})
-    top = max((b for b in budgets if all(any(r["model"] == m and r["budget"] == b for r in recs) for m in models)),
-              default=None)
-    payload = {"code_rev": os.environ.get("PICO_EXPERIMENT_REV", "working tree (--no-pin)"),
-               "protocol": protocol(sweep.args), "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                           "python": platform.python_version()},
-               "command": " ".join(["python", "benchmarks/experiment.py", *sys.argv[1:]]),
-               "lr_sweep": [{k: r[k] for k in ("model", "lr", "budget", "steps", "select_val_bpb", "seconds")}
-                            for r in sorted(sweep.records, key=lambda r: (r["model"], r["lr"]))
-                            if r["budget"] == min(sweep.args.budgets) and r["model"] in MODELS],
-               "lr_choice": lr_choice, "runs": recs, "largest_complete_budget": top,
-               "ratios_at_largest": ratios(recs, top) if top else {}, "router": router_summary(recs)}
-    (RESULTS / f"{PREFIX}results.json").write_text(json.dumps(payload, indent=1, default=float))
-    router = router_summary(recs)
-    (RESULTS / f"{PREFIX}router.json").write_text(json.dumps(router, indent=1))
-    if recs:
-        plot(sweep.records, RESULTS / f"{PREFIX}bpb.png")
-    for model in sorted({r["model"] for r in recs if r["router"] != "none" and r["model"] in MODELS}):
-        pics = [r for r in recs if r["model"] == model]  # one picture per routed model, its largest run
-        src = Path(max(pics, key=lambda r: r["budget"])["run_dir"]) / "routing" / "latest.png"
-        if src.exists():
-            shutil.copyfile(src, RESULTS / (f"{PREFIX}routing.png" if model == "pico" else f"{PREFIX}routing-{model}.png"))
-    lines = ["| model | params | train FLOPs/byte | budget (FLOPs) | steps | LR | val bpb | OOD bpb | train s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in recs:
-        lines.append(f"| {r['model']} | {r['params']:,} | {r['flops_per_byte'] / 1e6:.2f} M | {r['budget']:.0e} | "
-                     f"{r['steps']} | {r['lr']:g} | {r['val_bpb']:.4f} | {r['ood_bpb']:.4f} | {r['seconds']:.0f} |")
-    sweep_lines = ["| model | LR | steps | selection val bpb | train s |", "| --- | ---: | ---: | ---: | ---: |"]
-    for s in payload["lr_sweep"]:
-        sweep_lines.append(f"| {s['model']} | {s['lr']:g} | {s['steps']} | {s['select_val_bpb']:.4f} | "
-                           f"{s['seconds']:.0f} |")
-    ratio_lines = [f"- {k}: **{v['ratio']:.3f}** (goal <= {v['goal']})" for k, v in payload["ratios_at_largest"].items()]
-    stat_lines = ["| run | where | routed frac | spacelike share of routed | routed share of spacelike | rule frac "
-                  "| causal agreement | aux loss |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for run, by_where in router.items():
-        for where, s in by_where.items():
-            if where == "val_bpb":
+def aggregate(runs: list[dict], lrs=LRS) -> dict:
+    """Per domain, model and budget: bpb at the chosen LR over seeds (mean, std), with per-seed values;
+    ratios of each learned model to each baseline (ratio of means; per-seed ratios, paired by seed)."""
+    chosen = choose_lrs(runs, lrs)
+    cells: dict[str, dict] = {}
+    for (domain, model), lr in sorted(chosen.items()):
+        for budget in (SWEEP_BUDGET, FINAL_BUDGET):
+            rs = sorted((r for r in runs if (r["domain"], r["model"], r["budget"], r["lr"]) == (domain, model, budget, lr)),
+                        key=lambda r: r["seed"])
+            if rs:
+                m, s = mean_std([r["test_bpb"] for r in rs])
+                cells[f"{domain}/{model}/{budget:.0e}"] = {
+                    "domain": domain, "model": model, "budget": budget, "lr": lr, "n_seeds": len(rs), "mean": m,
+                    "std": s, "per_seed": {r["seed"]: r["test_bpb"] for r in rs}}
+    ratios = {}
+    for c in cells.values():
+        if c["model"] not in LEARNED:
+            continue
+        for base in BASELINES:
+            b = cells.get(f"{c['domain']}/{base}/{c['budget']:.0e}")
+            if not b:
                 continue
-            cells = " | ".join("-" if s.get(k) is None else f"{s[k]:.3f}" for k in
-                               ("routed_frac_mean", "spacelike_share_of_routed", "routed_share_of_spacelike",
-                                "rule_frac", "causal_agreement", "aux_loss"))
-            stat_lines.append(f"| {run} | {where} | {cells} |")
-    md = [f"# Experiment: Pico vs SpaceByte's rule vs a plain byte Transformer at equal training FLOPs", "",
-          f"Command: `{payload['command']}`  ", f"Machine: {payload['machine']}  ",
-          f"pico code: commit {payload['code_rev']} (a `git archive` snapshot, so edits made during the sweep do not "
-          "leak in)", "", "## Protocol", "", *[f"- {x}" for x in payload["protocol"]], "",
-          "Analysis, what was tried and what to change next: [experiment_notes.md](experiment_notes.md).", "",
-          "## Bits per byte (causal routing) by budget", "", *lines, "",
-          f"## Ratios at the largest budget all three finished ({top:.0e} FLOPs)" if top else "## Ratios", "",
-          *ratio_lines, "", "## Learning-rate sweep at the smallest budget", "", *sweep_lines, "",
-          f"Chosen: {json.dumps(lr_choice)}", "", "## Learned router statistics", "", *stat_lines, "",
-          "Val bpb of each learned-router run with causal routing (as reported above) and with training's top-k "
-          "routing (same bytes; top-k sees the future, so it is not a fair score, only the size of the "
-          "train/inference routing gap):", "",
-          *[f"- {run}: causal {v['val_bpb']['causal']:.4f}, top-k "
-            f"{'-' if v['val_bpb']['topk'] is None else format(v['val_bpb']['topk'], '.4f')}"
-            for run, v in router.items()], "",
-          "![bpb vs FLOPs](experiment_bpb.png)", "", "![routing](experiment_routing.png)", "", *notes, ""]
-    (RESULTS / f"{PREFIX}results.md").write_text("\n".join(md))
+            paired = [c["per_seed"][s] / b["per_seed"][s] for s in sorted(c["per_seed"]) if s in b["per_seed"]]
+            ratios[f"{c['domain']}/{c['model']}/{base}/{c['budget']:.0e}"] = {
+                "domain": c["domain"], "model": c["model"], "baseline": base, "budget": c["budget"],
+                "ratio_of_means": c["mean"] / b["mean"], "n_pairs": len(paired),
+                "per_seed": paired, "min": min(paired, default=None), "max": max(paired, default=None),
+                "std": statistics.stdev(paired) if len(paired) > 1 else None,
+                "target": TARGETS.get((c["domain"], base)) if c["budget"] == FINAL_BUDGET else None}
+    return {"chosen_lr": {f"{d}/{m}": lr for (d, m), lr in sorted(chosen.items())}, "cells": cells, "ratios": ratios}
 
 
-# ----------------------------------------------------------------------------- main
+def router_table(runs: list[dict], chosen: dict) -> list[dict]:
+    """Router behaviour on the test set per domain, model and budget (chosen LR), summed over seeds."""
+    out = []
+    for (domain, model), lr in sorted(chosen.items()):
+        for budget in (SWEEP_BUDGET, FINAL_BUDGET):
+            rs = [r for r in runs if (r["domain"], r["model"], r["budget"], r["lr"]) == (domain, model, budget, lr)
+                  and r.get("routing")]
+            if not rs:
+                continue
+            hist = [sum(h) for h in zip(*(r["routing"]["chunk_len_hist"] for r in rs))]
+            row = {"domain": domain, "model": model, "budget": budget, "n_seeds": len(rs), "hist": hist}
+            for k in ("boundary_rate", "rule_rate", "share_at_rule", "share_after_rule", "share_at_or_after_rule",
+                      "rule_recall", "chunk_len_mean", "chunk_len_p50", "chunk_len_p90"):
+                vals = [r["routing"][k] for r in rs if r["routing"].get(k) is not None]
+                row[k] = statistics.fmean(vals) if vals else None
+            out.append(row)
+    return out
+
+
+HIST_BINS = ((1, 1), (2, 2), (3, 3), (4, 4), (5, 6), (7, 8), (9, 12), (13, 16), (17, 32), (33, 10**9))
+
+
+def hist_cells(hist: list[int]) -> list[str]:
+    total = max(1, sum(hist))
+    return [f"{100 * sum(hist[k - 1] for k in range(lo, min(hi, len(hist)) + 1)) / total:.1f}" for lo, hi in HIST_BINS]
+
+
+def chunk_len(x) -> str:
+    """A chunk-length quantile; HIST_MAX + 1 stands for the open last bin."""
+    return "-" if x is None else (f">{HIST_MAX}" if x > HIST_MAX else f"{x:g}")
+
+
+def fmt(x, spec: str = ".4f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def table_lines(runs: list[dict], total: int) -> tuple[list[str], dict]:
+    """results.md's body and results.json's payload from the finished runs."""
+    agg = aggregate(runs)
+    chosen = {tuple(k.split("/")): v for k, v in agg["chosen_lr"].items()}
+    routers = router_table(runs, chosen)
+    rev = runs[0]["rev"] if runs else None
+    md = ["# Experiment 2 (issue 18): learned routing vs SpaceByte's rule vs a plain byte Transformer", "",
+          f"pico rev `{rev}` (every run; a `git archive` snapshot). **{len(runs)} of {total}** planned runs finished. "
+          "Protocol and resume command: [README.md](README.md). bpb: bits per byte on the domain's held-out "
+          "*test* set, causal routing, 256-byte windows; the LR was chosen on the disjoint *select* set.", ""]
+    md += ["## Bits per byte at the chosen LR", "",
+           "mean over the seeds that finished; std is the sample standard deviation over seeds (n-1); "
+           "1e13 has seed 0 only.", "",
+           "| domain | model | LR | 1e13 (seed 0) | 3e13 mean | 3e13 std | 3e13 seeds | 3e13 per seed |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for (domain, model), lr in sorted(chosen.items(), key=lambda x: (DOMAINS.index(x[0][0]), list(MODELS).index(x[0][1]))):
+        a, b = agg["cells"].get(f"{domain}/{model}/1e+13"), agg["cells"].get(f"{domain}/{model}/3e+13")
+        md.append(f"| {domain} | {model} | {lr:g} | {fmt(a and a['mean'])} | {fmt(b and b['mean'])} | "
+                  f"{fmt(b and b['std'])} | {b['n_seeds'] if b else 0} | "
+                  f"{', '.join(f'{v:.4f}' for v in b['per_seed'].values()) if b else '-'} |")
+    md += ["", "## Ratios (learned router / baseline)", "",
+           "ratio of means; spread = min..max and std of the per-seed ratios, seeds paired (the same seed gives "
+           "both models the same data order). Targets (issue 18) apply at 3e13 with 3 seeds.", "",
+           "| domain | budget | model | baseline | ratio of means | pairs | per-seed min..max | per-seed std | target |",
+           "| --- | ---: | --- | --- | ---: | ---: | --- | ---: | ---: |"]
+    for r in sorted(agg["ratios"].values(), key=lambda r: (DOMAINS.index(r["domain"]), r["budget"], r["model"], r["baseline"])):
+        md.append(f"| {r['domain']} | {r['budget']:.0e} | {r['model']} | {r['baseline']} | {r['ratio_of_means']:.4f} | "
+                  f"{r['n_pairs']} | {fmt(r['min'])}..{fmt(r['max'])} | {fmt(r['std'])} | {fmt(r['target'], '.2f')} |")
+    md += ["", "## LR sweep (1e13 FLOPs, seed 0)", "",
+           "| domain | model | LR | steps | select bpb | test bpb | chosen | wall s |",
+           "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: |"]
+    sweep = sorted((r for r in runs if r["budget"] == SWEEP_BUDGET and r["seed"] == 0),
+                   key=lambda r: (DOMAINS.index(r["domain"]), list(MODELS).index(r["model"]), r["lr"]))
+    for r in sweep:
+        pick = chosen.get((r["domain"], r["model"]))
+        mark = "-" if pick is None else ("**yes**" + (" (grid edge)" if pick in (min(LRS), max(LRS)) else "")
+                                         if pick == r["lr"] else "")
+        md.append(f"| {r['domain']} | {r['model']} | {r['lr']:g} | {r['steps']} | {r['select_bpb']:.4f} | "
+                  f"{r['test_bpb']:.4f} | {mark} | {r['wall_s']:.0f} |")
+    md += ["", "## Router behaviour on the test set (causal routing, chosen LR, mean over seeds)", "",
+           "boundary rate: routed share of positions; at rule: share of boundaries at SpaceByte rule positions "
+           "(a spacelike byte after a non-spacelike one); after rule: at the byte after one (a word's first byte).", "",
+           "| domain | model | budget | seeds | boundary rate | rule rate | at rule | after rule | at or after | "
+           "rule recall | chunk len mean | p50 | p90 |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+           "| ---: | ---: | ---: | ---: |"]
+    for r in routers:
+        md.append(f"| {r['domain']} | {r['model']} | {r['budget']:.0e} | {r['n_seeds']} | {fmt(r['boundary_rate'], '.3f')} | "
+                  f"{fmt(r['rule_rate'], '.3f')} | {fmt(r['share_at_rule'], '.3f')} | {fmt(r['share_after_rule'], '.3f')} | "
+                  f"{fmt(r['share_at_or_after_rule'], '.3f')} | {fmt(r['rule_recall'], '.3f')} | "
+                  f"{fmt(r['chunk_len_mean'], '.2f')} | {chunk_len(r['chunk_len_p50'])} | {chunk_len(r['chunk_len_p90'])} |")
+    md += ["", "Chunk-length histogram (% of chunks; a chunk runs from a boundary to the next one):", "",
+           "| domain | model | budget | " + " | ".join(f"{lo}" if lo == hi else (f"{lo}+" if hi > 10**6 else f"{lo}-{hi}")
+                                                    for lo, hi in HIST_BINS) + " |",
+           "| --- | --- | ---: |" + " ---: |" * len(HIST_BINS)]
+    for r in routers:
+        md.append(f"| {r['domain']} | {r['model']} | {r['budget']:.0e} | " + " | ".join(hist_cells(r["hist"])) + " |")
+    md += ["", "## Routing pictures (one held-out paragraph per domain, the same for every router)", ""]
+    md += [f"![{d} {m}](routing-{d}-{m}.png)" for d, m in picture_runs(runs)]
+    md += ["", "## All finished runs", "", "| key | steps | FLOPs/byte | select bpb | test bpb | train s | score s |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    md += [f"| {r['key']} | {r['steps']} | {r['flops_per_byte'] / 1e6:.2f} M | {r['select_bpb']:.4f} | "
+           f"{r['test_bpb']:.4f} | {r['train_s']:.0f} | {r['score_s']:.0f} |" for r in runs]
+    payload = {"rev": rev, "finished": len(runs), "planned": total, **agg,
+               "chosen_lr": agg["chosen_lr"], "router": routers,
+               "runs": [{k: v for k, v in r.items() if k not in ("picture",)} for r in runs]}
+    return md, payload
+
+
+def picture_runs(runs: list[dict]) -> dict[tuple[str, str], dict]:
+    """(domain, model) -> the run whose picture is shown: the largest budget, lowest seed, at the chosen LR."""
+    chosen = choose_lrs(runs)
+    best = {}
+    for r in runs:
+        dm = (r["domain"], r["model"])
+        if r.get("picture") and (dm not in chosen or chosen[dm] == r["lr"]):
+            old = best.get(dm)
+            if old is None or (r["budget"], -r["seed"]) > (old["budget"], -old["seed"]):
+                best[dm] = r
+    return dict(sorted(best.items()))
+
+
+def write_table(runs: list[dict], total: int, folder: Path = RESULTS, pictures: bool = True) -> list[Path]:
+    """results.md, results.json and the routing pictures; returns the paths written."""
+    md, payload = table_lines(runs, total)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = [folder / "results.md", folder / "results.json"]
+    write_once(written[0], ("\n".join(md) + "\n").encode())
+    write_once(written[1], json.dumps(payload, indent=1, default=float).encode())
+    if pictures:
+        from pico.pipeline.train.pictures import render_png
+
+        for (domain, model), r in picture_runs(runs).items():
+            path = folder / f"routing-{domain}-{model}.png"
+            pic = r["picture"]
+            render_png(pic["ids"], [c == "1" for c in pic["routed"]], path,
+                       f"{model}, {domain}, {r['budget']:.0e} FLOPs, lr {r['lr']:g}, seed {r['seed']}")
+            written.append(path)
+    return written
+
+
+# ----------------------------------------------------------------------------- the driver
+
+
+def check_flops() -> None:
+    """Training FLOPs per byte of each model against pico's (emitted); an error for any outside FLOPS_TOLERANCE."""
+    ref = model_info("pico")["flops_per_byte"]
+    for name in MODELS:
+        info = model_info(name)
+        ratio = info["flops_per_byte"] / ref
+        emit({"measurement": "flops_match", "model": name, "train_flops_per_byte": info["flops_per_byte"],
+              "at_cap": info["flops_per_byte_at_cap"], "ratio_to_pico": ratio})
+        if abs(ratio - 1) > FLOPS_TOLERANCE:
+            raise SystemExit(f"{name} costs {ratio:.3f}x pico's training FLOPs per byte (outside {FLOPS_TOLERANCE:.0%})")
+
+
+def jobs_wanted(args: argparse.Namespace, out: Path) -> int:
+    """--jobs, or the number in OUT/jobs when that file exists (change it while the sweep runs)."""
+    try:
+        return max(1, int((out / "jobs").read_text().strip()))
+    except (FileNotFoundError, ValueError):
+        return args.jobs
+
+
+def stop_time(spec: str) -> dt.datetime | None:
+    if not spec:
+        return None
+    now = dt.datetime.now(dt.timezone.utc)
+    h, m = map(int, spec.split(":"))
+    return now.replace(hour=h, minute=m, second=0, microsecond=0)
+
+
+def predicted_seconds(runs: list[dict], spec: dict) -> float | None:
+    """Wall seconds a run will take: the median of finished runs' seconds per FLOP at the same budget."""
+    same = [r["wall_s"] / r["flops"] for r in runs if r["budget"] == spec["budget"]]
+    return statistics.median(same) * spec["budget"] if same else None
+
+
+def refresh(total: int) -> list[dict]:
+    """Commit run JSONs not committed yet (a finished run of an interrupted driver), then the table."""
+    runs = load_runs()
+    pending = git("status", "--porcelain", "--untracked-files=all", "--", str(RUNS.relative_to(ROOT))).split("\n")
+    for line in filter(None, pending):
+        path = ROOT / line[3:].strip()
+        if path.suffix == ".json":
+            commit([path], f"experiment2: {path.stem}")
+    if runs:
+        commit(write_table(runs, total), f"experiment2: results table ({len(runs)} of {total} runs)")
+    return runs
+
+
+def drive(args: argparse.Namespace) -> None:
+    out = Path(args.out).resolve()
+    check_flops()
+    for domain in DOMAINS:  # prepare both domains before the first run
+        data = domain_data(out, domain)
+        emit({"measurement": "data", "domain": domain, "test_kb": data["test_kb"], "select_kb": data["select_kb"],
+              "test_files": len(data["test"]), "test_sha": data["test_sha"], "select_sha": data["select_sha"],
+              "paragraph": data["paragraph"][:60].decode("utf-8", "replace")})
+    _, total = plan([], args.models)
+    running: dict[str, tuple[subprocess.Popen, dict, float]] = {}
+
+    def stop(signum, frame):  # the runs in flight die with their process groups; nothing half-written is committed
+        for proc, _, _ in running.values():
+            os.killpg(proc.pid, signal.SIGTERM)
+        emit({"measurement": "stopped", "signal": signum, "killed": sorted(running)})
+        sys.exit(1)
+
+    signal.signal(signal.SIGTERM, stop)
+    deadline = stop_time(args.stop_at)
+    failed: set[str] = set()
+    runs = refresh(total)
+    while True:
+        for key, (proc, spec, t0) in list(running.items()):
+            if proc.poll() is not None:
+                del running[key]
+                if proc.returncode != 0:
+                    failed.add(key)
+                    emit({"measurement": "failed", "key": key, "returncode": proc.returncode})
+                else:
+                    emit({"measurement": "run_done", "key": key, "wall_s": time.time() - t0})
+                runs = refresh(total)
+        ready = [s for s in plan(runs, args.models)[0] if run_key(**s) not in running and run_key(**s) not in failed]
+        while ready and len(running) < jobs_wanted(args, out):
+            spec = ready.pop(0)
+            guess = predicted_seconds(runs, spec)
+            now = dt.datetime.now(dt.timezone.utc)
+            if deadline and (now >= deadline or (guess and now + dt.timedelta(seconds=guess) > deadline)):
+                ready = []
+                break
+            key = run_key(**spec)
+            log = out / "logs" / f"{key}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--job", json.dumps(spec),
+                                     "--out", str(out)], cwd=ROOT, env=env(), stdout=log.open("w"),
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+            running[key] = (proc, spec, time.time())
+            emit({"measurement": "launch", "key": key, "predicted_s": guess, "running": sorted(running)})
+        if not running:
+            emit({"measurement": "idle", "finished": len(runs), "planned": total, "failed": sorted(failed),
+                  "ready_not_launched": len(ready)})
+            return
+        time.sleep(5)
 
 
 def measure(args: argparse.Namespace) -> None:
-    """Seconds per step and per process start of each model, from a short run, and the largest
-    budgets of the shape of --budgets whose sweep (LR sweep included) fits --plan-minutes."""
-    sweep = Sweep(args)
-    speeds = []
-    for name in args.models:
-        config, overrides = MODELS[name], MODEL_OVERRIDES.get(name, [])
-        info = model_info(config, overrides)
-        run_dir = sweep.out / "measure" / name
-        r = train_run(run_dir, config, overrides, args.measure, 3e-3, sweep.shards, 4)
-        per_step = (r["bytes_seen"] / r["bytes_per_s"]) / args.measure
-        ev = score(run_dir, sweep.val_files, sweep.ood_file, info["seq_len"], args.ood_batches)
-        emit({"measurement": "speed", "model": name, "steps": args.measure, "seconds": r["seconds"],
-              "seconds_per_step": per_step, "bytes_per_s": r["bytes_per_s"],
-              "overhead_s": r["seconds"] - per_step * args.measure,
-              "eval_bytes_per_s": (ev["val"]["bytes"] + ev["ood"]["bytes"]) / (ev["val"]["seconds"] + ev["ood"]["seconds"]),
-              "eval_bytes": ev["val"]["bytes"] + ev["ood"]["bytes"], "eval_wall_s": ev["wall_s"],
-              "flops_per_byte": info["train_flops_per_byte"]})
-        speeds.append((per_step / (info["train_flops_per_byte"] * info["batch_size"] * info["data_seq_len"]),
-                       r["seconds"] - per_step * args.measure, ev["wall_s"]))
-    sec_per_flop = sum(x[0] for x in speeds) / len(speeds)
-    start, scoring = max(x[1] for x in speeds), max(x[2] for x in speeds)
-    b = sorted(args.budgets)
-    n_train, n_scored = len(args.models) * (len(args.lrs) + len(b) - 1), len(args.models) * len(b)
-    flops = len(args.models) * (len(args.lrs) * b[0] + sum(b[1:]))
-    fixed = n_train * start + n_scored * scoring
-    scale = max(0.0, args.plan_minutes * 60 - fixed) / (flops * sec_per_flop)
-    emit({"measurement": "plan", "seconds_per_gflop": sec_per_flop * 1e9, "start_s": start, "scoring_s": scoring,
-          "predicted_minutes_for_budgets": (fixed + flops * sec_per_flop) / 60, "budgets": b,
-          "scale_to_fit": scale, "budgets_that_fit": [x * scale for x in b], "plan_minutes": args.plan_minutes})
-
-
-def check_flops(models: list[str]) -> list[str]:
-    """Training FLOPs per byte of each model against pico's (emitted); a note for any outside FLOPS_TOLERANCE."""
-    from pico.configs.tree import load_config
-    from pico.model.flops import flops_at_rate
-
-    ref = model_info(MODELS["pico"], [])["train_flops_per_byte"]
-    notes = []
-    for name in models:
-        cfg = load_config(config_path(MODELS[name]), MODEL_OVERRIDES.get(name, [])).model
-        f = flops_at_rate(cfg)
-        ratio = f["at_capacity"] / ref
-        emit({"measurement": "flops_match", "model": name, "train_flops_per_byte": f["at_capacity"],
-              "train_flops_per_byte_at_cap": f["at_cap"], "ratio_to_pico": ratio})
-        if abs(ratio - 1) > FLOPS_TOLERANCE:
-            notes.append(f"- `{name}` costs {ratio:.3f}x pico's training FLOPs per byte (outside {FLOPS_TOLERANCE:.0%})")
-    return notes
+    """Seconds per step and per run start of each core model on prose (N steps, lr 6e-3), and the
+    predicted wall time of each budget's run; then exit."""
+    out = Path(args.out).resolve()
+    data = domain_data(out, "prose")
+    for name in CORE:
+        info = model_info(name)
+        r = train_run(out / "measure" / name, name, args.measure, 6e-3, 0, data["shards"])
+        per_step = r["seconds_per_step"]
+        emit({"measurement": "speed", "model": name, "steps": args.measure, "train_s": r["train_s"],
+              "seconds_per_step": per_step, "start_s": r["train_s"] - per_step * args.measure,
+              "predicted_train_s": {f"{b:.0e}": r["train_s"] - per_step * args.measure + per_step * steps_for(b, info)
+                                    for b in (SWEEP_BUDGET, FINAL_BUDGET)}})
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--budgets", type=float, nargs="+", default=[1e12, 3e12, 1e13], help="total training FLOPs")
-    p.add_argument("--out", default=str(ROOT / "runs" / "experiment"), help="shards, eval texts and run directories")
-    p.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 1e-2], help="LR sweep at the smallest budget")
+    p.add_argument("--out", default="/work/exp-runs", help="shards, held-out sets, code snapshots, run directories "
+                   "(outside the repo; only the result JSONs under benchmarks/results/experiment2/runs are kept)")
+    p.add_argument("--rev", default="HEAD", help="commit whose pico every run uses (the README's, to resume)")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    p.add_argument("--variants", nargs="*", default=[], help="learned-router configs tried at the largest budget")
-    p.add_argument("--variant-budget", type=float, default=0, help="budget of the variants (default: the largest)")
-    p.add_argument("--variant-overrides", nargs="*", default=[],
-                   help="NAME:key=value,key=value learned-router override sets tried at the largest budget")
-    p.add_argument("--select-batches", type=int, default=8, help="val batches (x 2 KB) that pick the LR")
-    p.add_argument("--val-kb", type=int, default=42, help="KB of held-out novel text scored per run")
-    p.add_argument("--ood-kb", type=int, default=256, help="KB of Python docs written to ood.txt")
-    p.add_argument("--ood-batches", type=int, default=16, help="batches (x 2 KB) of ood.txt scored (0 = all)")
-    p.add_argument("--measure", type=int, default=0, help="time N steps of each model and exit")
-    p.add_argument("--plan-minutes", type=float, default=40, help="with --measure: wall time the sweep may take")
-    p.add_argument("--rev", default="HEAD", help="commit whose pico every run uses (pass the first run's to resume)")
-    p.add_argument("--no-pin", action="store_true", help="use the working tree's pico instead of a commit snapshot")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (OUT/jobs overrides it while running)")
+    p.add_argument("--stop-at", default="", help="HH:MM UTC: launch no run predicted to end after it")
+    p.add_argument("--measure", type=int, default=0, help="time N steps of each core model on prose and exit")
+    p.add_argument("--table", action="store_true", help="rewrite and commit the table from the committed runs")
+    p.add_argument("--job", default="", help=argparse.SUPPRESS)  # internal: one run, spec as JSON
     p.add_argument("--score", default="", help=argparse.SUPPRESS)  # internal: score one run, print JSON
-    p.add_argument("--seq", type=int, default=256, help=argparse.SUPPRESS)
-    p.add_argument("--ood-file", default="", help=argparse.SUPPRESS)
-    p.add_argument("--topk", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("files", nargs="*", help=argparse.SUPPRESS)
+    p.add_argument("--files-json", default="", help=argparse.SUPPRESS)
+    p.add_argument("--paragraph", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.score:
         return score_main(args)
-    if not args.no_pin:
-        pin_code(Path(args.out).resolve(), args.rev)
+    pin_code(Path(args.out).resolve(), args.rev)
+    if args.job:
+        path = run_job(json.loads(args.job), Path(args.out).resolve())
+        return emit({"measurement": "result", "path": str(path)})
     if args.measure:
         return measure(args)
-    args.budgets = sorted(args.budgets)
-    sweep = Sweep(args)
-    notes = check_flops(args.models)
-    lr_choice: dict[str, float] = {}
-    b0 = args.budgets[0]
-    for name in args.models:  # 1. LR sweep at the smallest budget
-        runs = [sweep.run(name, MODELS[name], b0, lr, MODEL_OVERRIDES.get(name, [])) for lr in args.lrs]
-        best = min(runs, key=lambda r: r["select_val_bpb"])
-        lr_choice[name] = best["lr"]
-        emit({"measurement": "lr_choice", "model": name, "lr": best["lr"],
-              "select_val_bpb": {f"{r['lr']:g}": r["select_val_bpb"] for r in runs}})
-        sweep.run(name, MODELS[name], b0, best["lr"], MODEL_OVERRIDES.get(name, []), scored=True)
-        write_results(sweep, lr_choice, notes)
-    for budget in args.budgets[1:]:  # 2. the larger budgets, every model before the next budget
-        for name in args.models:
-            sweep.run(name, MODELS[name], budget, lr_choice[name], MODEL_OVERRIDES.get(name, []), scored=True)
-            write_results(sweep, lr_choice, notes)
-    top = args.variant_budget or args.budgets[-1]  # 3. follow-ups on the learned router
-    lr = lr_choice.get("pico", args.lrs[0])
-    jobs = [(Path(path).stem, path, [], lr, "") for path in args.variants]
-    for spec in args.variant_overrides:
-        tag, _, kv = spec.partition(":")
-        overrides = [f"--{x}" for x in kv.split(",") if x and not x.startswith("optim.lr=")]
-        own_lr = [float(x.split("=", 1)[1]) for x in kv.split(",") if x.startswith("optim.lr=")]
-        jobs.append(("pico", MODELS["pico"], overrides, own_lr[0] if own_lr else lr, "-" + tag))
-    for name, config, overrides, vlr, tag in jobs:
-        try:
-            sweep.run(name, config, top, vlr, overrides, scored=True, tag=tag)
-        except RuntimeError as e:  # a variant that cannot train is a finding, not the end of the sweep
-            last = str(e).strip().splitlines()[-1]
-            emit({"measurement": "failed", "model": name + tag, "config": config, "overrides": overrides, "error": last})
-            notes.append(f"- Variant `{name + tag}` ({config} {' '.join(overrides)}) failed to train: `{last}`")
-        write_results(sweep, lr_choice, notes)
+    if args.table:
+        refresh(plan([], args.models)[1])
+        return
+    drive(args)
 
 
 if __name__ == "__main__":

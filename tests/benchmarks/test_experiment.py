@@ -1,0 +1,80 @@
+"""benchmarks/experiment.py's bookkeeping on fake run JSONs: LR choice, launch order, mean/std/ratios,
+one rev per table. No training: the experiment itself is a benchmark, not a test."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+
+import pytest
+
+from tests.conftest import REPO
+
+spec = importlib.util.spec_from_file_location("experiment", REPO / "benchmarks" / "experiment.py")
+experiment = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(experiment)
+
+
+def fake(domain, model, budget, lr, seed, test, select=None, rev="abc"):
+    key = experiment.run_key(domain, model, budget, lr, seed)
+    return {"key": key, "rev": rev, "domain": domain, "model": model, "budget": budget, "lr": lr, "seed": seed,
+            "steps": 100, "flops_per_byte": 8.9e6, "flops": budget, "test_bpb": test,
+            "select_bpb": test if select is None else select, "test_sha": "t", "select_sha": "s",
+            "train_s": 10.0, "score_s": 2.0, "wall_s": 12.0,
+            "routing": {"boundary_rate": 0.2, "rule_rate": 0.18, "share_at_rule": 0.5, "share_after_rule": 0.3,
+                        "share_at_or_after_rule": 0.8, "rule_recall": 0.5, "chunk_len_p50": 4, "chunk_len_p90": 9,
+                        "chunk_len_hist": [1, 2, 3] + [0] * 30}}
+
+
+def sweep(domain, model, best_lr, bpb=2.5):
+    return [fake(domain, model, 1e13, lr, 0, bpb + (0 if lr == best_lr else 0.1)) for lr in experiment.LRS]
+
+
+def test_lr_chosen_on_select_set_only_when_sweep_complete():
+    runs = sweep("prose", "pico", 6e-3)
+    runs[1]["test_bpb"] = 9.0  # the test score must not pick the LR
+    assert experiment.choose_lrs(runs) == {("prose", "pico"): 6e-3}
+    assert experiment.choose_lrs(runs[:2]) == {}
+
+
+def test_plan_order_sweeps_then_seed0_then_other_seeds():
+    ready, total = experiment.plan([])
+    assert total == 7 * 2 * 6
+    first = [(s["domain"], s["model"]) for s in ready[:24]]
+    assert first[:12] == [("prose", m) for m in experiment.CORE for _ in experiment.LRS]
+    assert all(d == "code" and m in experiment.CORE for d, m in first[12:])
+    runs = [r for d in experiment.DOMAINS for m in experiment.CORE for r in sweep(d, m, 3e-3)]
+    ready, _ = experiment.plan(runs)
+    finals = [s for s in ready if s["budget"] == 3e13]
+    assert [s["seed"] for s in finals[:8]] == [0] * 8 and [s["seed"] for s in finals[8:24]] == [1] * 8 + [2] * 8
+    assert all(s["lr"] == 3e-3 for s in finals)
+    assert ready[:24] == finals[:24]  # the core models' 3e13 runs before the dechunk variants' sweeps
+    assert ready[24]["model"] not in experiment.CORE and ready[24]["budget"] == 1e13
+
+
+def test_aggregate_mean_std_and_paired_ratios():
+    runs = sweep("code", "chunk", 6e-3) + sweep("code", "spacelike", 1.2e-2)
+    chunk, space = [2.0, 2.2, 2.1], [2.1, 2.2, 2.4]
+    runs += [fake("code", "chunk", 3e13, 6e-3, s, b) for s, b in enumerate(chunk)]
+    runs += [fake("code", "spacelike", 3e13, 1.2e-2, s, b) for s, b in enumerate(space)]
+    agg = experiment.aggregate(runs)
+    cell = agg["cells"]["code/chunk/3e+13"]
+    assert cell["mean"] == pytest.approx(2.1) and cell["std"] == pytest.approx(statistics.stdev(chunk))
+    r = agg["ratios"]["code/chunk/spacelike/3e+13"]
+    assert r["ratio_of_means"] == pytest.approx(2.1 / statistics.fmean(space))
+    assert r["per_seed"] == pytest.approx([c / s for c, s in zip(chunk, space)])
+    assert r["target"] == 0.97 and r["n_pairs"] == 3
+    assert agg["ratios"]["code/chunk/spacelike/1e+13"]["target"] is None
+
+
+def test_table_written_and_mixed_revs_refused(tmp_path):
+    runs = sweep("prose", "vanilla", 6e-3) + sweep("prose", "chunk", 3e-3)
+    md_paths = experiment.write_table(runs, 84, tmp_path, pictures=False)
+    text = md_paths[0].read_text()
+    assert "**6 of 84**" in text and "| prose | chunk | 0.003 |" in text
+    assert json.loads(md_paths[1].read_text())["chosen_lr"] == {"prose/chunk": 3e-3, "prose/vanilla": 6e-3}
+    for r in runs[:2] + [fake("prose", "pico", 1e13, 3e-3, 0, 2.0, rev="other")]:
+        (tmp_path / f"{r['key']}.json").write_text(json.dumps(r))
+    with pytest.raises(SystemExit, match="2 pico revs"):
+        experiment.load_runs(tmp_path)
