@@ -570,6 +570,9 @@ def router_table(runs: list[dict], chosen: dict) -> list[dict]:
                       "rule_recall", "chunk_len_mean", "chunk_len_p50", "chunk_len_p90"):
                 vals = [r["routing"][k] for r in rs if r["routing"].get(k) is not None]
                 row[k] = statistics.fmean(vals) if vals else None
+            rates = [r["eval_router"].get("flops_per_byte_at_rate") for r in rs]
+            row["flops_at_rate_ratio"] = (statistics.fmean(rates) / rs[0]["flops_per_byte"]
+                                          if None not in rates else None)
             out.append(row)
     return out
 
@@ -632,15 +635,19 @@ def table_lines(runs: list[dict], total: int) -> tuple[list[str], dict]:
                   f"{r['test_bpb']:.4f} | {mark} | {r['wall_s']:.0f} |")
     md += ["", "## Router behaviour on the test set (causal routing, chosen LR, mean over seeds)", "",
            "boundary rate: routed share of positions; at rule: share of boundaries at SpaceByte rule positions "
-           "(a spacelike byte after a non-spacelike one); after rule: at the byte after one (a word's first byte).", "",
+           "(a spacelike byte after a non-spacelike one); after rule: at the byte after one (a word's first byte); "
+           "rule recall: share of rule positions routed; last column: training FLOPs per byte at the test set's "
+           "boundary rate over those the run was matched at (its `capacity`): the chunk router's rate is learned, "
+           "so its real cost can drift from the match.", "",
            "| domain | model | budget | seeds | boundary rate | rule rate | at rule | after rule | at or after | "
-           "rule recall | chunk len mean | p50 | p90 |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-           "| ---: | ---: | ---: | ---: |"]
+           "rule recall | chunk len mean | p50 | p90 | FLOPs at rate / as matched |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in routers:
         md.append(f"| {r['domain']} | {r['model']} | {r['budget']:.0e} | {r['n_seeds']} | {fmt(r['boundary_rate'], '.3f')} | "
                   f"{fmt(r['rule_rate'], '.3f')} | {fmt(r['share_at_rule'], '.3f')} | {fmt(r['share_after_rule'], '.3f')} | "
                   f"{fmt(r['share_at_or_after_rule'], '.3f')} | {fmt(r['rule_recall'], '.3f')} | "
-                  f"{fmt(r['chunk_len_mean'], '.2f')} | {chunk_len(r['chunk_len_p50'])} | {chunk_len(r['chunk_len_p90'])} |")
+                  f"{fmt(r['chunk_len_mean'], '.2f')} | {chunk_len(r['chunk_len_p50'])} | {chunk_len(r['chunk_len_p90'])} | "
+                  f"{fmt(r['flops_at_rate_ratio'], '.3f')} |")
     md += ["", "Chunk-length histogram (% of chunks; a chunk runs from a boundary to the next one):", "",
            "| domain | model | budget | " + " | ".join(f"{lo}" if lo == hi else (f"{lo}+" if hi > 10**6 else f"{lo}-{hi}")
                                                     for lo, hi in HIST_BINS) + " |",
@@ -649,10 +656,11 @@ def table_lines(runs: list[dict], total: int) -> tuple[list[str], dict]:
         md.append(f"| {r['domain']} | {r['model']} | {r['budget']:.0e} | " + " | ".join(hist_cells(r["hist"])) + " |")
     md += ["", "## Routing pictures (one held-out paragraph per domain, the same for every router)", ""]
     md += [f"![{d} {m}](routing-{d}-{m}.png)" for d, m in picture_runs(runs)]
-    md += ["", "## All finished runs", "", "| key | steps | FLOPs/byte | select bpb | test bpb | train s | score s |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    md += ["", "## All finished runs", "", "| key | steps | FLOPs/byte | select bpb | test bpb | s/step | train s | "
+           "score s | wall s |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     md += [f"| {r['key']} | {r['steps']} | {r['flops_per_byte'] / 1e6:.2f} M | {r['select_bpb']:.4f} | "
-           f"{r['test_bpb']:.4f} | {r['train_s']:.0f} | {r['score_s']:.0f} |" for r in runs]
+           f"{r['test_bpb']:.4f} | {fmt(r.get('seconds_per_step'), '.2f')} | {r['train_s']:.0f} | {r['score_s']:.0f} | "
+           f"{r['wall_s']:.0f} |" for r in runs]
     payload = {"rev": rev, "finished": len(runs), "planned": total, **agg,
                "chosen_lr": agg["chosen_lr"], "router": routers,
                "runs": [{k: v for k, v in r.items() if k not in ("picture",)} for r in runs]}

@@ -21,7 +21,7 @@ def fake(domain, model, budget, lr, seed, test, select=None, rev="abc"):
     return {"key": key, "rev": rev, "domain": domain, "model": model, "budget": budget, "lr": lr, "seed": seed,
             "steps": 100, "flops_per_byte": 8.9e6, "flops": budget, "test_bpb": test,
             "select_bpb": test if select is None else select, "test_sha": "t", "select_sha": "s",
-            "train_s": 10.0, "score_s": 2.0, "wall_s": 12.0,
+            "train_s": 10.0, "score_s": 2.0, "wall_s": 12.0, "eval_router": {},
             "routing": {"boundary_rate": 0.2, "rule_rate": 0.18, "share_at_rule": 0.5, "share_after_rule": 0.3,
                         "share_at_or_after_rule": 0.8, "rule_recall": 0.5, "chunk_len_p50": 4, "chunk_len_p90": 9,
                         "chunk_len_hist": [1, 2, 3] + [0] * 30}}
