@@ -13,11 +13,11 @@ attention). ALiBi slopes as in Press et al. 2022. `attend(q, k, v, mask)` is the
   `attention_bias` from absolute positions. The reference, and the path of cached decoding, whose
   queries and keys are not the same positions.
 - `MaskSpec(impl="banded")`: **banded**, for CPU. Queries are cut into blocks of `block` positions
-  (default window / 4); a query block attends to the ceil((window - 1) / block) key blocks before
-  it and its own, so work and memory are O(T * (window + block)) instead of O(T^2). The blocks go
-  through SDPA as one batch under one (H, block, keys) mask, the same for every block; the
-  first blocks, whose key span would start before position 0, go through SDPA on their own.
-  Measured against dense in benchmarks/results/attention.md.
+  (default window / 4, at least 32); a query block attends to the ceil((window - 1) / block) key
+  blocks before it and its own, so work and memory are O(T * (window + block)) instead of
+  O(T^2). The blocks go through SDPA as one batch under one (H, block, keys) mask, the same for
+  every block; the first blocks, whose key span would start before position 0, go through SDPA
+  on their own. Measured against dense in benchmarks/results/attention.md.
 - `MaskSpec(impl="flex")`: **FlexAttention** (`torch.nn.attention.flex_attention`), for CUDA: a
   block mask skips the blocks outside the causal window, a `score_mod` adds the ALiBi bias and
   the kernel shares kv heads itself (`enable_gqa`). It is compiled on CUDA (eager flex
@@ -94,6 +94,8 @@ def resolve_impl(impl: str, device: torch.device) -> str:
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | MaskSpec) -> torch.Tensor:
     """Attention output (B, Tq, H * head_dim) of q (B, H, Tq, hd) against k, v (B, Hkv, Tk, hd)."""
     if isinstance(mask, torch.Tensor):
+        if mask.dim() == 3:  # (H, Tq, Tk): SDPA takes its fused CPU kernel only for a 4-D mask (else the math one)
+            mask = mask.unsqueeze(0)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
     elif mask.impl == "banded":
         if mask.pos is not None or mask.window is None:
@@ -111,8 +113,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
 
 def default_block(window: int) -> int:
-    """Banded query block: a quarter of the window (keys per query = window + block), at least 16."""
-    return max(16, -(-window // 4))
+    """Banded query block: a quarter of the window (keys per query = window + block), at least 32
+    (shorter blocks cost more in the fused kernel's overhead than they save in masked keys)."""
+    return max(32, -(-window // 4))
 
 
 def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor, window: int,
@@ -123,7 +126,9 @@ def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: 
     key blocks before it and its own: L = (m + 1) * b keys, of which one (H, b, L) mask keeps the
     window. The blocks go through SDPA as a batch (its fused CPU kernel, which keeps no
     scores for the backward pass), all under that one broadcast mask; the first m * b queries,
-    whose spans would start before position 0, go through SDPA on their own.
+    whose spans would start before position 0, go through SDPA on their own. The G query heads
+    of a kv head share its keys, so they go in as one query block of G * b rows (longer query
+    blocks run faster in the fused kernel than G heads of b rows under enable_gqa).
     """
     B, H, T, hd = q.shape
     b = min(block or default_block(window), T)
@@ -135,13 +140,15 @@ def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: 
     if head == T:
         return y0
     Hkv, L, nb = k.shape[1], (m + 1) * b, -(-(T - head) // b)  # nb blocks of b queries after the head
+    G = H // Hkv  # query heads per kv head; head h = kv * G + g
     pad = head + nb * b - T  # trailing queries and keys past T: later than every real query, so masked
-    qb = F.pad(q[:, :, head:], (0, 0, 0, pad)).view(B, H, nb, b, hd).transpose(1, 2).reshape(B * nb, H, b, hd)
+    qb = F.pad(q[:, :, head:], (0, 0, 0, pad)).view(B, Hkv, G, nb, b, hd).permute(0, 3, 1, 2, 4, 5)
+    qb = qb.reshape(B * nb, Hkv, G * b, hd)  # rows g * b + i: query i of the block, head kv * G + g
     kb, vb = (F.pad(t, (0, 0, 0, pad)).unfold(2, L, b).permute(0, 2, 1, 4, 3).reshape(B * nb, Hkv, L, hd)
               for t in (k, v))  # (B * nb, Hkv, L, hd): block n's keys start at n * b
-    mask = band_bias(slopes, window, b, m, q.device, q.dtype).expand(B * nb, H, b, L)
-    y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, enable_gqa=Hkv != H)  # (B * nb, H, b, hd)
-    y = y.view(B, nb, H, b, hd).transpose(2, 3).reshape(B, nb * b, H * hd)[:, :T - head]
+    mask = band_bias(slopes, window, b, m, q.device, q.dtype).view(Hkv, G * b, L).expand(B * nb, Hkv, G * b, L)
+    y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask)  # (B * nb, Hkv, G * b, hd)
+    y = y.view(B, nb, Hkv, G, b, hd).permute(0, 1, 4, 2, 3, 5).reshape(B, nb * b, H * hd)[:, :T - head]
     return torch.cat([y0, y], dim=1)
 
 
