@@ -75,7 +75,7 @@ from pico.model.spacelike import is_spacelike
 START = EOS  # what precedes a document in training streams
 FAR = 1 << 40  # position of an empty cache slot: after every query, so never visible
 PAD_POS = 1 << 39  # position of a padding latent slot: far from every real key, sees only padding
-STAGE = 16  # cache slots for a step's new entries (a speculative chunk is n_predict bytes)
+STAGE = 64  # cache slots for a step's new entries (a chain is n_predict bytes, a tree at most 64 nodes)
 
 
 # ----------------------------------------------------------------------------- caches
@@ -189,6 +189,80 @@ class _LayerCache:
 # ----------------------------------------------------------------------------- decoder
 
 
+class DraftTree:
+    """A static sparse tree of draft candidates, verified in one pass (Medusa, Cai et al. 2024).
+
+    Each node after the root is a path of ranks (r_1, .., r_d): its byte is the rank-r_d
+    candidate of head d + 1 (byte t + d) at the last accepted position, and its parent is the
+    path without its last rank. The root (index 0) is the last accepted byte x_t. Nodes sit at
+    positions t + depth and see their ancestors only (`anc`, the tree attention mask), so
+    every root-to-node path computes what a chain of those bytes would. Children of a node
+    have distinct ranks, hence distinct bytes, so at most one path is accepted (greedy).
+    """
+
+    MAX_NODES = 64
+
+    def __init__(self, paths):
+        paths = [tuple(int(r) for r in p) for p in paths]
+        index: dict[tuple[int, ...], int] = {(): 0}
+        parent, depth, rank = [-1], [0], [0]
+        for p in paths:
+            if not p or p in index or p[:-1] not in index or min(p) < 0:
+                raise ValueError(f"draft tree: path {p} must be new, non-empty, with ranks >= 0 and its parent "
+                                 f"{p[:-1]} listed before it")
+            index[p] = len(parent)
+            parent.append(index[p[:-1]])
+            depth.append(len(p))
+            rank.append(p[-1])
+        if len(parent) > self.MAX_NODES:
+            raise ValueError(f"draft tree of {len(parent)} nodes: at most {self.MAX_NODES} (one pass feeds them all)")
+        anc = torch.zeros(len(parent), len(parent), dtype=torch.bool)
+        for i in range(len(parent)):
+            j = i
+            while j >= 0:
+                anc[i, j] = True
+                j = parent[j]
+        self.paths, self.anc = paths, anc
+        self.parent, self.depth, self.rank = (torch.tensor(t) for t in (parent, depth, rank))
+        self.max_depth, self.top = max(depth), max(rank) + 1
+
+    def __len__(self) -> int:
+        return len(self.paths) + 1
+
+    @classmethod
+    def product(cls, top: list[int]) -> DraftTree:
+        """Every path with rank < top[d] at depth d + 1: `--tree 3,2,1` is 3 + 6 + 6 = 15 nodes."""
+        paths, level = [], [()]
+        for k in top:
+            level = [p + (r,) for p in level for r in range(k)]
+            paths += level
+        return cls(paths)
+
+    @classmethod
+    def from_accuracy(cls, acc: list[list[float]], n_nodes: int) -> DraftTree:
+        """The n_nodes paths most likely to be right, acc[d][r] being how often the rank-r
+        candidate of head d + 2 is the true byte (measured on held-out text); paths are scored
+        as if heads were independent (Medusa's construction)."""
+        import heapq
+
+        heap = [(-acc[0][r], (r,)) for r in range(len(acc[0]))]
+        heapq.heapify(heap)
+        paths: list[tuple[int, ...]] = []
+        while heap and len(paths) < n_nodes:
+            neg, p = heapq.heappop(heap)
+            paths.append(p)
+            if len(p) < len(acc):
+                for r in range(len(acc[len(p)])):
+                    heapq.heappush(heap, (neg * acc[len(p)][r], p + (r,)))
+        return cls(paths)
+
+    def to(self, device) -> DraftTree:
+        """The tensors on device (in place; returns self)."""
+        self.anc, self.parent, self.depth, self.rank = (t.to(device) for t in (self.anc, self.parent, self.depth,
+                                                                                 self.rank))
+        return self
+
+
 def default_context(cfg) -> int:
     """Bytes a position attends back over when decoding (itself included): the training length.
 
@@ -249,8 +323,11 @@ class Decoder:
         """Cache memory of the whole batch; constant however many bytes are decoded."""
         return self.local.nbytes() + (self.latent.nbytes() if self.latent is not None else 0)
 
-    def forward(self, ids: torch.Tensor, n_valid: torch.Tensor | None = None, lazy_latent: bool = False) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, n_valid: torch.Tensor | None = None, lazy_latent: bool = False,
+                tree: DraftTree | None = None) -> torch.Tensor:
         """Trunk output (B, C, d_local) of chunk ids (B, C); entries at index >= n_valid[b] are padding.
+        With a `tree` of C nodes the chunk is a draft tree: node i at position length + depth,
+        seeing its ancestors only (commit with `commit_path`).
 
         `lazy_latent=True` (speculative steps): when no sequence routes the chunk's first byte,
         the latent stack does not run, and the output is exact only before each row's first
@@ -260,29 +337,35 @@ class Decoder:
         m, cfg = self.model, self.cfg
         B, C = ids.shape
         self.exact = torch.full((B,), C, dtype=torch.long, device=ids.device)
-        ar = torch.arange(C, device=ids.device)
+        ar = torch.arange(C, device=ids.device) if tree is None else tree.depth
         pos = self.length.unsqueeze(1) + ar  # (B, C)
         valid = None if n_valid is None else ar < n_valid.unsqueeze(1)
         x = m.embed(ids)  # (B, C, d_local)
         bias = attention_bias(pos, self.local.key_pos(pos), m.local_slopes, self.local_window, x.dtype)  # (B, H, C, S+1+C)
+        if tree is not None:  # chunk keys: ancestors only
+            bias[..., self.local.S + 1:].masked_fill_(~tree.anc, float("-inf"))
         for i, blk in enumerate(m.blocks_in):
             x = blk(x, bias, self.local.layer(i))
         self.pending = _Pending(ids)
         if self.latent is not None:
-            x = self._latent(x, ids, pos, valid, lazy_latent)
+            x = self._latent(x, ids, pos, valid, lazy_latent and tree is None, tree)
         for i, blk in enumerate(m.blocks_out):
             x = blk(x, bias, self.local.layer(cfg.n_in + i))
         return x
 
-    def _route(self, x: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor | None):
+    def _route(self, x: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor | None,
+               tree: DraftTree | None = None):
         """Causal routing of the chunk: routed mask (B, C) and gate (B, C), as `Router` in causal mode."""
         cfg, router = self.cfg, self.model.router
-        prev = torch.cat([self.prev.unsqueeze(1), ids[:, :-1]], dim=1)
+        if tree is None:
+            prev = torch.cat([self.prev.unsqueeze(1), ids[:, :-1]], dim=1)
+        else:  # a node's predecessor is its parent
+            prev = torch.where(tree.parent < 0, self.prev.unsqueeze(1), ids[:, tree.parent.clamp(min=0)])
         rule = is_spacelike(ids) & ~is_spacelike(prev)
         if cfg.router == "spacelike":
             if valid is not None:
                 rule = rule & valid
-            mask = self._sliding_cap(rule, pos)
+            mask = self._sliding_cap(rule, pos, None if tree is None else tree.anc)
             return mask, torch.ones(mask.shape, dtype=x.dtype, device=x.device)
         # The router's own causal logits: they include router_prior and router_aux=predictor.
         scores, causal = router.logits(x, rule)  # (B, C) each
@@ -291,7 +374,7 @@ class Decoder:
             mask = mask & valid
         return mask, router.weight(scores)
 
-    def _sliding_cap(self, rule: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def _sliding_cap(self, rule: torch.Tensor, pos: torch.Tensor, anc: torch.Tensor | None = None) -> torch.Tensor:
         """Rule positions (B, C) routed: those with fewer than rule_cap routed positions in the
         context - 1 bytes before them (the latent ring holds all of them). Within the first
         context bytes this is the full forward's causal cap (the first rule_cap rule positions)."""
@@ -301,14 +384,17 @@ class Decoder:
         mask = torch.zeros_like(rule)
         for c in rule.any(0).nonzero().flatten().tolist():  # sequential: each decision counts the earlier ones
             lo, p = pos[:, c:c + 1] - self.context, pos[:, c:c + 1]
-            n = ((ring > lo) & (ring < p)).sum(1) + (mask[:, :c] & (pos[:, :c] > lo)).sum(1)
+            before = mask[:, :c] & (pos[:, :c] > lo)
+            if anc is not None:  # a tree node counts its ancestors only
+                before = before & anc[c, :c]
+            n = ((ring > lo) & (ring < p)).sum(1) + before.sum(1)
             mask[:, c] = rule[:, c] & (n < self.rule_cap)
         return mask
 
     def _latent(self, x: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor | None,
-                lazy: bool) -> torch.Tensor:
+                lazy: bool, tree: DraftTree | None = None) -> torch.Tensor:
         m, cache = self.model, self.latent
-        mask, gate = self._route(x, ids, pos, valid)
+        mask, gate = self._route(x, ids, pos, valid, tree)
         if lazy and not bool(mask[:, 0].any()):  # skip the stack; stop each row at its first routed byte
             C = mask.shape[1]
             first = torch.where(mask, torch.arange(C, device=mask.device), C).amin(1)
@@ -324,6 +410,9 @@ class Decoder:
         g = idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])  # (B, K, d_local)
         z = m.latent_in(torch.gather(x, 1, g))  # (B, K, d_latent)
         bias = attention_bias(spos, cache.key_pos(spos), m.latent_slopes, self.context, z.dtype)
+        if tree is not None:  # routed nodes see routed ancestors; padding slots see themselves
+            see = tree.anc[idx.unsqueeze(-1), idx.unsqueeze(-2)] | torch.eye(K, dtype=torch.bool, device=idx.device)
+            bias[..., cache.S + 1:].masked_fill_(~see.unsqueeze(1), float("-inf"))
         for i, blk in enumerate(m.latent_blocks):
             z = blk(z, bias, cache.layer(i))
         w = (gate.gather(1, idx) * ok).unsqueeze(-1).to(z.dtype)
@@ -331,16 +420,24 @@ class Decoder:
 
     def commit(self, n_keep: torch.Tensor) -> None:
         """Keep the first n_keep[b] (B,) bytes of the last chunk of each sequence in the caches."""
+        C = self.pending.ids.shape[1]
+        keep = torch.arange(C, device=n_keep.device) < n_keep.unsqueeze(1)  # (B, C)
+        self._commit(keep, n_keep, n_keep - 1)
+
+    def commit_path(self, keep: torch.Tensor, last: torch.Tensor) -> None:
+        """Keep the nodes keep (B, C) of the last tree chunk: one root-to-node path per row,
+        whose deepest node is last (B,)."""
+        self._commit(keep, keep.sum(1), last)
+
+    def _commit(self, keep: torch.Tensor, n_keep: torch.Tensor, last: torch.Tensor) -> None:
         p = self.pending
-        B, C = p.ids.shape
-        keep = torch.arange(C, device=p.ids.device) < n_keep.unsqueeze(1)  # (B, C)
         self.local.commit(keep)
         if self.latent is not None:
             if p.slot_idx is None:
                 self.latent.commit(keep[:, :0])
             else:
-                self.latent.commit(p.slot_valid & (p.slot_idx < n_keep.unsqueeze(1)))
-        last = (n_keep - 1).clamp(min=0).unsqueeze(1)
+                self.latent.commit(p.slot_valid & keep.gather(1, p.slot_idx))
+        last = last.clamp(min=0).unsqueeze(1)
         self.prev = torch.where(n_keep > 0, p.ids.gather(1, last).squeeze(1), self.prev)
         self.length += n_keep
         self.pending = None
@@ -363,6 +460,7 @@ class DraftHeads:
     kernel calls per step into a few, which is most of what a draft costs on a CPU."""
 
     def __init__(self, model: Pico, k: int):
+        self.k = k
         heads = list(model.mtp_heads[:k])
         self.eps = heads[0].norm.eps
         self.norm_w = torch.stack([h.norm.weight for h in heads]).unsqueeze(1)  # (k, 1, d)
@@ -427,6 +525,28 @@ class Sampler:
             return self._mask(logits).argmax(-1), None
         q = self.probs(logits)
         return self._draw(q), q
+
+    def draft_tree(self, model: Pico, x_last: torch.Tensor, tree: DraftTree) -> torch.Tensor:
+        """Node bytes (B, len(tree) - 1) of a draft tree: node (r_1..r_d) takes the rank-r_d
+        byte of head d + 1 at the last accepted position x_last (B, d_local) (greedy only)."""
+        k = tree.max_depth
+        if self.heads is None or self.heads.k < k:
+            self.heads = DraftHeads(model, k)
+        logits = model.unembed(model.norm(self.heads(x_last)))[:, :k]  # (B, k, V)
+        cand = self._mask(logits).topk(tree.top, dim=-1).indices  # (B, k, top)
+        return cand[:, tree.depth[1:] - 1, tree.rank[1:]]
+
+    def verify_tree(self, logits: torch.Tensor, chunk: torch.Tensor, tree: DraftTree):
+        """Greedy verification of a tree chunk (B, C) from head-1 logits (B, C, V) at its nodes:
+        a node is accepted when its parent is and its byte is head 1's argmax at the parent.
+        Returns the deepest accepted node (B,), the kept path (B, C) and the byte after it (B,)."""
+        pred = self._mask(logits).argmax(-1)  # (B, C)
+        ok = chunk == pred[:, tree.parent.clamp(min=0)]
+        ok[:, 0] = True
+        accepted = ((~ok).float() @ tree.anc.t().float()) == 0  # no rejected node on the way from the root
+        best = torch.where(accepted, tree.depth, -1).argmax(1)  # one accepted path: the deepest node is unique
+        rows = torch.arange(chunk.shape[0], device=chunk.device)
+        return best, tree.anc[best], pred[rows, best]
 
     def verify(self, logits: torch.Tensor, chunk: torch.Tensor, q: torch.Tensor | None,
                n_exact: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -509,7 +629,7 @@ def prompt_ids(prompt: bytes, context: int) -> tuple[list[int], int]:
 def generate(model: Pico, prompts: list[bytes], max_new_bytes: int, speculative: bool = True,
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
              stop_at_eos: bool = True, routing_agreement: bool = True, context: int | None = None,
-             lazy_latent: bool = True) -> GenerateResult:
+             lazy_latent: bool = True, tree: DraftTree | None = None) -> GenerateResult:
     """Continue each prompt by up to max_new_bytes bytes (greedy when temperature == 0).
 
     speculative=True drafts with heads 2..n_predict and verifies in the same pass (see the
@@ -519,11 +639,18 @@ def generate(model: Pico, prompts: list[bytes], max_new_bytes: int, speculative:
     training length, see `Decoder`), with memory fixed per sequence. `lazy_latent` (speculative
     only): a step whose first byte routes nowhere skips the latent stack and stops at the first
     routed draft (see `Decoder.forward`), which trades a few accepted bytes for cheaper passes.
+    `tree` (speculative greedy only; sampling keeps the chain, whose acceptance rule is the
+    one proven exact here): verify a `DraftTree` of candidates per pass instead of one chain.
     """
     if temperature < 0 or not 0.0 < top_p <= 1.0 or max_new_bytes < 0:
         raise ValueError(f"generate: need temperature >= 0, 0 < top_p <= 1, max_new_bytes >= 0 "
                          f"(got {temperature}, {top_p}, {max_new_bytes})")
     cfg = model.cfg
+    if tree is not None and tree.max_depth > cfg.n_predict - 1:
+        raise ValueError(f"draft tree of depth {tree.max_depth} needs n_predict >= {tree.max_depth + 1} heads; "
+                         f"the model has n_predict={cfg.n_predict}")
+    if tree is not None and not (speculative and temperature == 0.0):
+        tree = None
     context = default_context(cfg) if context is None else context
     cut = [prompt_ids(bytes(p), context) for p in prompts]
     prefixes = [c[0] for c in cut]
@@ -543,7 +670,11 @@ def generate(model: Pico, prompts: list[bytes], max_new_bytes: int, speculative:
         x_last, n_prefill = _prefill(dec, [prefixes[i] for i in active], dev)
         n_passes += n_prefill
         nxt = sampler.sample(model.head_logits(x_last.unsqueeze(1), 1).squeeze(1))
-        drafts, q = sampler.draft(model, x_last, k)
+        if tree is not None:
+            tree.to(dev)
+            drafts, q = sampler.draft_tree(model, x_last, tree), None
+        else:
+            drafts, q = sampler.draft(model, x_last, k)
         new = [[int(b)] for b in nxt.tolist()]
         while True:
             for r, i in enumerate(active):
@@ -558,7 +689,17 @@ def generate(model: Pico, prompts: list[bytes], max_new_bytes: int, speculative:
                 active = [active[r] for r in keep]
                 nxt, drafts = nxt[sel], drafts[sel]
                 q = None if q is None else q[sel]
-            chunk = torch.cat([nxt.unsqueeze(1), drafts], dim=1)  # (B, 1 + k)
+            chunk = torch.cat([nxt.unsqueeze(1), drafts], dim=1)  # (B, 1 + k), or (B, len(tree))
+            if tree is not None:
+                x = dec.forward(chunk, tree=tree)
+                n_passes += 1
+                best, path, nxt = sampler.verify_tree(model.head_logits(x, 1), chunk, tree)
+                dec.commit_path(path, best)
+                x_last = x[torch.arange(len(active), device=dev), best]
+                drafts = sampler.draft_tree(model, x_last, tree)
+                ch, pl, nl = chunk.tolist(), path.tolist(), nxt.tolist()
+                new = [[b for b, kept in zip(ch[r][1:], pl[r][1:]) if kept] + [nl[r]] for r in range(len(active))]
+                continue
             x = dec.forward(chunk, lazy_latent=lazy_latent and k > 0)
             n_passes += 1
             m, nxt = sampler.verify(model.head_logits(x, 1), chunk, q, dec.exact if k > 0 else None)

@@ -13,7 +13,7 @@ from torch.testing import assert_close
 
 from pico.model import EOS, build_model, make_targets
 from pico.model.attention import attention_bias
-from pico.model.generate import START, Decoder, Sampler, generate
+from pico.model.generate import START, Decoder, DraftTree, Sampler, generate
 from pico.model.pico import pack_slots
 from pico.model.spacelike import spacelike_boundaries
 
@@ -115,6 +115,50 @@ def test_cached_logits_equal_the_full_forward_at_every_step(router, options, str
         keep = torch.randint(1, C + 1, (B,), generator=g)  # like accepted drafts: a prefix of each chunk
         dec.commit(keep)
         done += keep
+
+
+@pytest.mark.parametrize("router,options", ROUTING_CASES, ids=lambda c: str(c))
+def test_every_path_of_a_draft_tree_computes_what_its_chain_would(router, options):
+    """Tree chunk past the context: node logits == the window-limited full forward of prefix + path;
+    after committing one path, decoding goes on as if that path had been fed as a chain."""
+    model = tiny(router, window=6, max_seq_len=32, **options)
+    tree = DraftTree.product([3, 2, 2])
+    B, T0 = 2, 40
+    ids = texty(B, T0 + 30, seed=4)
+    g = torch.Generator().manual_seed(2)
+    dec = Decoder(model, B)
+    dec.forward(ids[:, :T0])
+    dec.commit(torch.tensor([T0, T0]))
+    nodes = torch.randint(ord("a"), ord("z") + 1, (B, len(tree)), generator=g)
+    nodes[nodes < ord("f")] = ord(" ")  # spaces, so that nodes route
+    nodes[:, 0] = ids[:, T0]
+    lg = model.head_logits(dec.forward(nodes, tree=tree), 1)
+    for i in range(len(tree)):
+        path = tree.anc[i].nonzero().flatten()  # ancestors in index order = depth order
+        seq = torch.cat([ids[:, :T0], nodes[:, path]], 1)
+        assert_close(lg[:, i], windowed_forward(model, seq, 32)[:, -1], atol=2e-5, rtol=1e-4)
+    best = torch.tensor([len(tree) - 1, 3])
+    dec.commit_path(tree.anc[best], best)
+    kept = [nodes[b, tree.anc[best[b]]] for b in range(B)]
+    assert dec.length.tolist() == [T0 + len(k) for k in kept]
+    nxt = torch.stack([torch.tensor([ord("q"), ord(" ")])] * B)
+    lg = model.head_logits(dec.forward(nxt), 1)
+    for b in range(B):
+        seq = torch.cat([ids[b, :T0], kept[b], nxt[b]]).unsqueeze(0)
+        assert_close(lg[b], windowed_forward(model, seq, 32)[0, -2:], atol=2e-5, rtol=1e-4)
+
+
+def test_draft_trees_are_checked():
+    assert len(DraftTree.product([3, 2, 1])) == 1 + 3 + 6 + 6
+    t = DraftTree.from_accuracy([[0.5, 0.2, 0.1], [0.4, 0.1], [0.3]], 5)
+    assert t.paths == [(0,), (0, 0), (1,), (2,), (1, 0)]  # path scores 0.5, 0.2, 0.2, 0.1, 0.08
+    for bad in ([(0, 0)], [(0,), (0,)], [()], [(-1,)]):
+        with pytest.raises(ValueError, match="draft tree"):
+            DraftTree(bad)
+    with pytest.raises(ValueError, match="at most 64"):
+        DraftTree.product([8, 8])
+    with pytest.raises(ValueError, match="needs n_predict >= 4"):
+        generate(tiny("none", n_predict=3), [b"a"], 4, tree=DraftTree.product([1, 1, 1]))
 
 
 @pytest.mark.parametrize("router", ROUTERS)
@@ -321,6 +365,20 @@ def test_greedy_speculative_equals_greedy_plain_one_prompt_at_a_time(trained, la
         plain = generate(trained, [prompt], 120, speculative=False, stop_at_eos=False)
         spec = generate(trained, [prompt], 120, lazy_latent=lazy, stop_at_eos=False)
         assert spec.outputs == plain.outputs and spec.bytes_per_pass > 1.5
+
+
+def test_greedy_tree_decoding_equals_greedy_plain(trained):
+    """A tree verifies several candidates per head in one pass; greedy output stays head-1 greedy."""
+    prompts = [TEXT[:10], TEXT[17:20], b"zzz qqq", b"", TEXT * 2]
+    plain = generate(trained, prompts, 150, speculative=False, stop_at_eos=False)
+    chain = generate(trained, prompts, 150, stop_at_eos=False)
+    for tree in (DraftTree.product([2, 2, 1]), DraftTree.from_accuracy([[0.6, 0.2, 0.1], [0.5, 0.2], [0.4, 0.2]], 12)):
+        spec = generate(trained, prompts, 150, tree=tree, stop_at_eos=False)
+        assert spec.outputs == plain.outputs and spec.bytes_per_pass >= chain.bytes_per_pass - 0.05
+        one = [generate(trained, [p], 150, tree=tree, stop_at_eos=False).outputs[0] for p in prompts[:2]]
+        assert one == plain.outputs[:2]
+    sampled = generate(trained, prompts[:2], 20, tree=DraftTree.product([2]), temperature=0.7, seed=0)
+    assert sampled.outputs == generate(trained, prompts[:2], 20, temperature=0.7, seed=0).outputs  # the chain
 
 
 def test_sampling_is_reproducible_with_a_seed():
