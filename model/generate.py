@@ -49,6 +49,22 @@ Design (tensors only; no files, no ranks):
   et al. 2023) with the draft distribution q of each MTP head: accept d_j with probability
   min(1, p(d_j)/q(d_j)), on the first rejection resample from normalise(max(0, p - q)); the
   output has plain sampling's distribution. p and q both use the temperature and top-p.
+- **Lazy latent passes** (`lazy_latent`, speculative only). The causal router decides
+  before the latent stack runs. When no sequence routes the chunk's first byte x_t, the
+  stack is skipped; each row's outputs are then exact only before its first routed draft
+  d_j, so verification reads only those logits and at most d_1..d_j are accepted (d_j
+  passed the test that makes a bonus byte exact: it becomes the next byte). Exact in both
+  modes; it trades accepted bytes for passes without the latent stack.
+- **Draft trees** (`DraftTree`, greedy only; Medusa, Cai et al. 2024). Instead of one chain,
+  a static tree of candidates: node (r_1..r_d) is the rank-r_d byte of head d + 1. All nodes
+  run in one pass at positions t + depth under a tree attention mask (a node sees the ring
+  and its ancestors, in the local and the latent blocks; routing and the spacelike cap read
+  a node's ancestors as its past). A node is accepted when its parent is and its byte is
+  head 1's argmax at the parent; the deepest accepted node's path is committed (the ring
+  commit takes any set of kept entries) and head 1 there gives the bonus byte, so the output
+  is head-1 greedy decoding exactly. `DraftTree.from_accuracy` picks the most likely paths
+  from head accuracies measured on held-out text. Sampling keeps the chain: its acceptance
+  rule is the one whose exactness is proven (and tested) here.
 - **Batches.** Every sequence keeps its own length, caches and accepted count; a step feeds
   the same chunk width to all of them and each commits its own n_keep, so sequences advance
   by different amounts in the same pass and no sequence waits for the slowest acceptor.

@@ -86,6 +86,10 @@ BAD = [
     (["--prompt", "a", "--top-p", "-1"], "--top-p -1.0: must be in (0, 1]"),
     (["--prompt", "a", "--context", "1"], "--context 1: must be >= 2"),
     (["--prompt-file", "EMPTY"], "is empty; use --prompt ''"),
+    (["--prompt", "a", "--tree", "2,2,2"], "--tree 2,2,2: 3 levels need n_predict >= 4 heads; this model has n_predict=3"),
+    (["--prompt", "a", "--tree", "2,x"], "--tree 2,x: give comma-separated counts >= 1"),
+    (["--prompt", "a", "--tree", "0"], "--tree 0: give comma-separated counts >= 1"),
+    (["--prompt", "a", "--tree", "9,8"], "--tree 9,8: draft tree of 82 nodes: at most 64"),
     (["--prompt-file", "MISSING"], "no such file"),
     (["--max-bytes", "4"], "--prompt"),
 ]
@@ -104,6 +108,14 @@ def test_empty_stdin_is_refused(checkpoint, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"")))
     assert gen(checkpoint, "--prompt-file", "-") == 2
     assert "--prompt-file -: stdin is empty" in capsys.readouterr().err
+
+
+def test_a_draft_tree_gives_the_greedy_output(checkpoint, capsys):
+    assert gen(checkpoint, "--prompt", "ab", "--max-bytes", "30", "--json", "--no-speculative") == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert gen(checkpoint, "--prompt", "ab", "--max-bytes", "30", "--json", "--tree", "3,2") == 0
+    tree = json.loads(capsys.readouterr().out)
+    assert tree["outputs"] == plain["outputs"] and tree["tree_nodes"] == 1 + 3 + 6
 
 
 def test_cli_errors_teach(checkpoint, tmp_path, capsys):
