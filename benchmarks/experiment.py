@@ -35,7 +35,7 @@ Protocol, in the order runs are launched (`plan`):
 
 Persistence (each session starts from a fresh clone; only commits survive): run directories
 live outside the repo (`--out`, default /work/exp-runs); a scored run's small JSON is written to
-benchmarks/results/experiment2/runs/<key>.json and committed at once, with the table
+benchmarks/results/experiment2/finished/<key>.json and committed at once, with the table
 (results.md, results.json, routing-*.png). A committed run JSON is a finished run: it is reused,
 never re-run. Every run uses the pico of one commit (`--rev`), extracted with `git archive`; its
 rev is in every JSON and the table refuses to mix revs or held-out sets. Runs go one or more at a
@@ -66,7 +66,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "corpus"
 RESULTS = ROOT / "benchmarks" / "results" / "experiment2"
-RUNS = RESULTS / "runs"
+RUNS = RESULTS / "finished"  # not runs/: .gitignore ignores every runs/ folder, and an ignored result is a lost one
 
 # Ratio-loss weight 0.3, not H-Net's 0.03: at 0.03 the boundary rate swung between 0.03 and 0.25 and ended at 0.12
 # in 60-step smoke runs (experiment_notes.md), so the chunk model spent less than the FLOPs it is matched at. Target
@@ -739,10 +739,9 @@ def predicted_seconds(runs: list[dict], spec: dict) -> float | None:
 def refresh(total: int) -> list[dict]:
     """Commit run JSONs not committed yet (a finished run of an interrupted driver), then the table."""
     runs = load_runs()
-    pending = git("status", "--porcelain", "--untracked-files=all", "--", str(RUNS.relative_to(ROOT))).split("\n")
-    for line in filter(None, pending):
-        path = ROOT / line[3:].strip()
-        if path.suffix == ".json":
+    tracked = set(git("ls-files", "--", str(RUNS.relative_to(ROOT))).split())
+    for path in sorted(RUNS.glob("*.json")):
+        if str(path.relative_to(ROOT)) not in tracked:
             commit([path], f"experiment2: {path.stem}")
     if runs:
         commit(write_table(runs, total), f"experiment2: results table ({len(runs)} of {total} runs)")
@@ -821,7 +820,7 @@ def measure(args: argparse.Namespace) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="/work/exp-runs", help="shards, held-out sets, code snapshots, run directories "
-                   "(outside the repo; only the result JSONs under benchmarks/results/experiment2/runs are kept)")
+                   "(outside the repo; only the result JSONs under benchmarks/results/experiment2/finished are kept)")
     p.add_argument("--rev", default="HEAD", help="commit whose pico every run uses (the README's, to resume)")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (OUT/jobs overrides it while running)")
