@@ -11,13 +11,16 @@ taken `--offset` bytes into a document (past title pages and licence headers), a
 streaming context is measured too). Each measurement is one JSON line on stdout; all of them go
 to benchmarks/results/generate_speed.json.
 
-Per model, kind of text and batch (1: each prompt alone; 8: all together), three modes in
+Per model, kind of text and batch (1: each prompt alone; 8: all together), four modes in
 turn, best of `--repeats` (the modes interleaved so that load from other processes hits all of
-them alike): plain (one byte per pass), speculative (drafts from heads 2..n_predict verified
-in the same pass) and speculative with `lazy_latent` (a pass whose first byte routes nowhere
-skips the latent stack and stops at the first routed draft). Reported: bytes accepted per
-pass, ms per pass, pass cost relative to plain, speed-up over plain, whether the greedy outputs
-are byte-identical to plain decoding. Then the top-1 accuracy of each head on held-out text
+them alike): plain (one byte per pass), speculative (a chain of drafts from heads 2..n_predict
+verified in the same pass), speculative with `lazy_latent` (a pass whose first byte routes
+nowhere skips the latent stack and stops at the first routed draft) and tree (a draft tree of
+`--tree-nodes` nodes, the most likely paths by the rank-r accuracy of each head measured on
+other held-out text of the same kind: the first max_seq_len bytes of held-out documents, while
+prompts start `--offset` bytes in). Reported: bytes accepted per pass, ms per pass (prefill
+included), pass cost relative to plain, speed-up over plain, whether the greedy outputs are
+byte-identical to plain decoding. Then the top-1 accuracy of each head on held-out text
 (drafts are accepted at most that often).
 """
 
@@ -31,11 +34,11 @@ from pathlib import Path
 import torch
 
 from pico.model import make_targets
-from pico.model.generate import START, generate
+from pico.model.generate import START, DraftTree, generate
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = {"plain": dict(speculative=False), "speculative": dict(speculative=True, lazy_latent=False),
-         "speculative_lazy": dict(speculative=True, lazy_latent=True)}
+         "speculative_lazy": dict(speculative=True, lazy_latent=True), "tree": dict(speculative=True)}
 
 
 def held_out(shards: str) -> dict[str, list[bytes]]:
@@ -78,7 +81,8 @@ def emit(row: dict, rows: list[dict]) -> None:
     print(json.dumps(row), flush=True)
 
 
-def compare(model, name: str, kind: str, prompts: list[bytes], batch: int, args, rows: list[dict]) -> None:
+def compare(model, name: str, kind: str, prompts: list[bytes], batch: int, tree: DraftTree, args,
+            rows: list[dict]) -> None:
     """All modes on the same prompts, interleaved, best of args.repeats."""
     groups = [[p] for p in prompts] if batch == 1 else [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
     best = {m: math.inf for m in MODES}
@@ -87,7 +91,8 @@ def compare(model, name: str, kind: str, prompts: list[bytes], batch: int, args,
         for mode, kw in MODES.items():
             secs, n_bytes, passes, bpp, outs = 0.0, 0, 0, [], []
             for g in groups:
-                res = generate(model, g, args.max_bytes, routing_agreement=False, stop_at_eos=False, **kw)
+                res = generate(model, g, args.max_bytes, routing_agreement=False, stop_at_eos=False,
+                               tree=tree if mode == "tree" else None, **kw)
                 secs += res.seconds
                 n_bytes += res.n_bytes
                 passes += res.forward_passes
@@ -104,23 +109,28 @@ def compare(model, name: str, kind: str, prompts: list[bytes], batch: int, args,
               "pass_cost_vs_plain": round(ms / plain_ms, 3), "speedup_vs_plain": round(best["plain"] / best[mode], 3),
               "bytes_per_s": round(st["bytes"] / best[mode], 1), "seconds": round(best[mode], 3),
               "forward_passes": st["passes"], "bytes": st["bytes"],
-              "identical_to_plain": st["outputs"] == stats["plain"]["outputs"]}, rows)
+              "identical_to_plain": st["outputs"] == stats["plain"]["outputs"],
+              **({"tree_nodes": len(tree)} if mode == "tree" else {})}, rows)
     emit({"measurement": "sample", "model": name, "text": kind,
           "prompt_tail": prompts[0][-60:].decode("utf-8", "replace"),
           "output": stats["speculative"]["outputs"][0][:160].decode("utf-8", "replace")}, rows)
 
 
 @torch.inference_mode()
-def head_accuracy(model, docs: list[bytes]) -> list[float]:
-    """Top-1 accuracy of each head (byte t+h) on held-out text: drafts can be accepted only as often
-    as heads 2..n guess right (greedy acceptance also needs head 1 to agree)."""
+def head_accuracy(model, docs: list[bytes], ranks: int = 4) -> list[list[float]]:
+    """acc[h-1][r]: how often the rank-r byte of head h (byte t+h) is the true byte, on held-out
+    text. Drafts can be accepted only as often as heads 2..n guess right (greedy acceptance
+    also needs head 1 to agree); the tree is built from these."""
     cfg = model.cfg
     n = cfg.max_seq_len + cfg.n_predict - 1
     seq = torch.tensor([[START, *d[:n]] for d in docs if len(d) >= n])
     idx, tgt = make_targets(seq, cfg.n_predict)
     x, _ = model.trunk(idx, "causal")
-    return [round((model.head_logits(x, h).argmax(-1) == tgt[..., h - 1]).float().mean().item(), 4)
-            for h in range(1, cfg.n_predict + 1)]
+    acc = []
+    for h in range(1, cfg.n_predict + 1):
+        top = model.head_logits(x, h).topk(ranks, dim=-1).indices  # (B, T, ranks)
+        acc.append([round((top[..., r] == tgt[..., h - 1]).float().mean().item(), 4) for r in range(ranks)])
+    return acc
 
 
 def main() -> None:
@@ -134,6 +144,7 @@ def main() -> None:
     ap.add_argument("--offset", type=int, default=4000, help="bytes into a document where a prompt starts")
     ap.add_argument("--max-bytes", type=int, default=320, help="bytes generated per prompt")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tree-nodes", type=int, default=24, help="nodes of the draft tree after the root")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared)")
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/generate_speed.json"))
     args = ap.parse_args()
@@ -152,10 +163,12 @@ def main() -> None:
               "prompt_bytes": args.prompt_bytes, "max_bytes": args.max_bytes, "threads": torch.get_num_threads(),
               "torch": torch.__version__}, rows)
         for kind, ps in prompts.items():
-            emit({"measurement": "head_top1_accuracy", "model": name, "text": kind,
-                  "accuracy": head_accuracy(model, docs[kind][:16])}, rows)
+            acc = head_accuracy(model, docs[kind][:16])
+            tree = DraftTree.from_accuracy(acc[1:], args.tree_nodes)
+            emit({"measurement": "head_accuracy", "model": name, "text": kind, "top1": [a[0] for a in acc],
+                  "by_rank": acc, "tree_paths": tree.paths}, rows)
             for batch in (1, args.prompts):
-                compare(model, name, kind, ps, batch, args, rows)
+                compare(model, name, kind, ps, batch, tree, args, rows)
     Path(args.out).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
 
 
