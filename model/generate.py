@@ -645,7 +645,7 @@ def prompt_ids(prompt: bytes, context: int) -> tuple[list[int], int]:
 def generate(model: Pico, prompts: list[bytes], max_new_bytes: int, speculative: bool = True,
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
              stop_at_eos: bool = True, routing_agreement: bool = True, context: int | None = None,
-             lazy_latent: bool = True, tree: DraftTree | None = None) -> GenerateResult:
+             lazy_latent: bool = False, tree: DraftTree | None = None) -> GenerateResult:
     """Continue each prompt by up to max_new_bytes bytes (greedy when temperature == 0).
 
     speculative=True drafts with heads 2..n_predict and verifies in the same pass (see the
@@ -654,8 +654,9 @@ def generate(model: Pico, prompts: list[bytes], max_new_bytes: int, speculative:
     length and any max_new_bytes: every position sees its last `context` bytes (default: the
     training length, see `Decoder`), with memory fixed per sequence. `lazy_latent` (speculative
     only): a step whose first byte routes nowhere skips the latent stack and stops at the first
-    routed draft (see `Decoder.forward`), which trades a few accepted bytes for cheaper passes.
-    `tree` (speculative greedy only; sampling keeps the chain, whose acceptance rule is the
+    routed draft (see `Decoder.forward`), which trades a few accepted bytes for cheaper passes;
+    off by default: on the benchmark models it gained and lost within the noise
+    (benchmarks/results/generate_speed.md). `tree` (speculative greedy only; sampling keeps the chain, whose acceptance rule is the
     one proven exact here): verify a `DraftTree` of candidates per pass instead of one chain.
     """
     if temperature < 0 or not 0.0 < top_p <= 1.0 or max_new_bytes < 0:
