@@ -719,7 +719,7 @@ def generate(model: Pico, prompts: list[bytes], max_new_bytes: int, speculative:
                 continue
             x = dec.forward(chunk, lazy_latent=lazy_latent and k > 0)
             n_passes += 1
-            m, nxt = sampler.verify(model.head_logits(x, 1), chunk, q, dec.exact if k > 0 else None)
+            m, nxt = sampler.verify(model.head_logits(x, 1), chunk, q, dec.exact if lazy_latent and k > 0 else None)
             dec.commit(m + 1)
             rows = torch.arange(len(active), device=dev)
             x_last = x[rows, m]
