@@ -32,6 +32,12 @@ def test_two_ranks_train_on_a_mixture_and_report_each_source(tmp_path):
     assert 0 < last["bpb_train/web"] < 12 and 0 < last["bpb_train/code"] < 12
     val = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "val/bpb" in x][-1]
     assert 0 < val["val/bpb/web"] < 12 and 0 < val["val/bpb/code"] < 12 and val["val/bpb"] > 0
+    # the mixture's loader position is in the checkpoint: a resume goes on from it
+    again = [a if not a.startswith("--train.steps=") else "--train.steps=8" for a in args] + ["--resume"]
+    proc = subprocess.run(again, env=_env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    seen = json.loads(proc.stdout)["data_sources"]
+    assert seen["web"]["rows"] == 24 and seen["code"]["rows"] == 8 and max(metrics(out)) == 8
 
 
 def test_a_mixture_source_that_does_not_exist_is_named(tmp_path):
