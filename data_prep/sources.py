@@ -527,7 +527,8 @@ def _iter_parquet(url: str, text_field: str, id_field: str, chunk_bytes: int) ->
         try:
             pf = pq.ParquetFile(raw, page_checksum_verification=True)
         except (pa.ArrowException, OSError, ValueError) as e:
-            yield Skip("failed", url, None, f"not a readable Parquet file (truncated or damaged?): {type(e).__name__}: {e}")
+            yield Skip("failed", url, None, f"not a readable Parquet file (truncated or damaged?): {type(e).__name__}: {e}; "
+                                     "download or export it again")
             return
         schema = pf.schema_arrow
         text_col, why = _parquet_column(schema, text_field, "text", url, required=True)
@@ -551,7 +552,8 @@ def _iter_parquet(url: str, text_field: str, id_field: str, chunk_bytes: int) ->
             except (pa.ArrowException, OSError, ValueError) as e:
                 row = first + n_rows
                 yield Skip("failed", url, first + 1, f"row group {g} (rows {first + 1}-{first + n_rows}) cannot be "
-                                                     f"decoded, its rows are left out: {type(e).__name__}: {e}")
+                                                     f"decoded, its rows are left out: {type(e).__name__}: {e}; "
+                                                     "export the file again to keep them")
 
 
 def _utf8_bytes(arr) -> list[bytes | None]:
