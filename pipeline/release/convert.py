@@ -138,12 +138,10 @@ def convert(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike | Non
     state, _ = ckpt.load_model_state(step_dir, trust)
     _check_matches(state, model_cfg, step_dir)
     if format == "hf":
-        if out.exists() and not (_empty_dir(out) or hf.is_hf_release(out)):
-            raise UserError(f"{out} exists and is not a Hugging Face export written by pico (--format hf replaces "
-                            "only those); choose another output directory or remove it")
         return _publish(out, lambda tmp: hf.write_hf_release(tmp, _cast(state, dtype), model_cfg,
                                                              training_record(model_cfg, run_state, step_dir), dtype),
-                        overwrite, verify=hf.verify_hf_release, replaceable=hf.is_hf_release)
+                        overwrite, verify=hf.verify_hf_release, replaceable=hf.is_hf_release,
+                        what="Hugging Face export written by pico (--format hf replaces only those)")
     return _publish(out, lambda tmp: _write_release(tmp, state, model_cfg, run_state, step_dir, dtype), overwrite)
 
 
@@ -173,7 +171,8 @@ def _check_matches(state: dict, model_cfg, where: Path) -> None:
         raise UserError(f"{where}: weights {bad[:5]} hold NaN or infinite values; convert an earlier step")
 
 
-def _publish(out: Path, write, overwrite: bool = False, verify=None, replaceable=None) -> Path:
+def _publish(out: Path, write, overwrite: bool = False, verify=None, replaceable=None,
+             what: str = "pico release") -> Path:
     """Run write(tmp) on a temporary directory beside out, verify it, then rename it to out.
 
     An existing release at out is left alone when its files are the same bytes; else (with
@@ -181,12 +180,13 @@ def _publish(out: Path, write, overwrite: bool = False, verify=None, replaceable
     were linked into the new directory, so that they survive and the swap stays atomic. On any
     failure the temporary directory, and any parent this call created, are removed and an old
     release is put back. `verify(tmp)` (default: load_release) must pass before the rename;
-    `replaceable(out)` (default: a pico release) says which existing directory may be replaced."""
+    `replaceable(out)` (default: a pico release) says which existing directory may be replaced, and
+    `what` names it in the refusal."""
     verify = verify or load_release
     replaceable = replaceable or _replaceable
     out = out.absolute()
     if out.exists() and not (_empty_dir(out) or replaceable(out)):
-        raise UserError(f"{out} exists and is not a pico release; choose another output directory or remove it")
+        raise UserError(f"{out} exists and is not a {what}; choose another output directory or remove it")
     created = [p for p in reversed(out.parents) if not p.exists()]  # outermost first
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
