@@ -20,9 +20,10 @@ held-out *select* set (picks the LR; never reported as the result):
   training file); their files, in id order, go to select (every 4th, up to 128 KB) or test.
 
 Protocol, in the order runs are launched (`plan`):
-1. Budget 1e13 training FLOPs, seed 0: each model at each of `--lrs` (3e-3, 6e-3, 1.2e-2), prose
+1. Budget 1e13 training FLOPs, seed 0: each model at each of `LRS` (3e-3, 6e-3, 1.2e-2), prose
    first, then code (vanilla, spacelike, pico, chunk first; dechunk variants last). The LR with
-   the lowest select-set bpb is that model's LR in that domain (one rule for all models).
+   the lowest select-set bpb is that model's LR in that domain (one rule for all models); when it
+   is the grid's lowest (highest), the sweep adds half (twice) that LR, up to `MAX_EXTEND` times.
 2. Budget 3e13 at the chosen LR: seed 0 of every model in both domains, then seeds 1 and 2.
    steps = budget / (train FLOPs per byte x 8 x 256); a seed sets the init and the data order, and
    every model with the same seed reads the same batches.
@@ -90,6 +91,7 @@ TARGETS = {("code", "spacelike"): 0.97, ("prose", "spacelike"): 1.00, ("code", "
 DOMAINS = ("prose", "code")
 SWEEP_BUDGET, FINAL_BUDGET = 1e13, 3e13
 LRS = (3e-3, 6e-3, 1.2e-2)
+MAX_EXTEND = 2  # a sweep whose best LR is at the grid's edge grows past that edge, at most this many times
 SEEDS = (0, 1, 2)
 FLOPS_TOLERANCE = 0.03  # every model's training FLOPs per byte within 3 % of pico's
 HELD_OUT = ("stats", "crypto", "logic")  # SymPy subpackages kept out of code training (test + select)
@@ -489,14 +491,31 @@ def load_runs(folder: Path = RUNS) -> list[dict]:
     return runs
 
 
+def lr_grid(runs: list[dict], domain: str, model: str, lrs=LRS) -> tuple[list[float], float | None]:
+    """(the LRs to sweep for (domain, model), the chosen one or None while the sweep is incomplete).
+
+    One rule for every model: sweep `lrs`; while the lowest select bpb is at an edge of the grid, add the
+    next LR past that edge (x0.5 or x2), at most MAX_EXTEND times. An edge pick after that is kept."""
+    sweep = {r["lr"]: r["select_bpb"] for r in runs if (r["domain"], r["model"], r["budget"], r["seed"])
+             == (domain, model, SWEEP_BUDGET, 0)}
+    grid = sorted(lrs)
+    for _ in range(MAX_EXTEND + 1):
+        if not all(lr in sweep for lr in grid):
+            return grid, None
+        best = min(grid, key=lambda lr: (sweep[lr], lr))
+        if len(grid) - len(lrs) == MAX_EXTEND or grid[0] < best < grid[-1]:
+            return grid, best
+        grid = [best / 2, *grid] if best == grid[0] else [*grid, best * 2]
+    raise AssertionError("unreachable")
+
+
 def choose_lrs(runs: list[dict], lrs=LRS) -> dict[tuple[str, str], float]:
-    """(domain, model) -> the swept LR with the lowest select bpb, once all of `lrs` finished at SWEEP_BUDGET."""
+    """(domain, model) -> the chosen LR (`lr_grid`), once its sweep is complete."""
     out = {}
     for domain, model in {(r["domain"], r["model"]) for r in runs}:
-        sweep = {r["lr"]: r["select_bpb"] for r in runs if (r["domain"], r["model"], r["budget"], r["seed"])
-                 == (domain, model, SWEEP_BUDGET, 0)}
-        if all(lr in sweep for lr in lrs):
-            out[domain, model] = min(lrs, key=lambda lr: (sweep[lr], lr))
+        best = lr_grid(runs, domain, model, lrs)[1]
+        if best is not None:
+            out[domain, model] = best
     return out
 
 
@@ -508,13 +527,15 @@ def plan(runs: list[dict], models=tuple(MODELS), lrs=LRS, seeds=SEEDS) -> tuple[
     order, total = [], 0
     for group in groups:
         for domain in DOMAINS:  # 1. LR sweeps
-            order += [dict(domain=domain, model=m, budget=SWEEP_BUDGET, lr=lr, seed=0) for m in group for lr in lrs]
+            order += [dict(domain=domain, model=m, budget=SWEEP_BUDGET, lr=lr, seed=0) for m in group
+                      for lr in lr_grid(runs, domain, m, lrs)[0]]
+            total += sum(len(lr_grid(runs, domain, m, lrs)[0]) for m in group)
         for seed_set in (seeds[:1], seeds[1:]):  # 2. seed 0 everywhere, then the other seeds
             for seed in seed_set:
                 for domain in DOMAINS:
                     order += [dict(domain=domain, model=m, budget=FINAL_BUDGET, lr=chosen[domain, m], seed=seed)
                               for m in group if (domain, m) in chosen]
-        total += len(group) * len(DOMAINS) * (len(lrs) + len(seeds))
+        total += len(group) * len(DOMAINS) * len(seeds)
     ready = [s for s in order if run_key(**s) not in done]
     return ready, total
 
@@ -629,7 +650,8 @@ def table_lines(runs: list[dict], total: int) -> tuple[list[str], dict]:
                    key=lambda r: (DOMAINS.index(r["domain"]), list(MODELS).index(r["model"]), r["lr"]))
     for r in sweep:
         pick = chosen.get((r["domain"], r["model"]))
-        mark = "-" if pick is None else ("**yes**" + (" (grid edge)" if pick in (min(LRS), max(LRS)) else "")
+        grid = lr_grid(runs, r["domain"], r["model"])[0]
+        mark = "-" if pick is None else ("**yes**" + (" (grid edge)" if pick in (grid[0], grid[-1]) else "")
                                          if pick == r["lr"] else "")
         md.append(f"| {r['domain']} | {r['model']} | {r['lr']:g} | {r['steps']} | {r['select_bpb']:.4f} | "
                   f"{r['test_bpb']:.4f} | {mark} | {r['wall_s']:.0f} |")

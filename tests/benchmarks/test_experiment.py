@@ -44,20 +44,20 @@ def test_plan_order_sweeps_then_seed0_then_other_seeds():
     first = [(s["domain"], s["model"]) for s in ready[:24]]
     assert first[:12] == [("prose", m) for m in experiment.CORE for _ in experiment.LRS]
     assert all(d == "code" and m in experiment.CORE for d, m in first[12:])
-    runs = [r for d in experiment.DOMAINS for m in experiment.CORE for r in sweep(d, m, 3e-3)]
+    runs = [r for d in experiment.DOMAINS for m in experiment.CORE for r in sweep(d, m, 6e-3)]
     ready, _ = experiment.plan(runs)
     finals = [s for s in ready if s["budget"] == 3e13]
     assert [s["seed"] for s in finals[:8]] == [0] * 8 and [s["seed"] for s in finals[8:24]] == [1] * 8 + [2] * 8
-    assert all(s["lr"] == 3e-3 for s in finals)
+    assert all(s["lr"] == 6e-3 for s in finals)
     assert ready[:24] == finals[:24]  # the core models' 3e13 runs before the dechunk variants' sweeps
     assert ready[24]["model"] not in experiment.CORE and ready[24]["budget"] == 1e13
 
 
 def test_aggregate_mean_std_and_paired_ratios():
-    runs = sweep("code", "chunk", 6e-3) + sweep("code", "spacelike", 1.2e-2)
+    runs = sweep("code", "chunk", 6e-3) + sweep("code", "spacelike", 6e-3)
     chunk, space = [2.0, 2.2, 2.1], [2.1, 2.2, 2.4]
     runs += [fake("code", "chunk", 3e13, 6e-3, s, b) for s, b in enumerate(chunk)]
-    runs += [fake("code", "spacelike", 3e13, 1.2e-2, s, b) for s, b in enumerate(space)]
+    runs += [fake("code", "spacelike", 3e13, 6e-3, s, b) for s, b in enumerate(space)]
     agg = experiment.aggregate(runs)
     cell = agg["cells"]["code/chunk/3e+13"]
     assert cell["mean"] == pytest.approx(2.1) and cell["std"] == pytest.approx(statistics.stdev(chunk))
@@ -69,12 +69,28 @@ def test_aggregate_mean_std_and_paired_ratios():
 
 
 def test_table_written_and_mixed_revs_refused(tmp_path):
-    runs = sweep("prose", "vanilla", 6e-3) + sweep("prose", "chunk", 3e-3)
+    runs = sweep("prose", "vanilla", 6e-3) + sweep("prose", "chunk", 6e-3)
     md_paths = experiment.write_table(runs, 84, tmp_path, pictures=False)
     text = md_paths[0].read_text()
-    assert "**6 of 84**" in text and "| prose | chunk | 0.003 |" in text
-    assert json.loads(md_paths[1].read_text())["chosen_lr"] == {"prose/chunk": 3e-3, "prose/vanilla": 6e-3}
+    assert "**6 of 84**" in text and "| prose | chunk | 0.006 |" in text
+    assert json.loads(md_paths[1].read_text())["chosen_lr"] == {"prose/chunk": 6e-3, "prose/vanilla": 6e-3}
     for r in runs[:2] + [fake("prose", "pico", 1e13, 3e-3, 0, 2.0, rev="other")]:
         (tmp_path / f"{r['key']}.json").write_text(json.dumps(r))
     with pytest.raises(SystemExit, match="2 pico revs"):
         experiment.load_runs(tmp_path)
+
+
+def test_edge_pick_extends_the_grid_by_the_same_rule_for_every_model():
+    runs = sweep("code", "vanilla", 3e-3)  # best at the low edge: 1.5e-3 is swept next
+    assert experiment.choose_lrs(runs) == {}
+    ready, _ = experiment.plan(runs, models=("vanilla",))
+    code = [s for s in ready if s["domain"] == "code"]
+    assert (code[0]["lr"], code[0]["budget"]) == (1.5e-3, 1e13)
+    runs.append(fake("code", "vanilla", 1e13, 1.5e-3, 0, 2.55))  # worse than 3e-3: 3e-3 is now interior
+    assert experiment.choose_lrs(runs) == {("code", "vanilla"): 3e-3}
+    runs[-1]["select_bpb"] = 2.4  # better: 7.5e-4 next, and after that the pick stands
+    assert experiment.lr_grid(runs, "code", "vanilla")[0][0] == 7.5e-4
+    runs.append(fake("code", "vanilla", 1e13, 7.5e-4, 0, 2.3))
+    assert experiment.choose_lrs(runs) == {("code", "vanilla"): 7.5e-4}
+    high = sweep("prose", "pico", 1.2e-2)
+    assert experiment.lr_grid(high, "prose", "pico")[0][-1] == 2.4e-2
