@@ -63,17 +63,16 @@ class ChunkScorer(nn.Module):
             self.q_proj.weight.copy_(torch.eye(self.q_proj.weight.shape[0]))
             self.k_proj.weight.copy_(torch.eye(self.k_proj.weight.shape[0]))
 
-    def forward(self, x: torch.Tensor, x_before: torch.Tensor | None = None) -> torch.Tensor:
-        """p (B, T) for residuals x (B, T, d); x_before (B, d) is the residual before x[:, 0]
-        (incremental decoding), None when x[:, 0] starts the sequence (p = 1 there)."""
-        q = self.q_proj(x)  # (B, T, d)
-        if x_before is None:
-            k = self.k_proj(x[:, :-1])  # (B, T-1, d): key of t-1 for t >= 1
-            cos = F.cosine_similarity(q[:, 1:].float(), k.float(), dim=-1)
-            p = (0.5 * (1 - cos)).clamp(0.0, 1.0)
-            return torch.cat([p.new_ones(p.shape[0], 1), p], dim=1)
-        k = self.k_proj(torch.cat([x_before.unsqueeze(1), x[:, :-1]], dim=1))
-        return (0.5 * (1 - F.cosine_similarity(q.float(), k.float(), dim=-1))).clamp(0.0, 1.0)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """p (B, T) for residuals x (B, T, d) of a sequence that starts at x[:, 0] (p = 1 there)."""
+        p = self.pair(x[:, 1:], x[:, :-1])
+        return torch.cat([p.new_ones(p.shape[0], 1), p], dim=1)
+
+    def pair(self, x: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
+        """p (B, C) of residuals x (B, C, d) whose predecessors are x_prev (B, C, d): the full
+        sequence above, or a decoding step (a chain's previous byte, a draft tree's parent)."""
+        cos = F.cosine_similarity(self.q_proj(x).float(), self.k_proj(x_prev).float(), dim=-1)
+        return (0.5 * (1 - cos)).clamp(0.0, 1.0)
 
 
 def capped(boundaries: torch.Tensor, cap: int) -> torch.Tensor:
@@ -111,19 +110,26 @@ def confidence_ste(c: torch.Tensor) -> torch.Tensor:
     return 1.0 + (c - c.detach())
 
 
-def ema_weights(prob: torch.Tensor) -> torch.Tensor:
-    """(B, K, K) lower-triangular weights W[j, i] = P_i * prod_{i < l <= j} (1 - P_l) of the EMA
+def ema_weights(prob: torch.Tensor, see: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, K, K) weights W[j, i] = P_i * prod_{l in (i, j]} (1 - P_l) of the EMA
     z_j = P_j y_j + (1 - P_j) z_{j-1} over K chunks with probabilities prob (B, K).
 
+    `see` (B, K, K) bool, default lower-triangular, says which chunks are j's past (itself
+    included): a draft tree's decoding step passes each chunk's ancestors, so the EMA runs along
+    every root-to-node path at once (the past of a chunk's past must be its past too).
     Computed in float64 log space: a product of many (1 - P) underflows float32 and a division
     by it is undefined where P = 1 (the first chunk). Both logs are clamped at 1e-30, so a
     probability of exactly 0 or 1 keeps finite gradients."""
     P = prob.double()
-    log_keep = torch.log((1 - P).clamp(min=1e-30)).cumsum(1)  # (B, K): sum of log(1 - P_l), l <= j
-    log_w = torch.log(P.clamp(min=1e-30)).unsqueeze(1) + log_keep.unsqueeze(2) - log_keep.unsqueeze(1)  # [j, i]
     K = prob.shape[1]
-    lower = torch.ones(K, K, dtype=torch.bool, device=prob.device).tril()
-    return torch.where(lower, log_w, float("-inf")).exp()
+    log_one_minus = torch.log((1 - P).clamp(min=1e-30))
+    if see is None:  # a chain: j's past is every chunk up to j
+        see = torch.ones(K, K, dtype=torch.bool, device=prob.device).tril()
+        log_keep = log_one_minus.cumsum(1)  # (B, K): sum of log(1 - P_l) over j's past
+    else:
+        log_keep = torch.bmm(see.double(), log_one_minus.unsqueeze(-1)).squeeze(-1)
+    log_w = torch.log(P.clamp(min=1e-30)).unsqueeze(1) + log_keep.unsqueeze(2) - log_keep.unsqueeze(1)  # [j, i]
+    return torch.where(see, log_w, float("-inf")).exp()
 
 
 def dechunk(y: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor, mask: torch.Tensor,

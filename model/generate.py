@@ -33,8 +33,15 @@ Design (tensors only; no files, no ranks):
   causal rule of the model (`routing="causal"`): the learned router by its own score > 0,
   the spacelike router by SpaceByte's rule on the byte and its predecessor, at most
   ceil(capacity * context) rule positions in any `context` bytes (the full forward's causal
-  cap on one sequence, made a sliding one); router none has no latent stack. A step whose
-  new bytes route nowhere skips the latent blocks.
+  cap on one sequence, made a sliding one), the chunk router by p_t >= 0.5 from the router
+  input at t and at its predecessor (the last committed byte's is kept; p = 1 at position 0)
+  under the same sliding cap with `chunk_slots`' rate; router none has no latent stack. A
+  step whose new bytes route nowhere skips the latent blocks.
+- **Dechunking** (`dechunk: true`) keeps one more vector per sequence: the EMA of the chunk
+  outputs at the last committed byte. A step continues it through its own routed positions
+  (along each node's ancestors in a draft tree) and every new byte takes the EMA of its last
+  routed position, or the committed one before any; the confidence estimator is 1 in a
+  forward pass. Like the caches, the state changes only at `commit`.
 - **Commit, never evict early.** A forward pass computes keys/values for a chunk of new bytes
   without storing them; `commit(n_keep)` then writes only the first n_keep bytes of each
   sequence's chunk. Rejected draft bytes are therefore never in a cache: the rollback is
@@ -84,6 +91,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from pico.model.chunk import ema_weights
 from pico.model.config import BOS, EOS, PAD, VOCAB_SIZE
 from pico.model.pico import Pico, attention_bias, n_routed, pack_slots
 from pico.model.spacelike import is_spacelike
@@ -295,6 +303,9 @@ class _Pending:
     ids: torch.Tensor                    # (B, C)
     slot_idx: torch.Tensor | None = None  # (B, K) chunk index of each latent slot
     slot_valid: torch.Tensor | None = None  # (B, K)
+    x_in: torch.Tensor | None = None      # (B, C, d_local) router input (chunk: the next step's predecessor)
+    z: torch.Tensor | None = None         # (B, 1 + K, d_local) dechunk: the EMA before the chunk, then per slot
+    z_of: torch.Tensor | None = None      # (B, C) dechunk: each byte's entry of z
 
 
 class Decoder:
@@ -313,9 +324,6 @@ class Decoder:
     def __init__(self, model: Pico, batch: int, context: int | None = None):
         self.model, cfg = model, model.cfg
         self.cfg = cfg
-        if cfg.router == "chunk" or cfg.dechunk:  # both need per-sequence state across steps (chunk.py)
-            raise NotImplementedError(f"router {cfg.router}{' with dechunk' if cfg.dechunk else ''} does not support "
-                                      "incremental decoding yet; score it with `pico eval` (causal routing)")
         self.context = default_context(cfg) if context is None else context
         if self.context < 2:
             raise ValueError(f"context={self.context} must be >= 2 bytes (a byte and one before it)")
@@ -333,6 +341,12 @@ class Decoder:
         # spacelike: at most this many rule positions routed in any `context` bytes (the full
         # forward's causal cap, ceil(capacity * max_seq_len), made a sliding one)
         self.rule_cap = n_routed(cfg.capacity, self.context)
+        # chunk: at most this many boundaries in any `context` bytes (chunk_slots made a sliding cap),
+        # and the router input at the last committed byte (the predecessor a boundary score reads)
+        self.chunk_cap = n_routed(cfg.chunk_cap, self.context) if cfg.router == "chunk" else 0
+        self.prev_x = torch.zeros(batch, cfg.d_local, device=dev, dtype=dt) if cfg.router == "chunk" else None
+        # dechunk: the EMA of the chunk outputs at the last committed byte (0 before the first chunk)
+        self.z = torch.zeros(batch, cfg.d_local, device=dev, dtype=dt) if cfg.dechunk else None
         self.pending: _Pending | None = None
 
     def nbytes(self) -> int:
@@ -371,29 +385,39 @@ class Decoder:
 
     def _route(self, x: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor | None,
                tree: DraftTree | None = None):
-        """Causal routing of the chunk: routed mask (B, C) and gate (B, C), as `Router` in causal mode."""
+        """Causal routing of the chunk, as `Router` in causal mode: routed mask (B, C), gate (B, C)
+        and, for dechunking, the boundary probability (B, C)."""
         cfg, router = self.cfg, self.model.router
-        if tree is None:
-            prev = torch.cat([self.prev.unsqueeze(1), ids[:, :-1]], dim=1)
-        else:  # a node's predecessor is its parent
-            prev = torch.where(tree.parent < 0, self.prev.unsqueeze(1), ids[:, tree.parent.clamp(min=0)])
+        parent = torch.arange(-1, ids.shape[1] - 1, device=ids.device) if tree is None else tree.parent
+        anc = None if tree is None else tree.anc
+        first = parent < 0  # a chain's first byte, a tree's root: its predecessor is the last committed byte
+        prev = torch.where(first, self.prev.unsqueeze(1), ids[:, parent.clamp(min=0)])
         rule = is_spacelike(ids) & ~is_spacelike(prev)
+        ones = torch.ones(rule.shape, dtype=x.dtype, device=x.device)
+        if cfg.router == "chunk":  # p_t from the router input at t and at its predecessor; p = 1 at position 0
+            x_prev = torch.where(first.view(1, -1, 1), self.prev_x.unsqueeze(1), x[:, parent.clamp(min=0)])
+            p = torch.where(pos == 0, 1.0, router.chunk.pair(x, x_prev))
+            boundary = p >= 0.5
+            if valid is not None:
+                boundary = boundary & valid
+            mask = self._sliding_cap(boundary, pos, anc, self.chunk_cap)
+            return mask, (p.to(x.dtype) if cfg.router_gate == "sigmoid" else ones), p
         if cfg.router == "spacelike":
             if valid is not None:
                 rule = rule & valid
-            mask = self._sliding_cap(rule, pos, None if tree is None else tree.anc)
-            return mask, torch.ones(mask.shape, dtype=x.dtype, device=x.device)
+            return self._sliding_cap(rule, pos, anc, self.rule_cap), ones, ones
         # The router's own causal logits: they include router_prior and router_aux=predictor.
         scores, causal = router.logits(x, rule)  # (B, C) each
         mask = causal > 0
         if valid is not None:
             mask = mask & valid
-        return mask, router.weight(scores)
+        return mask, router.weight(scores), torch.sigmoid(scores)
 
-    def _sliding_cap(self, rule: torch.Tensor, pos: torch.Tensor, anc: torch.Tensor | None = None) -> torch.Tensor:
-        """Rule positions (B, C) routed: those with fewer than rule_cap routed positions in the
-        context - 1 bytes before them (the latent ring holds all of them). Within the first
-        context bytes this is the full forward's causal cap (the first rule_cap rule positions)."""
+    def _sliding_cap(self, rule: torch.Tensor, pos: torch.Tensor, anc: torch.Tensor | None, cap: int) -> torch.Tensor:
+        """Candidate positions rule (B, C) routed: those with fewer than `cap` routed positions in
+        the context - 1 bytes before them (the latent ring holds all of them). Within the first
+        context bytes this is the full forward's causal cap (the first `cap` candidates): the
+        spacelike rule's and the chunk router's."""
         if not bool(rule.any()):
             return rule
         ring = self.latent.pos[:, : self.latent.S]  # (B, S) committed positions
@@ -404,13 +428,15 @@ class Decoder:
             if anc is not None:  # a tree node counts its ancestors only
                 before = before & anc[c, :c]
             n = ((ring > lo) & (ring < p)).sum(1) + before.sum(1)
-            mask[:, c] = rule[:, c] & (n < self.rule_cap)
+            mask[:, c] = rule[:, c] & (n < cap)
         return mask
 
     def _latent(self, x: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor | None,
                 lazy: bool, tree: DraftTree | None = None) -> torch.Tensor:
-        m, cache = self.model, self.latent
-        mask, gate = self._route(x, ids, pos, valid, tree)
+        m, cache, cfg = self.model, self.latent, self.cfg
+        if cfg.router == "chunk":
+            self.pending.x_in = x
+        mask, gate, prob = self._route(x, ids, pos, valid, tree)
         if lazy and not bool(mask[:, 0].any()):  # skip the stack; stop each row at its first routed byte
             C = mask.shape[1]
             first = torch.where(mask, torch.arange(C, device=mask.device), C).amin(1)
@@ -419,6 +445,8 @@ class Decoder:
         K = int(mask.sum(1).max())
         if K == 0:  # nothing routed in this chunk: the latent stack has no work
             cache.key_pos(pos[:, :0])
+            if cfg.dechunk:  # every byte is still in the chunk of the last committed one
+                return self._dechunk(x, x.new_zeros(x.shape[0], 0, x.shape[-1]), None, None, None, tree)
             return x
         idx, _, ok = pack_slots(mask, K)  # (B, K) chunk indices, in position order
         self.pending.slot_idx, self.pending.slot_valid = idx, ok
@@ -431,8 +459,37 @@ class Decoder:
             bias[..., cache.S + 1:].masked_fill_(~see.unsqueeze(1), float("-inf"))
         for i, blk in enumerate(m.latent_blocks):
             z = blk(z, bias, cache.layer(i))
+        y = m.latent_out(m.latent_norm(z))  # (B, K, d_local)
+        if cfg.dechunk:
+            return self._dechunk(x, y, idx, ok, prob, tree)
         w = (gate.gather(1, idx) * ok).unsqueeze(-1).to(z.dtype)
-        return x.scatter_add(1, g, m.latent_out(m.latent_norm(z)) * w)
+        return x.scatter_add(1, g, y * w)
+
+    def _dechunk(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor | None, ok: torch.Tensor | None,
+                 prob: torch.Tensor | None, tree: DraftTree | None) -> torch.Tensor:
+        """`chunk.dechunk` for one step: the EMA goes on from the committed one (`self.z`, slot 0
+        below) through the step's K chunk outputs y (B, K, d), along each byte's own past (a
+        tree node's ancestors); a byte takes the EMA at its last routed position, or `self.z`
+        before any in this step. The confidence estimator is exactly 1 in a forward pass."""
+        B, C, _ = x.shape
+        K = y.shape[1]
+        z = torch.cat([self.z.unsqueeze(1).to(y.dtype), y], dim=1)  # (B, 1 + K, d)
+        if K:
+            anc = (torch.ones(C, C, dtype=torch.bool, device=x.device).tril() if tree is None else tree.anc)
+            past = anc[idx.unsqueeze(-1), idx.unsqueeze(-2)] & ok.unsqueeze(1)  # (B, K, K): slot i in slot j's past
+            see = torch.ones(B, 1 + K, 1 + K, dtype=torch.bool, device=x.device)
+            see[:, 0, 1:] = False
+            see[:, 1:, 1:] = past
+            P = torch.cat([torch.ones_like(prob[:, :1]), torch.where(ok, prob.gather(1, idx), 1.0)], dim=1)
+            z = torch.bmm(ema_weights(P, see).to(y.dtype), z)
+            owns = anc[:, idx].permute(1, 0, 2) & ok.unsqueeze(1)  # (B, C, K): slot j at or before byte c
+            slots = torch.arange(1, K + 1, device=x.device)
+            z_of = torch.where(owns, slots, 0).amax(-1)  # (B, C): the deepest one (slots are in node order)
+        else:
+            z_of = torch.zeros(B, C, dtype=torch.long, device=x.device)
+        self.pending.z, self.pending.z_of = z, z_of
+        back = z.gather(1, z_of.unsqueeze(-1).expand(-1, -1, z.shape[-1]))  # (B, C, d)
+        return x + self.model.dechunk_residual(x) + back.to(x.dtype)
 
     def commit(self, n_keep: torch.Tensor) -> None:
         """Keep the first n_keep[b] (B,) bytes of the last chunk of each sequence in the caches."""
@@ -454,7 +511,15 @@ class Decoder:
             else:
                 self.latent.commit(p.slot_valid & keep.gather(1, p.slot_idx))
         last = last.clamp(min=0).unsqueeze(1)
-        self.prev = torch.where(n_keep > 0, p.ids.gather(1, last).squeeze(1), self.prev)
+        kept = n_keep > 0
+        self.prev = torch.where(kept, p.ids.gather(1, last).squeeze(1), self.prev)
+        if p.x_in is not None:
+            rows = torch.arange(last.shape[0], device=last.device)
+            self.prev_x = torch.where(kept.unsqueeze(1), p.x_in[rows, last.squeeze(1)], self.prev_x)
+        if self.z is not None and p.z is not None:
+            rows = torch.arange(last.shape[0], device=last.device)
+            z_last = p.z[rows, p.z_of[rows, last.squeeze(1)]]
+            self.z = torch.where(kept.unsqueeze(1), z_last.to(self.z.dtype), self.z)
         self.length += n_keep
         self.pending = None
 
@@ -464,6 +529,10 @@ class Decoder:
         if self.latent is not None:
             self.latent.select(rows)
         self.length, self.prev = self.length.index_select(0, rows), self.prev.index_select(0, rows)
+        if self.prev_x is not None:
+            self.prev_x = self.prev_x.index_select(0, rows)
+        if self.z is not None:
+            self.z = self.z.index_select(0, rows)
 
 
 # ----------------------------------------------------------------------------- sampling

@@ -108,11 +108,8 @@ def run(args: argparse.Namespace) -> int:
             tree = DraftTree.product(top)
         except ValueError as e:
             raise UserError(f"--tree {args.tree}: {e}") from None
-    try:
-        res = generate(model, prompts, args.max_bytes, speculative=args.speculative, temperature=args.temperature,
-                       top_p=args.top_p, seed=args.seed, context=args.context, tree=tree)
-    except NotImplementedError as e:  # a router the decoder cannot run yet (router: chunk, dechunk)
-        raise UserError(f"{args.model}: {e}") from None
+    res = generate(model, prompts, args.max_bytes, speculative=args.speculative, temperature=args.temperature,
+                   top_p=args.top_p, seed=args.seed, context=args.context, tree=tree)
     speed = (f"{res.n_bytes} bytes in {res.seconds:.2f} s: {res.bytes_per_s:.0f} bytes/s, {res.forward_passes} "
              f"forward passes, {res.bytes_per_pass:.2f} bytes per pass ({'speculative' if args.speculative else 'plain'})")
     for i, n in enumerate(res.prompt_bytes_outside):

@@ -26,7 +26,7 @@ ring per local layer, a cache of routed positions per latent layer), feeding onl
 each step, exactly as `pico generate --no-speculative` does, so greedy output is the same bytes.
 The decoder state lives for one generate() call rather than in `past_key_values`: transformers'
 Cache classes hold keys/values of every position per layer, which is not what pico caches. With
-`use_cache=False`, or a router the decoder refuses (chunk, dechunk), each step recomputes the
+`use_cache=False` each step recomputes the
 prefix with the full forward instead; `model(ids)` outside generate() is always the full forward.
 """
 

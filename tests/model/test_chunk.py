@@ -36,8 +36,8 @@ def test_scorer_starts_from_identity_and_the_sequence_starts_a_chunk():
     expect = 0.5 * (1 - torch.nn.functional.cosine_similarity(x[:, 1:], x[:, :-1], dim=-1))
     assert torch.all(p[:, 0] == 1)
     torch.testing.assert_close(p[:, 1:], expect)
-    # incremental form: the residual before the chunk replaces the start of the sequence
-    torch.testing.assert_close(scorer(x[:, 4:], x[:, 3]), p[:, 4:])
+    # incremental form: each position against its own predecessor
+    torch.testing.assert_close(scorer.pair(x[:, 4:], x[:, 3:-1]), p[:, 4:])
 
 
 @pytest.mark.parametrize("over", RETURN_PATHS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
@@ -227,15 +227,6 @@ def test_dechunk_needs_a_router():
         assert load_config("configs/quickstart.yaml", [f"--model.router={router}", "--model.dechunk=true"]).model.dechunk
 
 
-@pytest.mark.parametrize("over", RETURN_PATHS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
-def test_incremental_decoding_refuses_chunk_and_dechunk_clearly(over):
-    from pico.model.generate import generate
-
-    model = build_model(tiny_config(**over))
-    with pytest.raises(NotImplementedError, match="does not support incremental decoding yet"):
-        generate(model, [b"ab"], max_new_bytes=4)
-
-
 # ----------------------------------------------------------------------------- pico train
 
 
@@ -280,9 +271,14 @@ def test_pico_train_quickstart_with_router_chunk(tmp_path):  # about 5 s
     assert len(train) == 3 and all(r["loss"] == r["loss"] for r in train)
     for key in ("router/boundary_frac", "router/chunk_overflow", "router/aux_loss", "router/flops_per_byte_at_rate"):
         assert key in train[-1], sorted(train[-1])
-    gen = subprocess.run([sys.executable, "-m", "pico.pipeline.cli", "generate", "--model", str(out), "--prompt", "the "],
-                         env=env, capture_output=True, text=True, timeout=120)
-    assert gen.returncode == 2 and "does not support incremental decoding yet" in gen.stderr, gen.stderr[-2000:]
+    outs = []
+    for spec in ("--speculative", "--no-speculative"):  # greedy: self-speculative decoding gives plain's bytes
+        gen = subprocess.run([sys.executable, "-m", "pico.pipeline.cli", "generate", "--model", str(out), "--prompt",
+                              "the ", "--max-bytes", "40", "--json", spec], env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert gen.returncode == 0, gen.stderr[-2000:]
+        outs.append(json.loads(gen.stdout)["outputs"])
+    assert outs[0] == outs[1] and len(outs[0]) == 1
 
 
 def test_chunk_lengths_cover_the_bytes_after_the_first_boundary():

@@ -13,20 +13,25 @@ from torch.testing import assert_close
 
 from pico.model import EOS, build_model, make_targets
 from pico.model.attention import attention_bias
+from pico.model.chunk import dechunk
 from pico.model.generate import START, Decoder, DraftTree, Sampler, generate
 from pico.model.pico import pack_slots
 from pico.model.spacelike import spacelike_boundaries
 
 from .conftest import tiny_config
 
-ROUTERS = ["learned", "spacelike", "none"]
+ROUTERS = ["learned", "spacelike", "none", "chunk"]
 
 
 def tiny(router: str = "learned", **over):
     model = build_model(tiny_config(router=router, **over)).eval()
-    if router == "learned":  # route about half the positions causally, so both paths run
-        with torch.no_grad():
+    with torch.no_grad():
+        if router == "learned":  # route about half the positions causally, so both paths run
             model.router.score.bias.fill_(0.2)
+        if router == "chunk":  # W_q != W_k: boundaries on a random model at a rate near 0.3, not only where x turns
+            model.router.chunk.q_proj.weight.add_(0.6 * torch.randn_like(model.router.chunk.q_proj.weight))
+        if model.cfg.dechunk:  # the residual starts at zero; a random one shows it is applied
+            model.dechunk_residual.weight.normal_(0.0, 0.05)
     return model
 
 
@@ -41,14 +46,24 @@ def texty(B: int, T: int, seed: int = 0) -> torch.Tensor:
 
 # Every way a position can be routed causally: the router options change the decision rule.
 ROUTING_CASES = [("learned", {}), ("spacelike", {}), ("none", {}), ("learned", {"router_prior": 2.0}),
-                 ("learned", {"router_aux": "predictor"})]
+                 ("learned", {"router_aux": "predictor"}), ("chunk", {}), ("chunk", {"router_gate": "straight_through"}),
+                 ("chunk", {"dechunk": True}), ("spacelike", {"dechunk": True}), ("learned", {"dechunk": True})]
+
+
+def sliding_cap(cand: torch.Tensor, cap: int, context: int) -> torch.Tensor:
+    """Candidates (B, T) routed when fewer than cap were routed in the context - 1 bytes before."""
+    mask = torch.zeros_like(cand)
+    for t in range(cand.shape[1]):
+        mask[:, t] = cand[:, t] & (mask[:, max(0, t - context + 1):t].sum(1) < cap)
+    return mask
 
 
 @torch.no_grad()
 def windowed_forward(model, ids: torch.Tensor, context: int) -> torch.Tensor:
     """Reference head-1 logits (B, T, V) of the streaming rule, T unbounded: the full forward
     pass with causal routing, every attention cut to the last `context` bytes (local: also the
-    window; latent: the routed positions among them) and the spacelike cap a sliding one."""
+    window; latent: the routed positions among them), the spacelike and chunk caps sliding ones and
+    dechunking's EMA running over every chunk since the start."""
     cfg, (B, T) = model.cfg, ids.shape
     pos = torch.arange(T)
     x = model.embed(ids)
@@ -58,20 +73,26 @@ def windowed_forward(model, ids: torch.Tensor, context: int) -> torch.Tensor:
     if cfg.router != "none":
         rule = spacelike_boundaries(ids)
         if cfg.router == "spacelike":
-            cap, mask = math.ceil(round(cfg.capacity * context, 6)), torch.zeros_like(rule)
-            for t in range(T):  # routed when fewer than cap were routed in the context - 1 bytes before
-                mask[:, t] = rule[:, t] & (mask[:, max(0, t - context + 1):t].sum(1) < cap)
-            gate = torch.ones(B, T)
+            mask = sliding_cap(rule, math.ceil(round(cfg.capacity * context, 6)), context)
+            gate, prob = torch.ones(B, T), None
+        elif cfg.router == "chunk":
+            prob = model.router.chunk(x)
+            mask = sliding_cap(prob >= 0.5, math.ceil(round(cfg.chunk_cap * context, 6)), context)
+            gate = prob if cfg.router_gate == "sigmoid" else torch.ones(B, T)
         else:
             scores, causal = model.router.logits(x, rule)
-            mask, gate = causal > 0, model.router.weight(scores)
+            mask, gate, prob = causal > 0, model.router.weight(scores), torch.sigmoid(scores)
         idx, spos, ok = pack_slots(mask, max(int(mask.sum(1).max()), 1))
         g = idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])
         z = model.latent_in(torch.gather(x, 1, g))
         lbias = attention_bias(spos, spos, model.latent_slopes, context)
         for blk in model.latent_blocks:
             z = blk(z, lbias)
-        x = x.scatter_add(1, g, model.latent_out(model.latent_norm(z)) * (gate.gather(1, idx) * ok).unsqueeze(-1))
+        y = model.latent_out(model.latent_norm(z))
+        if cfg.dechunk:
+            x = x + model.dechunk_residual(x) + dechunk(y, idx, ok, mask, prob)
+        else:
+            x = x.scatter_add(1, g, y * (gate.gather(1, idx) * ok).unsqueeze(-1))
     for blk in model.blocks_out:
         x = blk(x, bias)
     return model.head_logits(x, 1)
