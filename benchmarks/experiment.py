@@ -20,11 +20,12 @@ held-out *select* set (picks the LR; never reported as the result):
   training file); their files, in id order, go to select (every 4th, up to 128 KB) or test.
 
 Protocol, in the order runs are launched (`plan`):
-1. Budget 1e13 training FLOPs, seed 0: each model at each of `LRS` (3e-3, 6e-3, 1.2e-2), prose
-   first, then code (vanilla, spacelike, pico, chunk first; dechunk variants last). The LR with
+1. Budget 1e13 training FLOPs, seed 0: each model at each of `LRS` (3e-3, 6e-3, 1.2e-2): the core
+   models (vanilla, spacelike, pico, chunk) on prose then code, then the dechunk variants. The LR with
    the lowest select-set bpb is that model's LR in that domain (one rule for all models); when it
    is the grid's lowest (highest), the sweep adds half (twice) that LR, up to `MAX_EXTEND` times.
-2. Budget 3e13 at the chosen LR: seed 0 of every model in both domains, then seeds 1 and 2.
+2. Budget 3e13 at the chosen LR: seed 0 of every model in both domains (core models first), then
+   seed 1, then seed 2 (so an interrupted sweep has every model at the same number of seeds).
    steps = budget / (train FLOPs per byte x 8 x 256); a seed sets the init and the data order, and
    every model with the same seed reads the same batches.
 3. SOAP, the configs' betas, linear warmup over 10 % of the steps, cosine decay to 0.1 x peak.
@@ -524,18 +525,17 @@ def plan(runs: list[dict], models=tuple(MODELS), lrs=LRS, seeds=SEEDS) -> tuple[
     done = {r["key"] for r in runs}
     chosen = choose_lrs(runs, lrs)
     groups = [[m for m in models if m in CORE], [m for m in models if m not in CORE]]
-    order, total = [], 0
-    for group in groups:
-        for domain in DOMAINS:  # 1. LR sweeps
-            order += [dict(domain=domain, model=m, budget=SWEEP_BUDGET, lr=lr, seed=0) for m in group
-                      for lr in lr_grid(runs, domain, m, lrs)[0]]
-            total += sum(len(lr_grid(runs, domain, m, lrs)[0]) for m in group)
-        for seed_set in (seeds[:1], seeds[1:]):  # 2. seed 0 everywhere, then the other seeds
-            for seed in seed_set:
-                for domain in DOMAINS:
-                    order += [dict(domain=domain, model=m, budget=FINAL_BUDGET, lr=chosen[domain, m], seed=seed)
-                              for m in group if (domain, m) in chosen]
-        total += len(group) * len(DOMAINS) * len(seeds)
+    order, total = [], len(models) * len(DOMAINS) * len(seeds)
+    for group in groups:  # 1. LR sweeps: the core models, then the dechunk variants
+        for domain in DOMAINS:
+            grids = {m: lr_grid(runs, domain, m, lrs)[0] for m in group}
+            order += [dict(domain=domain, model=m, budget=SWEEP_BUDGET, lr=lr, seed=0) for m in group for lr in grids[m]]
+            total += sum(map(len, grids.values()))
+    for seed in seeds:  # 2. each seed of every model (core first) before the next seed
+        for group in groups:
+            for domain in DOMAINS:
+                order += [dict(domain=domain, model=m, budget=FINAL_BUDGET, lr=chosen[domain, m], seed=seed)
+                          for m in group if (domain, m) in chosen]
     ready = [s for s in order if run_key(**s) not in done]
     return ready, total
 
@@ -758,9 +758,10 @@ def predicted_seconds(runs: list[dict], spec: dict) -> float | None:
     return statistics.median(same) * spec["budget"] if same else None
 
 
-def refresh(total: int) -> list[dict]:
+def refresh(models) -> list[dict]:
     """Commit run JSONs not committed yet (a finished run of an interrupted driver), then the table."""
     runs = load_runs()
+    total = plan(runs, models)[1]
     tracked = set(git("ls-files", "--", str(RUNS.relative_to(ROOT))).split())
     for path in sorted(RUNS.glob("*.json")):
         if str(path.relative_to(ROOT)) not in tracked:
@@ -778,7 +779,6 @@ def drive(args: argparse.Namespace) -> None:
         emit({"measurement": "data", "domain": domain, "test_kb": data["test_kb"], "select_kb": data["select_kb"],
               "test_files": len(data["test"]), "test_sha": data["test_sha"], "select_sha": data["select_sha"],
               "paragraph": data["paragraph"][:60].decode("utf-8", "replace")})
-    _, total = plan([], args.models)
     running: dict[str, tuple[subprocess.Popen, dict, float]] = {}
 
     def stop(signum, frame):  # the runs in flight die with their process groups; nothing half-written is committed
@@ -790,7 +790,7 @@ def drive(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGTERM, stop)
     deadline = stop_time(args.stop_at)
     failed: set[str] = set()
-    runs = refresh(total)
+    runs = refresh(args.models)
     while True:
         for key, (proc, spec, t0) in list(running.items()):
             if proc.poll() is not None:
@@ -800,7 +800,7 @@ def drive(args: argparse.Namespace) -> None:
                     emit({"measurement": "failed", "key": key, "returncode": proc.returncode})
                 else:
                     emit({"measurement": "run_done", "key": key, "wall_s": time.time() - t0})
-                runs = refresh(total)
+                runs = refresh(args.models)
         ready = [s for s in plan(runs, args.models)[0] if run_key(**s) not in running and run_key(**s) not in failed]
         while ready and len(running) < jobs_wanted(args, out):
             spec = ready.pop(0)
@@ -818,7 +818,7 @@ def drive(args: argparse.Namespace) -> None:
             running[key] = (proc, spec, time.time())
             emit({"measurement": "launch", "key": key, "predicted_s": guess, "running": sorted(running)})
         if not running:
-            emit({"measurement": "idle", "finished": len(runs), "planned": total, "failed": sorted(failed),
+            emit({"measurement": "idle", "finished": len(runs), "planned": plan(runs, args.models)[1], "failed": sorted(failed),
                   "ready_not_launched": len(ready)})
             return
         time.sleep(5)
@@ -863,7 +863,7 @@ def main() -> None:
     if args.measure:
         return measure(args)
     if args.table:
-        refresh(plan([], args.models)[1])
+        refresh(args.models)
         return
     drive(args)
 

@@ -47,10 +47,13 @@ def test_plan_order_sweeps_then_seed0_then_other_seeds():
     runs = [r for d in experiment.DOMAINS for m in experiment.CORE for r in sweep(d, m, 6e-3)]
     ready, _ = experiment.plan(runs)
     finals = [s for s in ready if s["budget"] == 3e13]
-    assert [s["seed"] for s in finals[:8]] == [0] * 8 and [s["seed"] for s in finals[8:24]] == [1] * 8 + [2] * 8
-    assert all(s["lr"] == 6e-3 for s in finals)
-    assert ready[:24] == finals[:24]  # the core models' 3e13 runs before the dechunk variants' sweeps
-    assert ready[24]["model"] not in experiment.CORE and ready[24]["budget"] == 1e13
+    assert ready[0]["model"] not in experiment.CORE and ready[0]["budget"] == 1e13  # every sweep first
+    runs += [r for d in experiment.DOMAINS for m in experiment.MODELS if m not in experiment.CORE
+             for r in sweep(d, m, 6e-3)]
+    finals, total = experiment.plan(runs)
+    assert total == 7 * 2 * 6 and all(s["budget"] == 3e13 and s["lr"] == 6e-3 for s in finals)
+    assert [s["seed"] for s in finals] == [0] * 14 + [1] * 14 + [2] * 14  # each seed of every model, then the next
+    assert all(s["model"] in experiment.CORE for s in finals[:8])
 
 
 def test_aggregate_mean_std_and_paired_ratios():
