@@ -23,3 +23,13 @@ def test_info_table_and_bad_key(capsys):
     assert "training FLOPs / byte" in capsys.readouterr().out
     assert main(["info", "--model.capacityy=0.3"]) == 2
     assert "capacity" in capsys.readouterr().err
+
+
+def test_chunk_router_shows_its_cost_at_the_cap_too(capsys):
+    assert main(["info", "--config", "quickstart", "--model.router=chunk", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    cfg = load_config("quickstart", ["--model.router=chunk"]).model
+    assert info["train_flops_per_byte"] == flops_per_byte(cfg) < info["train_flops_per_byte_at_cap"]
+    assert info["train_flops_per_byte_at_cap"] == flops_per_byte(cfg, rate=cfg.chunk_cap)
+    assert main(["info", "--config", "quickstart", "--model.router=chunk"]) == 0
+    assert "at the chunk cap" in capsys.readouterr().out
