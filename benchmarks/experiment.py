@@ -747,9 +747,11 @@ def jobs_wanted(args: argparse.Namespace, out: Path) -> int:
 def stop_time(spec: str) -> dt.datetime | None:
     if not spec:
         return None
+    """The next HH:MM UTC from now (tomorrow's when today's has passed: a session may cross midnight)."""
     now = dt.datetime.now(dt.timezone.utc)
     h, m = map(int, spec.split(":"))
-    return now.replace(hour=h, minute=m, second=0, microsecond=0)
+    at = now.replace(hour=h, minute=m, second=0, microsecond=0)
+    return at if at > now else at + dt.timedelta(days=1)
 
 
 def predicted_seconds(runs: list[dict], spec: dict) -> float | None:
@@ -790,6 +792,7 @@ def drive(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGTERM, stop)
     deadline = stop_time(args.stop_at)
     failed: set[str] = set()
+    held = 0  # runs ready but not launched because they would end after --stop-at
     runs = refresh(args.models)
     while True:
         for key, (proc, spec, t0) in list(running.items()):
@@ -807,6 +810,7 @@ def drive(args: argparse.Namespace) -> None:
             guess = predicted_seconds(runs, spec)
             now = dt.datetime.now(dt.timezone.utc)
             if deadline and (now >= deadline or (guess and now + dt.timedelta(seconds=guess) > deadline)):
+                held = len(ready) + 1
                 ready = []
                 break
             key = run_key(**spec)
@@ -819,7 +823,7 @@ def drive(args: argparse.Namespace) -> None:
             emit({"measurement": "launch", "key": key, "predicted_s": guess, "running": sorted(running)})
         if not running:
             emit({"measurement": "idle", "finished": len(runs), "planned": plan(runs, args.models)[1], "failed": sorted(failed),
-                  "ready_not_launched": len(ready)})
+                  "held_by_stop_at": held, "stop_at": deadline.isoformat() if deadline else None})
             return
         time.sleep(5)
 

@@ -97,3 +97,12 @@ def test_edge_pick_extends_the_grid_by_the_same_rule_for_every_model():
     assert experiment.choose_lrs(runs) == {("code", "vanilla"): 7.5e-4}
     high = sweep("prose", "pico", 1.2e-2)
     assert experiment.lr_grid(high, "prose", "pico")[0][-1] == 2.4e-2
+
+
+def test_stop_at_is_the_next_such_time_even_past_midnight():
+    now = experiment.dt.datetime.now(experiment.dt.timezone.utc)
+    for minutes in (1, 60, 23 * 60):  # later today, or tomorrow once today's has passed
+        spec = (now + experiment.dt.timedelta(minutes=minutes)).strftime("%H:%M")
+        delta = experiment.stop_time(spec) - now
+        assert experiment.dt.timedelta(0) < delta <= experiment.dt.timedelta(minutes=minutes)
+    assert experiment.stop_time("") is None
