@@ -71,6 +71,14 @@ def test_aggregate_mean_std_and_paired_ratios():
     assert agg["ratios"]["code/chunk/spacelike/1e+13"]["target"] is None
 
 
+def test_ratio_of_means_uses_only_the_seeds_both_models_have():
+    runs = sweep("prose", "pico", 6e-3) + sweep("prose", "vanilla", 6e-3)
+    runs += [fake("prose", "pico", 3e13, 6e-3, 0, 2.2)]
+    runs += [fake("prose", "vanilla", 3e13, 6e-3, s, b) for s, b in enumerate([2.0, 1.8])]
+    r = experiment.aggregate(runs)["ratios"]["prose/pico/vanilla/3e+13"]
+    assert r["ratio_of_means"] == pytest.approx(1.1) and r["seeds"] == [0] and r["n_pairs"] == 1
+
+
 def test_table_written_and_mixed_revs_refused(tmp_path):
     runs = sweep("prose", "vanilla", 6e-3) + sweep("prose", "chunk", 6e-3)
     md_paths = experiment.write_table(runs, 84, tmp_path, pictures=False)
