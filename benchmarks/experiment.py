@@ -86,7 +86,7 @@ MODELS = {  # name: (config, overrides); the order is the launch order within a 
 }
 CORE = ("vanilla", "spacelike", "pico", "chunk")
 LEARNED = ("pico", "chunk", "pico-dechunk", "chunk-dechunk")
-BASELINES = ("spacelike", "vanilla")
+BASELINES = ("spacelike", "vanilla", "spacelike-dechunk")  # the last: the rule with the dechunk return path
 TARGETS = {("code", "spacelike"): 0.97, ("prose", "spacelike"): 1.00, ("code", "vanilla"): 0.93,
            ("prose", "vanilla"): 0.93}  # issue 18: best learned router / baseline at 3e13, mean of 3 seeds
 DOMAINS = ("prose", "code")
@@ -563,6 +563,8 @@ def aggregate(runs: list[dict], lrs=LRS) -> dict:
         if c["model"] not in LEARNED:
             continue
         for base in BASELINES:
+            if base.endswith("-dechunk") and not c["model"].endswith("-dechunk"):
+                continue  # the rule with the same return path is the baseline of the dechunk variants only
             b = cells.get(f"{c['domain']}/{base}/{c['budget']:.0e}")
             if not b:
                 continue
