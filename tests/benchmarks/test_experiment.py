@@ -117,7 +117,7 @@ def test_stop_at_is_the_next_such_time_even_past_midnight():
 
 
 def test_dechunk_variants_are_also_compared_with_the_rule_on_the_same_return_path():
-    runs = [r for m in ("pico", "pico-dechunk", "spacelike", "spacelike-dechunk") for r in sweep("code", m, 3e-3)]
+    runs = [r for m in ("pico", "pico-dechunk", "spacelike", "spacelike-dechunk") for r in sweep("code", m, 6e-3)]
     ratios = experiment.aggregate(runs)["ratios"]
     assert "code/pico-dechunk/spacelike-dechunk/1e+13" in ratios and "code/pico-dechunk/spacelike/1e+13" in ratios
     assert "code/pico/spacelike-dechunk/1e+13" not in ratios
