@@ -378,6 +378,8 @@ class Pico(nn.Module):
             self.router.chunk.reset_parameters()  # W_q = W_k = I
         if self.cfg.dechunk:
             nn.init.zeros_(self.dechunk_residual.weight)
+        if self.cfg.router != "none":
+            nn.init.constant_(self.latent_norm.weight, self.cfg.return_init)
 
     def local_bias(self, T: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """(n_heads, T, T) window + ALiBi mask of the local blocks, cached per (T, device, dtype).

@@ -179,6 +179,24 @@ def test_dechunk_model_starts_as_the_identity_plus_chunk_outputs():
     assert torch.isfinite(out.logits).all()
 
 
+@pytest.mark.parametrize("over", RETURN_PATHS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_return_init_scales_what_the_latent_path_adds_at_init(over):
+    added = {}
+    for gain in (1.0, 0.25):
+        torch.manual_seed(0)
+        model = build_model(tiny_config(return_init=gain, **over)).eval()
+        assert torch.all(model.latent_norm.weight == gain)
+        seen = {}
+        latent = model.latent
+        model.latent = lambda x, r: seen.setdefault("d", latent(x, r) - x) + x
+        with torch.no_grad():
+            model.trunk(_bytes(2, 40))
+        added[gain] = seen["d"]
+    # the same routing and the same latent output, returned at a quarter of the scale
+    assert torch.allclose(added[0.25], added[1.0] / 4, atol=1e-6)
+    assert added[1.0].abs().max() > 1e-3
+
+
 # ----------------------------------------------------------------------------- FLOPs and parameters
 
 
@@ -208,6 +226,7 @@ def test_flops_report_capacity_cap_and_measured_rate():
 @pytest.mark.parametrize("override, key", [
     ("--model.capacity=1.5", "model.capacity"), ("--model.capacity=0", "model.capacity"),
     ("--model.chunk_cap=0.1", "model.chunk_cap"), ("--model.chunk_cap=1.5", "model.chunk_cap"),
+    ("--model.return_init=0", "model.return_init"), ("--model.return_init=-1", "model.return_init"),
 ])
 def test_bad_chunk_options_name_the_key(override, key):
     from pico.configs.errors import ConfigError
