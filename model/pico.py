@@ -200,6 +200,7 @@ class Routing:
     causal_logits: torch.Tensor | None = None  # (B, T) what causal routing thresholds at 0 (learned router)
     prob: torch.Tensor | None = None        # (B, T) boundary probability (chunk; learned with dechunk)
     boundaries: torch.Tensor | None = None  # (B, T) bool: chunk boundaries before the cap
+    return_rms: torch.Tensor | None = None  # (2,) detached: RMS of what the latent path adds (bytes it reaches), of the stream
 
 
 def pack_slots(mask: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -427,8 +428,10 @@ class Pico(nn.Module):
         if self.cfg.dechunk:  # the EMA and the confidence estimator take the gate's place
             valid = r.pos < x.shape[1]
             back = dechunk(y, r.idx, valid, r.mask, r.prob)  # (B, T, d_local)
+            r.return_rms = _rms_pair(back, x)
             return x + self.dechunk_residual(x) + back.to(x.dtype)
         delta = y * r.gate.unsqueeze(-1).to(z.dtype)  # (B, K, d_local)
+        r.return_rms = _rms_pair(delta, x, valid=r.pos < x.shape[1])
         return x.scatter_add(1, g, delta.to(x.dtype))  # under autocast x stays fp32, delta is bf16
 
     def trunk(self, idx: torch.Tensor, routing: str = "topk") -> tuple[torch.Tensor, Routing | None]:
@@ -509,6 +512,15 @@ class Pico(nn.Module):
 
 
 @torch.no_grad()
+def _rms_pair(added: torch.Tensor, stream: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """RMS of what the latent path adds (over its `valid` rows, e.g. real slots) and of the byte stream
+    it is added to, as one (2,) tensor; no data-dependent shapes (compile-friendly)."""
+    sq = added.float().pow(2).mean(-1)
+    a = sq.mean() if valid is None else (sq * valid).sum() / valid.sum().clamp(min=1)
+    return torch.stack([a, stream.float().pow(2).mean()]).sqrt()
+
+
+@torch.no_grad()
 def router_stats(r: Routing, aux: torch.Tensor) -> dict[str, float]:
     """Routing statistics for logging, gathered in one device-to-host copy."""
     mask, rule = r.mask, r.rule
@@ -539,6 +551,9 @@ def router_stats(r: Routing, aux: torch.Tensor) -> dict[str, float]:
     else:  # spacelike: the decision is the same in both modes; report how many rule positions the cap dropped
         names += ["causal_agreement", "rule_dropped_frac"]
         vals += [torch.ones((), device=mask.device), 1 - (mask & rule).sum() / rule.sum().clamp(min=1)]
+    if r.return_rms is not None:  # the scale the latent output returns at, relative to the stream (H-Net norms both)
+        names.append("return_rms_ratio")
+        vals.append(r.return_rms[0] / r.return_rms[1].clamp(min=1e-12))
     return dict(zip(names, torch.stack([v.float().to(mask.device) for v in vals]).tolist()))
 
 

@@ -197,6 +197,25 @@ def test_return_init_scales_what_the_latent_path_adds_at_init(over):
     assert added[1.0].abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("over", RETURN_PATHS + [dict(router="learned")], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_router_stats_report_the_scale_the_latent_output_returns_at(over):
+    seen = {}
+    torch.manual_seed(0)
+    model = build_model(tiny_config(**over))
+    latent = model.latent
+
+    def spy(x, r):
+        out = latent(x, r)
+        d = out - x if not model.cfg.dechunk else out - x - model.dechunk_residual(x)
+        touched = d.abs().sum(-1) > 0 if not model.cfg.dechunk else torch.ones_like(d[..., 0], dtype=torch.bool)
+        seen["want"] = (d[touched].pow(2).mean() / x.pow(2).mean()).sqrt().item()
+        return out
+
+    model.latent = spy
+    stats = model(_bytes(2, 40)).stats
+    assert stats["return_rms_ratio"] == pytest.approx(seen["want"], rel=1e-4)
+
+
 # ----------------------------------------------------------------------------- FLOPs and parameters
 
 
