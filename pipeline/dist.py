@@ -69,6 +69,15 @@ def init(device: torch.device) -> None:
                                    auto_mpi_discovery=False, verbose=False)
 
 
+def shutdown() -> None:
+    """Tear the process group down before the interpreter exits: left to exit-time destruction, gloo's
+    threads sometimes abort a rank ("terminate called without an active exception", exit -6) after a
+    run that finished cleanly. Call on the success path only: the barrier waits for every rank."""
+    if torch.distributed.is_initialized():
+        barrier()
+        torch.distributed.destroy_process_group()
+
+
 def barrier() -> None:
     if torch.distributed.is_initialized() and world_size() > 1:
         torch.distributed.barrier()

@@ -589,6 +589,7 @@ def run(args: argparse.Namespace) -> int:
         summary = train(cfg, resume=args.resume, progress=not args.no_progress, trust=args.trust_checkpoint)
     except ConfigError:
         raise
+    dist.shutdown()
     if args.json and dist.is_main():
         print(json.dumps(summary, default=str))
     return EXIT_PREEMPTED if summary["status"] == "preempted" else 0
