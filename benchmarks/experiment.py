@@ -755,9 +755,9 @@ def jobs_wanted(args: argparse.Namespace, out: Path) -> int:
 
 
 def stop_time(spec: str) -> dt.datetime | None:
+    """The next HH:MM UTC from now (tomorrow's when today's has passed: a session may cross midnight)."""
     if not spec:
         return None
-    """The next HH:MM UTC from now (tomorrow's when today's has passed: a session may cross midnight)."""
     now = dt.datetime.now(dt.timezone.utc)
     h, m = map(int, spec.split(":"))
     at = now.replace(hour=h, minute=m, second=0, microsecond=0)
