@@ -44,9 +44,10 @@ def probe_input(max_seq_len: int) -> torch.Tensor:
 
 
 def tiny_config():
+    """The learned MoD router (its top-k and causal routings differ, which the comparisons here need)."""
     from pico.configs.tree import load_config
 
-    return load_config("quickstart", [a for a in TINY if not a.startswith("--logging")] + ["--optim.name=adamw",
+    return load_config("learned", [a for a in TINY if not a.startswith("--logging")] + ["--optim.name=adamw",
                                                                                          "--data.train=[shards/novels]"])
 
 
