@@ -1,13 +1,17 @@
 """Routing that pays? Learned routers vs SpaceByte's rule vs a plain byte Transformer (issue 18).
 
-    nice -n 5 python benchmarks/experiment.py --rev REV [--out /work/exp-runs] [--stop-at HH:MM]
+    nice -n 5 python benchmarks/experiment.py --rev REV [--design experiment2] [--out /work/exp-runs] [--stop-at HH:MM]
     python benchmarks/experiment.py --measure 20          # seconds per step of each model, then exit
     python benchmarks/experiment.py --table --rev REV     # rewrite the table from the committed runs
 
+`--design` picks one experiment of `DESIGNS` (its models, budgets, seeds, LR rule and results
+folder); this docstring is experiment 2's protocol, the default. Experiment 3 (`--design
+experiment3`) is a screen of the return path at 1e13 only: see `EXPERIMENT3`.
+
 Models (`MODELS`, each a config plus overrides, all within 3 % of quickstart's training FLOPs
 per byte, checked at start): `vanilla` (vanilla.yaml, router none, width matched with
-`match_flops`), `spacelike` (spacebyte.yaml, SpaceByte's rule), `pico` (quickstart.yaml, MoD
-top-k `learned`), `chunk` (quickstart.yaml, `router: chunk`, H-Net's dynamic chunking, target
+`match_flops`), `spacelike` (spacebyte.yaml, SpaceByte's rule), `pico` (quickstart.yaml with
+`router: learned`, MoD top-k), `chunk` (quickstart.yaml, `router: chunk`, H-Net's dynamic chunking, target
 rate 0.19, ratio-loss weight 0.3), and the dechunking return path on the three routed ones
 (`pico-dechunk`, `spacelike-dechunk`, `chunk-dechunk`).
 
@@ -67,26 +71,32 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "corpus"
-RESULTS = ROOT / "benchmarks" / "results" / "experiment2"
+RESULTS = ROOT / "benchmarks" / "results" / "experiment2"  # rebound by use(): the design's folder
 RUNS = RESULTS / "finished"  # not runs/: .gitignore ignores every runs/ folder, and an ignored result is a lost one
+NAME, TITLE = "experiment2", "Experiment 2 (issue 18): learned routing vs SpaceByte's rule vs a plain byte Transformer"
 
 # Ratio-loss weight 0.3, not H-Net's 0.03: at 0.03 the boundary rate swung between 0.03 and 0.25 and ended at 0.12
 # in 60-step smoke runs (experiment_notes.md), so the chunk model spent less than the FLOPs it is matched at. Target
 # rate 0.19, not 0.2: W_q, W_k (and dechunk's residual) cost 1-1.5 % more per byte; at 0.19 chunk is 1.01x pico.
 CHUNK = ["--model.router=chunk", "--model.aux_loss_weight=0.3", "--model.capacity=0.19"]
 DECHUNK = ["--model.dechunk=true"]
+# quickstart.yaml's router was `learned` up to the pinned rev of experiment 2 and is `spacelike` after it: pico names
+# its router, so that the model is the same at every rev.
+MOD = ["--model.router=learned"]
 MODELS = {  # name: (config, overrides); the order is the launch order within a phase
     "vanilla": ("configs/vanilla.yaml", []),
     "spacelike": ("configs/spacebyte.yaml", []),
-    "pico": ("configs/quickstart.yaml", []),
+    "pico": ("configs/quickstart.yaml", MOD),
     "chunk": ("configs/quickstart.yaml", CHUNK),
     "spacelike-dechunk": ("configs/spacebyte.yaml", DECHUNK),
-    "pico-dechunk": ("configs/quickstart.yaml", DECHUNK),
+    "pico-dechunk": ("configs/quickstart.yaml", [*MOD, *DECHUNK]),
     "chunk-dechunk": ("configs/quickstart.yaml", [*CHUNK, *DECHUNK]),
 }
 CORE = ("vanilla", "spacelike", "pico", "chunk")
-LEARNED = ("pico", "chunk", "pico-dechunk", "chunk-dechunk")
-BASELINES = ("spacelike", "vanilla", "spacelike-dechunk")  # the last: the rule with the dechunk return path
+COMPARED = ("pico", "chunk", "pico-dechunk", "chunk-dechunk")  # each one's ratio to each baseline is reported
+# A baseline whose name carries tags (spacelike-dechunk: the rule with the dechunk return path) is the baseline of the
+# models that carry the same tags only; a plain one (spacelike, vanilla) of every compared model.
+BASELINES = ("spacelike", "vanilla", "spacelike-dechunk")
 TARGETS = {("code", "spacelike"): 0.97, ("prose", "spacelike"): 1.00, ("code", "vanilla"): 0.93,
            ("prose", "vanilla"): 0.93}  # issue 18: best learned router / baseline at 3e13, mean of 3 seeds
 DOMAINS = ("prose", "code")
@@ -94,10 +104,65 @@ SWEEP_BUDGET, FINAL_BUDGET = 1e13, 3e13
 LRS = (3e-3, 6e-3, 1.2e-2)
 MAX_EXTEND = 2  # a sweep whose best LR is at the grid's edge grows past that edge, at most this many times
 SEEDS = (0, 1, 2)
+FIXED_LR: dict[str, float] = {}  # domain -> LR for every model, instead of a sweep (a design without SWEEP_BUDGET)
+FLOPS_REF = "pico"  # every model's training FLOPs per byte within FLOPS_TOLERANCE of this one's
 FLOPS_TOLERANCE = 0.03  # every model's training FLOPs per byte within 3 % of pico's
 HELD_OUT = ("stats", "crypto", "logic")  # SymPy subpackages kept out of code training (test + select)
 PROSE_TEST_KB, PROSE_SELECT_KB, CODE_SELECT_KB, MIN_TEST_KB = 80, 16, 128, 512
 HIST_MAX = 32  # chunk lengths 1..32 counted one by one, longer ones in one bin
+
+# Experiment 3: does a return at the byte stream's scale make dechunking (H-Net's return path) pay? Experiment 2 found
+# dechunking hurt every router, the rule included, and the latent output returning at 2.2-4.2x the stream's RMS at
+# init (model.return_init=1). A screen, not a verdict: 1e13 FLOPs only (where experiment 2's dechunk gap was 1.5-4 %),
+# seeds 0 and 1, and every model at experiment 2's chosen LR of its domain (0.006 prose, 0.003 code: the choice of
+# spacelike, chunk and every dechunk variant there), so the LR rule is the same for all. A variant that wins here goes
+# to a full experiment (LR sweep, 3e13, 3 seeds).
+RI = ["--model.return_init=0.25"]  # the return starts at 0.55-1.06x the stream's RMS (measured at init)
+EXPERIMENT3 = dict(
+    NAME="experiment3",
+    TITLE="Experiment 3 (issue 18): the return path at the byte stream's scale (model.return_init)",
+    MODELS={
+        "spacelike": ("configs/spacebyte.yaml", []),
+        "spacelike-dechunk": ("configs/spacebyte.yaml", DECHUNK),
+        "spacelike-ri0.25": ("configs/spacebyte.yaml", RI),
+        "spacelike-dechunk-ri0.25": ("configs/spacebyte.yaml", [*DECHUNK, *RI]),
+        "chunk-ri0.25": ("configs/quickstart.yaml", [*CHUNK, *RI]),
+        "chunk-dechunk-ri0.25": ("configs/quickstart.yaml", [*CHUNK, *DECHUNK, *RI]),
+        # H-Net's outer stages train at a higher LR than the inner one (e.g. 3.0/1.7/0.9); here the latent blocks at half
+        # the local blocks' (experiment 2's sweep found the local LR past 2x the chosen one worse for every model).
+        "chunk-dechunk-ri0.25-lat0.5": ("configs/quickstart.yaml", [*CHUNK, *DECHUNK, *RI, "--optim.lr_scale_latent=0.5"]),
+    },
+    CORE=("spacelike", "spacelike-dechunk", "spacelike-ri0.25", "spacelike-dechunk-ri0.25", "chunk-ri0.25",
+          "chunk-dechunk-ri0.25", "chunk-dechunk-ri0.25-lat0.5"),
+    COMPARED=("spacelike-ri0.25", "spacelike-dechunk", "spacelike-dechunk-ri0.25", "chunk-ri0.25", "chunk-dechunk-ri0.25",
+              "chunk-dechunk-ri0.25-lat0.5"),
+    BASELINES=("spacelike", "spacelike-dechunk", "spacelike-ri0.25", "spacelike-dechunk-ri0.25"),
+    TARGETS={}, SWEEP_BUDGET=None, FINAL_BUDGET=1e13, SEEDS=(0, 1), FIXED_LR={"prose": 6e-3, "code": 3e-3},
+    FLOPS_REF="spacelike",
+)
+DESIGNS = {"experiment2": {}, "experiment3": EXPERIMENT3}  # experiment 2 is the module's own names
+
+
+def use(design: str) -> None:
+    """Make `design` the experiment this process runs: rebinds the module's design names (one design per process,
+    chosen before anything reads them; the driver passes it on to every job it starts)."""
+    if design not in DESIGNS:
+        raise SystemExit(f"--design {design!r}: not one of {', '.join(DESIGNS)}")
+    names = dict(DESIGNS[design])
+    names.setdefault("NAME", design)
+    results = ROOT / "benchmarks" / "results" / names["NAME"]
+    globals().update(names, RESULTS=results, RUNS=results / "finished")
+
+
+def budgets() -> list[float]:
+    return sorted({b for b in (SWEEP_BUDGET, FINAL_BUDGET) if b is not None})
+
+
+def applies(base: str, model: str) -> bool:
+    """Whether `base` is a baseline of `model`: the model carries every tag of the baseline's name (the parts after
+    its first), and is not the baseline itself."""
+    tags = set(model.split("-")[1:])
+    return base != model and set(base.split("-")[1:]) <= tags
 
 
 # ----------------------------------------------------------------------------- code pinning and processes
@@ -443,7 +508,7 @@ def run_job(spec: dict, out: Path) -> Path:
     data = domain_data(out, domain)
     info = model_info(model)
     steps = steps_for(budget, info)
-    run_dir = out / "runs" / pinned_rev()[:12] / key
+    run_dir = out / "runs" / (pinned_rev()[:12] if NAME == "experiment2" else f"{NAME}-{pinned_rev()[:12]}") / key
     t0 = time.perf_counter()
     trained = train_run(run_dir, model, steps, lr, seed, data["shards"])
     files = json.dumps({s: [str(p) for p in data[s]] for s in ("select", "test")})
@@ -478,8 +543,9 @@ def machine() -> str:
 # ----------------------------------------------------------------------------- results (pure: tested with fake runs)
 
 
-def load_runs(folder: Path = RUNS) -> list[dict]:
+def load_runs(folder: Path | None = None) -> list[dict]:
     """Every committed run JSON; one rev and one held-out set per domain, or an error saying which differ."""
+    folder = folder or RUNS
     runs = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
     revs = sorted({r["rev"] for r in runs})
     if len(revs) > 1:
@@ -492,11 +558,15 @@ def load_runs(folder: Path = RUNS) -> list[dict]:
     return runs
 
 
-def lr_grid(runs: list[dict], domain: str, model: str, lrs=LRS) -> tuple[list[float], float | None]:
+def lr_grid(runs: list[dict], domain: str, model: str, lrs=None) -> tuple[list[float], float | None]:
     """(the LRs to sweep for (domain, model), the chosen one or None while the sweep is incomplete).
 
     One rule for every model: sweep `lrs`; while the lowest select bpb is at an edge of the grid, add the
-    next LR past that edge (x0.5 or x2), at most MAX_EXTEND times. An edge pick after that is kept."""
+    next LR past that edge (x0.5 or x2), at most MAX_EXTEND times. An edge pick after that is kept.
+    A design with FIXED_LR sweeps nothing: the domain's LR is every model's."""
+    if FIXED_LR:
+        return [FIXED_LR[domain]], FIXED_LR[domain]
+    lrs = lrs or LRS
     sweep = {r["lr"]: r["select_bpb"] for r in runs if (r["domain"], r["model"], r["budget"], r["seed"])
              == (domain, model, SWEEP_BUDGET, 0)}
     grid = sorted(lrs)
@@ -510,23 +580,25 @@ def lr_grid(runs: list[dict], domain: str, model: str, lrs=LRS) -> tuple[list[fl
     raise AssertionError("unreachable")
 
 
-def choose_lrs(runs: list[dict], lrs=LRS) -> dict[tuple[str, str], float]:
+def choose_lrs(runs: list[dict], lrs=None) -> dict[tuple[str, str], float]:
     """(domain, model) -> the chosen LR (`lr_grid`), once its sweep is complete."""
     out = {}
-    for domain, model in {(r["domain"], r["model"]) for r in runs}:
+    pairs = {(d, m) for d in DOMAINS for m in MODELS} if FIXED_LR else {(r["domain"], r["model"]) for r in runs}
+    for domain, model in pairs:
         best = lr_grid(runs, domain, model, lrs)[1]
         if best is not None:
             out[domain, model] = best
     return out
 
 
-def plan(runs: list[dict], models=tuple(MODELS), lrs=LRS, seeds=SEEDS) -> tuple[list[dict], int]:
+def plan(runs: list[dict], models=None, lrs=None, seeds=None) -> tuple[list[dict], int]:
     """(runs ready to launch, in launch order, not yet finished; number of runs the protocol has in all)."""
+    models, lrs, seeds = tuple(models or MODELS), lrs or LRS, seeds or SEEDS
     done = {r["key"] for r in runs}
     chosen = choose_lrs(runs, lrs)
     groups = [[m for m in models if m in CORE], [m for m in models if m not in CORE]]
     order, total = [], len(models) * len(DOMAINS) * len(seeds)
-    for group in groups:  # 1. LR sweeps: the core models, then the dechunk variants
+    for group in groups if SWEEP_BUDGET is not None else []:  # 1. LR sweeps: the core models, then the dechunk variants
         for domain in DOMAINS:
             grids = {m: lr_grid(runs, domain, m, lrs)[0] for m in group}
             order += [dict(domain=domain, model=m, budget=SWEEP_BUDGET, lr=lr, seed=0) for m in group for lr in grids[m]]
@@ -544,13 +616,13 @@ def mean_std(xs: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
 
 
-def aggregate(runs: list[dict], lrs=LRS) -> dict:
+def aggregate(runs: list[dict], lrs=None) -> dict:
     """Per domain, model and budget: bpb at the chosen LR over seeds (mean, std), with per-seed values;
     ratios of each learned model to each baseline over the seeds both have (ratio of means; per-seed ratios)."""
     chosen = choose_lrs(runs, lrs)
     cells: dict[str, dict] = {}
     for (domain, model), lr in sorted(chosen.items()):
-        for budget in (SWEEP_BUDGET, FINAL_BUDGET):
+        for budget in budgets():
             rs = sorted((r for r in runs if (r["domain"], r["model"], r["budget"], r["lr"]) == (domain, model, budget, lr)),
                         key=lambda r: r["seed"])
             if rs:
@@ -560,11 +632,11 @@ def aggregate(runs: list[dict], lrs=LRS) -> dict:
                     "std": s, "per_seed": {r["seed"]: r["test_bpb"] for r in rs}}
     ratios = {}
     for c in cells.values():
-        if c["model"] not in LEARNED:
+        if c["model"] not in COMPARED:
             continue
         for base in BASELINES:
-            if base.endswith("-dechunk") and not c["model"].endswith("-dechunk"):
-                continue  # the rule with the same return path is the baseline of the dechunk variants only
+            if not applies(base, c["model"]):
+                continue  # e.g. the rule with the dechunk return path is the baseline of the dechunk variants only
             b = cells.get(f"{c['domain']}/{base}/{c['budget']:.0e}")
             if not b:
                 continue
@@ -588,7 +660,7 @@ def router_table(runs: list[dict], chosen: dict) -> list[dict]:
     """Router behaviour on the test set per domain, model and budget (chosen LR), summed over seeds."""
     out = []
     for (domain, model), lr in sorted(chosen.items()):
-        for budget in (SWEEP_BUDGET, FINAL_BUDGET):
+        for budget in budgets():
             rs = [r for r in runs if (r["domain"], r["model"], r["budget"], r["lr"]) == (domain, model, budget, lr)
                   and r.get("routing")]
             if not rs:
@@ -623,41 +695,54 @@ def fmt(x, spec: str = ".4f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def label(budget: float) -> str:
+    return f"{budget:.0e}".replace("+", "")
+
+
 def table_lines(runs: list[dict], total: int) -> tuple[list[str], dict]:
     """results.md's body and results.json's payload from the finished runs."""
     agg = aggregate(runs)
     chosen = {tuple(k.split("/")): v for k, v in agg["chosen_lr"].items()}
     routers = router_table(runs, chosen)
     rev = runs[0]["rev"] if runs else None
-    md = ["# Experiment 2 (issue 18): learned routing vs SpaceByte's rule vs a plain byte Transformer", "",
+    sweeps = SWEEP_BUDGET is not None and SWEEP_BUDGET != FINAL_BUDGET
+    lr_rule = ("the LR was chosen on the disjoint *select* set" if not FIXED_LR else
+               "one fixed LR per domain for every model (" + ", ".join(f"{d} {lr:g}" for d, lr in FIXED_LR.items()) + ")")
+    md = [f"# {TITLE}", "",
           f"pico rev `{rev}` (every run; a `git archive` snapshot). **{len(runs)} of {total}** planned runs finished. "
           "Protocol and resume command: [README.md](README.md). bpb: bits per byte on the domain's held-out "
-          "*test* set, causal routing, 256-byte windows; the LR was chosen on the disjoint *select* set.", ""]
+          f"*test* set, causal routing, 256-byte windows; {lr_rule}.", ""]
+    final = label(FINAL_BUDGET)
     md += ["## Bits per byte at the chosen LR", "",
-           "mean over the seeds that finished; std is the sample standard deviation over seeds (n-1); "
-           "1e13 has seed 0 only. Means over different seed sets do not compare: compare models by the paired "
-           "ratios below.", "",
-           "| domain | model | LR | 1e13 (seed 0) | 3e13 mean | 3e13 std | 3e13 seeds | 3e13 per seed |",
-           "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+           "mean over the seeds that finished; std is the sample standard deviation over seeds (n-1)"
+           + (f"; {label(SWEEP_BUDGET)} has seed 0 only" if sweeps else "") + ". Means over different seed sets do "
+           "not compare: compare models by the paired ratios below.", "",
+           "| domain | model | LR |" + (f" {label(SWEEP_BUDGET)} (seed 0) |" if sweeps else "")
+           + f" {final} mean | {final} std | {final} seeds | {final} per seed |",
+           "| --- | --- | ---: |" + (" ---: |" if sweeps else "") + " ---: | ---: | ---: | --- |"]
     for (domain, model), lr in sorted(chosen.items(), key=lambda x: (DOMAINS.index(x[0][0]), list(MODELS).index(x[0][1]))):
-        a, b = agg["cells"].get(f"{domain}/{model}/1e+13"), agg["cells"].get(f"{domain}/{model}/3e+13")
-        md.append(f"| {domain} | {model} | {lr:g} | {fmt(a and a['mean'])} | {fmt(b and b['mean'])} | "
-                  f"{fmt(b and b['std'])} | {b['n_seeds'] if b else 0} | "
+        b = agg["cells"].get(f"{domain}/{model}/{FINAL_BUDGET:.0e}")
+        if not b and not sweeps:
+            continue  # a fixed-LR design's model that has no run yet
+        a = agg["cells"].get(f"{domain}/{model}/{SWEEP_BUDGET:.0e}") if sweeps else None
+        md.append(f"| {domain} | {model} | {lr:g} |" + (f" {fmt(a and a['mean'])} |" if sweeps else "")
+                  + f" {fmt(b and b['mean'])} | {fmt(b and b['std'])} | {b['n_seeds'] if b else 0} | "
                   f"{', '.join(f'{v:.4f}' for v in b['per_seed'].values()) if b else '-'} |")
-    md += ["", "## Ratios (learned router / baseline)", "",
+    md += ["", "## Ratios (compared model / baseline)", "",
            "ratio of means over the seeds both models finished (a seed's data order moves bpb by several percent for "
            "every model alike, so only paired seeds compare models); spread = min..max and std of the per-seed ratios, seeds paired (the same seed gives "
-           "both models the same data order). Targets (issue 18) apply at 3e13 with 3 seeds.", "",
+           "both models the same data order)." + (" Targets (issue 18) apply at 3e13 with 3 seeds." if TARGETS else ""), "",
            "| domain | budget | model | baseline | ratio of means | pairs | per-seed min..max | per-seed std | target |",
            "| --- | ---: | --- | --- | ---: | ---: | --- | ---: | ---: |"]
     for r in sorted(agg["ratios"].values(), key=lambda r: (DOMAINS.index(r["domain"]), r["budget"], r["model"], r["baseline"])):
         md.append(f"| {r['domain']} | {r['budget']:.0e} | {r['model']} | {r['baseline']} | {r['ratio_of_means']:.4f} | "
                   f"{r['n_pairs']} | {fmt(r['min'])}..{fmt(r['max'])} | {fmt(r['std'])} | {fmt(r['target'], '.2f')} |")
-    md += ["", "## LR sweep (1e13 FLOPs, seed 0)", "",
-           "| domain | model | LR | steps | select bpb | test bpb | chosen | wall s |",
-           "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: |"]
     sweep = sorted((r for r in runs if r["budget"] == SWEEP_BUDGET and r["seed"] == 0),
-                   key=lambda r: (DOMAINS.index(r["domain"]), list(MODELS).index(r["model"]), r["lr"]))
+                   key=lambda r: (DOMAINS.index(r["domain"]), list(MODELS).index(r["model"]), r["lr"])) if sweeps else []
+    if sweeps:
+        md += ["", f"## LR sweep ({label(SWEEP_BUDGET)} FLOPs, seed 0)", "",
+               "| domain | model | LR | steps | select bpb | test bpb | chosen | wall s |",
+               "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: |"]
     for r in sweep:
         pick = chosen.get((r["domain"], r["model"]))
         grid = lr_grid(runs, r["domain"], r["model"])[0]
@@ -712,8 +797,9 @@ def picture_runs(runs: list[dict]) -> dict[tuple[str, str], dict]:
     return dict(sorted(best.items()))
 
 
-def write_table(runs: list[dict], total: int, folder: Path = RESULTS, pictures: bool = True) -> list[Path]:
+def write_table(runs: list[dict], total: int, folder: Path | None = None, pictures: bool = True) -> list[Path]:
     """results.md, results.json and the routing pictures; returns the paths written."""
+    folder = folder or RESULTS
     md, payload = table_lines(runs, total)
     folder.mkdir(parents=True, exist_ok=True)
     written = [folder / "results.md", folder / "results.json"]
@@ -735,21 +821,22 @@ def write_table(runs: list[dict], total: int, folder: Path = RESULTS, pictures: 
 
 
 def check_flops() -> None:
-    """Training FLOPs per byte of each model against pico's (emitted); an error for any outside FLOPS_TOLERANCE."""
-    ref = model_info("pico")["flops_per_byte"]
+    """Training FLOPs per byte of each model against FLOPS_REF's (emitted); an error for any outside FLOPS_TOLERANCE."""
+    ref = model_info(FLOPS_REF)["flops_per_byte"]
     for name in MODELS:
         info = model_info(name)
         ratio = info["flops_per_byte"] / ref
         emit({"measurement": "flops_match", "model": name, "train_flops_per_byte": info["flops_per_byte"],
-              "at_cap": info["flops_per_byte_at_cap"], "ratio_to_pico": ratio})
+              "at_cap": info["flops_per_byte_at_cap"], f"ratio_to_{FLOPS_REF}": ratio})
         if abs(ratio - 1) > FLOPS_TOLERANCE:
-            raise SystemExit(f"{name} costs {ratio:.3f}x pico's training FLOPs per byte (outside {FLOPS_TOLERANCE:.0%})")
+            raise SystemExit(f"{name} costs {ratio:.3f}x {FLOPS_REF}'s training FLOPs per byte (outside {FLOPS_TOLERANCE:.0%})")
 
 
 def jobs_wanted(args: argparse.Namespace, out: Path) -> int:
-    """--jobs, or the number in OUT/jobs when that file exists (change it while the sweep runs)."""
+    """--jobs, or the number in OUT/jobs (OUT/jobs-NAME for a design other than experiment 2) when that file exists:
+    change it while the sweep runs."""
     try:
-        return max(1, int((out / "jobs").read_text().strip()))
+        return max(1, int((out / ("jobs" if NAME == "experiment2" else f"jobs-{NAME}")).read_text().strip()))
     except (FileNotFoundError, ValueError):
         return args.jobs
 
@@ -777,9 +864,9 @@ def refresh(models) -> list[dict]:
     tracked = set(git("ls-files", "--", str(RUNS.relative_to(ROOT))).split())
     for path in sorted(RUNS.glob("*.json")):
         if str(path.relative_to(ROOT)) not in tracked:
-            commit([path], f"experiment2: {path.stem}")
+            commit([path], f"{NAME}: {path.stem}")
     if runs:
-        commit(write_table(runs, total), f"experiment2: results table ({len(runs)} of {total} runs)")
+        commit(write_table(runs, total), f"{NAME}: results table ({len(runs)} of {total} runs)")
     return runs
 
 
@@ -824,10 +911,10 @@ def drive(args: argparse.Namespace) -> None:
                 ready = []
                 break
             key = run_key(**spec)
-            log = out / "logs" / f"{key}.log"
+            log = out / "logs" / ("" if NAME == "experiment2" else NAME) / f"{key}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
             proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--job", json.dumps(spec),
-                                     "--out", str(out)], cwd=ROOT, env=env(), stdout=log.open("w"),
+                                     "--out", str(out), "--design", NAME], cwd=ROOT, env=env(), stdout=log.open("w"),
                                     stderr=subprocess.STDOUT, start_new_session=True)
             running[key] = (proc, spec, time.time())
             emit({"measurement": "launch", "key": key, "predicted_s": guess, "running": sorted(running)})
@@ -850,16 +937,19 @@ def measure(args: argparse.Namespace) -> None:
         emit({"measurement": "speed", "model": name, "steps": args.measure, "train_s": r["train_s"],
               "seconds_per_step": per_step, "start_s": r["train_s"] - per_step * args.measure,
               "predicted_train_s": {f"{b:.0e}": r["train_s"] - per_step * args.measure + per_step * steps_for(b, info)
-                                    for b in (SWEEP_BUDGET, FINAL_BUDGET)}})
+                                    for b in budgets()}})
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="/work/exp-runs", help="shards, held-out sets, code snapshots, run directories "
-                   "(outside the repo; only the result JSONs under benchmarks/results/experiment2/finished are kept)")
+                   "(outside the repo; only the result JSONs under benchmarks/results/<design>/finished are kept)")
     p.add_argument("--rev", default="HEAD", help="commit whose pico every run uses (the README's, to resume)")
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    p.add_argument("--jobs", type=int, default=1, help="runs at a time (OUT/jobs overrides it while running)")
+    p.add_argument("--design", default="experiment2", choices=list(DESIGNS),
+                   help="which experiment: its models, budgets, seeds, LR rule and results folder")
+    p.add_argument("--models", nargs="+", default=None, help="a subset of the design's models (default: all)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (OUT/jobs, or OUT/jobs-DESIGN for another "
+                   "design than experiment2, overrides it while running)")
     p.add_argument("--stop-at", default="", help="HH:MM UTC: launch no run predicted to end after it")
     p.add_argument("--measure", type=int, default=0, help="time N steps of each core model on prose and exit")
     p.add_argument("--table", action="store_true", help="rewrite and commit the table from the committed runs")
@@ -868,6 +958,11 @@ def main() -> None:
     p.add_argument("--files-json", default="", help=argparse.SUPPRESS)
     p.add_argument("--paragraph", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
+    use(args.design)
+    unknown = sorted(set(args.models or []) - set(MODELS))
+    if unknown:
+        p.error(f"--models: {', '.join(unknown)} not in {args.design} (it has {', '.join(MODELS)})")
+    args.models = tuple(args.models or MODELS)
     if args.score:
         return score_main(args)
     pin_code(Path(args.out).resolve(), args.rev)

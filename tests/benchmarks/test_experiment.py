@@ -121,3 +121,33 @@ def test_dechunk_variants_are_also_compared_with_the_rule_on_the_same_return_pat
     ratios = experiment.aggregate(runs)["ratios"]
     assert "code/pico-dechunk/spacelike-dechunk/1e+13" in ratios and "code/pico-dechunk/spacelike/1e+13" in ratios
     assert "code/pico/spacelike-dechunk/1e+13" not in ratios
+
+
+@pytest.fixture
+def experiment3():
+    experiment.use("experiment3")
+    yield experiment
+    experiment.use("experiment2")
+
+
+def test_fixed_lr_design_plans_every_model_at_one_budget_without_a_sweep(experiment3, tmp_path):
+    ready, total = experiment3.plan([])
+    models = list(experiment3.MODELS)
+    assert total == len(ready) == len(models) * 2 * 2 and {s["budget"] for s in ready} == {1e13}
+    assert [s["seed"] for s in ready] == [0] * (2 * len(models)) + [1] * (2 * len(models))
+    assert {(s["domain"], s["lr"]) for s in ready} == {("prose", 6e-3), ("code", 3e-3)}
+    assert experiment3.RESULTS.name == "experiment3" and experiment3.RUNS.parent == experiment3.RESULTS
+    runs = [fake(s["domain"], s["model"], 1e13, s["lr"], s["seed"], 2.0 + 0.01 * i)
+            for i, s in enumerate(ready[:len(models)])]  # seed 0 on prose
+    ratios = experiment3.aggregate(runs)["ratios"]
+    assert "prose/spacelike-dechunk-ri0.25/spacelike-dechunk/1e+13" in ratios
+    assert "prose/chunk-dechunk-ri0.25/spacelike-dechunk-ri0.25/1e+13" in ratios
+    assert "prose/chunk-ri0.25/spacelike-dechunk/1e+13" not in ratios  # not the same return path
+    assert all(r["target"] is None for r in ratios.values())
+    text = experiment3.write_table(runs, total, tmp_path, pictures=False)[0].read_text()
+    assert "LR sweep" not in text and "| prose | chunk-ri0.25 | 0.006 | 2.0400 |" in text
+
+
+def test_unknown_design_is_refused():
+    with pytest.raises(SystemExit, match="not one of experiment2, experiment3"):
+        experiment.use("experiment9")
