@@ -28,9 +28,10 @@ Pico's own choices, not H-Net's:
   into the latent blocks and their outputs come back at width d_local. Without `dechunk` they
   are added at the boundary positions only (as for the other routers), scaled by the gate:
   p_t (`router_gate: sigmoid`) or 1 with p_t's gradient (`straight_through`).
-- The residual stream of the local blocks is kept as it is (identity) and the linear residual
-  is added to it, initialised to zero: pico's latent projections are not an identity at
+- By default the residual stream of the local blocks is kept as it is (identity) and the linear
+  residual is added to it, initialised to zero: pico's latent projections are not an identity at
   initialisation, so H-Net's residual-free sum would start the byte stream from noise.
+  `dechunk_skip: linear` is H-Net's sum (the zero-initialised map alone), there to be measured.
 - A cap on boundaries per sequence (`chunk_cap` x max_seq_len slots, `chunk_slots`) bounds the
   latent blocks' memory. Boundaries past the cap are not routed (those bytes join the last
   routed chunk) and are counted: `chunk_overflow`, `chunk_overflow_frac`,

@@ -20,6 +20,7 @@ RouterKind = Literal["learned", "chunk", "spacelike", "none"]
 RouterGate = Literal["sigmoid", "straight_through"]
 RouterAux = Literal["score", "predictor"]
 AttnImpl = Literal["auto", "dense", "banded", "flex"]
+DechunkSkip = Literal["identity", "linear"]
 
 
 @dataclass
@@ -58,6 +59,8 @@ class ModelConfig:
     """Chunk router only: most boundaries routed per sequence, as a fraction of max_seq_len (bounds the latent blocks' memory); boundaries past it are dropped and counted in router stats (chunk_overflow_frac). 0 = 2 x capacity, at most 1."""
     dechunk: bool = False
     """Return path of the latent blocks (chunk, spacelike, learned): false adds the latent output at the routed positions only; true gives every byte its chunk's output (the last routed position's, repeated), smoothed by an EMA with the boundary probability, times a confidence straight-through estimator, plus a zero-initialised linear residual (H-Net's dechunking)."""
+    dechunk_skip: DechunkSkip = "identity"
+    """With dechunk, how the byte stream itself passes the latent stage: identity: the stream plus a zero-initialised linear map of it, added to the dechunked output (pico); linear: the zero-initialised linear map alone (H-Net's residual_proj), so at init the bytes after the latent stage hold only the dechunked latent output and the stream comes back as the map learns."""
     return_init: float = 1.0
     """Initial gain of the RMSNorm before `latent_out` (learned after): the scale at which the latent output first returns to the byte stream. At 1 it starts about 4x the stream's RMS at this init; with dechunk every byte receives it, and H-Net normalises both sides of that sum. 0.25 starts the two at a similar scale."""
     router_gate: RouterGate = "sigmoid"
@@ -101,6 +104,11 @@ class ModelConfig:
         need(self.n_predict >= 1, f"n_predict={self.n_predict} must be >= 1")
         need(0.0 < self.capacity <= 1.0, f"model.capacity={self.capacity} must be in (0, 1]")
         need(self.max_seq_len >= 2, "max_seq_len must be >= 2")
+        need(self.dechunk_skip in DechunkSkip.__args__,
+             f"model.dechunk_skip={self.dechunk_skip!r} must be one of {', '.join(DechunkSkip.__args__)}")
+        need(self.dechunk or self.dechunk_skip == "identity",
+             f"model.dechunk_skip={self.dechunk_skip} only applies with model.dechunk=true; set model.dechunk=true "
+             "or leave model.dechunk_skip at identity")
         need(math.isfinite(self.return_init) and self.return_init > 0,
              f"model.return_init={self.return_init} must be a finite number > 0 (1.0 = the plain RMSNorm init)")
         need(self.mtp_mlp_ratio > 0, f"mtp_mlp_ratio={self.mtp_mlp_ratio} must be > 0")

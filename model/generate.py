@@ -489,7 +489,8 @@ class Decoder:
             z_of = torch.zeros(B, C, dtype=torch.long, device=x.device)
         self.pending.z, self.pending.z_of = z, z_of
         back = z.gather(1, z_of.unsqueeze(-1).expand(-1, -1, z.shape[-1]))  # (B, C, d)
-        return x + self.model.dechunk_residual(x) + back.to(x.dtype)
+        out = self.model.dechunk_residual(x) + back.to(x.dtype)
+        return x + out if self.model.cfg.dechunk_skip == "identity" else out
 
     def commit(self, n_keep: torch.Tensor) -> None:
         """Keep the first n_keep[b] (B,) bytes of the last chunk of each sequence in the caches."""

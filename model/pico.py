@@ -357,7 +357,7 @@ class Pico(nn.Module):
             self.latent_norm = RMSNorm(cfg.d_latent, cfg.norm_eps)
             self.latent_out = nn.Linear(cfg.d_latent, cfg.d_local, bias=False)
             self.register_buffer("latent_slopes", alibi_slopes(cfg.n_latent_heads), persistent=False)
-            if cfg.dechunk:  # H-Net's linear residual from the stream, beside the identity (see chunk.py)
+            if cfg.dechunk:  # H-Net's linear residual from the stream, beside the identity or alone (dechunk_skip)
                 self.dechunk_residual = nn.Linear(cfg.d_local, cfg.d_local, bias=False)
         self.blocks_out = nn.ModuleList(local() for _ in range(cfg.n_out))
         self.norm = RMSNorm(cfg.d_local, cfg.norm_eps)
@@ -429,7 +429,8 @@ class Pico(nn.Module):
             valid = r.pos < x.shape[1]
             back = dechunk(y, r.idx, valid, r.mask, r.prob)  # (B, T, d_local)
             r.return_rms = _rms_pair(back, x)
-            return x + self.dechunk_residual(x) + back.to(x.dtype)
+            out = self.dechunk_residual(x) + back.to(x.dtype)
+            return x + out if self.cfg.dechunk_skip == "identity" else out
         delta = y * r.gate.unsqueeze(-1).to(z.dtype)  # (B, K, d_local)
         r.return_rms = _rms_pair(delta, x, valid=r.pos < x.shape[1])
         return x.scatter_add(1, g, delta.to(x.dtype))  # under autocast x stays fp32, delta is bf16

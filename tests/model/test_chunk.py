@@ -219,7 +219,8 @@ def test_router_stats_report_the_scale_the_latent_output_returns_at(over):
 # ----------------------------------------------------------------------------- FLOPs and parameters
 
 
-@pytest.mark.parametrize("over", RETURN_PATHS + [dict(router="learned", dechunk=True)],
+@pytest.mark.parametrize("over", RETURN_PATHS + [dict(router="learned", dechunk=True),
+                                  dict(router="chunk", dechunk=True, dechunk_skip="linear")],
                          ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 def test_param_count_matches_the_model(over):
     cfg = tiny_config(**over)
@@ -246,6 +247,8 @@ def test_flops_report_capacity_cap_and_measured_rate():
     ("--model.capacity=1.5", "model.capacity"), ("--model.capacity=0", "model.capacity"),
     ("--model.chunk_cap=0.1", "model.chunk_cap"), ("--model.chunk_cap=1.5", "model.chunk_cap"),
     ("--model.return_init=0", "model.return_init"), ("--model.return_init=-1", "model.return_init"),
+    ("--model.dechunk_skip=linear", "model.dechunk_skip"),  # without dechunk there is no skip to choose
+    ("--model.dechunk_skip=none", "model.dechunk_skip"),
 ])
 def test_bad_chunk_options_name_the_key(override, key):
     from pico.configs.errors import ConfigError
@@ -253,6 +256,29 @@ def test_bad_chunk_options_name_the_key(override, key):
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config("configs/quickstart.yaml", ["--model.router=chunk", override])
+
+
+def test_linear_dechunk_skip_drops_exactly_the_identity():
+    """dechunk_skip=linear (H-Net's residual_proj alone) returns the identity path's output less the stream itself."""
+    torch.manual_seed(0)
+    ident = build_model(tiny_config(router="chunk", dechunk=True))
+    linear = build_model(tiny_config(router="chunk", dechunk=True, dechunk_skip="linear"))
+    linear.load_state_dict(ident.state_dict())  # the same parameters: the option adds none
+    with torch.no_grad():
+        ident.dechunk_residual.weight.normal_(0, 0.02)  # not zero, so that the map's own term shows
+        linear.dechunk_residual.weight.copy_(ident.dechunk_residual.weight)
+    outs = {}
+    for name, model in (("identity", ident), ("linear", linear)):
+        latent = model.latent
+
+        def spy(x, r, latent=latent, name=name):
+            outs[name] = (x, latent(x, r))
+            return outs[name][1]
+
+        model.latent = spy
+        model(_bytes(2, 40))
+    (x, a), (x2, b) = outs["identity"], outs["linear"]
+    assert torch.equal(x, x2) and torch.allclose(a - b, x, atol=1e-6)
 
 
 def test_dechunk_needs_a_router():

@@ -47,7 +47,8 @@ def texty(B: int, T: int, seed: int = 0) -> torch.Tensor:
 # Every way a position can be routed causally: the router options change the decision rule.
 ROUTING_CASES = [("learned", {}), ("spacelike", {}), ("none", {}), ("learned", {"router_prior": 2.0}),
                  ("learned", {"router_aux": "predictor"}), ("chunk", {}), ("chunk", {"router_gate": "straight_through"}),
-                 ("chunk", {"dechunk": True}), ("spacelike", {"dechunk": True}), ("learned", {"dechunk": True})]
+                 ("chunk", {"dechunk": True}), ("chunk", {"dechunk": True, "dechunk_skip": "linear"}),
+                 ("spacelike", {"dechunk": True}), ("learned", {"dechunk": True})]
 
 
 def sliding_cap(cand: torch.Tensor, cap: int, context: int) -> torch.Tensor:
@@ -90,7 +91,8 @@ def windowed_forward(model, ids: torch.Tensor, context: int) -> torch.Tensor:
             z = blk(z, lbias)
         y = model.latent_out(model.latent_norm(z))
         if cfg.dechunk:
-            x = x + model.dechunk_residual(x) + dechunk(y, idx, ok, mask, prob)
+            out = model.dechunk_residual(x) + dechunk(y, idx, ok, mask, prob)
+            x = x + out if cfg.dechunk_skip == "identity" else out
         else:
             x = x.scatter_add(1, g, y * (gate.gather(1, idx) * ok).unsqueeze(-1))
     for blk in model.blocks_out:

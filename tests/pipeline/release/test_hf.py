@@ -285,6 +285,7 @@ def export(cfg, out: Path, dtype: str = "fp32", seed: int = 0):
 
 @pytest.mark.parametrize("kw", [dict(router="learned", router_prior=2.0), dict(router="learned", router_aux="predictor"),
                                 dict(router="spacelike"), dict(router="chunk"), dict(router="chunk", dechunk=True),
+                                dict(router="chunk", dechunk=True, dechunk_skip="linear"),
                                 dict(router="none", n_in=2, n_latent=0)], ids=str)
 def test_every_router_gives_pico_logits(kw, tmp_path):
     cfg = tiny_cfg(**kw)
