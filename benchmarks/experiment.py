@@ -5,8 +5,8 @@
     python benchmarks/experiment.py --table --rev REV     # rewrite the table from the committed runs
 
 `--design` picks one experiment of `DESIGNS` (its models, budgets, seeds, LR rule and results
-folder); this docstring is experiment 2's protocol, the default. Experiment 3 (`--design
-experiment3`) is a screen of the return path at 1e13 only: see `EXPERIMENT3`.
+folder); this docstring is experiment 2's protocol, the default. Experiments 3 and 4 (`--design
+experiment3`, `experiment4`) are screens of the return path at 1e13 only: see `EXPERIMENT3`, `EXPERIMENT4`.
 
 Models (`MODELS`, each a config plus overrides, all within 3 % of quickstart's training FLOPs
 per byte, checked at start): `vanilla` (vanilla.yaml, router none, width matched with
@@ -140,7 +140,31 @@ EXPERIMENT3 = dict(
     TARGETS={}, SWEEP_BUDGET=None, FINAL_BUDGET=1e13, SEEDS=(0, 1), FIXED_LR={"prose": 6e-3, "code": 3e-3},
     FLOPS_REF="spacelike",
 )
-DESIGNS = {"experiment2": {}, "experiment3": EXPERIMENT3}  # experiment 2 is the module's own names
+# Experiment 4: H-Net's sum on the return path (model.dechunk_skip=linear: the bytes after the latent stage start from
+# the dechunked output alone, and the stream comes back through a zero-initialised map), and a ratio loss nearer
+# H-Net's weight (0.1 against 0.3; H-Net uses 0.03, which let the rate swing in smoke runs). The same screen as
+# experiment 3: 1e13, seeds 0 and 1, experiment 2's LR per domain for every model.
+LIN = ["--model.dechunk_skip=linear"]
+CHUNK_AUX01 = ["--model.router=chunk", "--model.aux_loss_weight=0.1", "--model.capacity=0.19"]
+EXPERIMENT4 = dict(
+    NAME="experiment4",
+    TITLE="Experiment 4 (issue 18): H-Net's sum on the return path (model.dechunk_skip) and a lighter ratio loss",
+    MODELS={
+        "spacelike": ("configs/spacebyte.yaml", []),
+        "spacelike-dechunk": ("configs/spacebyte.yaml", DECHUNK),
+        "spacelike-dechunk-lin": ("configs/spacebyte.yaml", [*DECHUNK, *LIN]),
+        "chunk-dechunk-lin": ("configs/quickstart.yaml", [*CHUNK, *DECHUNK, *LIN]),
+        "chunk-aux0.1": ("configs/quickstart.yaml", CHUNK_AUX01),
+        "chunk-dechunk-aux0.1": ("configs/quickstart.yaml", [*CHUNK_AUX01, *DECHUNK]),
+    },
+    CORE=("spacelike", "spacelike-dechunk", "spacelike-dechunk-lin", "chunk-dechunk-lin", "chunk-aux0.1",
+          "chunk-dechunk-aux0.1"),
+    COMPARED=("spacelike-dechunk", "spacelike-dechunk-lin", "chunk-dechunk-lin", "chunk-aux0.1", "chunk-dechunk-aux0.1"),
+    BASELINES=("spacelike", "spacelike-dechunk", "spacelike-dechunk-lin"),
+    TARGETS={}, SWEEP_BUDGET=None, FINAL_BUDGET=1e13, SEEDS=(0, 1), FIXED_LR={"prose": 6e-3, "code": 3e-3},
+    FLOPS_REF="spacelike",
+)
+DESIGNS = {"experiment2": {}, "experiment3": EXPERIMENT3, "experiment4": EXPERIMENT4}  # experiment 2: the module's names
 
 
 def use(design: str) -> None:

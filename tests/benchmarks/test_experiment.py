@@ -149,5 +149,5 @@ def test_fixed_lr_design_plans_every_model_at_one_budget_without_a_sweep(experim
 
 
 def test_unknown_design_is_refused():
-    with pytest.raises(SystemExit, match="not one of experiment2, experiment3"):
+    with pytest.raises(SystemExit, match="not one of experiment2, experiment3, experiment4"):
         experiment.use("experiment9")
