@@ -207,6 +207,54 @@ def test_a_malicious_checkpoint_runs_nothing(capsys, ckpt, tmp_path):
     assert mark.exists()
 
 
+def _linked_ds(run: Path, step: Path, shape: str, elsewhere: Path) -> None:
+    """Make `step/ds` reach a file outside the step directory through a link, in one of three shapes."""
+    ds = step / "ds"
+    if shape == "dir inside the run":
+        shutil.move(ds, run / "stash")
+        (step / "ds").symlink_to(Path("..", "..", "stash"))  # relative: travels inside a tarball of the run
+    elif shape == "dir outside the run":
+        shutil.move(ds, elsewhere / "ds")
+        ds.symlink_to(elsewhere / "ds")
+    else:  # one file
+        shutil.move(ds / "mp_rank_00_model_states.pt", elsewhere / "states.pt")
+        (ds / "mp_rank_00_model_states.pt").symlink_to(elsewhere / "states.pt")
+
+
+@pytest.mark.parametrize("shape", ["dir inside the run", "dir outside the run", "file"])
+def test_a_symlink_in_a_checkpoint_is_refused_before_anything_unpickles(capsys, ckpt, tmp_path, shape):
+    """Issue 28: the scan did not enter a linked `ds`, and DeepSpeed then unpickled through it in full."""
+    import torch
+
+    run = Path(shutil.copytree(ckpt.parent.parent, tmp_path / "run"))
+    step, elsewhere, mark = run / "checkpoints" / ckpt.name, tmp_path / "elsewhere", tmp_path / "pwned"
+    elsewhere.mkdir()
+    states = step / "ds" / "mp_rank_00_model_states.pt"
+    torch.save({**torch.load(states, weights_only=True), "extra": _RunsShell(f"touch {mark}")}, states)
+    _linked_ds(run, step, shape, elsewhere)
+    for argv in (["train", "--resume", f"--train.out_dir={run}", "--data.train=[unused]"],
+                 ["generate", "--model", str(step), "--prompt", "a", "--max-bytes", "1"],
+                 ["convert", str(step), str(tmp_path / "rel")]):
+        refused(capsys, argv, "is a symbolic link", "--trust-checkpoint")
+    assert not mark.exists() and not (tmp_path / "rel").exists()
+    torch.load(states, weights_only=False)  # control: through the link, the payload is live
+    assert mark.exists()
+
+
+def test_a_linked_step_directory_is_scanned_where_it_points(capsys, ckpt, tmp_path):
+    """The step directory itself (or checkpoints/) may be a link, e.g. to scratch: it is resolved, then scanned."""
+    import torch
+
+    real = Path(shutil.copytree(ckpt, tmp_path / "scratch" / ckpt.name))
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / ckpt.name).symlink_to(real)
+    argv = ["train", "--resume", f"--train.out_dir={tmp_path / 'run'}", "--data.train=[unused]"]
+    refused(capsys, argv, "has a different model config")  # clean: the scan passed, the run got to its config
+    states = real / "ds" / "mp_rank_00_model_states.pt"
+    torch.save({**torch.load(states, weights_only=True), "extra": _RunsShell("true")}, states)
+    refused(capsys, argv, f"{states} would call posix.system", "--trust-checkpoint")
+
+
 def test_damaged_pico_state_is_one_line(capsys, ckpt, tmp_path):
     step = Path(shutil.copytree(ckpt, tmp_path / "checkpoints" / ckpt.name))
     (step / "pico_state.json").write_text('{"step": 5, "conf')

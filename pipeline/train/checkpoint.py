@@ -30,6 +30,7 @@ import os
 import pickle
 import random
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -79,13 +80,16 @@ def check_pickles(step_dir: Path, trust: bool = False) -> None:
     """Refuse a checkpoint (or one file) any of whose .pt files would run code outside SAFE_GLOBALS when unpickled.
 
     Static: each file's pickle is disassembled, not executed. Run before handing the directory to
-    DeepSpeed, whose loaders unpickle with weights_only=False. A damaged file is refused too."""
+    DeepSpeed, whose loaders unpickle with weights_only=False. A damaged file is refused too, and
+    so is a checkpoint holding a symbolic link (see `checkpoint_files`)."""
     if trust:
         return
     from torch.serialization import get_unsafe_globals_in_checkpoint
 
     root = Path(step_dir)
-    for f in [root] if root.is_file() else sorted(root.rglob("*.pt")):
+    for f in [root] if root.is_file() else checkpoint_files(root):
+        if f.suffix != ".pt":  # every file DeepSpeed or pico unpickles is named *.pt (checked in DeepSpeed 0.19)
+            continue
         try:
             unsafe = sorted(set(get_unsafe_globals_in_checkpoint(f)) - SAFE_GLOBALS)
         except pickle.UnpicklingError as e:  # an opcode torch.save never writes (e.g. STACK_GLOBAL, INST)
@@ -96,6 +100,36 @@ def check_pickles(step_dir: Path, trust: bool = False) -> None:
         if unsafe:
             raise UntrustedCheckpoint(f"{f} would call {', '.join(unsafe[:5])} when unpickled, which no pico checkpoint "
                             f"does; {TRUST_HINT}")
+
+
+def checkpoint_files(step_dir: Path) -> list[Path]:
+    """Every file under a step directory (resolved), which must hold only plain files and directories.
+
+    Decision (issue 28): a symbolic link anywhere inside a step directory is refused, not followed.
+    Loaders are handed the resolved step directory and join fixed names under it, so with no link
+    inside, the files scanned are exactly the files they can open. Following links instead would
+    make the scan repeat DeepSpeed's own path logic to stay exact, and pico never writes a link.
+    The step directory itself (or a parent) may be a link: it is resolved once, here and by callers."""
+    root = Path(step_dir).resolve()
+    found = []
+    for parent, dirs, files in os.walk(root, onerror=_raise):  # os.walk lists a linked dir but never enters it
+        for name in dirs + files:
+            p = Path(parent, name)
+            mode = p.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                raise UntrustedCheckpoint(f"{p} is a symbolic link (to {os.readlink(p)}); pico checkpoints hold "
+                                          "none, and a link lets a loader open a file this check did not see. "
+                                          f"Replace it with a copy of its target (cp -rL); {TRUST_HINT}")
+            if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                raise UntrustedCheckpoint(f"{p} is not a regular file (a device, socket or pipe); pico checkpoints "
+                                          "hold none; remove it")
+            if stat.S_ISREG(mode):
+                found.append(p)
+    return sorted(found)
+
+
+def _raise(e: OSError) -> None:
+    raise UserError(f"{e.filename} cannot be listed ({e.strerror}); check its permissions") from None
 
 
 def check_complete(step_dir: Path, run_state: dict[str, Any]) -> None:
@@ -267,14 +301,14 @@ def load_model_state(path: str | os.PathLike, trust: bool = False) -> tuple[dict
     """fp32 model state dict and run state of a checkpoint, whatever its ZeRO stage and rank count.
 
     Nothing outside the weights_only allowlist is unpickled unless `trust` (see the module doc)."""
-    ckpt = resolve_checkpoint(path)
+    ckpt = resolve_checkpoint(path).resolve()  # the loaders get the directory check_pickles scanned
     run_state = read_run_state(ckpt)
     ds_dir = ckpt / DS_TAG
     stage = int(run_state.get("zero_stage", 0))
+    check_pickles(ckpt, trust)  # ZeRO-3 consolidation unpickles with weights_only=False; one rule for every stage
     if stage == 3:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        check_pickles(ds_dir, trust)  # DeepSpeed's consolidation unpickles with weights_only=False
         try:
             sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DS_TAG)
         except (FileNotFoundError, ValueError) as e:
