@@ -58,7 +58,7 @@ def _auth_headers() -> dict[str, str]:
 
 def entrypoint(args: list[str]) -> str:
     """`pico ARGS`, shell-quoted; prep is told to join the cluster the job runs on."""
-    if not args or args[0] not in ("prep", "train", "eval"):
+    if not args or args[0] not in ("prep", "train", "eval", "experiment"):
         raise UserError("pico submit ray needs a pico command after `--`, for example: "
                         "pico submit ray --address http://HEAD:8265 -- prep --input SRC --output DST")
     args = list(args)

@@ -67,7 +67,7 @@ class Job:
         return self.log_dir / f"{self.name}.sbatch"
 
 
-def sbatch_lines(job: Job, res: Resources) -> list[str]:
+def sbatch_lines(job: Job, res: Resources, output: str = "%x-%j.out") -> list[str]:
     """The #SBATCH header: one launcher task per node, GPUs per node, requeue and warning signal."""
     opts = [f"--job-name={job.name}", f"--nodes={res.nodes}", "--ntasks-per-node=1",
             f"--cpus-per-task={res.cpus_per_task}"]
@@ -75,7 +75,7 @@ def sbatch_lines(job: Job, res: Resources) -> list[str]:
         opts.append(f"--gpus-per-node={res.gpus_per_node}")
     opts += [f"--mem={res.mem}", f"--time={res.time}"]
     opts += [f"--{k}={v}" for k, v in (("partition", res.partition), ("account", res.account), ("qos", res.qos)) if v]
-    opts += [f"--chdir={job.workdir}", f"--output={job.log_dir}/%x-%j.out", "--open-mode=append",
+    opts += [f"--chdir={job.workdir}", f"--output={job.log_dir}/{output}", "--open-mode=append",
              "--requeue", f"--signal=B:USR1@{res.signal_grace}"]
     return [f"#SBATCH {shlex.quote(o)}" for o in opts]
 
@@ -106,6 +106,56 @@ def render(job: Job, res: Resources) -> str:
     }
     text = re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], template)
     return text if text.endswith("\n") else text + "\n"
+
+
+@dataclass
+class ArrayJob:
+    """A Slurm array of one-process tasks (`pico experiment`: one task per run)."""
+
+    name: str
+    tasks: Path
+    """One line per task; task i runs `command` with the line's text as its last argument."""
+    n_tasks: int
+    command: list[str]
+    """What a task runs, before its line (python -m pico.pipeline.cli experiment run-one DESIGN --run)."""
+    log_dir: Path
+    workdir: Path
+    max_parallel: int = 0
+
+    @property
+    def script(self) -> Path:
+        return self.log_dir / f"{self.name}.sbatch"
+
+
+def render_array(job: ArrayJob, res: Resources) -> str:
+    """The sbatch script of an array job: task i runs line i of the tasks file; a warned task requeues itself."""
+    template = resources.files("pico.cluster").joinpath("templates/array.sbatch").read_text()
+    throttle = f"%{job.max_parallel}" if job.max_parallel else ""
+    header = sbatch_lines(Job(name=job.name, config=job.tasks, out_dir=job.log_dir.parent, workdir=job.workdir), res,
+                          output="%x-%A_%a.out")
+    header = [line.replace(f"{job.log_dir.parent}/slurm/", f"{job.log_dir}/") for line in header]
+    header.append(f"#SBATCH --array=0-{job.n_tasks - 1}{throttle}")
+    values = {"script": shlex.quote(str(job.script)), "sbatch": "\n".join(header), "env": "\n".join(env_lines(res)),
+              "workdir": shlex.quote(str(job.workdir)), "tasks": shlex.quote(str(job.tasks)),
+              "command": shlex.join(job.command), "max_requeues": str(res.max_requeues)}
+    text = re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], template)
+    return text if text.endswith("\n") else text + "\n"
+
+
+def array_tasks_active(job_id: str) -> set[int] | None:
+    """Task indices of an array job still queued or running; None when Slurm no longer knows the job."""
+    out = subprocess.run([tool("squeue"), "-h", "-r", "-j", job_id, "-o", "%i|%T"], capture_output=True, text=True,
+                         timeout=30)
+    if out.returncode != 0:
+        if "invalid job id" in out.stderr.lower():
+            return None
+        raise UserError(f"`squeue -j {job_id}` failed: {out.stderr.strip()} (is SLURM_CONF right?)")
+    active = set()
+    for line in out.stdout.splitlines():
+        jid, _, state = line.strip().partition("|")
+        if "_" in jid and state != "COMPLETING" and jid.split("_", 1)[1].isdigit():
+            active.add(int(jid.split("_", 1)[1]))
+    return active
 
 
 def submit(script: Path) -> str:

@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "submit": ("pico.cluster.cli", "submit prep or train to a Slurm or Ray cluster"),
     "jobs": ("pico.cluster.jobs", "status, logs and cancel of submitted Slurm and Ray jobs"),
     "info": ("pico.pipeline.commands.info", "parameter count and FLOPs per byte of a config (for matching compute)"),
+    "experiment": ("pico.pipeline.experiment.cli", "matched-FLOP comparisons from a design file: run, status, table"),
     "quickstart": ("pico.pipeline.commands.quickstart", "the whole chain on a built-in corpus in minutes on a CPU"),
 }
 

@@ -1,0 +1,194 @@
+"""One run, wherever it executes (a local process, a Slurm array task, a Ray job): `pico train`, then
+`pico eval` on the domain's test and select sets, then one result JSON.
+
+    pico experiment run-one DESIGN.yaml --run '{"domain": ..., "model": ..., "shape": ..., "budget": ..., "lr": ..., "seed": ...}'
+
+The run holds a lock on WORK/locks/KEY.lock for its whole life (released by the OS if it is killed),
+so a second copy of the same run (a rerun after the driver was killed, a requeued task) waits for
+the first and then finds its result. Training always passes `--resume`: a run that was killed or
+preempted continues from its newest checkpoint. The result JSON is written atomically (tmp +
+rename); a failure leaves RESULTS/failed/KEY.json with the log path instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime as dt
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from pico.configs.errors import UserError
+from pico.pipeline.experiment import data as domain_data
+from pico.pipeline.experiment.design import Design, Run, Shape, resolve_shape, spec_hash, steps_for
+from pico.pipeline.experiment.store import failure_path, result_path, write_json
+
+EXIT_PREEMPTED = 75  # pico train's exit status after a checkpoint on a stop signal
+
+
+def run_dir(design: Design, key: str) -> Path:
+    return design.work / "runs" / key
+
+
+def log_path(design: Design, key: str) -> Path:
+    return design.work / "logs" / f"{key}.log"
+
+
+def train_args(design: Design, run: Run, shape: Shape, steps: int, train: list[str], out: Path) -> list[str]:
+    """`pico train` arguments of a run: the shape's config and overrides, then the protocol's."""
+    return ["train", "--config", shape.config, "--no-progress", "--json", "--resume", *shape.overrides,
+            f"--train.out_dir={out}", f"--train.steps={steps}", f"--train.seed={run.seed}",
+            f"--optim.lr={run.lr}", f"--optim.warmup_steps={max(1, round(design.warmup_fraction * steps))}",
+            "--optim.schedule=cosine", "--optim.min_lr_ratio=0.1",
+            f"--train.eval_every={steps}", "--train.eval_batches=4", f"--train.log_every={max(1, min(25, steps // 10))}",
+            f"--checkpoint.every={max(1, math.ceil(steps / 4))}", "--checkpoint.keep_last=1",
+            "--logging.wandb_mode=disabled", "--data.mix=[]", f"--data.train=[{','.join(train)}]"]
+
+
+def _die_with_parent() -> None:
+    """Children die with the run (Linux PR_SET_PDEATHSIG), so a kill -9 of the run leaves no orphan training."""
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+    except (AttributeError, OSError):
+        pass
+
+
+class Child:
+    """The run's current subprocess; stop signals sent to the run go on to it (pico train checkpoints and exits 75)."""
+
+    proc: subprocess.Popen | None = None
+
+    @classmethod
+    def forward(cls, signum, frame) -> None:
+        if cls.proc is not None and cls.proc.poll() is None:
+            cls.proc.send_signal(signum)
+
+
+def call(argv: list[str], log) -> tuple[int, str]:
+    """Run `python -m pico.pipeline.cli ARGV`, stderr to the log; (exit status, stdout)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    print(f"[experiment] {dt.datetime.now(dt.timezone.utc):%FT%TZ} pico {' '.join(argv)}", file=log, flush=True)
+    Child.proc = subprocess.Popen([sys.executable, "-m", "pico.pipeline.cli", *argv], stdout=subprocess.PIPE,
+                                  stderr=log, text=True, env=env, preexec_fn=_die_with_parent)
+    out, _ = Child.proc.communicate()
+    rc = Child.proc.returncode
+    Child.proc = None
+    log.write(out)
+    log.flush()
+    return rc, out
+
+
+def last_json(out: str) -> dict:
+    lines = [x for x in out.strip().splitlines() if x.startswith("{")]
+    return json.loads(lines[-1]) if lines else {}
+
+
+def revision() -> tuple[str, str]:
+    """(package version, git revision of the pico source that runs, +dirty when it has uncommitted changes)."""
+    from importlib import metadata
+
+    import pico.pipeline
+
+    try:
+        version = metadata.version("pico")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    root = Path(pico.pipeline.__file__).resolve().parents[1]
+    try:
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "model", "pipeline", "data_prep",
+                                "cluster", "configs"], capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return version, "unknown"
+    return version, (rev + ("+dirty" if dirty else "")) if rev else "unknown"
+
+
+def run_one(design: Design, run: Run) -> int:
+    """Train, score and record one run; 0 when its result exists afterwards, 75 when preempted."""
+    key = run.key(design)
+    shape = resolve_shape(design, run.model, run.shape)
+    steps = steps_for(shape, run.budget)
+    sha = spec_hash(run, shape, steps)
+    results = design.results_dir
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, Child.forward)
+    with domain_data.locked(design.work / "locks" / f"{key}.lock"):
+        done = result_path(results, key)
+        if done.is_file() and json.loads(done.read_text()).get("spec_sha") in (sha, None):
+            print(f"[experiment] {key}: already finished ({done})", file=sys.stderr)
+            return 0
+        log_file = log_path(design, key)
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_file, "a") as log:
+            try:
+                return _train_and_score(design, run, shape, steps, sha, log, log_file)
+            except UserError as e:
+                print(f"[experiment] {key}: {e}", file=log, flush=True)
+                _record_failure(design, key, log_file, "prepare", 2, str(e))
+                raise
+
+
+def _train_and_score(design: Design, run: Run, shape: Shape, steps: int, sha: str, log, log_file: Path) -> int:
+    key = run.key(design)
+    t0 = time.time()
+    data = domain_data.prepare(design, run.domain)
+    out = run_dir(design, key)
+    stamp = out / "experiment-spec.json"
+    if out.exists() and (not stamp.is_file() or json.loads(stamp.read_text()).get("spec_sha") != sha):
+        shutil.rmtree(out)  # a run directory of another spec (the design changed): start over
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(stamp, {"key": key, "spec_sha": sha})
+    rc, stdout = call(train_args(design, run, shape, steps, data["train"], out), log)
+    if rc == EXIT_PREEMPTED:
+        print(f"[experiment] {key}: preempted; the rerun resumes from its checkpoint", file=log, flush=True)
+        return EXIT_PREEMPTED
+    if rc != 0:
+        return _record_failure(design, key, log_file, "train", rc)
+    trained = last_json(stdout)
+    t1 = time.time()
+    scored = {}
+    for split in ("test", "select"):
+        rc, stdout = call(["eval", "--checkpoint", str(out), "--data", *data[split], "--json"], log)
+        if rc != 0:
+            return _record_failure(design, key, log_file, f"eval {split}", rc)
+        scored[split] = last_json(stdout)
+    version, rev = revision()
+    config = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").is_file() else None
+    result = {
+        "key": key, "design": design.name, "domain": run.domain, "model": run.model, "shape": run.shape,
+        "budget": run.budget, "lr": run.lr, "seed": run.seed, "steps": steps, "spec_sha": sha,
+        "flops": steps * shape.flops_per_byte * shape.bytes_per_step, "flops_per_byte": shape.flops_per_byte,
+        "params": shape.params, "router": shape.router, "config_file": shape.config, "overrides": shape.overrides,
+        "config": config, "pico_version": version, "git_revision": rev, "data": data["fingerprints"],
+        "test": {"bpb": scored["test"]["bpb"], "bytes": scored["test"]["bytes"]},
+        "select": {"bpb": scored["select"]["bpb"], "bytes": scored["select"]["bytes"]},
+        # the router's behaviour on the test set as `pico eval` reports it (the model's own statistics)
+        "router_stats": {k.split("/", 1)[1]: v for k, v in scored["test"].items() if k.startswith("router/")},
+        "train": {"seconds": t1 - t0, "bytes_seen": trained.get("bytes_seen"),
+                  "bytes_per_s_median": trained.get("bytes_per_s_median"), "device": trained.get("peak_kind")},
+        "wall_s": time.time() - t0, "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
+                                               f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}",
+        "log": str(log_file.resolve()), "finished_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_json(result_path(design.results_dir, key), result)
+    failure_path(design.results_dir, key).unlink(missing_ok=True)
+    print(f"[experiment] {key}: test bpb {result['test']['bpb']:.4f} ({result['wall_s']:.0f} s)", file=log, flush=True)
+    return 0
+
+
+def _record_failure(design: Design, key: str, log_file: Path, stage: str, rc: int, error: str = "") -> int:
+    write_json(failure_path(design.results_dir, key),
+               {"key": key, "stage": stage, "returncode": rc, "log": str(log_file.resolve()), "error": error,
+                "failed_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
+    return rc if rc > 0 else 1

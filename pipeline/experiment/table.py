@@ -1,0 +1,207 @@
+"""The table of a design's finished runs: bpb per cell, paired ratios, router behaviour, the scaling plot.
+
+Pure arithmetic on result dicts (tested on hand-made ones):
+- a cell is (domain, model, shape, budget) at the shape's chosen LR; its bpb is the mean and
+  sample std (n-1) of the test bpb over the seeds that finished;
+- a model's point at a budget is its best shape there: the lowest mean *select* bpb (the test set
+  is never used to choose); with one shape per model that is the shape;
+- ratios compare each model with each baseline at their best shapes, over the seeds both have
+  (a seed fixes the data order, which moves every model's bpb alike): the ratio of the means over
+  those paired seeds, and the per-seed ratios' min..max;
+- router behaviour is what the model reported while scoring the test set (`pico eval`'s
+  router/* statistics), averaged over seeds: boundary rate, share of boundaries at rule positions
+  and at word starts (the byte after a spacelike one), chunk lengths where the router reports them.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from pico.configs.errors import UserError
+from pico.pipeline.experiment.design import Design, budgets, label, shape_budgets, shapes_of
+from pico.pipeline.experiment.plan import cells, chosen_lrs, plan
+
+ROUTER_COLUMNS = (("boundary rate", "routed_frac_mean"), ("at rule", "spacelike_share_of_routed"),
+                  ("at word start", "after_spacelike_share_of_routed"), ("chunk len mean", "chunk_len_mean"),
+                  ("chunk len p50", "chunk_len_p50"), ("chunk len p90", "chunk_len_p90"))
+
+
+def check_revisions(results: dict[str, dict], allow_mixed: bool) -> list[str]:
+    """The git revisions of the results; an error when there are several and mixing was not allowed."""
+    revs = sorted({str(r.get("git_revision")) for r in results.values()})
+    if len(revs) > 1 and not allow_mixed:
+        raise UserError(f"the results come from {len(revs)} pico revisions ({', '.join(r[:12] for r in revs)}); "
+                        "one table is one revision: rerun the odd runs, or pass --allow-mixed-revisions")
+    for domain in {r["domain"] for r in results.values()}:
+        sets = {(r["data"].get("test"), r["data"].get("select")) for r in results.values() if r["domain"] == domain}
+        if len(sets) > 1:
+            raise UserError(f"domain {domain}: runs were scored on {len(sets)} different held-out sets; "
+                            "move the runs of the old data away")
+    return revs
+
+
+def mean_std(xs: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
+
+
+def aggregate(design: Design, results: dict[str, dict]) -> dict:
+    """Cells, best shapes, ratios and router rows of the finished results."""
+    chosen = chosen_lrs(design, results)
+    cell_rows = {}
+    for (d, m, s), lr in chosen.items():
+        for b in shape_budgets(design, m, s):
+            rs = sorted((r for r in results.values() if (r["domain"], r["model"], r.get("shape", "base"), r["budget"],
+                                                          r["lr"]) == (d, m, s, b, lr)), key=lambda r: r["seed"])
+            if not rs:
+                continue
+            mean, std = mean_std([r["test"]["bpb"] for r in rs])
+            cell_rows[d, m, s, b] = {
+                "domain": d, "model": m, "shape": s, "budget": b, "lr": lr, "n_seeds": len(rs), "mean": mean,
+                "std": std, "select_mean": statistics.fmean(r["select"]["bpb"] for r in rs),
+                "per_seed": {r["seed"]: r["test"]["bpb"] for r in rs}, "params": rs[0].get("params"),
+                "router": _router_means(rs)}
+    best = {}
+    for (d, m, s, b), c in cell_rows.items():
+        old = best.get((d, m, b))
+        if old is None or (c["select_mean"], s) < (old["select_mean"], old["shape"]):
+            best[d, m, b] = c
+    baselines = design.baselines or [next(iter(design.models))]
+    ratios = []
+    for (d, m, b), c in sorted(best.items(), key=lambda x: _order(design, x[0])):
+        for base in baselines:
+            bc = best.get((d, base, b))
+            if base == m or bc is None:
+                continue
+            shared = sorted(set(c["per_seed"]) & set(bc["per_seed"]))
+            if not shared:
+                continue
+            per = [c["per_seed"][x] / bc["per_seed"][x] for x in shared]
+            means = [statistics.fmean(cell["per_seed"][x] for x in shared) for cell in (c, bc)]
+            ratios.append({"domain": d, "budget": b, "model": m, "shape": c["shape"], "baseline": base,
+                           "baseline_shape": bc["shape"], "ratio_of_means": means[0] / means[1], "seeds": shared,
+                           "per_seed": per, "min": min(per), "max": max(per)})
+    return {"chosen_lr": {"/".join(k): v for k, v in chosen.items()}, "cells": list(cell_rows.values()),
+            "best": [best[k] for k in sorted(best, key=lambda k: _order(design, k))], "ratios": ratios}
+
+
+def _order(design: Design, key: tuple) -> tuple:
+    d, m, b = key
+    return list(design.domains).index(d), b, list(design.models).index(m)
+
+
+def _router_means(rs: list[dict]) -> dict[str, float]:
+    keys = {k for r in rs for k in (r.get("router_stats") or {})}
+    out = {}
+    for k in sorted(keys):
+        vals = [r["router_stats"][k] for r in rs if r.get("router_stats", {}).get(k) is not None]
+        if vals:
+            out[k] = statistics.fmean(vals)
+    return out
+
+
+def missing(design: Design, results: dict[str, dict], failures: dict[str, dict]) -> list[dict]:
+    """Runs the design still needs: not run yet, or failed (with the failed run's log path)."""
+    ready, _ = plan(design, results)
+    out = []
+    for run in ready:
+        key = run.key(design)
+        f = failures.get(key)
+        out.append({"key": key, "state": "failed" if f else "not run", "log": f and f.get("log"),
+                    "stage": f and f.get("stage"), "returncode": f and f.get("returncode")})
+    return out
+
+
+def fmt(x, spec: str = ".4f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def markdown(design: Design, agg: dict, revs: list[str], todo: list[dict], n_finished: int) -> str:
+    isoflop = design.shape_rule != "fixed"
+    lines = [f"# {design.title or design.name}", "",
+             f"Design `{design.name}` ({design.shape_rule} shapes); pico revision {', '.join(f'`{r[:12]}`' for r in revs) or '-'}; "
+             f"{n_finished} runs finished, {len(todo)} to go. bpb: bits per byte on each domain's held-out *test* set "
+             "(causal routing, `pico eval`); LRs and shapes were chosen on the disjoint *select* set.", "",
+             "## Bits per byte" + (" (each model at its best shape per budget)" if isoflop else ""), "",
+             "mean and sample std over the seeds that finished; compare models by the paired ratios below.", "",
+             "| domain | budget | model | shape | params | LR | seeds | mean | std | per seed |",
+             "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for c in agg["best"]:
+        lines.append(f"| {c['domain']} | {label(c['budget'])} | {c['model']} | {c['shape']} | {fmt(c['params'], ',')} | "
+                     f"{c['lr']:g} | {c['n_seeds']} | {c['mean']:.4f} | {fmt(c['std'])} | "
+                     f"{', '.join(f'{v:.4f}' for v in c['per_seed'].values())} |")
+    lines += ["", "## Ratios (model / baseline, each at its best shape)", "",
+              "ratio of the means over the seeds both finished; per-seed ratios min..max.", "",
+              "| domain | budget | model | baseline | ratio of means | pairs | per-seed min..max |",
+              "| --- | ---: | --- | --- | ---: | ---: | --- |"]
+    for r in agg["ratios"]:
+        lines.append(f"| {r['domain']} | {label(r['budget'])} | {r['model']} | {r['baseline']} | "
+                     f"{r['ratio_of_means']:.4f} | {len(r['seeds'])} | {r['min']:.4f}..{r['max']:.4f} |")
+    if isoflop:
+        lines += ["", "## Every shape (IsoFLOP profile)", "",
+                  "| domain | budget | model | shape | params | LR | seeds | select bpb | test bpb |",
+                  "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        for c in sorted(agg["cells"], key=lambda c: (list(design.domains).index(c["domain"]), c["budget"],
+                                                     list(design.models).index(c["model"]), c["params"] or 0)):
+            lines.append(f"| {c['domain']} | {label(c['budget'])} | {c['model']} | {c['shape']} | {fmt(c['params'], ',')} "
+                         f"| {c['lr']:g} | {c['n_seeds']} | {c['select_mean']:.4f} | {c['mean']:.4f} |")
+    lines += ["", "## Router behaviour on the test set (the model's own statistics, mean over seeds)", "",
+              "boundary rate: share of positions routed; at rule: share of boundaries at SpaceByte rule positions; "
+              "at word start: at the byte after one; chunk lengths where the router reports them.", "",
+              "| domain | budget | model | " + " | ".join(n for n, _ in ROUTER_COLUMNS) + " |",
+              "| --- | ---: | --- |" + " ---: |" * len(ROUTER_COLUMNS)]
+    for c in agg["best"]:
+        if c["router"]:
+            lines.append(f"| {c['domain']} | {label(c['budget'])} | {c['model']} | "
+                         + " | ".join(fmt(c["router"].get(k), ".3f") for _, k in ROUTER_COLUMNS) + " |")
+    if todo:
+        lines += ["", "## Missing cells", ""]
+        lines += [f"- `{t['key']}`: {t['state']}" + (f" ({t['stage']}, exit {t['returncode']}); log: {t['log']}"
+                                                      if t["state"] == "failed" else "") for t in todo]
+    return "\n".join(lines) + "\n"
+
+
+def scaling_plot(design: Design, agg: dict, path: Path) -> Path | None:
+    """bpb against budget per model (each at its best shape), one panel per domain."""
+    if not agg["best"]:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    domains = list(design.domains)
+    fig, axes = plt.subplots(1, len(domains), figsize=(5.5 * len(domains), 4), squeeze=False)
+    for ax, d in zip(axes[0], domains):
+        for m in design.models:
+            pts = sorted((c["budget"], c["mean"], c["std"] or 0.0) for c in agg["best"]
+                         if c["domain"] == d and c["model"] == m)
+            if pts:
+                xs, ys, es = zip(*pts)
+                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=m)
+        ax.set_xscale("log")
+        ax.set_xlabel("training FLOPs")
+        ax.set_ylabel("test bits per byte")
+        ax.set_title(f"{d}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(design.title or design.name, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def build(design: Design, results: dict[str, dict], failures: dict[str, dict], allow_mixed: bool = False) -> dict:
+    """Everything `pico experiment table` writes: markdown text and the JSON payload."""
+    used = {k: r for k, r in results.items() if r["domain"] in design.domains and r["model"] in design.models
+            and r.get("shape", "base") in shapes_of(design.models[r["model"]]) and r["budget"] in budgets(design)}
+    revs = check_revisions(used, allow_mixed)
+    agg = aggregate(design, used)
+    todo = missing(design, used, failures)
+    return {"markdown": markdown(design, agg, revs, todo, len(used)),
+            "json": {"design": design.name, "revisions": revs, "finished": len(used), "missing": todo, **agg}}
+
+
+__all__ = ["build", "aggregate", "scaling_plot", "check_revisions", "cells"]

@@ -1,0 +1,85 @@
+"""Design files: strict parsing, one-line errors naming the key, steps and FLOP matching, the shipped designs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pico.configs.errors import UserError
+from pico.pipeline.experiment.design import check_models, load_design, steps_for
+from tests.conftest import REPO
+from tests.pipeline.experiment.conftest import write_design
+
+
+def edit(path: Path, change) -> Path:
+    raw = yaml.safe_load(path.read_text())
+    change(raw)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def test_tiny_design_resolves_steps_from_flops_per_byte(tiny_design):
+    design = load_design(tiny_design)
+    shapes = check_models(design)
+    rule, plain = shapes["rule", "base"], shapes["plain", "base"]
+    assert rule.router == "spacelike" and plain.router == "none"
+    # every run of the budget spends the same training FLOPs: steps x FLOPs/byte x bytes/step ~ budget
+    for sh in (rule, plain):
+        steps = steps_for(sh, 3e9)
+        assert steps > 1 and abs(steps * sh.flops_per_byte * sh.bytes_per_step / 3e9 - 1) < 1 / steps
+    assert steps_for(rule, 3e9) != steps_for(plain, 3e9)  # they cost different FLOPs per byte
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: r.update(colour="red"), "unknown key colour"),
+    (lambda r: r["models"]["rule"].update(typo=1), "unknown key models.rule.typo"),
+    (lambda r: r["lr"].update(grid=[1e-3]), "lr: give exactly one of grid"),
+    (lambda r: r.update(budgets=[1e3]), "budgets: 1000 is smaller than one training step of models.rule"),
+    (lambda r: r["models"]["rule"]["overrides"].append("model.nonsense=3"), "models.rule: unknown key model.nonsense"),
+    (lambda r: r.update(match_flops={"reference": "rule", "tolerance": 0.03}),
+     "models.plain: 0.86[0-9]x rule's training FLOPs per byte, outside match_flops.tolerance"),
+    (lambda r: r["domains"]["toy"].update(test=["/nonexistent/held-out"]), "domains.toy.test\\[0\\]: /nonexistent"),
+    (lambda r: r["domains"].update(toy={"prep": {"inputs": ["${PICO_TEST_UNSET_CORPUS}/novels"]}}),
+     "domains.toy.prep.inputs\\[0\\]: \\$\\{PICO_TEST_UNSET_CORPUS\\} is not set"),
+    (lambda r: r.update(shape_rule="ladder", budgets=[3e9, 6e9]), "models.rule.shapes: shape_rule ladder needs one shape per budget"),
+])
+def test_bad_designs_are_one_line_errors_naming_the_key(tiny_design, change, message):
+    edit(tiny_design, change)
+    with pytest.raises(UserError, match=message) as e:
+        design = load_design(tiny_design)
+        check_models(design)
+        from pico.pipeline.experiment.data import check_inputs, prepare
+
+        for d in design.domains:
+            check_inputs(design, d)
+            prepare(design, d)
+    assert "\n" not in str(e.value)
+
+
+def test_match_flops_sets_the_width_within_the_tolerance(tiny_design):
+    edit(tiny_design, lambda r: (r.update(match_flops={"reference": "rule", "tolerance": 0.03}),
+                                 r["models"]["plain"].update(match="d_local")))
+    shapes = check_models(load_design(tiny_design))
+    ratio = shapes["plain", "base"].flops_per_byte / shapes["rule", "base"].flops_per_byte
+    assert abs(ratio - 1) <= 0.03
+    assert any(o.startswith("--model.d_local=") and o != "--model.d_local=32" for o in shapes["plain", "base"].overrides)
+
+
+def test_the_cli_prints_one_line_without_a_traceback(tiny_design):
+    edit(tiny_design, lambda r: r.update(colour="red"))
+    out = subprocess.run([sys.executable, "-m", "pico.pipeline.cli", "experiment", "run", str(tiny_design), "--dry-run"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and "unknown key colour" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_design_loads_and_costs(path, monkeypatch, tmp_path):
+    monkeypatch.setenv("PICO_CORPUS", str(tmp_path))
+    monkeypatch.chdir(REPO)
+    design = load_design(path)
+    check_models(design)

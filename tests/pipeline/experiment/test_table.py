@@ -1,0 +1,112 @@
+"""The table's arithmetic on hand-made result JSONs: the LR rule, best shapes, paired ratios, revisions."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from pico.configs.errors import UserError
+from pico.pipeline.experiment import table
+from pico.pipeline.experiment.design import Run, load_design
+from pico.pipeline.experiment.plan import lr_grid, plan
+from pico.pipeline.experiment.store import legacy, load_results, write_json
+from tests.conftest import REPO
+from tests.pipeline.experiment.conftest import edit_design
+
+
+def result(design, model, shape, budget, lr, seed, test, select=None, rev="abc", router=None):
+    run = Run("toy", model, shape, budget, lr, seed)
+    return run.key(design), {"key": run.key(design), "domain": "toy", "model": model, "shape": shape, "budget": budget,
+                             "lr": lr, "seed": seed, "git_revision": rev, "params": 100,
+                             "data": {"test": "t", "select": "s"}, "test": {"bpb": test},
+                             "select": {"bpb": test + 0.1 if select is None else select},
+                             "router_stats": router or {}}
+
+
+def test_lr_sweep_extends_at_the_edge_then_final_seeds_follow(tiny_design):
+    design = edit_design(tiny_design, lambda r: r.update(lr={"grid": [1e-3, 2e-3], "budget": 3e9, "extend": 1},
+                                                          budgets=[3e9, {"flops": 6e9, "seeds": [0, 1]}]))
+    ready, _ = plan(design, {})
+    assert {(r.model, r.lr, r.budget) for r in ready} == {(m, lr, 3e9) for m in ("rule", "plain") for lr in (1e-3, 2e-3)}
+    results = dict(result(design, m, "base", 3e9, lr, 0, 2.0 - lr * 100) for m in ("rule", "plain") for lr in (1e-3, 2e-3))
+    # 2e-3 wins at the grid's top edge: the sweep adds 4e-3 before choosing
+    assert lr_grid(design, results, "toy", "rule", "base") == ([1e-3, 2e-3, 4e-3], None)
+    results.update(dict([result(design, "rule", "base", 3e9, 4e-3, 0, 5.0)]))
+    assert lr_grid(design, results, "toy", "rule", "base")[1] == 2e-3
+    ready, _ = plan(design, results)
+    rule = [(r.budget, r.lr, r.seed) for r in ready if r.model == "rule"]
+    assert rule == [(6e9, 2e-3, 0), (6e9, 2e-3, 1)]  # the 3e9 seed-0 run at 2e-3 is the sweep's own run
+
+
+def test_means_std_paired_ratios_and_best_shape(tiny_design):
+    design = edit_design(tiny_design, lambda r: (
+        r.update(shape_rule="isoflop", seeds=[0, 1, 2], baselines=["plain"]),
+        r["models"]["rule"].update(shapes={"small": ["model.d_latent=32"], "big": []}),
+        r["models"]["plain"].update(shapes={"small": [], "big": ["model.d_local=40"]})))
+    rows = [("rule", "small", [2.0, 2.2, 2.1], 3.0), ("rule", "big", [1.8, 2.0, 1.9], 2.0),  # big wins on select
+            ("plain", "small", [1.9, 2.1], 1.0), ("plain", "big", [1.0, 1.0, 1.0], 9.0)]
+    results = {}
+    for model, shape, tests, select in rows:
+        for seed, t in enumerate(tests):
+            k, r = result(design, model, shape, 3e9, 3e-3, seed, t, select=select,
+                          router={"routed_frac_mean": 0.2 + seed / 100} if model == "rule" else None)
+            results[k] = r
+    agg = table.aggregate(design, results)
+    best = {c["model"]: c for c in agg["best"]}
+    # the select set picks the shape even where the test set would disagree (plain big has the lower test bpb)
+    assert best["rule"]["shape"] == "big" and best["plain"]["shape"] == "small"
+    assert best["rule"]["mean"] == pytest.approx(1.9) and best["rule"]["std"] == pytest.approx(statistics.stdev([1.8, 2.0, 1.9]))
+    (ratio,) = agg["ratios"]
+    assert ratio["model"] == "rule" and ratio["baseline"] == "plain" and ratio["seeds"] == [0, 1]
+    assert ratio["ratio_of_means"] == pytest.approx((1.8 + 2.0) / (1.9 + 2.1))  # paired seeds only, not seed 2
+    assert (ratio["min"], ratio["max"]) == (pytest.approx(1.8 / 1.9), pytest.approx(2.0 / 2.1))
+    assert best["rule"]["router"]["routed_frac_mean"] == pytest.approx(0.21)
+    md = table.build(design, results, {})["markdown"]
+    assert "| toy | 3e09 | rule | plain | 0.9500 | 2 | 0.9474..0.9524 |" in md
+
+
+def test_revisions_do_not_mix_unless_allowed(tiny_design):
+    design = load_design(tiny_design)
+    results = dict([result(design, "rule", "base", 3e9, 3e-3, 0, 2.0, rev="aaa"),
+                    result(design, "plain", "base", 3e9, 3e-3, 0, 2.0, rev="bbb")])
+    with pytest.raises(UserError, match="2 pico revisions .*--allow-mixed-revisions"):
+        table.build(design, results, {})
+    assert table.build(design, results, {}, allow_mixed=True)["json"]["revisions"] == ["aaa", "bbb"]
+
+
+def test_missing_cells_name_the_failed_runs_log(tiny_design, tmp_path):
+    design = load_design(tiny_design)
+    k, r = result(design, "rule", "base", 3e9, 3e-3, 0, 2.0)
+    built = table.build(design, {k: r}, {"toy-plain-3e09-lr0.003-s0": {"log": "/logs/x.log", "stage": "train",
+                                                                        "returncode": -9}})
+    assert "- `toy-plain-3e09-lr0.003-s0`: failed (train, exit -9); log: /logs/x.log" in built["markdown"]
+
+
+def test_experiment2_records_read_through_the_importer(tmp_path):
+    design = load_design(REPO / "configs" / "experiments" / "experiment2.yaml")
+    results = load_results(design.results_dir if design.results_dir.is_absolute() else REPO / design.results_dir)
+    assert len(results) == 92
+    built = table.build(design, results, {})
+    ratios = {(r["domain"], r["model"], r["baseline"], r["budget"]): r for r in built["json"]["ratios"]}
+    # experiment 2's headline (README): the rule vs the plain Transformer at 3e13, 3 seeds
+    rule = ratios["prose", "spacelike", "vanilla", 3e13]
+    assert len(rule["seeds"]) == 3 and 0.98 < rule["ratio_of_means"] < 1.02
+    old = json.loads((REPO / "benchmarks/results/experiment2/results.json").read_text())
+    mine = {c["model"]: c for c in built["json"]["best"] if c["domain"] == "prose" and c["budget"] == 3e13}
+    assert mine["spacelike"]["mean"] == pytest.approx(old["cells"]["prose/spacelike/3e+13"]["mean"])
+
+
+def test_legacy_conversion_keeps_the_models_router_statistics():
+    old = {"key": "k", "domain": "prose", "model": "pico", "budget": 1e13, "lr": 3e-3, "seed": 0, "steps": 5,
+           "rev": "r", "test_bpb": 2.0, "select_bpb": 2.1, "test_sha": "t", "select_sha": "s",
+           "eval_router": {"routed_frac_mean": 0.2}, "routing": {"boundary_rate": 0.9}}
+    new = legacy(old)
+    assert new["test"]["bpb"] == 2.0 and new["router_stats"] == {"routed_frac_mean": 0.2}
+    assert new["git_revision"] == "r" and new["shape"] == "base"
+
+
+def test_results_are_written_atomically(tmp_path):
+    path = write_json(tmp_path / "runs" / "k.json", {"key": "k"})
+    assert json.loads(path.read_text()) == {"key": "k"} and not list(tmp_path.glob("runs/.*tmp"))
