@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pico.configs.errors import UserError
+from pico.data_prep.shards import MAX_SAMPLE_BYTES
+from pico.data_prep.sources import MAX_EXPANSION
 
 MiB = 1 << 20
 
@@ -40,13 +42,15 @@ class PrepConfig:
     zstd_level: int = 3
     """zstd compression level of each sample (1-22)."""
     chunk_bytes: int = 16 * MiB
-    """Documents larger than this are split into chunks of at most this many bytes, one sample each."""
+    """Documents larger than this are split into chunks of at most this many bytes, one sample each (at most 64M, the largest sample the readers decompress)."""
     unit_bytes: int = 256 * MiB
     """Input bytes (as stored) per Ray task; a task writes its own shards and a completion marker, so a rerun redoes only unfinished tasks."""
     workers: int | None = None
     """Ray tasks running at once (default: the CPUs of the local machine, or of the cluster with --ray-address)."""
     ray_address: str | None = None
     """Address of a running Ray cluster (e.g. ray://head:10001 or auto); default: reuse this process's Ray or start a local one."""
+    max_expansion: float = MAX_EXPANSION
+    """A compressed input (.gz .zst .xz .bz2) may decompress to at most this many times its stored size (and at least 64M); past that it is recorded as failed, not read on (a decompression bomb)."""
     fail_fast: bool = False
     """Stop at the first input that cannot be read, instead of recording it in the manifest and going on."""
     overwrite: bool = False
@@ -70,8 +74,12 @@ class PrepConfig:
         for name in ("shard_bytes", "chunk_bytes", "unit_bytes"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 1")
-        if self.chunk_bytes > 4 << 30:
-            raise UserError(f"--chunk-bytes={self.chunk_bytes} exceeds 4G (a tar member holds at most 8 GiB)")
+        if self.chunk_bytes > MAX_SAMPLE_BYTES:
+            raise UserError(f"--chunk-bytes={self.chunk_bytes} exceeds {MAX_SAMPLE_BYTES >> 20}M, the largest sample "
+                            "the shard readers decompress (a bound against decompression bombs); a larger document "
+                            "is split into several samples anyway, so choose at most that")
+        if not self.max_expansion >= 1:  # also refuses nan
+            raise UserError(f"--max-expansion={self.max_expansion} must be a number >= 1")
         if self.workers is not None and self.workers < 1:
             raise UserError(f"--workers={self.workers} must be >= 1")
 

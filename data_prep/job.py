@@ -115,7 +115,8 @@ def _unit_items(cfg: PrepConfig, files: list[list]) -> Iterator[tuple[int | None
     """(ordinal, Doc) for every readable document, (None, Skip) for the rest, in input order."""
     ordinal = 0
     for url, size in files:
-        for item in iter_documents(InputFile(url, size), cfg.format, cfg.text_field, cfg.id_field, cfg.chunk_bytes):
+        for item in iter_documents(InputFile(url, size), cfg.format, cfg.text_field, cfg.id_field, cfg.chunk_bytes,
+                                   cfg.max_expansion):
             if isinstance(item, Doc):
                 yield ordinal, item
                 ordinal += 1

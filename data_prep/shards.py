@@ -34,6 +34,10 @@ import zstandard
 from pico.data_prep.sources import read_upto
 
 SHARD_NAME = re.compile(r"^(train|val)-(\d{6})\.tar$")
+# The largest document a sample may decompress to: a shard is untrusted input, and a 100 KB
+# zstd frame can expand to gigabytes. prep's --chunk-bytes is capped at it, so no sample pico
+# writes exceeds it; readers refuse a larger one before allocating its bytes (issue 28).
+MAX_SAMPLE_BYTES = 64 << 20
 KEY = re.compile(r"^[0-9a-f]{16,}(_c\d{5})?$")
 RECORD = 10240  # tar files are padded to a multiple of this (the tar default)
 
@@ -154,6 +158,7 @@ class Sample:
     key: str
     payload: bytes | None
     meta: bytes | None
+    members: list[str] = field(default_factory=list)  # its tar member names, as stored (for error messages)
 
 
 class TruncatedTar(EOFError):
@@ -187,18 +192,27 @@ def iter_tar_samples(stream: BinaryIO) -> Iterator[Sample]:
     """Samples of a shard in stored order; members are grouped by key (the part before the first dot)."""
     current: Sample | None = None
     for name, data in iter_tar_members(stream):
-        key, _, ext = name.partition(".")
+        key, ext = member_key(name)
         if current is not None and current.key != key:
             yield current
             current = None
         if current is None:
             current = Sample(key, None, None)
+        current.members.append(name)
         if ext == "bin.zst":
             current.payload = data
         elif ext == "json":
             current.meta = data
     if current is not None:
         yield current
+
+
+def member_key(name: str) -> tuple[str, str]:
+    """(key, extension) of a tar member: the split is at the first dot of the base name, as WebDataset
+    does, so `./abc.bin.zst` (what `tar -cf x.tar ./abc.*` stores) is key `./abc`, extension `bin.zst`."""
+    head, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{head}/{stem}" if head else stem), ext
 
 
 class ShardError(ValueError):
@@ -234,32 +248,50 @@ def read_shard(url: str, start: int = 0) -> Iterator[tuple[int, Sample]]:
             raise ShardError(f"shard {url}, after {last}: unreadable tar ({e})") from None
 
 
-def decode_sample(sample: Sample, dctx: zstandard.ZstdDecompressor | None = None) -> tuple[bytes, dict]:
+def decode_sample(sample: Sample, dctx: zstandard.ZstdDecompressor | None = None,
+                  limit: int = MAX_SAMPLE_BYTES) -> tuple[bytes, dict]:
     """The document bytes and metadata of a sample; raises SampleError naming the member at fault.
 
     Checks: both members present, the JSON is an object, the payload is one complete zstd frame
-    (a frame that does not record its content size is accepted), and the document has the
-    length its JSON records."""
+    (a frame that does not record its content size is accepted), the document has the length its
+    JSON records, and it is at most `limit` bytes: checked on the sizes the frame and the JSON
+    declare before any byte is decompressed, then enforced while decompressing."""
     for ext, data in (("bin.zst", sample.payload), ("json", sample.meta)):
         if data is None:
-            raise SampleError(f"{sample.key}.{ext}", "missing from the shard")
-    obj = (dctx or zstandard.ZstdDecompressor()).decompressobj()
+            found = f" (its members: {', '.join(sample.members)})" if sample.members else ""
+            raise SampleError(f"{sample.key}.{ext}", f"missing from the shard{found}")
+    member = f"{sample.key}.bin.zst"
+    meta = _meta(sample)
+    expected = meta.get("bytes")
     try:
-        raw = obj.decompress(sample.payload)
+        declared = zstandard.frame_content_size(sample.payload)  # -1: not recorded
     except zstandard.ZstdError as e:
-        raise SampleError(f"{sample.key}.bin.zst", f"not a zstd frame ({e})") from None
-    if not obj.eof:
-        raise SampleError(f"{sample.key}.bin.zst", "truncated zstd frame")
+        raise SampleError(member, f"not a zstd frame ({e})") from None
+    for what, n in (("its zstd frame", declared), (f"{sample.key}.json", expected)):
+        if isinstance(n, int) and n > limit:
+            raise SampleError(member, f"decompresses to {n:,} bytes by {what}, over the {limit:,}-byte limit "
+                                      "on one sample (a decompression bomb, or not a pico shard)")
+    cap = expected if isinstance(expected, int) and 0 <= expected and declared < 0 else limit
+    try:  # one-shot: a recorded size is allocated exactly; an unrecorded one grows to at most `cap`
+        raw = (dctx or zstandard.ZstdDecompressor()).decompress(sample.payload, max_output_size=cap)
+    except zstandard.ZstdError as e:
+        why = "truncated zstd frame" if "full frame" in str(e) else f"not a zstd frame ({e})"
+        if declared < 0 and "full frame" in str(e):
+            why = f"truncated zstd frame, or one longer than {cap:,} bytes"
+        raise SampleError(member, why) from None
+    if expected is not None and expected != len(raw):
+        raise SampleError(member, f"{len(raw)} bytes, but {sample.key}.json says {expected}")
+    return raw, meta
+
+
+def _meta(sample: Sample) -> dict:
     try:
         meta = json.loads(sample.meta)
     except ValueError as e:
         raise SampleError(f"{sample.key}.json", f"not valid JSON ({e})") from None
     if not isinstance(meta, dict):
         raise SampleError(f"{sample.key}.json", f"not a JSON object ({type(meta).__name__})")
-    expected = meta.get("bytes")
-    if expected is not None and expected != len(raw):
-        raise SampleError(f"{sample.key}.bin.zst", f"{len(raw)} bytes, but {sample.key}.json says {expected}")
-    return raw, meta
+    return meta
 
 
 class HashingReader(io.RawIOBase):

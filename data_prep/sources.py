@@ -41,6 +41,15 @@ _HF_SHARD = re.compile(r"^(?P<split>[A-Za-z_]+)-\d{5}-of-\d{5}\.")
 _HF_SPLITS = {"train": "train", "validation": "val", "valid": "val", "val": "val", "dev": "val", "test": "test"}
 # What a broken compressed stream or a failing read raises, across gzip, xz, bz2 and zstd.
 READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, zstandard.ZstdError)
+# Decompression bombs (issue 28): a compressed input may expand to at most max_expansion times
+# its stored size, and never less than this floor (tiny files compress oddly well), and one JSON
+# Lines record may be at most MAX_LINE_BYTES; over either, the file or line is a recorded skip.
+MAX_EXPANSION = 1000.0  # prep.max_expansion's default: text compresses 3-10x, a highly repetitive log 100x+
+EXPANSION_FLOOR = 64 << 20
+MAX_LINE_BYTES = 256 << 20
+# zstd's largest expansion per input byte (an RLE block: 4 bytes -> 128 KiB); ZstdReader feeds its
+# decompressor slices small enough that one call cannot produce more than SLICE * ZSTD_MAX_RATIO.
+ZSTD_MAX_RATIO, ZSTD_SLICE = 1 << 15, 1024
 
 
 @dataclass(frozen=True)
@@ -228,17 +237,67 @@ def open_raw(url: str) -> io.BufferedIOBase:
     return open(url.removeprefix("file://"), "rb", buffering=BLOCK)
 
 
-def open_input(url: str) -> io.BufferedIOBase:
-    """A binary stream of the file's decompressed bytes."""
+def open_input(url: str, limit: int | None = None) -> io.BufferedIOBase:
+    """A binary stream of the file's decompressed bytes; past `limit` of them, reads raise ExpansionLimit."""
     suffix = split_suffix(url)[1].lower()
     if suffix in (".gz", ".xz", ".bz2"):
         # given a file name (not a file object) these close the file when they are closed
         src = open_raw(url) if is_url(url) else url.removeprefix("file://")
-        return {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}[suffix](src, "rb")
-    raw = open_raw(url)
-    if suffix in (".zst", ".zstd"):
-        return ZstdReader(raw)  # JSON Lines wrap it in a BufferedReader for readline
-    return raw
+        stream = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}[suffix](src, "rb")
+    elif suffix in (".zst", ".zstd"):
+        stream = ZstdReader(open_raw(url))  # JSON Lines wrap it in a BufferedReader for readline
+    else:
+        return open_raw(url)
+    return stream if limit is None else CappedReader(stream, limit)
+
+
+def expansion_limit(f: InputFile, max_expansion: float) -> int | None:
+    """How many decompressed bytes a compressed input may yield (None for a plain file)."""
+    if not split_suffix(f.url)[1]:
+        return None
+    return max(int(max_expansion * f.size), EXPANSION_FLOOR)
+
+
+class ExpansionLimit(OSError):
+    """A compressed input decompressed past its limit: a decompression bomb, or an outlier."""
+
+
+class CappedReader(io.RawIOBase):
+    """Reads through a decompressing stream, counting; raises ExpansionLimit past `limit` bytes.
+
+    Every read is bounded (a read of everything goes block by block), so memory stays bounded
+    too: gzip, xz and bz2 never return more than asked, and ZstdReader decompresses in slices."""
+
+    def __init__(self, stream: io.IOBase, limit: int):
+        self.stream, self.limit, self.n = stream, limit, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def _count(self, data: bytes) -> bytes:
+        self.n += len(data)
+        if self.n > self.limit:
+            raise ExpansionLimit(f"decompresses to more than {self.limit:,} bytes, the limit for this file "
+                                 "(--max-expansion times its stored size, at least 64M): a decompression bomb? "
+                                 "If the file is genuine, raise --max-expansion")
+        return data
+
+    def read(self, n: int | None = -1) -> bytes:
+        if n is None or n < 0:
+            return b"".join(iter(lambda: self.read(BLOCK), b""))
+        return self._count(self.stream.read(n))
+
+    def read1(self, n: int = -1) -> bytes:
+        return self._count(getattr(self.stream, "read1", self.stream.read)(BLOCK if n < 0 else n))
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self.stream.close()
+        super().close()
 
 
 class ZstdReader(io.RawIOBase):
@@ -253,6 +312,7 @@ class ZstdReader(io.RawIOBase):
         self._dctx = zstandard.ZstdDecompressor()
         self._frame = None  # the decompressor of the frame in progress, None between frames
         self._buf, self._pos, self._done = b"", 0, False
+        self._pending = b""  # input read but not yet decompressed (a block whose output filled the buffer)
 
     def readable(self) -> bool:
         return True
@@ -260,9 +320,11 @@ class ZstdReader(io.RawIOBase):
     def _fill(self) -> bool:
         """Decompress the next input block into the buffer; False at the clean end of the stream."""
         while self._pos >= len(self._buf):
-            if self._done:
-                return False
-            data = self._raw.read(self._block)
+            data, self._pending = self._pending, b""
+            if not data:
+                if self._done:
+                    return False
+                data = self._raw.read(self._block)
             if not data:
                 self._done = True
                 if self._frame is not None:
@@ -300,6 +362,19 @@ class ZstdReader(io.RawIOBase):
         return b"".join(parts)
 
     def _feed(self, data: bytes) -> bytes:
+        """What one input block decompresses to, at most 64 MiB: a 64 KiB block of a zstd bomb would
+        decompress to 2 GiB in one call, so it is fed in slices of which one makes at most 32 MiB,
+        and the rest waits once 32 MiB are out (on text this costs ~5% of decompression speed)."""
+        out, n = [], 0
+        for i in range(0, len(data), ZSTD_SLICE):
+            out.append(self._feed_slice(data[i:i + ZSTD_SLICE]))
+            n += len(out[-1])
+            if n >= ZSTD_SLICE * ZSTD_MAX_RATIO and i + ZSTD_SLICE < len(data):
+                self._pending = data[i + ZSTD_SLICE:]  # decoded once the reader has taken what is out
+                break
+        return b"".join(out)
+
+    def _feed_slice(self, data: bytes) -> bytes:
         out = []
         while data:
             if self._frame is None:
@@ -341,17 +416,23 @@ def file_format(url: str, fmt: str) -> str:
     return "jsonl" if stem.endswith(JSONL) else "raw"
 
 
-def iter_documents(f: InputFile, fmt: str, text_field: str, id_field: str, chunk_bytes: int) -> Iterator[Doc | Skip]:
-    """Every document of one input file, in file order (a whole file is one document unless JSON Lines or Parquet)."""
+def iter_documents(f: InputFile, fmt: str, text_field: str, id_field: str, chunk_bytes: int,
+                   max_expansion: float = MAX_EXPANSION) -> Iterator[Doc | Skip]:
+    """Every document of one input file, in file order (a whole file is one document unless JSON Lines or Parquet).
+
+    A compressed file stops yielding once it has decompressed past `expansion_limit`: the rest is a recorded skip."""
     kind = file_format(f.url, fmt)
+    limit = expansion_limit(f, max_expansion)
     if kind == "jsonl":
-        return _iter_jsonl(f.url, text_field, id_field, chunk_bytes)
+        return _iter_jsonl(f.url, text_field, id_field, chunk_bytes, limit)
     if kind == "parquet":
         return _iter_parquet(f.url, text_field, id_field, chunk_bytes)
-    return _iter_whole_file(f, chunk_bytes)
+    return _iter_whole_file(f, chunk_bytes, limit)
 
 
 def _describe(e: BaseException, url: str) -> str:
+    if isinstance(e, ExpansionLimit):
+        return str(e)
     kind = {".gz": "gzip", ".xz": "xz", ".bz2": "bz2", ".zst": "zstd", ".zstd": "zstd"}.get(split_suffix(url)[1].lower())
     what = f"corrupt or truncated {kind} data" if kind and not isinstance(e, FileNotFoundError) else "cannot read"
     return f"{what}: {type(e).__name__}: {e}"
@@ -381,21 +462,21 @@ def _small_zstd(url: str, size: int, chunk_bytes: int) -> bytes | None:
     return None
 
 
-def _read_head(f: InputFile, chunk_bytes: int) -> bytes:
+def _read_head(f: InputFile, chunk_bytes: int, limit: int | None) -> bytes:
     """The document if it fits in chunk_bytes, else its first chunk_bytes + 1 bytes."""
     head = _small_zstd(f.url, f.size, chunk_bytes)
     if head is None:
-        with open_input(f.url) as stream:
+        with open_input(f.url, limit) as stream:
             head = read_upto(stream, chunk_bytes + 1)
     return head
 
 
-def _iter_whole_file(f: InputFile, chunk_bytes: int) -> Iterator[Doc | Skip]:
+def _iter_whole_file(f: InputFile, chunk_bytes: int, limit: int | None) -> Iterator[Doc | Skip]:
     try:
-        head = _read_head(f, chunk_bytes)
+        head = _read_head(f, chunk_bytes, limit)
         # A large document: learn its size first (a compressed one by decompressing it once
         # without keeping it, which also finds corruption before any chunk is written).
-        size = len(head) if len(head) <= chunk_bytes else f.size if not split_suffix(f.url)[1] else _count_bytes(f.url)
+        size = len(head) if len(head) <= chunk_bytes else f.size if not split_suffix(f.url)[1] else _count_bytes(f.url, limit)
     except READ_ERRORS as e:
         yield Skip("failed", f.url, None, _describe(e, f.url))
         return
@@ -408,28 +489,31 @@ def _iter_whole_file(f: InputFile, chunk_bytes: int) -> Iterator[Doc | Skip]:
         del head
 
         def chunks() -> Iterator[bytes]:
-            with open_input(f.url) as s:
+            with open_input(f.url, limit) as s:
                 while chunk := read_upto(s, chunk_bytes):
                     yield chunk
 
         yield Doc(f.url, f.url, None, size, -(-size // chunk_bytes), chunks)
 
 
-def _count_bytes(url: str) -> int:
-    with open_input(url) as s:
+def _count_bytes(url: str, limit: int | None) -> int:
+    with open_input(url, limit) as s:
         n = 0
         while part := s.read(BLOCK):
             n += len(part)
         return n
 
 
-def _iter_jsonl(url: str, text_field: str, id_field: str, chunk_bytes: int) -> Iterator[Doc | Skip]:
+def _iter_jsonl(url: str, text_field: str, id_field: str, chunk_bytes: int, limit: int | None) -> Iterator[Doc | Skip]:
     line_no, stream = 0, None
     try:
-        stream = open_input(url)
+        stream = open_input(url, limit)
         for line in iter_lines(stream):
             line_no += 1
-            if line.strip():
+            if line is None:
+                yield Skip("failed", url, line_no, f"line longer than {MAX_LINE_BYTES >> 20} MiB, pico's limit on "
+                                                   "one JSON record; split the document into several records")
+            elif line.strip():
                 yield _parse_line(url, line_no, line, text_field, id_field, chunk_bytes)
     except READ_ERRORS as e:
         yield Skip("failed", url, line_no + 1, _describe(e, url))
@@ -438,26 +522,32 @@ def _iter_jsonl(url: str, text_field: str, id_field: str, chunk_bytes: int) -> I
             stream.close()
 
 
-def iter_lines(stream: io.IOBase, block: int = BLOCK) -> Iterator[bytes]:
+def iter_lines(stream: io.IOBase, block: int = BLOCK, max_line: int = MAX_LINE_BYTES) -> Iterator[bytes | None]:
     """The lines of a binary stream, without their newline, split a block at a time.
 
     Three to four times faster than readline on a decompressing stream; memory is one block
-    plus the longest line.
+    plus the longest line, at most `max_line`: a longer line is not kept, and None stands in its place.
     """
     read = getattr(stream, "read1", stream.read)
     pending: list[bytes] = []  # pieces of a line that spans blocks
+    held = 0  # length of the line in progress, whether its pieces are kept or not
     while data := read(block):
         lines = data.split(b"\n")
+        held += len(lines[0])
         if len(lines) == 1:
-            pending.append(data)
+            pending = pending + [data] if held <= max_line else []
             continue
-        if pending:
+        if held > max_line:
+            lines[0] = None
+        elif pending:
             pending.append(lines[0])
             lines[0] = b"".join(pending)
         tail = lines.pop()
-        pending = [tail] if tail else []
+        pending, held = ([tail] if tail else []), len(tail)
         yield from lines
-    if pending:
+    if held > max_line:
+        yield None
+    elif pending:
         yield b"".join(pending)
 
 

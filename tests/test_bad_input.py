@@ -97,6 +97,59 @@ def test_no_val_split_says_how_to_get_one(capsys, release, tmp_path):
     refused(capsys, ["eval", "--model", str(release), "--data", str(shards)], "lists no val shards", "--split")
 
 
+# ----------------------------------------------------------------------------- decompression bombs
+
+
+def bomb_shard(d: Path, name: str = "val-000000.tar") -> Path:
+    """A shard of one good sample and one whose 8 KB zstd frame expands to 256 MiB (its JSON says 5 bytes)."""
+    import zstandard
+
+    from pico.data_prep.shards import sample_bytes
+    from tests.data_prep.test_shards import zstd_zeros
+
+    d.mkdir()
+    good = zstandard.ZstdCompressor(write_content_size=True).compress(b"hello")
+    meta = json.dumps({"source": "s", "id": "0", "chunk": 0, "n_chunks": 1, "bytes": 5}).encode()
+    tar = sample_bytes("00" * 12, good, meta) + sample_bytes("ab" * 12, zstd_zeros(256 << 20), meta)
+    (d / name).write_bytes(tar + bytes(1024 + -(len(tar) + 1024) % 10240))
+    return d / name
+
+
+def test_a_bomb_in_a_shard_is_one_line_naming_shard_and_member(capsys, release, tmp_path):
+    """Issue 28: a 100 KB sample expanding to 3 GB took pico eval to 9.7 GB RSS."""
+    shard = bomb_shard(tmp_path / "shards")
+    refused(capsys, ["eval", "--model", str(release), "--data", str(shard.parent)], str(shard),
+            f"member {'ab' * 12}.bin.zst: decompresses to 268,435,456 bytes", "limit")
+    assert main(["prep", "verify", str(shard.parent)]) == 1  # no manifest: the listing names that first
+    out = tmp_path / "out"
+    (tmp_path / "in.txt").write_bytes(b"alpha")
+    assert main(["prep", "--input", str(tmp_path / "in.txt"), "--output", str(out), "--no-progress"]) == 0
+    shutil.copy(shard, out / "train-000000.tar")  # the bomb in place of a real shard
+    capsys.readouterr()
+    assert main(["prep", "verify", str(out)]) == 1
+    assert f"sample {'ab' * 12}: member {'ab' * 12}.bin.zst: decompresses to 268,435,456" in capsys.readouterr().out
+
+
+def test_a_compressed_bomb_among_prep_inputs_is_skipped_and_the_rest_written(capsys, tmp_path):
+    import gzip
+
+    from tests.data_prep.test_shards import zstd_zeros
+
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "good.txt").write_bytes(b"alpha")
+    (src / "bomb.txt.zst").write_bytes(zstd_zeros(256 << 20, content_size=False))
+    with gzip.open(src / "rows.jsonl.gz", "wb", compresslevel=1) as f:  # a good row, then a 100 MiB one
+        f.write(b'{"text": "beta"}\n{"text": "' + b"a" * (100 << 20) + b'"}\n')
+    assert main(["prep", "--input", str(src), "--output", str(tmp_path / "out"), "--no-progress",
+                 "--max-expansion=100", "--val-fraction=0", "--json"]) == 0
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    skipped = {Path(s["source"]).name: s for s in m["skipped"]}
+    assert sorted(skipped) == ["bomb.txt.zst", "rows.jsonl.gz"], skipped
+    assert all(s["reason"].startswith("decompresses to more than 67,108,864 bytes") for s in skipped.values())
+    assert skipped["rows.jsonl.gz"]["line"] == 2 and m["documents"]["written"] == 2  # alpha, beta
+
+
 # ----------------------------------------------------------------------------- pico prep outputs
 
 

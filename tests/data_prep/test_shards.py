@@ -8,9 +8,10 @@ import shutil
 import subprocess
 
 import pytest
+import zstandard
 
 from pico.data_prep.shards import (Sample, SampleError, ShardError, TarShardWriter, compressor, decode_sample,
-                                   iter_tar_samples, read_shard, sample_key)
+                                   iter_tar_samples, member_key, read_shard, sample_key)
 
 from .conftest import words
 
@@ -142,3 +143,40 @@ def test_hand_made_tar_header_equals_tarfiles(name, size):
     info = tarfile.TarInfo(name)
     info.size, info.mode, info.mtime, info.uid, info.gid, info.uname, info.gname = size, 0o444, 0, 0, 0, "", ""
     assert _member(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+
+
+def zstd_zeros(n: int, content_size: bool = True) -> bytes:
+    """A zstd frame of n zero bytes (a few KB for hundreds of MB: a decompression bomb), made in 1 MiB pieces."""
+    out = io.BytesIO()
+    cctx = zstandard.ZstdCompressor(level=1, write_content_size=content_size)
+    with cctx.stream_writer(out, size=n if content_size else -1, closefd=False) as w:
+        for _ in range(n >> 20):
+            w.write(bytes(1 << 20))
+    return out.getvalue()
+
+
+def test_a_bomb_is_refused_before_its_bytes_are_allocated():
+    """Issue 28: a 100 KB sample that expanded to 3 GB was decompressed in full by every reader."""
+    import tracemalloc
+
+    bomb = zstd_zeros(256 << 20)
+    assert len(bomb) < 64 << 10
+    tracemalloc.start()
+    with pytest.raises(SampleError, match=r"k\.bin\.zst: decompresses to 268,435,456 bytes by its zstd frame, over"):
+        decode_sample(Sample("k", bomb, b"{}"))
+    with pytest.raises(SampleError, match=r"k\.bin\.zst: decompresses to 268,435,456 bytes by k\.json"):
+        decode_sample(Sample("k", zstd_zeros(2 << 20, content_size=False), b'{"bytes": 268435456}'))
+    unsized = Sample("k", zstd_zeros(4 << 20, content_size=False), b"{}")  # no size anywhere: capped while decoding
+    with pytest.raises(SampleError, match="truncated zstd frame, or one longer than 1,048,576 bytes"):
+        decode_sample(unsized, limit=1 << 20)
+    assert tracemalloc.get_traced_memory()[1] < 8 << 20
+    tracemalloc.stop()
+    assert decode_sample(unsized)[0] == bytes(4 << 20)  # under the default limit it reads
+
+
+def test_member_names_with_a_directory_keep_their_key():
+    """`tar -cf x.tar ./abc.*` stores ./abc.bin.zst: its key is ./abc, not '' (which named member `.bin.zst`)."""
+    assert member_key("./abc.bin.zst") == ("./abc", "bin.zst")
+    assert member_key("d.v1/abc.json") == ("d.v1/abc", "json")
+    with pytest.raises(SampleError, match=r"member abc\.json: missing from the shard \(its members: abc\.bin\.zst, abc\.txt\)"):
+        decode_sample(Sample("abc", b"x", None, ["abc.bin.zst", "abc.txt"]))

@@ -9,7 +9,7 @@ import lzma
 import pytest
 import zstandard
 
-from pico.data_prep.sources import Doc, ZstdReader, expand_inputs, iter_documents
+from pico.data_prep.sources import Doc, InputFile, ZstdReader, expand_inputs, iter_documents
 
 from .conftest import words
 
@@ -136,3 +136,32 @@ def test_output_inside_an_input_tree_is_left_out(tmp_path):
     (tmp_path / "shards" / "train-000000.tar").write_bytes(b"y")
     files, _ = expand_inputs([str(tmp_path)], exclude=str(tmp_path / "shards"))
     assert [f.url for f in files] == [str(tmp_path / "a.txt")]
+
+
+def test_a_compressed_bomb_is_a_recorded_skip_read_in_bounded_memory(tmp_path):
+    """Issue 28: a zstd input was decompressed a 64 KiB block at a time, 2 GiB per call for a bomb."""
+    import tracemalloc
+
+    from tests.data_prep.test_shards import zstd_zeros
+
+    (tmp_path / "bomb.txt.zst").write_bytes(zstd_zeros(256 << 20, content_size=False))
+    tracemalloc.start()
+    ((skip, _),) = read_all(tmp_path / "bomb.txt.zst")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert skip.reason.startswith("decompresses to more than 67,108,864 bytes"), skip.reason
+    assert "--max-expansion" in skip.reason
+    assert peak < 160 << 20, peak  # at most 64 MiB decoded at once, and its join; the old reader: 512 MiB
+    f = InputFile(str(tmp_path / "bomb.txt.zst"), (tmp_path / "bomb.txt.zst").stat().st_size)
+    (doc,) = iter_documents(f, "auto", "text", "id", 64 << 20, max_expansion=1e6)  # allowed: it reads
+    assert doc.size == 256 << 20
+
+
+def test_an_overlong_json_line_is_skipped_and_the_next_is_read():
+    import io
+
+    from pico.data_prep.sources import iter_lines
+
+    data = b"a\n" + b"x" * 100 + b"\nb\n" + b"y" * 60
+    assert list(iter_lines(io.BytesIO(data), block=16, max_line=50)) == [b"a", None, b"b", None]
+    assert list(iter_lines(io.BytesIO(data), block=16, max_line=100)) == [b"a", b"x" * 100, b"b", b"y" * 60]
