@@ -118,12 +118,16 @@ HIST_MAX = 32  # chunk lengths 1..32 counted one by one, longer ones in one bin
 # spacelike, chunk and every dechunk variant there), so the LR rule is the same for all. A variant that wins here goes
 # to a full experiment (LR sweep, 3e13, 3 seeds).
 RI = ["--model.return_init=0.25"]  # the return starts at 0.55-1.06x the stream's RMS (measured at init)
+# What every screen shares: its protocol (one budget, two seeds, experiment 2's LR per domain) and its two rule baselines.
+SCREEN = dict(TARGETS={}, SWEEP_BUDGET=None, FINAL_BUDGET=1e13, SEEDS=(0, 1), FIXED_LR={"prose": 6e-3, "code": 3e-3},
+              FLOPS_REF="spacelike")
+RULES = {"spacelike": ("configs/spacebyte.yaml", []), "spacelike-dechunk": ("configs/spacebyte.yaml", DECHUNK)}
 EXPERIMENT3 = dict(
+    **SCREEN,
     NAME="experiment3",
     TITLE="Experiment 3 (issue 18): the return path at the byte stream's scale (model.return_init)",
     MODELS={
-        "spacelike": ("configs/spacebyte.yaml", []),
-        "spacelike-dechunk": ("configs/spacebyte.yaml", DECHUNK),
+        **RULES,
         "spacelike-ri0.25": ("configs/spacebyte.yaml", RI),
         "spacelike-dechunk-ri0.25": ("configs/spacebyte.yaml", [*DECHUNK, *RI]),
         "chunk-ri0.25": ("configs/quickstart.yaml", [*CHUNK, *RI]),
@@ -137,8 +141,6 @@ EXPERIMENT3 = dict(
     COMPARED=("spacelike-ri0.25", "spacelike-dechunk", "spacelike-dechunk-ri0.25", "chunk-ri0.25", "chunk-dechunk-ri0.25",
               "chunk-dechunk-ri0.25-lat0.5"),
     BASELINES=("spacelike", "spacelike-dechunk", "spacelike-ri0.25", "spacelike-dechunk-ri0.25"),
-    TARGETS={}, SWEEP_BUDGET=None, FINAL_BUDGET=1e13, SEEDS=(0, 1), FIXED_LR={"prose": 6e-3, "code": 3e-3},
-    FLOPS_REF="spacelike",
 )
 # Experiment 4: H-Net's sum on the return path (model.dechunk_skip=linear: the bytes after the latent stage start from
 # the dechunked output alone, and the stream comes back through a zero-initialised map), and a ratio loss nearer
@@ -147,11 +149,11 @@ EXPERIMENT3 = dict(
 LIN = ["--model.dechunk_skip=linear"]
 CHUNK_AUX01 = ["--model.router=chunk", "--model.aux_loss_weight=0.1", "--model.capacity=0.19"]
 EXPERIMENT4 = dict(
+    **SCREEN,
     NAME="experiment4",
     TITLE="Experiment 4 (issue 18): H-Net's sum on the return path (model.dechunk_skip) and a lighter ratio loss",
     MODELS={
-        "spacelike": ("configs/spacebyte.yaml", []),
-        "spacelike-dechunk": ("configs/spacebyte.yaml", DECHUNK),
+        **RULES,
         "spacelike-dechunk-lin": ("configs/spacebyte.yaml", [*DECHUNK, *LIN]),
         "chunk-dechunk-lin": ("configs/quickstart.yaml", [*CHUNK, *DECHUNK, *LIN]),
         "chunk-aux0.1": ("configs/quickstart.yaml", CHUNK_AUX01),
@@ -161,8 +163,6 @@ EXPERIMENT4 = dict(
           "chunk-dechunk-aux0.1"),
     COMPARED=("spacelike-dechunk", "spacelike-dechunk-lin", "chunk-dechunk-lin", "chunk-aux0.1", "chunk-dechunk-aux0.1"),
     BASELINES=("spacelike", "spacelike-dechunk", "spacelike-dechunk-lin"),
-    TARGETS={}, SWEEP_BUDGET=None, FINAL_BUDGET=1e13, SEEDS=(0, 1), FIXED_LR={"prose": 6e-3, "code": 3e-3},
-    FLOPS_REF="spacelike",
 )
 DESIGNS = {"experiment2": {}, "experiment3": EXPERIMENT3, "experiment4": EXPERIMENT4}  # experiment 2: the module's names
 

@@ -358,6 +358,11 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must be a mapping of keys to values, got {type(data).__name__}")
+    if hasattr(cls, "upgrade"):  # keys an older pico wrote (ModelConfig.RETIRED)
+        try:
+            data = cls.upgrade(data, where)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))

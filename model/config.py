@@ -16,11 +16,16 @@ EOS = 257
 PAD = 258
 VOCAB_SIZE = 259
 
-RouterKind = Literal["learned", "chunk", "spacelike", "none"]
-RouterGate = Literal["sigmoid", "straight_through"]
-RouterAux = Literal["score", "predictor"]
 AttnImpl = Literal["auto", "dense", "banded", "flex"]
-DechunkSkip = Literal["identity", "linear"]
+NO_ROUTER = "none"  # model.router of a plain byte Transformer: no router, no latent stage
+
+# Options that lost in every experiment that tried them (experiments 2-4), with the value pico still
+# implements: a config (an old checkpoint's, say) may name that value and loads; the other value is refused.
+RETIRED = {
+    "router_gate": ("sigmoid", "straight_through (gate 1 forward) lost to sigmoid wherever it was measured"),
+    "router_aux": ("score", "predictor (MoD's causal MLP) lost to the score's own BCE wherever it was measured"),
+    "dechunk_skip": ("identity", "linear (H-Net's residual-free sum) lost on both domains in experiment 4"),
+}
 
 
 @dataclass
@@ -51,28 +56,22 @@ class ModelConfig:
     """Key/value heads in each latent block; must divide n_latent_heads."""
     mlp_ratio: float = 8 / 3
     """SwiGLU hidden width as a multiple of the block width (rounded up to a multiple of 64)."""
-    router: RouterKind = "learned"
-    """learned: Mixture-of-Depths top-k router; chunk: H-Net's learned causal chunk boundaries; spacelike: SpaceByte's rule; none: plain byte Transformer."""
+    router: str = "learned"
+    """Which positions go through the latent blocks: a router in model/routers/ (spacelike: SpaceByte's rule; learned: Mixture-of-Depths top-k; chunk: H-Net's learned causal chunk boundaries; entropy: an early head's next-byte entropy) or none: a plain byte Transformer."""
     capacity: float = 0.2
-    """Fraction of positions routed into the latent blocks (learned router: top-k per sequence; chunk: the boundary rate its ratio loss aims at; spacelike: the cap on rule positions)."""
+    """Fraction of positions routed into the latent blocks (learned and entropy: top-k per sequence; chunk: the boundary rate its ratio loss aims at; spacelike: the cap on rule positions)."""
     chunk_cap: float = 0.0
-    """Chunk router only: most boundaries routed per sequence, as a fraction of max_seq_len (bounds the latent blocks' memory); boundaries past it are dropped and counted in router stats (chunk_overflow_frac). 0 = 2 x capacity, at most 1."""
+    """Chunk router only: most boundaries routed per sequence, as a fraction of max_seq_len (bounds the latent blocks' memory); boundaries past it are dropped and counted in router stats (chunk_overflow_frac). 0 = 2 x capacity, at most 1. Decoding applies the same fraction to its context."""
     dechunk: bool = False
-    """Return path of the latent blocks (chunk, spacelike, learned): false adds the latent output at the routed positions only; true gives every byte its chunk's output (the last routed position's, repeated), smoothed by an EMA with the boundary probability, times a confidence straight-through estimator, plus a zero-initialised linear residual (H-Net's dechunking)."""
-    dechunk_skip: DechunkSkip = "identity"
-    """With dechunk, how the byte stream itself passes the latent stage: identity: the stream plus a zero-initialised linear map of it, added to the dechunked output (pico); linear: the zero-initialised linear map alone (H-Net's residual_proj), so at init the bytes after the latent stage hold only the dechunked latent output and the stream comes back as the map learns."""
+    """Return path of the latent blocks (any router): false adds the latent output at the routed positions only; true gives every byte its chunk's output (the last routed position's, repeated), smoothed by an EMA with the boundary probability, times a confidence straight-through estimator, plus the stream and a zero-initialised linear map of it (H-Net's dechunking)."""
     return_init: float = 1.0
-    """Initial gain of the RMSNorm before `latent_out` (learned after): the scale at which the latent output first returns to the byte stream. At 1 it starts about 4x the stream's RMS at this init; with dechunk every byte receives it, and H-Net normalises both sides of that sum. 0.25 starts the two at a similar scale."""
-    router_gate: RouterGate = "sigmoid"
-    """How the router weight scales the latent output: sigmoid(score), or 1 in the forward pass with sigmoid's gradient."""
+    """Initial gain of the RMSNorm before `latent_out` (learned after): the scale at which the latent output first returns to the byte stream. At 1 it starts about 4x the stream's RMS at this init; with dechunk every byte receives it, and H-Net normalises both sides of that sum. 0.25 starts the two at a similar scale (kept: it gained 0.4-1.3 % on dechunk models in experiment 3)."""
     aux_loss_weight: float = 0.01
-    """Weight of the router's auxiliary loss: the BCE that teaches the learned router's score to predict top-k membership causally, or the chunk router's ratio loss toward `capacity` (H-Net uses 0.03)."""
+    """Weight of the router's auxiliary loss: the BCE that teaches the learned router's score to predict top-k membership causally, the chunk router's ratio loss toward `capacity` (H-Net uses 0.03), or the entropy router's early-head cross-entropy."""
     router_prior: float = 0.0
     """Learned router only: initial value of a learned scalar added to the score at SpaceByte's rule positions (0 = no prior; about 4 starts the router from SpaceByte's choice and lets it learn where to deviate)."""
-    router_aux: RouterAux = "score"
-    """What the aux BCE trains and causal routing thresholds at 0: the router's own score, or a small MLP predictor on the stop-gradient router input (MoD's second option), which leaves the score to the language loss alone."""
     router_calibrate: bool = True
-    """Learned router with router_aux=score: causal routing compares the score with a running estimate of training's top-k cut-off (the k-th largest score per sequence, averaged) instead of 0, so inference routes about `capacity` of the bytes from the first steps, before the aux BCE has moved the scores around 0."""
+    """Learned router only: causal routing compares the score with a running estimate of training's top-k cut-off (the k-th largest score per sequence, averaged) instead of 0, so inference routes about `capacity` of the bytes from the first steps, before the aux BCE has moved the scores around 0."""
     n_predict: int = 4
     """Multi-token-prediction heads: head h predicts byte t+h (h = 1..n_predict)."""
     mtp_weight: float = 0.5
@@ -104,16 +103,12 @@ class ModelConfig:
         need(self.n_predict >= 1, f"n_predict={self.n_predict} must be >= 1")
         need(0.0 < self.capacity <= 1.0, f"model.capacity={self.capacity} must be in (0, 1]")
         need(self.max_seq_len >= 2, "max_seq_len must be >= 2")
-        need(self.dechunk_skip in DechunkSkip.__args__,
-             f"model.dechunk_skip={self.dechunk_skip!r} must be one of {', '.join(DechunkSkip.__args__)}")
-        need(self.dechunk or self.dechunk_skip == "identity",
-             f"model.dechunk_skip={self.dechunk_skip} only applies with model.dechunk=true; set model.dechunk=true "
-             "or leave model.dechunk_skip at identity")
         need(math.isfinite(self.return_init) and self.return_init > 0,
              f"model.return_init={self.return_init} must be a finite number > 0 (1.0 = the plain RMSNorm init)")
         need(self.mtp_mlp_ratio > 0, f"mtp_mlp_ratio={self.mtp_mlp_ratio} must be > 0")
         need(self.mtp_weight >= 0 and self.aux_loss_weight >= 0, "mtp_weight and aux_loss_weight must be >= 0")
-        if self.router != "none":
+        need(0.0 <= self.chunk_cap <= 1.0, f"model.chunk_cap={self.chunk_cap} must be in [0, 1] (0 = 2 x capacity)")
+        if self.router != NO_ROUTER:
             need(self.n_latent > 0, f"router={self.router} needs n_latent > 0 (or set router: none)")
             need(self.n_latent_heads % self.n_latent_kv_heads == 0,
                  f"n_latent_kv_heads={self.n_latent_kv_heads} must divide n_latent_heads={self.n_latent_heads}")
@@ -122,13 +117,18 @@ class ModelConfig:
         else:
             need(self.n_in + self.n_out > 0, "router: none needs at least one local block")
             need(not self.dechunk, "model.dechunk=true needs a router: with model.router=none there are no chunks to "
-                                   "return; set model.router to chunk, spacelike or learned, or model.dechunk=false")
-        if self.router == "chunk":
-            if self.chunk_cap == 0.0:  # derived default: room for twice the target boundary rate
-                self.chunk_cap = min(1.0, 2 * self.capacity)
-            need(self.capacity <= self.chunk_cap <= 1.0,
-                 f"model.chunk_cap={self.chunk_cap} must be in [model.capacity={self.capacity}, 1]: a cap below the "
-                 "target boundary rate would drop boundaries on every sequence (0 = 2 x capacity)")
+                                   "return; set model.router to a router (spacelike, say) or model.dechunk=false")
+
+    @classmethod
+    def upgrade(cls, data: dict, where: str = "model") -> dict:
+        """data (a config mapping) without the RETIRED keys that hold the value pico still implements; a
+        retired alternative is a ValueError naming the key. Old checkpoints name every field."""
+        data = dict(data)
+        for key, (kept, why) in RETIRED.items():
+            if key in data and data.pop(key) != kept:
+                raise ValueError(f"{where}.{key} is retired: {why}; this pico only implements {key}={kept}. Remove "
+                                 f"the key (or use the pico release that trained this config)")
+        return data
 
 
 # Shape rules derived from a config, torch-free so that FLOP counts and cluster/ can use them.
@@ -137,16 +137,6 @@ class ModelConfig:
 def hidden_width(d: int, ratio: float) -> int:
     """SwiGLU hidden width: ratio * d rounded up to a multiple of 64."""
     return 64 * math.ceil(ratio * d / 64)
-
-
-def predictor_width(d: int) -> int:
-    """Hidden width of the causal routing predictor (router_aux: predictor): d / 4, at least 64."""
-    return max(64, hidden_width(d, 0.25))
-
-
-def chunk_slots(cfg: ModelConfig) -> int:
-    """Most boundaries the chunk router sends to the latent blocks per sequence: ceil(chunk_cap * max_seq_len)."""
-    return n_routed(cfg.chunk_cap, cfg.max_seq_len)
 
 
 def n_routed(capacity: float, T: int) -> int:

@@ -7,7 +7,9 @@ most and are left out). A forward pass over a sequence of T = max_seq_len bytes,
 - each local block: projections 2 * d_local * (q + k + v + out widths), SwiGLU 2 * 3 * d_local *
   hidden, attention 2 * 2 * d_local * keys where keys = mean over t < T of min(t + 1, window)
   (the keys a causal windowed query actually sees);
-- the router: 2 * d_local (plus 2 * (d_local + 1) * hidden for router_aux: predictor);
+- the router: what its class says (`Router.macs`; model/routers/): 2 * d_local for the learned
+  score, 2 * 2 * d_local^2 for the chunk router's W_q and W_k, 2 * d_local * 259 for the entropy
+  router's early head, 0 for the spacelike rule;
 - the latent path, per routed position, times k / T with k = ceil(capacity * T) routed positions:
   the two projections 2 * 2 * d_local * d_latent, and each latent block as above at width
   d_latent with keys = (k + 1) / 2 (causal among the routed positions, no window). `spacelike`
@@ -15,19 +17,22 @@ most and are left out). A forward pass over a sequence of T = max_seq_len bytes,
   counted at k = capacity * T too, the rate its ratio loss holds; what a batch really routes
   varies, so `flops_at_rate` gives both bounds (capacity and the `chunk_cap` cap) and the model
   logs the cost at its measured rate (`router/flops_per_byte_at_rate`);
-- the chunk router: 2 * d_local^2 (W_q and W_k); `dechunk`: the linear residual d_local^2 plus
+- `dechunk`: the linear residual d_local^2 plus
   the EMA over chunks, k^2 / T * d_local;
 - the heads: 2 * d_local * 259 each, plus each draft head's SwiGLU 2 * 3 * d_local * hidden.
 
 Inference FLOPs per byte = that forward (self-speculative decoding evaluates every head on every
 pass); training = 3 x forward (the backward pass costs twice the forward).
+
+The router's own counts come from its class, so counting a routed config imports the router
+package (and torch) on first use; importing this module does not.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from pico.model.config import VOCAB_SIZE, ModelConfig, hidden_width, n_routed, predictor_width
+from pico.model.config import NO_ROUTER, VOCAB_SIZE, ModelConfig, hidden_width, n_routed
 
 GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 """Dense bf16 peak FLOP/s of one GPU as the vendor states it (no sparsity): the denominator of MFU
@@ -46,6 +51,16 @@ def _block_params(d: int, n_heads: int, n_kv_heads: int, mlp_ratio: float) -> in
     return 2 * d + d * (n_heads + 2 * n_kv_heads) * head_dim + d * d + 3 * d * hidden_width(d, mlp_ratio)
 
 
+def _router(cfg: ModelConfig):
+    """The Router class of cfg (None for router: none), imported on first use: it needs torch."""
+    if cfg.router == NO_ROUTER:
+        return None
+    from pico.model.routers.base import router_class, validate_config
+
+    validate_config(cfg)
+    return router_class(cfg)
+
+
 def flops_breakdown(cfg: ModelConfig, rate: float | None = None) -> dict[str, float]:
     """Forward FLOPs per byte by part: local, router, latent, heads (and their total).
 
@@ -55,19 +70,15 @@ def flops_breakdown(cfg: ModelConfig, rate: float | None = None) -> dict[str, fl
     local_keys = sum(min(t + 1, cfg.window) for t in range(T)) / T
     local = (cfg.n_in + cfg.n_out) * _block_macs(cfg.d_local, cfg.n_heads, cfg.n_kv_heads, cfg.mlp_ratio, local_keys)
     router = latent = 0.0
-    if cfg.router != "none":
+    rc = _router(cfg)
+    if rc is not None:
         k = n_routed(cfg.capacity, T) if rate is None else rate * T
         per_routed = 2 * cfg.d_local * cfg.d_latent + cfg.n_latent * _block_macs(
             cfg.d_latent, cfg.n_latent_heads, cfg.n_latent_kv_heads, cfg.mlp_ratio, (k + 1) / 2)
         latent = per_routed * k / T
         if cfg.dechunk:
             latent += cfg.d_local * cfg.d_local + k * k / T * cfg.d_local
-        if cfg.router == "learned":
-            router = cfg.d_local
-            if cfg.router_aux == "predictor":
-                router += predictor_width(cfg.d_local) * (cfg.d_local + 1)
-        elif cfg.router == "chunk":
-            router = 2 * cfg.d_local * cfg.d_local
+        router = rc.macs(cfg)
     heads = cfg.n_predict * cfg.d_local * VOCAB_SIZE + (cfg.n_predict - 1) * 3 * cfg.d_local * hidden_width(
         cfg.d_local, cfg.mtp_mlp_ratio)
     parts = {"local": 2 * local, "router": 2 * router, "latent": 2 * latent, "heads": 2 * heads}
@@ -84,11 +95,12 @@ def flops_per_byte(cfg: ModelConfig, training: bool = True, rate: float | None =
 def flops_at_rate(cfg: ModelConfig, measured_rate: float | None = None, training: bool = True) -> dict[str, float]:
     """Training FLOPs per byte of a chunk router at its target rate (`capacity`, what budgets and
     `match_flops` use), at its cap (`chunk_cap`: the most a batch can cost) and, when given, at a
-    measured boundary rate. Other routers route a fixed count: all three are the config's."""
-    cap = cfg.chunk_cap if cfg.router == "chunk" else None
+    measured boundary rate. Routers without a `max_rate` route a fixed count: all three are the config's."""
+    rc = _router(cfg)
+    cap = rc.max_rate(cfg) if rc is not None else None
     out = {"at_capacity": flops_per_byte(cfg, training), "at_cap": flops_per_byte(cfg, training, cap)}
     if measured_rate is not None:
-        out["at_measured"] = flops_per_byte(cfg, training, measured_rate if cfg.router == "chunk" else None)
+        out["at_measured"] = flops_per_byte(cfg, training, measured_rate if cap is not None else None)
     return out
 
 
@@ -97,13 +109,9 @@ def param_count(cfg: ModelConfig) -> int:
     d = cfg.d_local
     n = VOCAB_SIZE * d * 2 + d  # embedding, unembedding, final norm
     n += (cfg.n_in + cfg.n_out) * _block_params(d, cfg.n_heads, cfg.n_kv_heads, cfg.mlp_ratio)
-    if cfg.router != "none":
-        if cfg.router == "learned":
-            n += d + d + 1 + (cfg.router_prior != 0.0)  # router norm, score weight and bias, rule weight
-            if cfg.router_aux == "predictor":
-                n += predictor_width(d) * (d + 1) + 1
-        elif cfg.router == "chunk":
-            n += 2 * d * d  # W_q, W_k
+    rc = _router(cfg)
+    if rc is not None:
+        n += rc.params(cfg)
         if cfg.dechunk:
             n += d * d  # the linear residual
         n += 2 * d * cfg.d_latent + cfg.d_latent  # projections in and out, latent norm

@@ -84,21 +84,17 @@ Design (tensors only; no files, no ranks):
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from pico.model.chunk import ema_weights
 from pico.model.config import BOS, EOS, PAD, VOCAB_SIZE
-from pico.model.pico import Pico, attention_bias, n_routed, pack_slots
-from pico.model.spacelike import is_spacelike
+from pico.model.pico import DraftHeads, Pico, StepTrace
+from pico.model.routers.base import Step
 
 START = EOS  # what precedes a document in training streams
 FAR = 1 << 40  # position of an empty cache slot: after every query, so never visible
-PAD_POS = 1 << 39  # position of a padding latent slot: far from every real key, sees only padding
 STAGE = 64  # cache slots for a step's new entries (a chain is n_predict bytes, a tree at most 64 nodes)
 
 
@@ -296,24 +292,14 @@ def default_context(cfg) -> int:
     return cfg.max_seq_len
 
 
-@dataclass
-class _Pending:
-    """What a forward pass leaves for `commit`: the chunk and its latent slots."""
-
-    ids: torch.Tensor                    # (B, C)
-    slot_idx: torch.Tensor | None = None  # (B, K) chunk index of each latent slot
-    slot_valid: torch.Tensor | None = None  # (B, K)
-    x_in: torch.Tensor | None = None      # (B, C, d_local) router input (chunk: the next step's predecessor)
-    z: torch.Tensor | None = None         # (B, 1 + K, d_local) dechunk: the EMA before the chunk, then per slot
-    z_of: torch.Tensor | None = None      # (B, C) dechunk: each byte's entry of z
-
-
 class Decoder:
-    """Incremental forward passes of a Pico over chunks of new bytes, with caches per sequence.
+    """Caches, commit and rollback for incremental forward passes of a Pico over chunks of new bytes.
 
-    `forward(ids)` runs a chunk (B, C) at each sequence's next positions and returns the trunk
-    output (B, C, d_local) (before the final norm, as `Pico.trunk`); `commit(n_keep)` keeps
-    the first n_keep[b] bytes of each chunk. Until committed, a chunk leaves no trace.
+    `forward(ids)` runs a chunk (B, C) at each sequence's next positions through `Pico.step` and
+    returns the trunk output (B, C, d_local) (before the final norm, as `Pico.trunk`); `commit(n_keep)`
+    keeps the first n_keep[b] bytes of each chunk. Until committed, a chunk leaves no trace. The
+    decoder computes nothing of its own: routing, the latent stack and the return path are the model's
+    components' `step`s; it keeps their state (one dict each, batch first) and the key/value caches.
 
     `context` (default `default_context`, the training length) bounds what any position sees:
     local layers their `min(window, context)` last bytes, latent layers the routed positions
@@ -323,31 +309,26 @@ class Decoder:
 
     def __init__(self, model: Pico, batch: int, context: int | None = None):
         self.model, cfg = model, model.cfg
-        self.cfg = cfg
         self.context = default_context(cfg) if context is None else context
         if self.context < 2:
             raise ValueError(f"context={self.context} must be >= 2 bytes (a byte and one before it)")
-        self.local_window = min(cfg.window, self.context)
         p = next(model.parameters())
         dev, dt = p.device, p.dtype
         self.local = KVCache(cfg.n_in + cfg.n_out, batch, cfg.n_kv_heads, cfg.d_local // cfg.n_heads,
-                             self.local_window - 1, dev, dt)
+                             min(cfg.window, self.context) - 1, dev, dt)
         self.latent = None
-        if cfg.router != "none":
+        self.router_state: dict[str, torch.Tensor] = {}
+        self.return_state: dict[str, torch.Tensor] = {}
+        if model.router is not None:
             self.latent = KVCache(cfg.n_latent, batch, cfg.n_latent_kv_heads, cfg.d_latent // cfg.n_latent_heads,
                                   self.context - 1, dev, dt)
+            row = torch.zeros(1, cfg.d_local, device=dev, dtype=dt)
+            self.router_state = model.router.init_state(batch, row)
+            self.return_state = model.return_path.init_state(batch, row)
         self.length = torch.zeros(batch, dtype=torch.long, device=dev)  # committed positions
         self.prev = torch.full((batch,), ord("a"), dtype=torch.long, device=dev)  # last committed byte
-        # spacelike: at most this many rule positions routed in any `context` bytes (the full
-        # forward's causal cap, ceil(capacity * max_seq_len), made a sliding one)
-        self.rule_cap = n_routed(cfg.capacity, self.context)
-        # chunk: at most this many boundaries in any `context` bytes (chunk_slots made a sliding cap),
-        # and the router input at the last committed byte (the predecessor a boundary score reads)
-        self.chunk_cap = n_routed(cfg.chunk_cap, self.context) if cfg.router == "chunk" else 0
-        self.prev_x = torch.zeros(batch, cfg.d_local, device=dev, dtype=dt) if cfg.router == "chunk" else None
-        # dechunk: the EMA of the chunk outputs at the last committed byte (0 before the first chunk)
-        self.z = torch.zeros(batch, cfg.d_local, device=dev, dtype=dt) if cfg.dechunk else None
-        self.pending: _Pending | None = None
+        self.pending: tuple[torch.Tensor, StepTrace] | None = None
+        self.exact: torch.Tensor | None = None
 
     def nbytes(self) -> int:
         """Cache memory of the whole batch; constant however many bytes are decoded."""
@@ -359,142 +340,23 @@ class Decoder:
         With a `tree` of C nodes the chunk is a draft tree: node i at position length + depth,
         seeing its ancestors only (commit with `commit_path`).
 
-        `lazy_latent=True` (speculative steps): when no sequence routes the chunk's first byte,
-        the latent stack does not run, and the output is exact only before each row's first
-        routed byte; `self.exact` (B,) says how many leading positions are exact (C otherwise).
-        The caller commits no more than that. The causal router decides before the latent
-        stack runs, so this costs nothing to know."""
-        m, cfg = self.model, self.cfg
-        B, C = ids.shape
-        self.exact = torch.full((B,), C, dtype=torch.long, device=ids.device)
+        `lazy_latent=True` (speculative chains, see `Pico.step`): `self.exact` (B,) then says how many
+        leading positions are exact; the caller commits no more than that."""
+        C = ids.shape[1]
         ar = torch.arange(C, device=ids.device) if tree is None else tree.depth
-        pos = self.length.unsqueeze(1) + ar  # (B, C)
-        valid = None if n_valid is None else ar < n_valid.unsqueeze(1)
-        x = m.embed(ids)  # (B, C, d_local)
-        bias = attention_bias(pos, self.local.key_pos(pos), m.local_slopes, self.local_window, x.dtype)  # (B, H, C, S+1+C)
-        if tree is not None:  # chunk keys: ancestors only
-            bias[..., self.local.S + 1:].masked_fill_(~tree.anc, float("-inf"))
-        for i, blk in enumerate(m.blocks_in):
-            x = blk(x, bias, self.local.layer(i))
-        self.pending = _Pending(ids)
-        if self.latent is not None:
-            x = self._latent(x, ids, pos, valid, lazy_latent and tree is None, tree)
-        for i, blk in enumerate(m.blocks_out):
-            x = blk(x, bias, self.local.layer(cfg.n_in + i))
+        parent = torch.arange(-1, C - 1, device=ids.device) if tree is None else tree.parent
+        s = Step(ids, self.length.unsqueeze(1) + ar, parent, self.prev,
+                 routed_pos=None if self.latent is None else self.latent.pos[:, : self.latent.S],
+                 context=self.context, anc=None if tree is None else tree.anc,
+                 valid=None if n_valid is None else ar < n_valid.unsqueeze(1))
+        x, trace = self.model.step(s, self.local, self.latent, self.router_state, self.return_state,
+                                   lazy=lazy_latent and tree is None)
+        self.pending, self.exact = (ids, trace), trace.exact
         return x
-
-    def _route(self, x: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor | None,
-               tree: DraftTree | None = None):
-        """Causal routing of the chunk, as `Router` in causal mode: routed mask (B, C), gate (B, C)
-        and, for dechunking, the boundary probability (B, C)."""
-        cfg, router = self.cfg, self.model.router
-        parent = torch.arange(-1, ids.shape[1] - 1, device=ids.device) if tree is None else tree.parent
-        anc = None if tree is None else tree.anc
-        first = parent < 0  # a chain's first byte, a tree's root: its predecessor is the last committed byte
-        prev = torch.where(first, self.prev.unsqueeze(1), ids[:, parent.clamp(min=0)])
-        rule = is_spacelike(ids) & ~is_spacelike(prev)
-        ones = torch.ones(rule.shape, dtype=x.dtype, device=x.device)
-        if cfg.router == "chunk":  # p_t from the router input at t and at its predecessor; p = 1 at position 0
-            x_prev = torch.where(first.view(1, -1, 1), self.prev_x.unsqueeze(1), x[:, parent.clamp(min=0)])
-            p = torch.where(pos == 0, 1.0, router.chunk.pair(x, x_prev))
-            boundary = p >= 0.5
-            if valid is not None:
-                boundary = boundary & valid
-            mask = self._sliding_cap(boundary, pos, anc, self.chunk_cap)
-            return mask, (p.to(x.dtype) if cfg.router_gate == "sigmoid" else ones), p
-        if cfg.router == "spacelike":
-            if valid is not None:
-                rule = rule & valid
-            return self._sliding_cap(rule, pos, anc, self.rule_cap), ones, ones
-        # The router's own causal logits: they include router_prior and router_aux=predictor.
-        scores, causal = router.logits(x, rule)  # (B, C) each
-        mask = causal > 0
-        if valid is not None:
-            mask = mask & valid
-        return mask, router.weight(scores), torch.sigmoid(scores)
-
-    def _sliding_cap(self, rule: torch.Tensor, pos: torch.Tensor, anc: torch.Tensor | None, cap: int) -> torch.Tensor:
-        """Candidate positions rule (B, C) routed: those with fewer than `cap` routed positions in
-        the context - 1 bytes before them (the latent ring holds all of them). Within the first
-        context bytes this is the full forward's causal cap (the first `cap` candidates): the
-        spacelike rule's and the chunk router's."""
-        if not bool(rule.any()):
-            return rule
-        ring = self.latent.pos[:, : self.latent.S]  # (B, S) committed positions
-        mask = torch.zeros_like(rule)
-        for c in rule.any(0).nonzero().flatten().tolist():  # sequential: each decision counts the earlier ones
-            lo, p = pos[:, c:c + 1] - self.context, pos[:, c:c + 1]
-            before = mask[:, :c] & (pos[:, :c] > lo)
-            if anc is not None:  # a tree node counts its ancestors only
-                before = before & anc[c, :c]
-            n = ((ring > lo) & (ring < p)).sum(1) + before.sum(1)
-            mask[:, c] = rule[:, c] & (n < cap)
-        return mask
-
-    def _latent(self, x: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor | None,
-                lazy: bool, tree: DraftTree | None = None) -> torch.Tensor:
-        m, cache, cfg = self.model, self.latent, self.cfg
-        if cfg.router == "chunk":
-            self.pending.x_in = x
-        mask, gate, prob = self._route(x, ids, pos, valid, tree)
-        if lazy and not bool(mask[:, 0].any()):  # skip the stack; stop each row at its first routed byte
-            C = mask.shape[1]
-            first = torch.where(mask, torch.arange(C, device=mask.device), C).amin(1)
-            self.exact = first
-            mask = mask & False
-        K = int(mask.sum(1).max())
-        if K == 0:  # nothing routed in this chunk: the latent stack has no work
-            cache.key_pos(pos[:, :0])
-            if cfg.dechunk:  # every byte is still in the chunk of the last committed one
-                return self._dechunk(x, x.new_zeros(x.shape[0], 0, x.shape[-1]), None, None, None, tree)
-            return x
-        idx, _, ok = pack_slots(mask, K)  # (B, K) chunk indices, in position order
-        self.pending.slot_idx, self.pending.slot_valid = idx, ok
-        spos = torch.where(ok, pos.gather(1, idx), PAD_POS)
-        g = idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])  # (B, K, d_local)
-        z = m.latent_in(torch.gather(x, 1, g))  # (B, K, d_latent)
-        bias = attention_bias(spos, cache.key_pos(spos), m.latent_slopes, self.context, z.dtype)
-        if tree is not None:  # routed nodes see routed ancestors; padding slots see themselves
-            see = tree.anc[idx.unsqueeze(-1), idx.unsqueeze(-2)] | torch.eye(K, dtype=torch.bool, device=idx.device)
-            bias[..., cache.S + 1:].masked_fill_(~see.unsqueeze(1), float("-inf"))
-        for i, blk in enumerate(m.latent_blocks):
-            z = blk(z, bias, cache.layer(i))
-        y = m.latent_out(m.latent_norm(z))  # (B, K, d_local)
-        if cfg.dechunk:
-            return self._dechunk(x, y, idx, ok, prob, tree)
-        w = (gate.gather(1, idx) * ok).unsqueeze(-1).to(z.dtype)
-        return x.scatter_add(1, g, y * w)
-
-    def _dechunk(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor | None, ok: torch.Tensor | None,
-                 prob: torch.Tensor | None, tree: DraftTree | None) -> torch.Tensor:
-        """`chunk.dechunk` for one step: the EMA goes on from the committed one (`self.z`, slot 0
-        below) through the step's K chunk outputs y (B, K, d), along each byte's own past (a
-        tree node's ancestors); a byte takes the EMA at its last routed position, or `self.z`
-        before any in this step. The confidence estimator is exactly 1 in a forward pass."""
-        B, C, _ = x.shape
-        K = y.shape[1]
-        z = torch.cat([self.z.unsqueeze(1).to(y.dtype), y], dim=1)  # (B, 1 + K, d)
-        if K:
-            anc = (torch.ones(C, C, dtype=torch.bool, device=x.device).tril() if tree is None else tree.anc)
-            past = anc[idx.unsqueeze(-1), idx.unsqueeze(-2)] & ok.unsqueeze(1)  # (B, K, K): slot i in slot j's past
-            see = torch.ones(B, 1 + K, 1 + K, dtype=torch.bool, device=x.device)
-            see[:, 0, 1:] = False
-            see[:, 1:, 1:] = past
-            P = torch.cat([torch.ones_like(prob[:, :1]), torch.where(ok, prob.gather(1, idx), 1.0)], dim=1)
-            z = torch.bmm(ema_weights(P, see).to(y.dtype), z)
-            owns = anc[:, idx].permute(1, 0, 2) & ok.unsqueeze(1)  # (B, C, K): slot j at or before byte c
-            slots = torch.arange(1, K + 1, device=x.device)
-            z_of = torch.where(owns, slots, 0).amax(-1)  # (B, C): the deepest one (slots are in node order)
-        else:
-            z_of = torch.zeros(B, C, dtype=torch.long, device=x.device)
-        self.pending.z, self.pending.z_of = z, z_of
-        back = z.gather(1, z_of.unsqueeze(-1).expand(-1, -1, z.shape[-1]))  # (B, C, d)
-        out = self.model.dechunk_residual(x) + back.to(x.dtype)
-        return x + out if self.model.cfg.dechunk_skip == "identity" else out
 
     def commit(self, n_keep: torch.Tensor) -> None:
         """Keep the first n_keep[b] (B,) bytes of the last chunk of each sequence in the caches."""
-        C = self.pending.ids.shape[1]
+        C = self.pending[0].shape[1]
         keep = torch.arange(C, device=n_keep.device) < n_keep.unsqueeze(1)  # (B, C)
         self._commit(keep, n_keep, n_keep - 1)
 
@@ -504,23 +366,17 @@ class Decoder:
         self._commit(keep, keep.sum(1), last)
 
     def _commit(self, keep: torch.Tensor, n_keep: torch.Tensor, last: torch.Tensor) -> None:
-        p = self.pending
+        ids, trace = self.pending
         self.local.commit(keep)
         if self.latent is not None:
-            if p.slot_idx is None:
-                self.latent.commit(keep[:, :0])
-            else:
-                self.latent.commit(p.slot_valid & keep.gather(1, p.slot_idx))
-        last = last.clamp(min=0).unsqueeze(1)
-        kept = n_keep > 0
-        self.prev = torch.where(kept, p.ids.gather(1, last).squeeze(1), self.prev)
-        if p.x_in is not None:
-            rows = torch.arange(last.shape[0], device=last.device)
-            self.prev_x = torch.where(kept.unsqueeze(1), p.x_in[rows, last.squeeze(1)], self.prev_x)
-        if self.z is not None and p.z is not None:
-            rows = torch.arange(last.shape[0], device=last.device)
-            z_last = p.z[rows, p.z_of[rows, last.squeeze(1)]]
-            self.z = torch.where(kept.unsqueeze(1), z_last.to(self.z.dtype), self.z)
+            self.latent.commit(keep[:, :0] if trace.slot_idx is None else trace.slot_ok & keep.gather(1, trace.slot_idx))
+        rows = torch.arange(last.shape[0], device=last.device)
+        last, kept = last.clamp(min=0), n_keep > 0
+        self.prev = torch.where(kept, ids[rows, last], self.prev)
+        for state, carry in ((self.router_state, trace.router_carry), (self.return_state, trace.return_carry)):
+            for key, per_byte in carry.items():  # each component's state after the last kept byte
+                now = per_byte[rows, last].to(state[key].dtype)
+                state[key] = torch.where(kept.view(-1, *[1] * (now.dim() - 1)), now, state[key])
         self.length += n_keep
         self.pending = None
 
@@ -530,34 +386,12 @@ class Decoder:
         if self.latent is not None:
             self.latent.select(rows)
         self.length, self.prev = self.length.index_select(0, rows), self.prev.index_select(0, rows)
-        if self.prev_x is not None:
-            self.prev_x = self.prev_x.index_select(0, rows)
-        if self.z is not None:
-            self.z = self.z.index_select(0, rows)
+        for state in (self.router_state, self.return_state):
+            for key in state:
+                state[key] = state[key].index_select(0, rows)
 
 
 # ----------------------------------------------------------------------------- sampling
-
-
-class DraftHeads:
-    """The residual MLPs of MTP heads 2..k+1 (`MTPHead`) evaluated together with batched matmuls.
-
-    Same function as calling each head in turn; stacking their weights once turns 3k small
-    kernel calls per step into a few, which is most of what a draft costs on a CPU."""
-
-    def __init__(self, model: Pico, k: int):
-        self.k = k
-        heads = list(model.mtp_heads[:k])
-        self.eps = heads[0].norm.eps
-        self.norm_w = torch.stack([h.norm.weight for h in heads]).unsqueeze(1)  # (k, 1, d)
-        self.gate_up = torch.stack([h.mlp.gate_up.weight.t() for h in heads])  # (k, d, 2 * hidden)
-        self.down = torch.stack([h.mlp.down.weight.t() for h in heads])  # (k, hidden, d)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, k, d) inputs of the shared unembedding from the trunk output x (B, d)."""
-        a = F.rms_norm(x, (x.shape[-1],), None, self.eps).unsqueeze(0) * self.norm_w  # (k, B, d)
-        gate, up = torch.bmm(a, self.gate_up).chunk(2, dim=-1)
-        return x.unsqueeze(1) + torch.bmm(F.silu(gate) * up, self.down).transpose(0, 1)
 
 
 class Sampler:
@@ -605,7 +439,7 @@ class Sampler:
         if k == 0:
             return x_last.new_zeros((x_last.shape[0], 0), dtype=torch.long), None
         if self.heads is None:
-            self.heads = DraftHeads(model, k)
+            self.heads = model.draft_heads(k)
         logits = model.unembed(model.norm(self.heads(x_last)))  # (B, k, V): shared final norm and unembedding
         if self.greedy:
             return self._mask(logits).argmax(-1), None
@@ -617,7 +451,7 @@ class Sampler:
         byte of head d + 1 at the last accepted position x_last (B, d_local) (greedy only)."""
         k = tree.max_depth
         if self.heads is None or self.heads.k < k:
-            self.heads = DraftHeads(model, k)
+            self.heads = model.draft_heads(k)
         logits = model.unembed(model.norm(self.heads(x_last)))[:, :k]  # (B, k, V)
         cand = self._mask(logits).topk(tree.top, dim=-1).indices  # (B, k, top)
         return cand[:, tree.depth[1:] - 1, tree.rank[1:]]
@@ -803,7 +637,7 @@ def generate(model: Pico, prompts: list[bytes], max_new_bytes: int, speculative:
         outputs=[bytes(o) for o in outputs], bytes_per_s=total / max(seconds, 1e-9), forward_passes=n_passes,
         bytes_per_pass=sum(per_seq) / len(per_seq) if per_seq else 0.0, seconds=seconds, n_bytes=total,
         stopped=stopped, prompt_bytes_outside=[c[1] for c in cut], context=context, cache_bytes=cache_bytes)
-    if routing_agreement and cfg.router == "learned":
+    if routing_agreement and model.router is not None and model.router.lookahead:
         result.routing_agreement = causal_topk_agreement(model, [p + o for p, o in zip(prefixes, outputs)])
     return result
 

@@ -27,11 +27,16 @@ def describe(model_cfg) -> dict:
     from pico.model import flops_breakdown, flops_per_byte, param_count
     from pico.model.flops import flops_at_rate
 
-    parts = flops_breakdown(model_cfg)
+    from pico.pipeline.release.load import check_model_config
+
+    parts = flops_breakdown(check_model_config(model_cfg))
     extra = {}
-    if model_cfg.router == "chunk":  # a learned boundary rate: the cost ranges up to the cap
-        extra["train_flops_per_byte_at_cap"] = flops_at_rate(model_cfg)["at_cap"]
-        extra["chunk_cap"] = model_cfg.chunk_cap
+    rates = flops_at_rate(model_cfg)
+    if rates["at_cap"] != rates["at_capacity"]:  # a learned boundary rate: the cost ranges up to the cap
+        from pico.model.routers.base import router_class
+
+        extra["train_flops_per_byte_at_cap"] = rates["at_cap"]
+        extra["max_routed_frac"] = router_class(model_cfg).max_rate(model_cfg)
     return {
         "router": model_cfg.router,
         "params": param_count(model_cfg),
@@ -55,8 +60,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"parameters                {info['params']:,}")
     print(f"training FLOPs / byte     {info['train_flops_per_byte']:.4g}   (3 x forward)")
     if "train_flops_per_byte_at_cap" in info:
-        print(f"  at the chunk cap         {info['train_flops_per_byte_at_cap']:.4g}   (every sequence routing "
-              f"model.chunk_cap={info['chunk_cap']:g} of its bytes; above: at model.capacity, the ratio loss's target)")
+        print(f"  at the routing cap       {info['train_flops_per_byte_at_cap']:.4g}   (every sequence routing "
+              f"{info['max_routed_frac']:g} of its bytes; above: at model.capacity, the rate its router aims at)")
     print(f"inference FLOPs / byte    {info['inference_flops_per_byte']:.4g}   (forward, all heads)")
     for part, v in info["forward_flops_per_byte_by_part"].items():
         print(f"  forward, {part:<15} {v:.4g}")

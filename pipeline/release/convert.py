@@ -42,7 +42,7 @@ from typing import Any
 from pico.configs.errors import UserError
 from pico.configs.runs import TRUST_HELP
 from pico.pipeline.release import hf
-from pico.pipeline.release.load import (CARD, CONFIG, DTYPES, FORMAT, FORMAT_VERSION, SUMS, WEIGHTS, build_network,
+from pico.pipeline.release.load import (CARD, CONFIG, DTYPES, FORMAT, FORMAT_VERSION, SUMS, WEIGHTS,
                                         checksum_errors, load_release, parse_model_config, pico_version,
                                         read_checksums, sha256_file)
 
@@ -135,7 +135,10 @@ def convert(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike | Non
     model_cfg = parse_model_config(run_state["config"]["model"], step_dir / ckpt.STATE_FILE)
     if format == "hf":
         hf.check_supported(model_cfg)  # before the weights are read: a refusal costs nothing
+    from pico.model.pico import upgrade_state_dict
+
     state, _ = ckpt.load_model_state(step_dir, trust)
+    state = upgrade_state_dict(state)  # a checkpoint of an older pico: today's parameter names
     _check_matches(state, model_cfg, step_dir)
     if format == "hf":
         return _publish(out, lambda tmp: hf.write_hf_release(tmp, _cast(state, dtype), model_cfg,
@@ -365,11 +368,12 @@ def model_card(model_cfg, training: dict[str, Any], dtype: str, use: list[str] |
     ev = training["eval"]
     fpb = training["flops_per_byte"]
     n_params = training["n_params"]
-    router = {"learned": f"learned Mixture-of-Depths router, capacity {c.capacity:g} (top-k in training, causal "
-                         f"score > 0 at inference; aux: {c.router_aux}, gate: {c.router_gate})",
-              "spacelike": f"SpaceByte's spacelike rule, capped at capacity {c.capacity:g}",
-              "chunk": f"H-Net's learned causal chunk boundaries, target rate {c.capacity:g}",
-              "none": "no router: a plain byte-level Transformer"}[c.router]
+    from pico.model.routers.base import router_class
+
+    rc = router_class(c)
+    router = rc.describe(c) if rc is not None else "none: a plain byte-level Transformer"
+    if c.dechunk:
+        router += "; dechunked return path (H-Net)"
     lines = [
         f"# Pico release ({training['checkpoint']})", "",
         "Pico is a byte-level language model (no tokenizer: the vocabulary is the 256 byte values plus "
@@ -379,7 +383,7 @@ def model_card(model_cfg, training: dict[str, Any], dtype: str, use: list[str] |
         f"- {c.n_in} local block(s) in, {c.n_out} out: width {c.d_local}, {c.n_heads} query / {c.n_kv_heads} "
         f"key-value heads, sliding window {c.window} bytes, ALiBi, SwiGLU (mlp_ratio {c.mlp_ratio:g})",
     ]
-    if c.router != "none":
+    if rc is not None:
         lines.append(f"- {c.n_latent} latent block(s): width {c.d_latent}, {c.n_latent_heads} query / "
                      f"{c.n_latent_kv_heads} key-value heads")
     lines += [
@@ -416,7 +420,7 @@ def model_card(model_cfg, training: dict[str, Any], dtype: str, use: list[str] |
     if stats:
         lines += ["| statistic | value |", "| --- | --- |"] + [f"| {k} | {_num(v)} |" for k, v in stats.items()]
     else:
-        lines.append("None recorded." if c.router != "none" else "This model has no router.")
+        lines.append("None recorded." if rc is not None else "This model has no router.")
     lines += ["", "## Use", ""] + (use if use is not None else [
         "```", "pico generate --model DIR --prompt 'The ' --max-bytes 200", "pico eval --model DIR --data FILE_OR_SHARDS", "```", "",
         "```python", "from pico.pipeline.release.load import load_release", "model, info = load_release('DIR')  "

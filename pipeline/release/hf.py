@@ -36,6 +36,7 @@ import ast
 import dataclasses
 import importlib
 import json
+import pkgutil
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +49,17 @@ TOKENIZER = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 GENERATION = "generation_config.json"
 TEMPLATES = Path(__file__).parent / "templates"
-ENTRIES = ("pico.model.pico", "pico.model.generate")  # the network and its decoder, with what they import
 CONFIG_MODULE = "pico.model.config"  # copied into configuration_pico.py
-ROUTERS = ("learned", "chunk", "spacelike", "none")  # those whose causal forward this export was tested on
 REBUILT_BUFFERS = ("local_slopes", "latent_slopes")  # non-persistent buffers rebuild_buffers() recomputes
+
+
+def entries() -> tuple[str, ...]:
+    """The modules the export copies, with what they import: the network, its decoder and every router
+    (a router registers itself when its module runs, so each one's file is copied)."""
+    import pico.model.routers as routers
+
+    found = sorted(m.name for m in pkgutil.iter_modules(routers.__path__))
+    return ("pico.model.pico", "pico.model.generate", *(f"pico.model.routers.{m}" for m in found))
 SPECIAL_TOKENS = {256: "<bos>", 257: "<eos>", 258: "<pad>"}
 
 USE_LINES = [
@@ -67,9 +75,12 @@ USE_LINES = [
 
 def check_supported(model_cfg) -> None:
     """Refuse, with the reason, a model the HF code cannot run as pico does."""
-    if model_cfg.router not in ROUTERS:
-        raise UserError(f"--format hf: model.router={model_cfg.router!r} is not supported by the Hugging Face export "
-                        f"(it knows {', '.join(ROUTERS)}); release it in pico's format (--format pico)")
+    from pico.model.routers.base import validate_config
+
+    try:
+        validate_config(model_cfg)
+    except ValueError as e:
+        raise UserError(f"--format hf: {e}; release it in pico's format (--format pico)") from None
     unknown = [n for n in _non_persistent_buffers(model_cfg) if n.rsplit(".", 1)[-1] not in REBUILT_BUFFERS]
     if unknown:
         raise UserError(f"--format hf: the network has non-persistent buffers {unknown} that the Hugging Face code "
@@ -99,7 +110,7 @@ def model_source() -> tuple[str, str]:
     config_deps = _dependencies(CONFIG_MODULE)
     if config_deps != [CONFIG_MODULE]:
         raise UserError(f"--format hf: {CONFIG_MODULE} imports {config_deps[:-1]}; the export needs it self-contained")
-    bundled = [m for m in dict.fromkeys(m for e in ENTRIES for m in _dependencies(e)) if m != CONFIG_MODULE]
+    bundled = [m for m in dict.fromkeys(m for e in entries() for m in _dependencies(e)) if m != CONFIG_MODULE]
     _check_names([CONFIG_MODULE], "configuration_pico.py.tmpl")
     _check_names([CONFIG_MODULE, *bundled], "modeling_pico.py.tmpl")  # config names are imported there too
     head = ('"""{what} of Pico for Hugging Face transformers, written by `pico convert --format hf` (pico {v}).\n\n'

@@ -33,9 +33,22 @@ def parse_model_config(data: dict[str, Any], where: Path):
     from pico.model.config import ModelConfig
 
     try:
-        return from_dict(ModelConfig, data, "model")
+        return check_model_config(from_dict(ModelConfig, data, "model"))
     except (ConfigError, ValueError, TypeError) as e:
         raise UserError(f"{where}: the model config cannot be rebuilt by this pico ({e})") from None
+
+
+def check_model_config(model_cfg):
+    """model_cfg, once its router exists and takes every router option it sets (model/routers/base.py);
+    a ConfigError naming the key otherwise. ModelConfig itself cannot check this: it is torch-free."""
+    from pico.configs.tree import ConfigError
+    from pico.model.routers.base import validate_config
+
+    try:
+        validate_config(model_cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return model_cfg
 
 
 def build_network(model_cfg):
@@ -103,7 +116,10 @@ def load_release(path: str | os.PathLike, dtype=None) -> tuple[Any, dict[str, An
     if errors:
         raise UserError(f"release {release} is corrupt: {'; '.join(errors)}. Copy it again or rerun `pico convert`")
     model_cfg = parse_model_config(config.get("model", {}), release / CONFIG)
+    from pico.model.pico import upgrade_state_dict
+
     state, meta = _read_weights(release / WEIGHTS, config)
+    state = upgrade_state_dict(state)  # names of an older pico's release
     model = build_network(model_cfg)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -181,9 +197,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", trus
 
     Returns (model, info) where info holds the source kind and whatever the source recorded
     (steps, bytes seen, eval bpb). A checkpoint's pickles are held to an allowlist unless `trust`."""
-    from pico.configs.tree import from_dict
     from pico.model import build_model
-    from pico.model.config import ModelConfig
     from pico.pipeline.train.checkpoint import load_model_state, resolve_checkpoint
 
     p = Path(path)
@@ -198,7 +212,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", trus
     except UserError as e:
         raise UserError(f"{p} is neither a release (model.safetensors + config.json) nor a training checkpoint: {e}") from None
     sd, run_state = load_model_state(p, trust)  # its errors name the checkpoint and what is wrong with it
-    cfg = from_dict(ModelConfig, run_state["config"]["model"], "model")
+    cfg = parse_model_config(run_state["config"]["model"], resolve_checkpoint(p))
     model = build_model(cfg)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:

@@ -17,7 +17,6 @@ import contextlib
 import functools
 import json
 import math
-import os
 import resource
 import signal
 import statistics
@@ -30,7 +29,7 @@ import torch
 
 from pico.configs.errors import UserError
 from pico.configs.runs import TRUST_HELP
-from pico.configs.tree import Config, ConfigError, describe_config, load_config, save_config
+from pico.configs.tree import Config, describe_config, load_config, save_config
 from pico.model.flops import GPU_PEAK_FLOPS
 from pico.pipeline import dist
 from pico.pipeline.train import checkpoint as ckpt
@@ -384,7 +383,7 @@ class Trainer:
         n = self.cfg.train.eval_batches or None
         result = evaluate(self.engine.module, self._val_batches(n), self.device, routing="causal",
                           autocast_dtype=self.autocast_dtype)
-        if self.cfg.model.router == "learned":
+        if getattr(self.engine.module.router, "lookahead", False):  # top-k reads the future: score it too
             topk = evaluate(self.engine.module, self._val_batches(min(4, n or 4)), self.device, routing="topk",
                             autocast_dtype=self.autocast_dtype)
             result["bpb_topk_4batches"] = topk["bpb"]
@@ -397,7 +396,7 @@ class Trainer:
         return result
 
     def _routing_picture(self) -> None:
-        if self.cfg.model.router == "none":
+        if self.engine.module.router is None:
             return
         from pico.pipeline.data.loader import eval_sequences
         from pico.pipeline.train.pictures import write_picture
@@ -585,10 +584,10 @@ def run(args: argparse.Namespace) -> int:
         print(describe_config())
         return 0
     cfg = load_config(args.config, args.overrides)
-    try:
-        summary = train(cfg, resume=args.resume, progress=not args.no_progress, trust=args.trust_checkpoint)
-    except ConfigError:
-        raise
+    from pico.pipeline.release.load import check_model_config
+
+    check_model_config(cfg.model)
+    summary = train(cfg, resume=args.resume, progress=not args.no_progress, trust=args.trust_checkpoint)
     dist.shutdown()
     if args.json and dist.is_main():
         print(json.dumps(summary, default=str))

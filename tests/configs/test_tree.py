@@ -55,8 +55,10 @@ def test_unknown_key_names_key_and_lists_valid_ones():
 
 
 def test_bad_choice_lists_choices():
+    from pico.pipeline.release.load import check_model_config  # routers need torch: checked after the tree loads
+
     with pytest.raises(ConfigError) as e:
-        load_config("quickstart", ["--model.router=magic"])
+        check_model_config(load_config("quickstart", ["--model.router=magic"]).model)
     msg = str(e.value)
     assert "model.router" in msg and "learned" in msg and "spacelike" in msg and "none" in msg
 

@@ -19,3 +19,14 @@ def tiny_config(**over) -> ModelConfig:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@torch.no_grad()
+def route_about_half(model, ids: torch.Tensor) -> None:
+    """Make a random entropy router route about half of the bytes of ids causally: its cut-off at the median
+    entropy of its own early head on the router input (the stream after the n_in blocks)."""
+    x = model.embed(ids)
+    bias = model.local_bias(ids.shape[1], x.device, x.dtype)
+    for blk in model.blocks_in:
+        x = blk(x, bias)
+    model.router.cutoff.fill_(model.router.entropy(x)[1].median())

@@ -12,7 +12,9 @@ from torch.testing import assert_close
 
 from pico.model import ModelConfig
 from pico.model.attention import MaskSpec, attend, banded_attention, flex_available
-from pico.model.pico import Attention, alibi_slopes, attention_bias, build_model
+from pico.model.attention import alibi_slopes, attention_bias
+from pico.model.layers import Attention
+from pico.model.pico import build_model
 
 from .conftest import tiny_config
 

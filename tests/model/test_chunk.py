@@ -1,4 +1,5 @@
-"""The chunk router (H-Net boundaries, ratio loss, cap) and the dechunking return path (model/chunk.py)."""
+"""The chunk router (H-Net boundaries, ratio loss, cap; model/routers/chunk.py) and the dechunking return
+path (model/latent.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import pytest
 import torch
 
 from pico.model import build_model, flops_per_byte, param_count
-from pico.model.chunk import ChunkScorer, dechunk, ratio_loss
-from pico.model.config import chunk_slots
+from pico.model.config import n_routed
+from pico.model.latent import dechunk
+from pico.model.routers.base import pack_slots
+from pico.model.routers.chunk import ChunkScorer, chunk_rate, ratio_loss
 from pico.model.flops import flops_at_rate
 from tests.model.conftest import tiny_config
 
@@ -100,7 +103,7 @@ def test_ratio_loss_pulls_the_boundary_rate_toward_capacity():
 
 def test_cap_overflow_is_counted_not_silent():
     cfg = tiny_config(router="chunk", capacity=0.05, chunk_cap=0.05)  # 4 slots of max_seq_len 64
-    assert chunk_slots(cfg) == 4
+    assert n_routed(chunk_rate(cfg), cfg.max_seq_len) == 4
     model = build_model(cfg)
     with torch.no_grad():
         out = model(_bytes(3, 64))
@@ -113,9 +116,9 @@ def test_cap_overflow_is_counted_not_silent():
 
 
 def test_default_cap_is_twice_capacity():
-    assert tiny_config(router="chunk", capacity=0.2).chunk_cap == pytest.approx(0.4)
-    assert tiny_config(router="chunk", capacity=0.7).chunk_cap == 1.0
-    assert tiny_config(router="learned").chunk_cap == 0.0  # unused there
+    assert chunk_rate(tiny_config(router="chunk", capacity=0.2)) == pytest.approx(0.4)
+    assert chunk_rate(tiny_config(router="chunk", capacity=0.7)) == 1.0
+    assert chunk_rate(tiny_config(router="chunk", capacity=0.2, chunk_cap=0.3)) == pytest.approx(0.3)
 
 
 # ----------------------------------------------------------------------------- dechunking
@@ -142,8 +145,6 @@ def naive_dechunk(y, mask, prob):
 
 
 def _slots(mask: torch.Tensor, K: int):
-    from pico.model.pico import pack_slots
-
     idx, pos, valid = pack_slots(mask, K)
     return idx, valid
 
@@ -173,7 +174,7 @@ def test_dechunk_equals_the_naive_loop(rule):
 
 def test_dechunk_model_starts_as_the_identity_plus_chunk_outputs():
     model = build_model(tiny_config(router="spacelike", dechunk=True))
-    assert torch.count_nonzero(model.dechunk_residual.weight) == 0
+    assert torch.count_nonzero(model.return_path.residual.weight) == 0
     assert model.cfg.router == "spacelike"
     out = model(_bytes(2, 40))
     assert torch.isfinite(out.logits).all()
@@ -185,10 +186,9 @@ def test_return_init_scales_what_the_latent_path_adds_at_init(over):
     for gain in (1.0, 0.25):
         torch.manual_seed(0)
         model = build_model(tiny_config(return_init=gain, **over)).eval()
-        assert torch.all(model.latent_norm.weight == gain)
+        assert torch.all(model.latent.norm.weight == gain)
         seen = {}
-        latent = model.latent
-        model.latent = lambda x, r: seen.setdefault("d", latent(x, r) - x) + x
+        model.return_path.register_forward_hook(lambda m, args, out: seen.setdefault("d", out - args[0]))
         with torch.no_grad():
             model.trunk(_bytes(2, 40))
         added[gain] = seen["d"]
@@ -202,16 +202,15 @@ def test_router_stats_report_the_scale_the_latent_output_returns_at(over):
     seen = {}
     torch.manual_seed(0)
     model = build_model(tiny_config(**over))
-    latent = model.latent
+    back = model.return_path
 
-    def spy(x, r):
-        out = latent(x, r)
-        d = out - x if not model.cfg.dechunk else out - x - model.dechunk_residual(x)
+    def spy(m, args, out):
+        x = args[0]
+        d = out - x if not model.cfg.dechunk else out - x - back.residual(x)
         touched = d.abs().sum(-1) > 0 if not model.cfg.dechunk else torch.ones_like(d[..., 0], dtype=torch.bool)
         seen["want"] = (d[touched].pow(2).mean() / x.pow(2).mean()).sqrt().item()
-        return out
 
-    model.latent = spy
+    back.register_forward_hook(spy)
     stats = model(_bytes(2, 40)).stats
     assert stats["return_rms_ratio"] == pytest.approx(seen["want"], rel=1e-4)
 
@@ -219,8 +218,8 @@ def test_router_stats_report_the_scale_the_latent_output_returns_at(over):
 # ----------------------------------------------------------------------------- FLOPs and parameters
 
 
-@pytest.mark.parametrize("over", RETURN_PATHS + [dict(router="learned", dechunk=True),
-                                  dict(router="chunk", dechunk=True, dechunk_skip="linear")],
+@pytest.mark.parametrize("over", RETURN_PATHS + [dict(router="learned", dechunk=True), dict(router="entropy"),
+                                  dict(router="entropy", dechunk=True)],
                          ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 def test_param_count_matches_the_model(over):
     cfg = tiny_config(**over)
@@ -247,38 +246,16 @@ def test_flops_report_capacity_cap_and_measured_rate():
     ("--model.capacity=1.5", "model.capacity"), ("--model.capacity=0", "model.capacity"),
     ("--model.chunk_cap=0.1", "model.chunk_cap"), ("--model.chunk_cap=1.5", "model.chunk_cap"),
     ("--model.return_init=0", "model.return_init"), ("--model.return_init=-1", "model.return_init"),
-    ("--model.dechunk_skip=linear", "model.dechunk_skip"),  # without dechunk there is no skip to choose
-    ("--model.dechunk_skip=none", "model.dechunk_skip"),
+    ("--model.dechunk_skip=linear", "model.dechunk_skip"),  # retired: refused, naming the key
 ])
 def test_bad_chunk_options_name_the_key(override, key):
     from pico.configs.errors import ConfigError
     from pico.configs.tree import load_config
+    from pico.pipeline.release.load import check_model_config
 
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        load_config("configs/quickstart.yaml", ["--model.router=chunk", override])
-
-
-def test_linear_dechunk_skip_drops_exactly_the_identity():
-    """dechunk_skip=linear (H-Net's residual_proj alone) returns the identity path's output less the stream itself."""
-    torch.manual_seed(0)
-    ident = build_model(tiny_config(router="chunk", dechunk=True))
-    linear = build_model(tiny_config(router="chunk", dechunk=True, dechunk_skip="linear"))
-    linear.load_state_dict(ident.state_dict())  # the same parameters: the option adds none
-    with torch.no_grad():
-        ident.dechunk_residual.weight.normal_(0, 0.02)  # not zero, so that the map's own term shows
-        linear.dechunk_residual.weight.copy_(ident.dechunk_residual.weight)
-    outs = {}
-    for name, model in (("identity", ident), ("linear", linear)):
-        latent = model.latent
-
-        def spy(x, r, latent=latent, name=name):
-            outs[name] = (x, latent(x, r))
-            return outs[name][1]
-
-        model.latent = spy
-        model(_bytes(2, 40))
-    (x, a), (x2, b) = outs["identity"], outs["linear"]
-    assert torch.equal(x, x2) and torch.allclose(a - b, x, atol=1e-6)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as e:  # what `pico train` runs before training
+        check_model_config(load_config("configs/quickstart.yaml", ["--model.router=chunk", override]).model)
+    assert "\n" not in str(e.value)
 
 
 def test_dechunk_needs_a_router():
@@ -346,7 +323,7 @@ def test_pico_train_quickstart_with_router_chunk(tmp_path):  # about 5 s
 
 
 def test_chunk_lengths_cover_the_bytes_after_the_first_boundary():
-    from pico.model.chunk import chunk_lengths
+    from pico.model.routers.base import chunk_lengths
 
     mask = torch.tensor([[1, 0, 0, 1, 0, 1], [0, 0, 1, 0, 0, 0]], dtype=torch.bool)
     assert sorted(chunk_lengths(mask).tolist()) == [1, 2, 3, 4]

@@ -42,7 +42,7 @@ def test_spacelike_costs_the_same_as_learned_and_none_drops_the_latent_path():
 
 
 @pytest.mark.parametrize("over", [{}, {"router": "spacelike"}, {"router": "none"}, {"n_predict": 1},
-                                  {"router_aux": "predictor", "router_prior": 4.0}, {"router": "spacelike", "router_aux": "predictor"},
+                                  {"router_prior": 4.0}, {"router": "chunk"}, {"router": "entropy"},
                                   {"mlp_ratio": 3.0, "mtp_mlp_ratio": 0.5, "n_latent": 3}])
 def test_param_count_matches_the_built_model(over):
     cfg = tiny_config(**over)

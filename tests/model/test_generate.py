@@ -13,14 +13,16 @@ from torch.testing import assert_close
 
 from pico.model import EOS, build_model, make_targets
 from pico.model.attention import attention_bias
-from pico.model.chunk import dechunk
 from pico.model.generate import START, Decoder, DraftTree, Sampler, generate
-from pico.model.pico import pack_slots
+from pico.model.latent import dechunk
+from pico.model.routers.base import ROUTERS as REGISTERED
+from pico.model.routers.base import pack_slots
+from pico.model.routers.chunk import chunk_rate
 from pico.model.spacelike import spacelike_boundaries
 
-from .conftest import tiny_config
+from .conftest import route_about_half, tiny_config
 
-ROUTERS = ["learned", "spacelike", "none", "chunk"]
+ROUTERS = ["learned", "spacelike", "none", "chunk", "entropy"]
 
 
 def tiny(router: str = "learned", **over):
@@ -31,7 +33,9 @@ def tiny(router: str = "learned", **over):
         if router == "chunk":  # W_q != W_k: boundaries on a random model at a rate near 0.3, not only where x turns
             model.router.chunk.q_proj.weight.add_(0.6 * torch.randn_like(model.router.chunk.q_proj.weight))
         if model.cfg.dechunk:  # the residual starts at zero; a random one shows it is applied
-            model.dechunk_residual.weight.normal_(0.0, 0.05)
+            model.return_path.residual.weight.normal_(0.0, 0.05)
+    if router == "entropy":  # a random early head: a cut-off that routes about half the bytes
+        route_about_half(model, texty(2, 64, seed=7))
     return model
 
 
@@ -45,10 +49,14 @@ def texty(B: int, T: int, seed: int = 0) -> torch.Tensor:
 
 
 # Every way a position can be routed causally: the router options change the decision rule.
-ROUTING_CASES = [("learned", {}), ("spacelike", {}), ("none", {}), ("learned", {"router_prior": 2.0}),
-                 ("learned", {"router_aux": "predictor"}), ("chunk", {}), ("chunk", {"router_gate": "straight_through"}),
-                 ("chunk", {"dechunk": True}), ("chunk", {"dechunk": True, "dechunk_skip": "linear"}),
-                 ("spacelike", {"dechunk": True}), ("learned", {"dechunk": True})]
+# Every router x return path, and the options that change a router's causal decision rule.
+ROUTING_CASES = [(r, {"dechunk": d}) for r in sorted(REGISTERED) for d in (False, True)] + [
+    ("none", {}), ("learned", {"router_prior": 2.0}), ("learned", {"router_calibrate": False}),
+    ("spacelike", {"return_init": 0.25})]
+
+
+def test_routing_cases_cover_every_registered_router():
+    assert {r for r, _ in ROUTING_CASES} == set(REGISTERED) | {"none"}
 
 
 def sliding_cap(cand: torch.Tensor, cap: int, context: int) -> torch.Tensor:
@@ -78,21 +86,23 @@ def windowed_forward(model, ids: torch.Tensor, context: int) -> torch.Tensor:
             gate, prob = torch.ones(B, T), None
         elif cfg.router == "chunk":
             prob = model.router.chunk(x)
-            mask = sliding_cap(prob >= 0.5, math.ceil(round(cfg.chunk_cap * context, 6)), context)
-            gate = prob if cfg.router_gate == "sigmoid" else torch.ones(B, T)
+            mask = sliding_cap(prob >= 0.5, math.ceil(round(chunk_rate(cfg) * context, 6)), context)
+            gate = prob
+        elif cfg.router == "entropy":
+            mask, gate, prob = model.router.entropy(x)[1] > model.router.cutoff, torch.ones(B, T), None
         else:
             scores, causal = model.router.logits(x, rule)
-            mask, gate, prob = causal > 0, model.router.weight(scores), torch.sigmoid(scores)
+            mask, gate, prob = causal > 0, torch.sigmoid(scores), torch.sigmoid(scores)
         idx, spos, ok = pack_slots(mask, max(int(mask.sum(1).max()), 1))
         g = idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])
-        z = model.latent_in(torch.gather(x, 1, g))
-        lbias = attention_bias(spos, spos, model.latent_slopes, context)
-        for blk in model.latent_blocks:
+        lat = model.latent
+        z = lat.proj_in(torch.gather(x, 1, g))
+        lbias = attention_bias(spos, spos, lat.latent_slopes, context)
+        for blk in lat.blocks:
             z = blk(z, lbias)
-        y = model.latent_out(model.latent_norm(z))
+        y = lat.proj_out(lat.norm(z))
         if cfg.dechunk:
-            out = model.dechunk_residual(x) + dechunk(y, idx, ok, mask, prob)
-            x = x + out if cfg.dechunk_skip == "identity" else out
+            x = x + (model.return_path.residual(x) + dechunk(y, idx, ok, mask, prob))
         else:
             x = x.scatter_add(1, g, y * (gate.gather(1, idx) * ok).unsqueeze(-1))
     for blk in model.blocks_out:

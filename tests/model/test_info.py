@@ -30,6 +30,6 @@ def test_chunk_router_shows_its_cost_at_the_cap_too(capsys):
     info = json.loads(capsys.readouterr().out)
     cfg = load_config("quickstart", ["--model.router=chunk"]).model
     assert info["train_flops_per_byte"] == flops_per_byte(cfg) < info["train_flops_per_byte_at_cap"]
-    assert info["train_flops_per_byte_at_cap"] == flops_per_byte(cfg, rate=cfg.chunk_cap)
+    assert info["train_flops_per_byte_at_cap"] == flops_per_byte(cfg, rate=2 * cfg.capacity)  # chunk_cap 0: 2 x capacity
     assert main(["info", "--config", "quickstart", "--model.router=chunk"]) == 0
-    assert "at the chunk cap" in capsys.readouterr().out
+    assert "at the routing cap" in capsys.readouterr().out

@@ -92,8 +92,8 @@ def test_stage_groups_carry_their_lr_scale(name):
     stages = {(g["pico_stage"], g["weight_decay"] > 0): g for g in opt.param_groups}
     assert set(stages) == {("local", True), ("local", False), ("latent", True), ("latent", False), ("router", True)}
     assert stages[("router", True)]["param_names"] == ["router.chunk.q_proj.weight", "router.chunk.k_proj.weight"]
-    assert "dechunk_residual.weight" in stages[("local", True)]["param_names"]
-    assert all(n.startswith("latent_") for n in stages[("latent", True)]["param_names"])
+    assert "return_path.residual.weight" in stages[("local", True)]["param_names"]
+    assert all(n.startswith("latent.") for n in stages[("latent", True)]["param_names"])
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
     assert stages[("local", True)]["lr"] == pytest.approx(3e-3)  # the scale holds from step 0
     set_lr(opt, 2e-3)

@@ -138,12 +138,12 @@ def test_convert_hf_is_idempotent(ckpt, hf_dir, tmp_path):
 
 def test_logits_equal_pico_after_from_pretrained(ckpt, hf_dir):
     """The ALiBi slopes are non-persistent: from_pretrained must rebuild them, or the logits are off by nats."""
-    from pico.model.pico import alibi_slopes
+    from pico.model.attention import alibi_slopes
 
     ref, _ = reference_model(ckpt)
     model = load(hf_dir)
     torch.testing.assert_close(model.model.local_slopes, alibi_slopes(ref.cfg.n_heads))
-    torch.testing.assert_close(model.model.latent_slopes, alibi_slopes(ref.cfg.n_latent_heads))
+    torch.testing.assert_close(model.model.latent.latent_slopes, alibi_slopes(ref.cfg.n_latent_heads))
     ids = probe_input(ref.cfg.max_seq_len)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref(ids, routing="causal").logits)
@@ -163,7 +163,7 @@ def test_without_the_rebuild_the_logits_are_wrong(ckpt, hf_dir, tmp_path):
     assert marker in code
     (broken / "modeling_pico.py").write_text(code.replace(marker, "    return\n" + marker, 1))
     model = load(broken)
-    from pico.model.pico import alibi_slopes
+    from pico.model.attention import alibi_slopes
 
     if torch.equal(model.model.local_slopes, alibi_slopes(ref.cfg.n_heads)):
         pytest.skip("the uninitialised memory happened to hold the right slopes")
@@ -283,9 +283,8 @@ def export(cfg, out: Path, dtype: str = "fp32", seed: int = 0):
     return model
 
 
-@pytest.mark.parametrize("kw", [dict(router="learned", router_prior=2.0), dict(router="learned", router_aux="predictor"),
-                                dict(router="spacelike"), dict(router="chunk"), dict(router="chunk", dechunk=True),
-                                dict(router="chunk", dechunk=True, dechunk_skip="linear"),
+@pytest.mark.parametrize("kw", [dict(router="learned", router_prior=2.0), dict(router="spacelike"), dict(router="chunk"),
+                                dict(router="chunk", dechunk=True), dict(router="entropy"),
                                 dict(router="none", n_in=2, n_latent=0)], ids=str)
 def test_every_router_gives_pico_logits(kw, tmp_path):
     cfg = tiny_cfg(**kw)
@@ -337,12 +336,12 @@ def test_missing_weight_fails_from_pretrained(hf_dir, tmp_path):
 
 def test_unsupported_router_is_refused_with_one_line(ckpt, tmp_path, capsys, monkeypatch):
     cfg = tiny_cfg(router="learned")
-    cfg.router = "mystery"  # a router newer than this exporter
-    with pytest.raises(UserError, match="model.router='mystery' is not supported") as e:
+    cfg.router = "mystery"  # a router this pico does not have
+    with pytest.raises(UserError, match="model.router='mystery' is not a router") as e:
         hf.check_supported(cfg)
     assert "\n" not in str(e.value)
     monkeypatch.setattr(hf, "REBUILT_BUFFERS", ("local_slopes",))  # a buffer the HF code would leave empty
-    with pytest.raises(UserError, match=r"non-persistent buffers \['latent_slopes'\]"):
+    with pytest.raises(UserError, match=r"non-persistent buffers \['latent.latent_slopes'\]"):
         hf.check_supported(tiny_cfg(router="learned"))
     from pico.pipeline.cli import main
 
