@@ -28,6 +28,7 @@ from pico.data_prep.shards import TarShardWriter, compressor, sample_key, shard_
 from pico.data_prep.sources import Doc, InputFile, Skip, declared_split, expand_inputs, iter_documents
 from pico.data_prep.store import Store
 from pico.configs.errors import UserError
+from pico.configs.lock import hold
 
 MANIFEST = "manifest.json"
 WORK = "_work"
@@ -468,11 +469,21 @@ def _finalize(store: Store, cfg: PrepConfig, records: list[dict], input_problems
 
 
 def run_job(cfg: PrepConfig, progress: bool = True) -> tuple[dict, dict]:
-    """Run (or resume, or find finished) the job `cfg`; return its manifest and run statistics."""
-    t0, cpu0 = time.perf_counter(), time.process_time()
+    """Run (or resume, or find finished) the job `cfg`; return its manifest and run statistics.
+
+    A local output is locked for the job (configs/lock.py): a second job on it is refused."""
     store = Store(cfg.output)
-    stats = {"output": store.display(), "units": 0, "units_run": 0, "units_resumed": 0}
     _check_output(store)
+    with contextlib.ExitStack() as stack:
+        if not store.remote:
+            with _output_access(store, "write"):
+                stack.enter_context(hold(store.root, "pico prep"))
+        return _run_job(cfg, store, progress)
+
+
+def _run_job(cfg: PrepConfig, store: Store, progress: bool) -> tuple[dict, dict]:
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    stats = {"output": store.display(), "units": 0, "units_run": 0, "units_resumed": 0}
     with _output_access(store, "open"):
         if cfg.overwrite:
             _clear(store)

@@ -192,6 +192,19 @@ def test_prep_damaged_manifest_is_kept_and_named(capsys, tmp_path):
 
 
 
+def test_a_second_prep_on_one_output_is_refused_naming_the_first(capsys, tmp_path):
+    """Issue 28: two jobs on one output ran unlocked. The holder is a real process; kill -9 frees the output."""
+    from tests.configs.test_lock import Holder
+
+    (tmp_path / "in.txt").write_bytes(b"alpha")
+    argv = ["prep", "--input", str(tmp_path / "in.txt"), "--output", str(tmp_path / "out"), "--no-progress"]
+    with Holder(tmp_path / "out", "pico prep") as first:
+        refused(capsys, argv, f"{tmp_path / 'out'} is in use by pico prep (pid {first.proc.pid} on")
+        assert [p.name for p in (tmp_path / "out").iterdir()] == [".pico.lock"]  # nothing written
+        first.kill()
+        assert main(argv) == 0
+
+
 # ----------------------------------------------------------------------------- pico convert over what is there
 
 
