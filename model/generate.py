@@ -85,6 +85,7 @@ Design (tensors only; no files, no ranks):
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -549,7 +550,8 @@ def prompt_ids(prompt: bytes, context: int) -> tuple[list[int], int]:
 def generate(model: Pico, prompts: list[bytes], max_new_bytes: int, speculative: bool = True,
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
              stop_at_eos: bool = True, routing_agreement: bool = True, context: int | None = None,
-             lazy_latent: bool = False, tree: DraftTree | None = None) -> GenerateResult:
+             lazy_latent: bool = False, tree: DraftTree | None = None,
+             on_bytes: Callable[[int, bytes], None] | None = None) -> GenerateResult:
     """Continue each prompt by up to max_new_bytes bytes (greedy when temperature == 0).
 
     speculative=True drafts with heads 2..n_predict and verifies in the same pass (see the
@@ -562,6 +564,8 @@ def generate(model: Pico, prompts: list[bytes], max_new_bytes: int, speculative:
     off by default: on the benchmark models it gained and lost within the noise
     (benchmarks/results/generate_speed.md). `tree` (speculative greedy only; sampling keeps the chain, whose acceptance rule is the
     one proven exact here): verify a `DraftTree` of candidates per pass instead of one chain.
+    `on_bytes(i, new)` is called with prompt i's newly committed bytes as soon as a pass commits
+    them (streaming output; what it received is final).
     """
     if temperature < 0 or not 0.0 < top_p <= 1.0 or max_new_bytes < 0:
         raise ValueError(f"generate: need temperature >= 0, 0 < top_p <= 1, max_new_bytes >= 0 "
@@ -600,7 +604,7 @@ def generate(model: Pico, prompts: list[bytes], max_new_bytes: int, speculative:
         while True:
             for r, i in enumerate(active):
                 passes_of[i] += 1
-            done = _emit(active, new, outputs, max_new_bytes, stopped, stop_at_eos)
+            done = _emit(active, new, outputs, max_new_bytes, stopped, stop_at_eos, on_bytes)
             if done:
                 keep = [r for r, i in enumerate(active) if i not in done]
                 if not keep:
@@ -663,11 +667,12 @@ def _prefill(dec: Decoder, prefixes: list[list[int]], dev) -> tuple[torch.Tensor
 
 
 def _emit(active: list[int], new: list[list[int]], outputs: list[list[int]], limit: int,
-          stopped: list[str], stop_at_eos: bool) -> set[int]:
-    """Append each active sequence's new bytes; return the prompts that are finished."""
+          stopped: list[str], stop_at_eos: bool, on_bytes: Callable[[int, bytes], None] | None = None) -> set[int]:
+    """Append each active sequence's new bytes (and hand them to on_bytes); return the prompts that are finished."""
     done = set()
     for r, i in enumerate(active):
         out = outputs[i]
+        start = len(out)
         for b in new[r]:
             if b == EOS and stop_at_eos:
                 stopped[i] = "eos"
@@ -677,6 +682,8 @@ def _emit(active: list[int], new: list[list[int]], outputs: list[list[int]], lim
             if len(out) >= limit:
                 done.add(i)
                 break
+        if on_bytes is not None and len(out) > start:
+            on_bytes(i, bytes(out[start:]))
     return done
 
 

@@ -10,11 +10,17 @@ and keeps that sliding window while generating, so any --max-bytes runs in fixed
 stderr and --json say how many prompt bytes were outside the context. Text mode prints each
 prompt with its continuation (invalid UTF-8 shown as U+FFFD), --raw writes the continuations'
 bytes unchanged, --json prints one object with the outputs and the speed.
+
+With one prompt, text mode and --raw stream: each byte is written (and flushed) as soon as a
+forward pass commits it, so a long --max-bytes shows progress and Ctrl-C keeps everything printed
+so far (text mode completes a UTF-8 character only once all its bytes are out). With several
+prompts, or --json, the outputs are printed when the batch is done.
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import math
 import sys
@@ -108,8 +114,17 @@ def run(args: argparse.Namespace) -> int:
             tree = DraftTree.product(top)
         except ValueError as e:
             raise UserError(f"--tree {args.tree}: {e}") from None
-    res = generate(model, prompts, args.max_bytes, speculative=args.speculative, temperature=args.temperature,
-                   top_p=args.top_p, seed=args.seed, context=args.context, tree=tree)
+    stream = _Stream(args.raw) if len(prompts) == 1 and not args.json else None
+    if stream is not None and not args.raw:
+        stream.text(prompts[0])
+    try:
+        res = generate(model, prompts, args.max_bytes, speculative=args.speculative, temperature=args.temperature,
+                       top_p=args.top_p, seed=args.seed, context=args.context, tree=tree,
+                       on_bytes=None if stream is None else stream.write)
+    except KeyboardInterrupt:
+        if stream is not None:
+            stream.close()
+        raise
     speed = (f"{res.n_bytes} bytes in {res.seconds:.2f} s: {res.bytes_per_s:.0f} bytes/s, {res.forward_passes} "
              f"forward passes, {res.bytes_per_pass:.2f} bytes per pass ({'speculative' if args.speculative else 'plain'})")
     for i, n in enumerate(res.prompt_bytes_outside):
@@ -133,6 +148,9 @@ def run(args: argparse.Namespace) -> int:
             "speculative": args.speculative, "temperature": args.temperature, "top_p": args.top_p,
             "seed": args.seed, "tree_nodes": len(tree) if tree is not None else 0, "model": {k: v for k, v in info.items() if _jsonable(v)},
         }))
+    elif stream is not None:
+        stream.close()
+        print(speed, file=sys.stderr)
     elif args.raw:
         sys.stdout.buffer.write(b"\n".join(res.outputs))
         sys.stdout.buffer.flush()
@@ -144,6 +162,32 @@ def run(args: argparse.Namespace) -> int:
             print((p + o).decode("utf-8", "replace"))
         print(speed, file=sys.stderr)
     return 0
+
+
+class _Stream:
+    """Writes one sequence's bytes to stdout as generation commits them: raw, or as UTF-8 text whose
+    characters split across passes are held until complete (invalid bytes become U+FFFD)."""
+
+    def __init__(self, raw: bool):
+        self.raw = raw
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def text(self, data: bytes) -> None:
+        sys.stdout.write(self.decoder.decode(data))
+        sys.stdout.flush()
+
+    def write(self, i: int, data: bytes) -> None:
+        if self.raw:
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+        else:
+            self.text(data)
+
+    def close(self) -> None:
+        """Flush what is held and end text output with a newline."""
+        if not self.raw:
+            sys.stdout.write(self.decoder.decode(b"", final=True) + "\n")
+        sys.stdout.flush()
 
 
 def parse_tree(spec: str | None) -> list[int] | None:

@@ -121,3 +121,35 @@ def test_a_draft_tree_gives_the_greedy_output(checkpoint, capsys):
 def test_cli_errors_teach(checkpoint, tmp_path, capsys):
     assert cli_main(["generate", "--model", str(tmp_path), "--prompt", "x", "--max-bytes", "4"]) == 2
     assert "neither a release" in capsys.readouterr().err
+
+
+def test_generate_streams_and_ctrl_c_keeps_what_was_printed(checkpoint):
+    """A real `pico generate` process: bytes reach stdout while it runs; SIGINT ends it with exit 130, one
+    stderr line, and the printed bytes are exactly the start of the same greedy generation."""
+    import os
+    import select
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    argv = [sys.executable, "-m", "pico.pipeline.cli", "generate", "--model", str(checkpoint), "--prompt", "a",
+            "--raw", "--no-speculative", "--max-bytes"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([*argv, "1000000000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    got, deadline = b"", time.monotonic() + 120
+    while len(got) < 64 and time.monotonic() < deadline:  # stop_at_eos may end it early: then stdout closes
+        if select.select([proc.stdout], [], [], 1.0)[0]:
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            if not chunk:
+                break
+            got += chunk
+    still_running = proc.poll() is None
+    proc.send_signal(signal.SIGINT)
+    rest, err = proc.communicate(timeout=60)
+    printed = got + rest
+    assert len(got) > 0, "nothing was streamed while generating"
+    if still_running:
+        assert proc.returncode == 130 and err.decode().strip().splitlines() == ["pico: interrupted"]
+    full = subprocess.run([*argv, str(len(printed))], capture_output=True, env=env, timeout=120)
+    assert full.returncode == 0 and full.stdout == printed
