@@ -1,0 +1,95 @@
+"""The local driver with real `pico train` / `pico eval` subprocesses: a 2-run tiny design, resumed after
+kill -9 of the driver and of a run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.slow
+
+KEYS = ("toy-rule-3e09-lr0.003-s0", "toy-plain-3e09-lr0.003-s0")
+
+
+def pico(*args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pico.pipeline.cli", "experiment", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def wait_for(cond, timeout: float = 180, what: str = ""):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.2)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def test_run_status_table_and_rerun_reuses(tiny_design):
+    results = tiny_design.parent / "results"
+    run = pico("run", str(tiny_design), "--jobs", "2", "--json")
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err[-3000:]
+    assert json.loads(out) == {"finished": 2, "planned": 2, "failed": []}
+    for key in KEYS:
+        r = json.loads((results / "runs" / f"{key}.json").read_text())
+        assert r["steps"] > 1 and 0 < r["test"]["bpb"] < 9 and r["git_revision"] and r["data"]["test"]
+        assert abs(r["flops"] / 3e9 - 1) < 0.05 and r["config"]["optim"]["lr"] == 0.003
+    rule = json.loads((results / "runs" / f"{KEYS[0]}.json").read_text())
+    assert rule["router_stats"]["routed_frac_mean"] > 0  # the model's own statistics, from pico eval
+    stamps = {k: (results / "runs" / f"{k}.json").stat().st_mtime_ns for k in KEYS}
+    again = pico("run", str(tiny_design), "--json")
+    out, err = again.communicate(timeout=120)
+    assert json.loads(out)["finished"] == 2
+    assert stamps == {k: (results / "runs" / f"{k}.json").stat().st_mtime_ns for k in KEYS}  # nothing recomputed
+    table = pico("table", str(tiny_design))
+    out, err = table.communicate(timeout=120)
+    assert table.returncode == 0, err
+    assert "| toy | 3e09 | plain | rule |" in out and (results / "scaling.png").stat().st_size > 1000
+
+
+def test_kill_9_of_the_driver_then_of_a_run(tiny_design):
+    results = tiny_design.parent / "results"
+    first, second = (results / "runs" / f"{k}.json" for k in KEYS)
+    driver = pico("run", str(tiny_design), "--jobs", "1")
+    wait_for(first.exists, what="the first run's result")
+    stamp = first.stat().st_mtime_ns
+    os.kill(driver.pid, signal.SIGKILL)  # the driver only; its run in flight goes on alone
+    driver.communicate()
+    # the rerun finds the first run finished and the second one's lock held by the orphaned run: it waits for it
+    rerun = pico("run", str(tiny_design), "--jobs", "1", "--json")
+    out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err[-3000:]
+    assert json.loads(out)["finished"] == 2 and first.stat().st_mtime_ns == stamp and second.exists()
+
+    # now kill -9 a run: its training dies with it, the driver records the failure with the log path
+    second.unlink()
+    driver = pico("run", str(tiny_design), "--jobs", "1", "--json")
+    metrics = tiny_design.parent / "results" / "work" / "runs" / KEYS[1] / "metrics.jsonl"
+
+    def run_one():
+        kids = psutil.Process(driver.pid).children()
+        return kids[0] if kids and metrics.exists() else None
+
+    victim = wait_for(run_one, what="the second run's training")
+    victim.send_signal(signal.SIGKILL)
+    out, err = driver.communicate(timeout=120)
+    assert driver.returncode == 1 and json.loads(out)["failed"] == [KEYS[1]]
+    failure = json.loads((results / "failed" / f"{KEYS[1]}.json").read_text())
+    assert failure["returncode"] == -9 and Path(failure["log"]).is_file()
+    status = pico("status", str(tiny_design), "--json")
+    assert json.loads(status.communicate(timeout=60)[0])["failed"] == {KEYS[1]: failure["log"]}
+    rerun = pico("run", str(tiny_design), "--json")
+    out, err = rerun.communicate(timeout=300)
+    assert json.loads(out) == {"finished": 2, "planned": 2, "failed": []}, err[-3000:]
+    assert second.exists() and not (results / "failed" / f"{KEYS[1]}.json").exists()
+    assert first.stat().st_mtime_ns == stamp
