@@ -47,3 +47,7 @@ def edit_design(path: Path, change):
     change(raw)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return load_design(path)
+
+
+# the suite's own single-node Slurm and local Ray head (started and stopped by tests/cluster/conftest.py's code)
+from tests.cluster.conftest import ray_head, slurm_cluster  # noqa: E402,F401
