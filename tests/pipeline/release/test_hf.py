@@ -197,6 +197,18 @@ def test_greedy_generate_equals_pico_generate(ckpt, hf_dir, capsysbinary, use_ca
     assert len(got) == 64 - 31 and len(want) == 100  # HF: start id + 30 prompt bytes + 33 generated
 
 
+def test_generate_past_the_context_warns_once(hf_dir):
+    import warnings
+
+    model, tok = load(hf_dir), tokenizer(hf_dir)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        hf_bytes(model, tok, "x" * 30, 100, min_new_tokens=100)  # context 64: stops after 33 bytes
+        hf_bytes(model, tok, "The ", 5)  # within the context: silent
+    ours = [w for w in seen if "max_seq_len" in str(w.message)]
+    assert len(ours) == 1 and "pico generate" in str(ours[0].message)
+
+
 def test_generate_feeds_one_new_byte_per_step(hf_dir):
     """The decoder path is incremental: a prefill of the prompt, then one id per forward pass."""
     model, tok = load(hf_dir), tokenizer(hf_dir)
