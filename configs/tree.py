@@ -13,7 +13,6 @@ sub-config (torchtitan's lesson: a monolithic config passed everywhere leaks).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import types

@@ -67,7 +67,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pico.configs.errors import UserError
 from pico.data_prep.shards import Sample, SampleError, ShardError, decode_sample, read_shard
 from pico.pipeline.data.eval_packing import pack_eval
-from pico.model.config import EOS, PAD
+from pico.model.config import EOS
 
 STATE_VERSION = 1
 MAX_NAMED = 100  # corrupt shards named per loader slot (the count goes on past it)
