@@ -205,6 +205,18 @@ def test_a_second_prep_on_one_output_is_refused_naming_the_first(capsys, tmp_pat
         assert main(argv) == 0
 
 
+def test_a_second_trainer_on_one_run_directory_is_refused_naming_the_first(capsys, tmp_path):
+    """Issue 28: two trainers on one out_dir both exited 0, one's checkpoints replacing the other's."""
+    from tests.configs.test_lock import Holder
+
+    argv = ["train", f"--train.out_dir={tmp_path / 'run'}", "--data.train=[unused]"]
+    with Holder(tmp_path / "run", "pico train") as first:
+        refused(capsys, argv, f"{tmp_path / 'run'} is in use by pico train (pid {first.proc.pid} on", "Wait for it")
+        first.kill()  # a crash: the next trainer takes over and gets as far as its data
+        refused(capsys, argv, "unused does not exist")
+    assert list((tmp_path / "run").iterdir()) == []  # and lets go when it stops
+
+
 # ----------------------------------------------------------------------------- pico convert over what is there
 
 

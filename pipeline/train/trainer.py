@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from pico.configs.errors import UserError
+from pico.configs.lock import hold
 from pico.configs.runs import TRUST_HELP
 from pico.configs.tree import Config, describe_config, load_config, save_config
 from pico.model.flops import GPU_PEAK_FLOPS
@@ -151,7 +152,12 @@ class Trainer:
         self.bytes_seen = 0
         self.last_eval: dict[str, float] = {}
         self._corrupt_seen, self._corrupt_named = 0, []  # corrupt samples skipped so far, shards named
-        self._build()
+        self.run_lock = _lock_run_dir(self.out_dir)  # before anything reads or writes the run directory
+        try:
+            self._build()
+        except BaseException:
+            self.run_lock.close()
+            raise
 
     # ----------------------------------------------------------------------------- building
     def _build(self) -> None:
@@ -564,7 +570,22 @@ def _progress(enabled: bool, total: int, initial: int):
 def train(cfg: Config, resume: bool = False, progress: bool = True, trust: bool = False) -> dict[str, Any]:
     """Build a Trainer and run it; the Python entry point of `pico train`."""
     trainer = Trainer(cfg, resume=resume, progress=progress, trust=trust)
-    return trainer.fit()
+    with trainer.run_lock:
+        return trainer.fit()
+
+
+def _lock_run_dir(out_dir: Path) -> contextlib.ExitStack:
+    """Global rank 0 holds train.out_dir's lock for the job (configs/lock.py: one job's ranks are one
+    writer); every rank stops when it cannot, rather than wait in a collective for a rank that left."""
+    stack, refused = contextlib.ExitStack(), None
+    if dist.is_main():
+        try:
+            stack.enter_context(hold(out_dir, "pico train"))
+        except UserError as e:
+            refused = e
+    if dist.any_rank(refused is not None):
+        raise refused or UserError(f"{out_dir} is in use by another pico train (rank 0 names it)")
+    return stack
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
