@@ -117,14 +117,16 @@ def expand_inputs(patterns: list[str], exclude: str | None = None) -> tuple[list
     seen: set[str] = set()
     for pattern in patterns:
         outputs: list[str] = []
+        skips: list[Skip] = []  # broken links, links to a directory already read, the output itself
         try:
-            found = _expand_url(pattern) if is_url(pattern) else _expand_local(pattern, exclude, outputs)
+            found = _expand_url(pattern) if is_url(pattern) else _expand_local(pattern, exclude, outputs, skips)
         except Exception as e:  # listing a remote store can fail in many ways; all of them are the input's
             problems.append(Skip("failed", pattern, None, f"cannot list input: {type(e).__name__}: {e}"))
             continue
         problems.extend(Skip("excluded", d, None, "left out: it holds the output of a pico prep job "
                              "(its shards are not documents)") for d in outputs)
-        if not found:
+        problems.extend(skips)
+        if not found and not skips:
             problems.append(Skip("failed", pattern, None, "no file matched this input"))
         if len(found) > 1 or (found and found[0].url.rstrip("/") != _plain(pattern)):
             tests = [f for f in found if declared_split(f.url) == "test"]
@@ -163,25 +165,75 @@ def is_prep_output(d: str) -> bool:
     return isinstance(m, dict) and "shards" in m and "config" in m
 
 
-def _expand_local(pattern: str, exclude: str | None, outputs: list[str]) -> list[InputFile]:
-    """Files under `pattern`; directories that hold a prep output are appended to `outputs` instead."""
+def _expand_local(pattern: str, exclude: str | None, outputs: list[str], skips: list[Skip]) -> list[InputFile]:
+    """Files under `pattern`; directories that hold a prep output are appended to `outputs` instead,
+    and what cannot be read (a broken link, a link loop, the job's own output) to `skips`."""
     pattern = os.path.abspath(os.path.expanduser(pattern.removeprefix("file://")))
+    if exclude and _within(pattern, exclude):
+        skips.append(Skip("failed", pattern, None, f"this input is the output directory {exclude} (or inside it), "
+                                                   "whose shards are not documents; choose an --output elsewhere"))
+        return []
     roots = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
     out: list[str] = []
     for root in roots:
+        if exclude and _within(root, exclude):
+            continue  # a glob that matches the output (walks below prune it too)
         if os.path.isdir(root):
-            for d, dirs, names in os.walk(root):
-                if d != exclude and is_prep_output(d):
-                    outputs.append(d)
-                    dirs[:] = []
-                    continue
-                dirs[:] = sorted(x for x in dirs if not x.startswith(".") and os.path.join(d, x) != exclude)
-                out.extend(os.path.join(d, n) for n in sorted(names) if not n.startswith("."))
+            out.extend(_walk(root, exclude, outputs, skips))
         elif os.path.isfile(root):
             out.append(root)
-    if exclude:
-        out = [p for p in out if not p.startswith(exclude + os.sep)]
-    return [InputFile(p, os.path.getsize(p)) for p in out]
+        elif os.path.islink(root):
+            skips.append(_broken_link(root))
+    files = []
+    for p in out:
+        try:
+            files.append(InputFile(p, os.path.getsize(p)))
+        except OSError as e:  # gone or unreadable since it was listed: that file's problem, not the job's
+            skips.append(Skip("failed", p, None, f"cannot read: {e.strerror}"))
+    return files
+
+
+def _walk(root: str, exclude: str | None, outputs: list[str], skips: list[Skip]) -> Iterator[str]:
+    """Files under `root` in sorted order, dotfiles left out, following links to directories.
+
+    A directory reached a second time (a link loop, or a second link to it) is walked once: the
+    later path is a Skip naming the first, so no document is read twice and a loop ends."""
+    walked: dict[tuple[int, int], str] = {}  # (device, inode) of each directory walked -> its path
+    for d, dirs, names in os.walk(root, followlinks=True):
+        st = os.stat(d)
+        first = walked.setdefault((st.st_dev, st.st_ino), d)
+        if first != d:
+            skips.append(Skip("excluded", d, None, f"left out: a link to {first}, which is already read "
+                                                   "(a symbolic link loop, or a second link to it)"))
+            dirs[:] = []
+            continue
+        if d != exclude and is_prep_output(d):
+            outputs.append(d)
+            dirs[:] = []
+            continue
+        dirs[:] = sorted(x for x in dirs if not x.startswith(".") and not (exclude and _within(os.path.join(d, x), exclude)))
+        for n in sorted(names):
+            p = os.path.join(d, n)
+            if n.startswith("."):
+                continue
+            if os.path.exists(p):
+                yield p
+            else:
+                skips.append(_broken_link(p))
+
+
+def _within(path: str, directory: str) -> bool:
+    """Whether `path` is `directory` or inside it, links resolved (a link into the output is the output)."""
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
+
+
+def _broken_link(p: str) -> Skip:
+    try:
+        target = os.readlink(p)
+    except OSError:
+        target = "?"
+    return Skip("failed", p, None, f"broken symbolic link (to {target}); fix or remove it")
 
 
 def _expand_url(pattern: str) -> list[InputFile]:

@@ -192,6 +192,31 @@ def test_prep_damaged_manifest_is_kept_and_named(capsys, tmp_path):
 
 
 
+def test_prep_reads_linked_folders_and_records_a_broken_link(capsys, tmp_path):
+    """Issue 28: 1 of 4 documents read from a folder with a linked subfolder; a broken link aborted the job."""
+    src, shared = tmp_path / "in", tmp_path / "shared"
+    src.mkdir()
+    shared.mkdir()
+    (src / "a.txt").write_bytes(b"alpha")
+    for name in ("b", "c", "d"):
+        (shared / f"{name}.txt").write_bytes(name.encode() * 3)
+    (src / "more").symlink_to(shared)
+    (src / "gone.txt").symlink_to(tmp_path / "nowhere.txt")
+    argv = ["prep", "--input", str(src), "--output", str(tmp_path / "out"), "--no-progress", "--val-fraction=0"]
+    assert main(argv) == 0
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["documents"]["written"] == 4
+    assert [s["source"] for s in m["skipped"]] == [str(src / "gone.txt")]
+    assert "broken symbolic link" in capsys.readouterr().err
+
+
+def test_prep_output_that_is_its_input(capsys, tmp_path):
+    (tmp_path / "in.txt").write_bytes(b"alpha")
+    refused(capsys, ["prep", "--input", str(tmp_path), "--output", str(tmp_path), "--no-progress"],
+            f"this input is the output directory {tmp_path}", "choose an --output elsewhere")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]
+
+
 def test_a_second_prep_on_one_output_is_refused_naming_the_first(capsys, tmp_path):
     """Issue 28: two jobs on one output ran unlocked. The holder is a real process; kill -9 frees the output."""
     from tests.configs.test_lock import Holder

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import lzma
+import os
 
 import pytest
 import zstandard
@@ -165,3 +166,28 @@ def test_an_overlong_json_line_is_skipped_and_the_next_is_read():
     data = b"a\n" + b"x" * 100 + b"\nb\n" + b"y" * 60
     assert list(iter_lines(io.BytesIO(data), block=16, max_line=50)) == [b"a", None, b"b", None]
     assert list(iter_lines(io.BytesIO(data), block=16, max_line=100)) == [b"a", b"x" * 100, b"b", b"y" * 60]
+
+
+def test_linked_folders_are_read_once_loops_end_and_broken_links_are_skips(tmp_path):
+    """Issue 28: a linked subfolder's documents were dropped silently; a broken link aborted the job."""
+    root, elsewhere = tmp_path / "in", tmp_path / "elsewhere"
+    (root / "a").mkdir(parents=True)
+    elsewhere.mkdir()
+    (root / "a" / "one.txt").write_bytes(b"1")
+    (elsewhere / "two.txt").write_bytes(b"2")
+    (root / "linked").symlink_to(elsewhere)  # followed
+    (root / "a" / "loop").symlink_to(root)  # back up: walked once
+    (root / "again").symlink_to(root / "a")  # a second way to a/: walked once
+    (root / "gone.txt").symlink_to(tmp_path / "missing.txt")  # broken
+    files, problems = expand_inputs([str(root)])
+    assert sorted(os.path.relpath(f.url, root) for f in files) == ["a/one.txt", "linked/two.txt"]
+    reasons = {os.path.relpath(p.source, root): (p.kind, p.reason) for p in problems}
+    assert reasons["gone.txt"] == ("failed", f"broken symbolic link (to {tmp_path / 'missing.txt'}); fix or remove it")
+    assert reasons["a/loop"][0] == reasons["again"][0] == "excluded"
+    assert f"a link to {root}, which is already read" in reasons["a/loop"][1]
+    assert sorted(reasons) == ["a/loop", "again", "gone.txt"]
+
+
+def test_the_output_as_input_is_named_as_such(tmp_path):
+    files, problems = expand_inputs([str(tmp_path / "out"), str(tmp_path / "out" / "sub")], exclude=str(tmp_path / "out"))
+    assert not files and [p.reason.split(" (")[0] for p in problems] == [f"this input is the output directory {tmp_path / 'out'}"] * 2
