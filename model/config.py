@@ -7,7 +7,7 @@ config table are generated from these strings, so a field is documented in exact
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 # Byte ids 0..255 are the bytes themselves; three special ids follow.
@@ -18,6 +18,7 @@ VOCAB_SIZE = 259
 
 AttnImpl = Literal["auto", "dense", "banded", "flex"]
 NO_ROUTER = "none"  # model.router of a plain byte Transformer: no router, no latent stage
+MAX_NGRAM = 8  # longest hashed n-gram (model.ngram_orders)
 
 # Options that lost in every experiment that tried them (experiments 2-4), with the value pico still
 # implements: a config (an old checkpoint's, say) may name that value and loads; the other value is refused.
@@ -56,6 +57,12 @@ class ModelConfig:
     """Key/value heads in each latent block; must divide n_latent_heads."""
     mlp_ratio: float = 8 / 3
     """SwiGLU hidden width as a multiple of the block width (rounded up to a multiple of 64)."""
+    ngram_orders: list[int] = field(default_factory=list)
+    """Hashed byte n-gram embeddings (BLT, Pagnoni et al. 2024, section 3.2.1): for each order n listed (2..8), the n bytes ending at t are hashed into one of `ngram_buckets` rows of a table of that order's own, added to byte t's embedding. Empty: off. Applies to every router, none included."""
+    ngram_buckets: int = 4096
+    """Rows of each n-gram embedding table (with ngram_orders)."""
+    pooled_inputs: bool = False
+    """The latent blocks read the mean of the byte stream over each routed position's segment (the bytes after the previous routed position up to it; Nawrot et al. 2023, section 3) instead of the routed byte's state alone. Needs a router."""
     router: str = "learned"
     """Which positions go through the latent blocks: a router in model/routers/ (spacelike: SpaceByte's rule; learned: Mixture-of-Depths top-k; chunk: H-Net's learned causal chunk boundaries; entropy: an early head's next-byte entropy) or none: a plain byte Transformer."""
     capacity: float = 0.2
@@ -106,6 +113,11 @@ class ModelConfig:
         need(math.isfinite(self.return_init) and self.return_init > 0,
              f"model.return_init={self.return_init} must be a finite number > 0 (1.0 = the plain RMSNorm init)")
         need(self.mtp_mlp_ratio > 0, f"mtp_mlp_ratio={self.mtp_mlp_ratio} must be > 0")
+        need(all(isinstance(n, int) and 2 <= n <= MAX_NGRAM for n in self.ngram_orders)
+             and len(set(self.ngram_orders)) == len(self.ngram_orders),
+             f"model.ngram_orders={self.ngram_orders} must be distinct orders in 2..{MAX_NGRAM} (an n-gram of n bytes), "
+             "or [] for none")
+        need(self.ngram_buckets >= 1, f"model.ngram_buckets={self.ngram_buckets} must be >= 1 (rows per n-gram table)")
         need(self.mtp_weight >= 0 and self.aux_loss_weight >= 0, "mtp_weight and aux_loss_weight must be >= 0")
         need(0.0 <= self.chunk_cap <= 1.0, f"model.chunk_cap={self.chunk_cap} must be in [0, 1] (0 = 2 x capacity)")
         if self.router != NO_ROUTER:
@@ -118,6 +130,8 @@ class ModelConfig:
             need(self.n_in + self.n_out > 0, "router: none needs at least one local block")
             need(not self.dechunk, "model.dechunk=true needs a router: with model.router=none there are no chunks to "
                                    "return; set model.router to a router (spacelike, say) or model.dechunk=false")
+            need(not self.pooled_inputs, "model.pooled_inputs=true needs a router: with model.router=none there are no "
+                                         "segments to pool; set model.router (spacelike, say) or model.pooled_inputs=false")
 
     @classmethod
     def upgrade(cls, data: dict, where: str = "model") -> dict:

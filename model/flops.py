@@ -19,6 +19,9 @@ most and are left out). A forward pass over a sequence of T = max_seq_len bytes,
   logs the cost at its measured rate (`router/flops_per_byte_at_rate`);
 - `dechunk`: the linear residual d_local^2 plus
   the EMA over chunks, k^2 / T * d_local;
+- `pooled_inputs`: the segment sums, d_local additions per byte (counted: the only non-matmul term,
+  so that the option is visible in the count); hashed n-grams (`ngram_orders`): table lookups, no
+  matrix product, d_local additions per order per byte (counted likewise);
 - the heads: 2 * d_local * 259 each, plus each draft head's SwiGLU 2 * 3 * d_local * hidden.
 
 Inference FLOPs per byte = that forward (self-speculative decoding evaluates every head on every
@@ -79,9 +82,13 @@ def flops_breakdown(cfg: ModelConfig, rate: float | None = None) -> dict[str, fl
         if cfg.dechunk:
             latent += cfg.d_local * cfg.d_local + k * k / T * cfg.d_local
         router = rc.macs(cfg)
+        if cfg.pooled_inputs:
+            latent += cfg.d_local / 2  # additions, halved: `parts` doubles multiply-adds
     heads = cfg.n_predict * cfg.d_local * VOCAB_SIZE + (cfg.n_predict - 1) * 3 * cfg.d_local * hidden_width(
         cfg.d_local, cfg.mtp_mlp_ratio)
     parts = {"local": 2 * local, "router": 2 * router, "latent": 2 * latent, "heads": 2 * heads}
+    if cfg.ngram_orders:
+        parts["ngrams"] = len(cfg.ngram_orders) * cfg.d_local
     parts["total"] = sum(parts.values())
     return parts
 
@@ -117,7 +124,7 @@ def param_count(cfg: ModelConfig) -> int:
         n += 2 * d * cfg.d_latent + cfg.d_latent  # projections in and out, latent norm
         n += cfg.n_latent * _block_params(cfg.d_latent, cfg.n_latent_heads, cfg.n_latent_kv_heads, cfg.mlp_ratio)
     n += (cfg.n_predict - 1) * (d + 3 * d * hidden_width(d, cfg.mtp_mlp_ratio))
-    return n
+    return n + len(cfg.ngram_orders) * cfg.ngram_buckets * d
 
 
 def match_flops(cfg: ModelConfig, target: float, field: str, candidates, training: bool = True) -> ModelConfig:

@@ -318,14 +318,10 @@ class Decoder:
         self.local = KVCache(cfg.n_in + cfg.n_out, batch, cfg.n_kv_heads, cfg.d_local // cfg.n_heads,
                              min(cfg.window, self.context) - 1, dev, dt)
         self.latent = None
-        self.router_state: dict[str, torch.Tensor] = {}
-        self.return_state: dict[str, torch.Tensor] = {}
         if model.router is not None:
             self.latent = KVCache(cfg.n_latent, batch, cfg.n_latent_kv_heads, cfg.d_latent // cfg.n_latent_heads,
                                   self.context - 1, dev, dt)
-            row = torch.zeros(1, cfg.d_local, device=dev, dtype=dt)
-            self.router_state = model.router.init_state(batch, row)
-            self.return_state = model.return_path.init_state(batch, row)
+        self.states = model.init_states(batch, torch.zeros(1, cfg.d_local, device=dev, dtype=dt))
         self.length = torch.zeros(batch, dtype=torch.long, device=dev)  # committed positions
         self.prev = torch.full((batch,), ord("a"), dtype=torch.long, device=dev)  # last committed byte
         self.pending: tuple[torch.Tensor, StepTrace] | None = None
@@ -350,8 +346,7 @@ class Decoder:
                  routed_pos=None if self.latent is None else self.latent.pos[:, : self.latent.S],
                  context=self.context, anc=None if tree is None else tree.anc,
                  valid=None if n_valid is None else ar < n_valid.unsqueeze(1))
-        x, trace = self.model.step(s, self.local, self.latent, self.router_state, self.return_state,
-                                   lazy=lazy_latent and tree is None)
+        x, trace = self.model.step(s, self.local, self.latent, self.states, lazy=lazy_latent and tree is None)
         self.pending, self.exact = (ids, trace), trace.exact
         return x
 
@@ -374,7 +369,8 @@ class Decoder:
         rows = torch.arange(last.shape[0], device=last.device)
         last, kept = last.clamp(min=0), n_keep > 0
         self.prev = torch.where(kept, ids[rows, last], self.prev)
-        for state, carry in ((self.router_state, trace.router_carry), (self.return_state, trace.return_carry)):
+        for name, carry in trace.carry.items():
+            state = self.states[name]
             for key, per_byte in carry.items():  # each component's state after the last kept byte
                 now = per_byte[rows, last].to(state[key].dtype)
                 state[key] = torch.where(kept.view(-1, *[1] * (now.dim() - 1)), now, state[key])
@@ -387,7 +383,7 @@ class Decoder:
         if self.latent is not None:
             self.latent.select(rows)
         self.length, self.prev = self.length.index_select(0, rows), self.prev.index_select(0, rows)
-        for state in (self.router_state, self.return_state):
+        for state in self.states.values():
             for key in state:
                 state[key] = state[key].index_select(0, rows)
 

@@ -6,6 +6,11 @@ returns to the byte stream. Each has a full-sequence `forward` and a one-step `s
   ALiBi distances taken from their byte positions and no window, then RMSNorm (gain initialised to
   `return_init`) and d_latent -> d_local. Decoding keeps their keys/values in a cache keyed by byte
   position, so a step runs only its own routed bytes.
+- **Pooled inputs** (`pooled_inputs`, Nawrot et al. 2023, arXiv 2211.09761, section 3 and Table 2:
+  averaging a segment's bytes beat taking one byte's state, 1.133 vs 1.144 BPC with whitespace
+  boundaries): a routed position's latent input is the mean of the stream over its segment, the
+  bytes after the previous routed position up to it (causal). Decoding keeps the running sum and
+  count of the segment open at the last committed byte.
 - **AddReturn** (the default; MoD, SpaceByte): gate * output is added at the routed positions only.
 - **DechunkReturn** (`dechunk: true`, H-Net's return path, section 2.2 "smoothing module" and
   "upsampler"): the chunk outputs, in order, go through an EMA with the boundary probability,
@@ -57,19 +62,59 @@ class LatentStack(nn.Module):
             return MaskSpec("flex", self.latent_slopes, None, pos=pos)
         return attention_bias(pos, pos, self.latent_slopes, None, dtype)
 
+    def inputs(self, x: torch.Tensor, r: Routing) -> torch.Tensor:
+        """What each slot reads (B, K, d_local): the routed byte's state, or with `pooled_inputs` the mean of
+        its segment. Slot j of a routing is the j-th routed position, so its segment is the bytes that
+        have j routed positions before them; padding slots read an arbitrary finite mean (gate 0)."""
+        if not self.cfg.pooled_inputs:
+            return torch.gather(x, 1, r.idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        B, T, d = x.shape
+        seg = r.mask.long().cumsum(1) - r.mask.long()  # (B, T): routed positions before each byte
+        sums = x.new_zeros(B, T + 1, d).scatter_add_(1, seg.unsqueeze(-1).expand(-1, -1, d), x)
+        counts = x.new_zeros(B, T + 1).scatter_add_(1, seg, torch.ones_like(x[..., 0]))
+        K = r.idx.shape[1]
+        return sums[:, :K] / counts[:, :K].clamp(min=1).unsqueeze(-1)
+
     def forward(self, x: torch.Tensor, r: Routing) -> torch.Tensor:
         """Latent output (B, K, d_local) of the routed slots of x (B, T, d_local)."""
-        z = self.proj_in(torch.gather(x, 1, r.idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])))  # (B, K, d_latent)
+        z = self.proj_in(self.inputs(x, r))  # (B, K, d_latent)
         bias = self.mask(r.pos, z.dtype)
         for blk in self.blocks:
             z = blk(z, bias)
         return self.proj_out(self.norm(z))
 
+    def init_state(self, batch: int, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Pooled inputs: the sum and count of the segment open at the last committed byte."""
+        if not self.cfg.pooled_inputs:
+            return {}
+        return {"sum": like.new_zeros(batch, like.shape[-1]), "count": like.new_zeros(batch)}
+
+    def step_inputs(self, x: torch.Tensor, mask: torch.Tensor, s: Step,
+                    state: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`inputs` for a decoding step, per new byte (B, C, d_local), and the open segment after each byte.
+        Byte c's segment runs along its own past (a chain's earlier bytes, a tree node's ancestors) from
+        after its last routed predecessor, and through the committed open segment when it has none."""
+        if not self.cfg.pooled_inputs:
+            return x, {}
+        B, C, _ = x.shape
+        anc = torch.ones(C, C, dtype=torch.bool, device=x.device).tril() if s.anc is None else s.anc  # (C, C)
+        ar = torch.arange(C, device=x.device)
+        before = anc & (ar.unsqueeze(0) < ar.unsqueeze(1))  # strict ancestors
+        last = torch.where(before.unsqueeze(0) & mask.unsqueeze(1), ar, -1).amax(-1)  # (B, C): last routed ancestor
+        span = anc.unsqueeze(0) & (ar.view(1, 1, C) > last.unsqueeze(-1))  # (B, C, C): the segment's new bytes
+        open_ = (last < 0).to(x.dtype)  # the committed open segment joins
+        sums = torch.bmm(span.to(x.dtype), x) + open_.unsqueeze(-1) * state["sum"].unsqueeze(1).to(x.dtype)
+        counts = span.sum(-1).to(x.dtype) + open_ * state["count"].unsqueeze(1).to(x.dtype)
+        closed = mask.unsqueeze(-1)  # a routed byte closes its segment: the next one starts empty
+        carry = {"sum": torch.where(closed, 0.0, sums), "count": torch.where(mask, 0.0, counts)}
+        return sums / counts.clamp(min=1).unsqueeze(-1), carry
+
     def step(self, x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor, cache, context: int,
              see: torch.Tensor | None = None) -> torch.Tensor:
-        """Latent output (B, K, d_local) of a decoding step's slots idx (B, K) of x (B, C, d_local) at byte
-        positions pos (B, K; PAD_POS on padding), against the cache of committed routed positions (the
-        last `context` bytes' ones). `see` (B, K, K): which of the step's slots each slot sees (a tree)."""
+        """Latent output (B, K, d_local) of a decoding step's slots idx (B, K) of x (B, C, d_local) (the
+        `step_inputs` of its bytes) at byte positions pos (B, K; PAD_POS on padding), against the cache
+        of committed routed positions (the last `context` bytes' ones). `see` (B, K, K): which of the
+        step's slots each slot sees (a tree)."""
         z = self.proj_in(torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])))
         bias = attention_bias(pos, cache.key_pos(pos), self.latent_slopes, context, z.dtype)
         if see is not None:

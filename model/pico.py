@@ -2,11 +2,13 @@
 
 The network, top to bottom:
 
-    bytes (B, T) -> embedding -> n_in local blocks -> router -> latent stack on the routed
+    bytes (B, T) -> embedding (+ n-grams) -> n_in local blocks -> router -> latent stack on the routed
     positions only -> return path -> n_out local blocks -> final norm -> n_predict heads (t+1..t+n)
 
 Design choices and their sources:
 
+- **Embedding**: one vector per byte id (256 bytes, BOS, EOS, PAD), plus with `ngram_orders` hashed
+  n-gram embeddings of the bytes ending at t (BLT; model/embedding.py).
 - **Local blocks** (every byte, width `d_local`; model/layers.py): pre-RMSNorm; causal sliding-window
   attention (a byte sees itself and `window - 1` bytes before it) with grouped-query attention
   (`n_heads` query heads share `n_kv_heads` key/value heads; Ainslie et al. 2023); ALiBi biases and
@@ -51,6 +53,7 @@ import torch.nn.functional as F
 
 from pico.model.attention import MaskSpec, alibi_slopes, attention_bias, resolve_impl
 from pico.model.config import PAD, VOCAB_SIZE, ModelConfig, hidden_width
+from pico.model.embedding import NgramEmbedding
 from pico.model.latent import PAD_POS, LatentStack, build_return
 from pico.model.layers import Block, RMSNorm, SwiGLU
 from pico.model.routers.base import Routing, Step, build_router, pack_slots, routing_stats
@@ -130,8 +133,7 @@ class StepTrace:
     exact: torch.Tensor                    # (B,) leading positions whose output is exact (lazy latent)
     slot_idx: torch.Tensor | None = None   # (B, K) chunk index of each latent slot
     slot_ok: torch.Tensor | None = None    # (B, K) real slots
-    router_carry: dict[str, torch.Tensor] = field(default_factory=dict)
-    return_carry: dict[str, torch.Tensor] = field(default_factory=dict)
+    carry: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # per component: (B, C, ...) each
 
 
 class Pico(nn.Module):
@@ -142,6 +144,7 @@ class Pico(nn.Module):
         self.cfg = cfg
         local = lambda: Block(cfg.d_local, cfg.n_heads, cfg.n_kv_heads, cfg.mlp_ratio, cfg.norm_eps)  # noqa: E731
         self.embed = nn.Embedding(VOCAB_SIZE, cfg.d_local)
+        self.ngrams = NgramEmbedding(cfg) if cfg.ngram_orders else None
         self.blocks_in = nn.ModuleList(local() for _ in range(cfg.n_in))
         self.router = build_router(cfg)  # None for router: none
         if self.router is not None:
@@ -203,6 +206,8 @@ class Pico(nn.Module):
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} bytes exceeds model.max_seq_len={self.cfg.max_seq_len}")
         x = self.embed(idx)  # (B, T, d_local)
+        if self.ngrams is not None:
+            x = x + self.ngrams(idx)
         bias = self.local_mask(T, x.device, x.dtype)
         for blk in self.blocks_in:
             x = blk(x, bias)
@@ -216,12 +221,20 @@ class Pico(nn.Module):
 
     # ------------------------------------------------------------------ the trunk, one decoding step
 
-    def step(self, s: Step, local, latent, router_state: dict, return_state: dict,
+    def init_states(self, batch: int, like: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+        """Decoding state of `batch` empty sequences, per component that keeps one (like: a (1, d_local)
+        tensor of the model's device and dtype)."""
+        parts = {"ngrams": self.ngrams}
+        if self.router is not None:
+            parts.update(router=self.router, latent=self.latent, return_path=self.return_path)
+        return {name: part.init_state(batch, like) for name, part in parts.items() if part is not None}
+
+    def step(self, s: Step, local, latent, states: dict[str, dict[str, torch.Tensor]],
              lazy: bool = False) -> tuple[torch.Tensor, StepTrace]:
         """`trunk` for the C new bytes of a decoding step `s` (model/routers/base.py): the trunk output
         (B, C, d_local) and what `commit` needs. `local` and `latent` are the key/value caches of the
-        local and latent blocks (model/generate.py's KVCache: `key_pos`, `layer(i)`, `S` slots), the
-        states are the router's and the return path's; nothing is stored until the decoder commits.
+        local and latent blocks (model/generate.py's KVCache: `key_pos`, `layer(i)`, `S` slots), `states`
+        the components' own (`init_states`); nothing is stored until the decoder commits.
 
         `lazy` (a chain's speculative step): when no sequence routes the chunk's first byte, the latent
         stack does not run, and each row's output is exact only before its first routed byte
@@ -229,26 +242,29 @@ class Pico(nn.Module):
         B, C = s.ids.shape
         trace = StepTrace(exact=torch.full((B,), C, dtype=torch.long, device=s.ids.device))
         x = self.embed(s.ids)  # (B, C, d_local)
+        if self.ngrams is not None:
+            e, trace.carry["ngrams"] = self.ngrams.step(s, states["ngrams"])
+            x = x + e
         bias = attention_bias(s.pos, local.key_pos(s.pos), self.local_slopes, local.S + 1, x.dtype)  # (B, H, C, S+1+C)
         if s.anc is not None:  # a tree's new keys: ancestors only
             bias[..., local.S + 1:].masked_fill_(~s.anc, float("-inf"))
         for i, blk in enumerate(self.blocks_in):
             x = blk(x, bias, local.layer(i))
         if self.router is not None:
-            x = self._latent_step(x, s, latent, router_state, return_state, lazy, trace)
+            x = self._latent_step(x, s, latent, states, lazy, trace)
         for i, blk in enumerate(self.blocks_out):
             x = blk(x, bias, local.layer(self.cfg.n_in + i))
         return x, trace
 
-    def _latent_step(self, x: torch.Tensor, s: Step, cache, router_state: dict, return_state: dict, lazy: bool,
-                     trace: StepTrace) -> torch.Tensor:
-        sr = self.router.step(x, s, router_state)
-        trace.router_carry = sr.carry
+    def _latent_step(self, x: torch.Tensor, s: Step, cache, states: dict, lazy: bool, trace: StepTrace) -> torch.Tensor:
+        sr = self.router.step(x, s, states["router"])
+        trace.carry["router"] = sr.carry
         mask = sr.mask
         if lazy and not bool(mask[:, 0].any()):  # skip the stack; stop each row at its first routed byte
             C = mask.shape[1]
             trace.exact = torch.where(mask, torch.arange(C, device=mask.device), C).amin(1)
             mask = mask & False
+        inputs, trace.carry["latent"] = self.latent.step_inputs(x, mask, s, states["latent"])
         K = int(mask.sum(1).max())
         y = idx = ok = None
         if K == 0:  # nothing routed in this chunk: the latent stack has no work
@@ -259,8 +275,8 @@ class Pico(nn.Module):
             see = None  # a tree: routed nodes see routed ancestors; padding slots see themselves
             if s.anc is not None:
                 see = s.anc[idx.unsqueeze(-1), idx.unsqueeze(-2)] | torch.eye(K, dtype=torch.bool, device=idx.device)
-            y = self.latent.step(x, idx, torch.where(ok, s.pos.gather(1, idx), PAD_POS), cache, s.context, see)
-        x, trace.return_carry = self.return_path.step(x, y, idx, ok, sr, s, return_state)
+            y = self.latent.step(inputs, idx, torch.where(ok, s.pos.gather(1, idx), PAD_POS), cache, s.context, see)
+        x, trace.carry["return_path"] = self.return_path.step(x, y, idx, ok, sr, s, states["return_path"])
         return x
 
     # ------------------------------------------------------------------ heads and loss

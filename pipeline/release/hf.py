@@ -119,7 +119,8 @@ def model_source() -> tuple[str, str]:
             'The last section is the transformers wrapper."""\n\n'
             "from __future__ import annotations\n")
     config = head.format(what="Configuration", v=pico_version(), mods=_path(CONFIG_MODULE))
-    config += _section(CONFIG_MODULE) + "\n\nMODEL_FIELDS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}\n"
+    config += _section(CONFIG_MODULE) + ("\n\nMODEL_FIELDS = {f.name: f.default if f.default is not dataclasses.MISSING "
+                                         "else f.default_factory() for f in dataclasses.fields(ModelConfig)}\n")
     config = config.replace("from __future__ import annotations\n", "from __future__ import annotations\n\nimport dataclasses\n", 1)
     config += (TEMPLATES / "configuration_pico.py.tmpl").read_text()
     modeling = head.format(what="Network", v=pico_version(), mods="\n    ".join(_path(m) for m in bundled))

@@ -52,7 +52,9 @@ def texty(B: int, T: int, seed: int = 0) -> torch.Tensor:
 # Every router x return path, and the options that change a router's causal decision rule.
 ROUTING_CASES = [(r, {"dechunk": d}) for r in sorted(REGISTERED) for d in (False, True)] + [
     ("none", {}), ("learned", {"router_prior": 2.0}), ("learned", {"router_calibrate": False}),
-    ("spacelike", {"return_init": 0.25})]
+    ("spacelike", {"return_init": 0.25}), ("none", {"ngram_orders": [2, 4]}), ("spacelike", {"ngram_orders": [3]}),
+    ("spacelike", {"pooled_inputs": True}), ("learned", {"pooled_inputs": True}),
+    ("chunk", {"pooled_inputs": True, "dechunk": True}), ("entropy", {"pooled_inputs": True, "ngram_orders": [2]})]
 
 
 def test_routing_cases_cover_every_registered_router():
@@ -75,7 +77,7 @@ def windowed_forward(model, ids: torch.Tensor, context: int) -> torch.Tensor:
     dechunking's EMA running over every chunk since the start."""
     cfg, (B, T) = model.cfg, ids.shape
     pos = torch.arange(T)
-    x = model.embed(ids)
+    x = model.embed(ids) + (model.ngrams(ids) if model.ngrams is not None else 0)
     bias = attention_bias(pos, pos, model.local_slopes, min(cfg.window, context))
     for blk in model.blocks_in:
         x = blk(x, bias)
@@ -96,7 +98,13 @@ def windowed_forward(model, ids: torch.Tensor, context: int) -> torch.Tensor:
         idx, spos, ok = pack_slots(mask, max(int(mask.sum(1).max()), 1))
         g = idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])
         lat = model.latent
-        z = lat.proj_in(torch.gather(x, 1, g))
+        inp = torch.gather(x, 1, g)
+        if cfg.pooled_inputs:  # the mean of x over (previous routed position, this one], from prefix sums
+            cs = torch.cat([x.new_zeros(B, 1, x.shape[-1]), x.cumsum(1)], 1)
+            prev = torch.cat([torch.full_like(idx[:, :1], -1), idx[:, :-1]], 1)
+            at = lambda i: cs.gather(1, (i + 1).clamp(min=0).unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # noqa: E731
+            inp = (at(idx) - at(prev)) / (idx - prev).clamp(min=1).unsqueeze(-1)
+        z = lat.proj_in(inp)
         lbias = attention_bias(spos, spos, lat.latent_slopes, context)
         for blk in lat.blocks:
             z = blk(z, lbias)

@@ -297,7 +297,8 @@ def export(cfg, out: Path, dtype: str = "fp32", seed: int = 0):
 
 @pytest.mark.parametrize("kw", [dict(router="learned", router_prior=2.0), dict(router="spacelike"), dict(router="chunk"),
                                 dict(router="chunk", dechunk=True), dict(router="entropy"),
-                                dict(router="none", n_in=2, n_latent=0)], ids=str)
+                                dict(router="spacelike", pooled_inputs=True, ngram_orders=[2, 3]),
+                                dict(router="none", n_in=2, n_latent=0, ngram_orders=[2])], ids=str)
 def test_every_router_gives_pico_logits(kw, tmp_path):
     cfg = tiny_cfg(**kw)
     ref = export(cfg, tmp_path / "hf")
