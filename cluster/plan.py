@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pico.configs.errors import UserError
+from pico.configs.errors import ConfigError, UserError
 from pico.configs.runs import STATE_FILE, latest_checkpoint
 from pico.configs.tree import Config
 from pico.model.config import hidden_width
@@ -171,8 +171,12 @@ def check_resume(cfg: Config, res: Resources) -> None:
 
 
 def _model_numbers(cfg: Config) -> tuple[int, float]:
-    """(parameters, training FLOPs per byte), counted from the config without building the model."""
-    return param_count(cfg.model), flops_per_byte(cfg.model, training=True)
+    """(parameters, training FLOPs per byte), counted from the config without building the model. The router's
+    own counts come from its class (pico.model.flops), which also refuses an unknown router or its options."""
+    try:
+        return param_count(cfg.model), flops_per_byte(cfg.model, training=True)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _largest_layer(cfg: Config) -> int:

@@ -9,8 +9,9 @@
 - cluster/ holds no training logic and no network. Decision (lead, issue 14): besides itself it
   may import only the torch-free light modules pico.configs (config tree, errors, and
   pico.configs.runs: checkpoint discovery on disk), pico.model.config (the width rules:
-  hidden_width, n_routed, predictor_width) and pico.model.flops (parameter and FLOP counts,
-  GPU_PEAK_FLOPS). Never pico.pipeline (trainer, checkpoint writer), pico.model.pico or
+  hidden_width, n_routed) and pico.model.flops (parameter and FLOP counts, GPU_PEAK_FLOPS; counting
+  a routed config asks its router's class, which loads torch at that call, not at import: issue 27
+  put each router's counts in the router's own file). Never pico.pipeline (trainer, checkpoint writer), pico.model.pico or
   pico.model.generate. It imports the FLOP counts and checkpoint discovery instead of copying them.
 
 `pico.model`'s package __init__ loads its submodules lazily, so the light modules really are
