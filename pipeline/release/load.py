@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from pico.configs.errors import UserError
+from pico.configs.runs import STATE_FILE, read_run_state
+from pico.model.flops import param_count
 
 FORMAT = "pico-release"
 FORMAT_VERSION = 1
@@ -33,9 +35,47 @@ def parse_model_config(data: dict[str, Any], where: Path):
     from pico.model.config import ModelConfig
 
     try:
-        return check_model_config(from_dict(ModelConfig, data, "model"))
+        model_cfg = check_model_config(from_dict(ModelConfig, data, "model"))
     except (ConfigError, ValueError, TypeError) as e:
         raise UserError(f"{where}: the model config cannot be rebuilt by this pico ({e})") from None
+    check_fits_in_memory(model_cfg, where)
+    return model_cfg
+
+
+# What a model config makes its loader allocate, in bytes (fp32), before it is built: its
+# parameters, and for one sequence of max_seq_len bytes the residual stream and one layer's output.
+_NEEDS = {"its parameters": lambda c: 4 * param_count(c),
+          "one sequence's activations": lambda c: 8 * c.max_seq_len * max(c.d_local, c.d_latent)}
+_SIZE_KEYS = ("max_seq_len", "d_local", "d_latent", "n_in", "n_out", "n_latent", "n_predict", "mlp_ratio",
+              "mtp_mlp_ratio", "n_heads", "n_kv_heads", "n_latent_heads", "n_latent_kv_heads")
+
+
+def check_fits_in_memory(model_cfg, where: Path) -> None:
+    """Refuse a release or checkpoint config whose sizes cannot fit in this machine's memory, before
+    anything is allocated (issue 28: a hostile config.json took all memory in build_model). The error
+    names the key that, put back to its default, shrinks the estimate most."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for what, need in _NEEDS.items():
+        n = need(model_cfg)
+        if n > ram:
+            key = _culprit(model_cfg, need)
+            raise UserError(f"{where}: model.{key}={getattr(model_cfg, key)} makes {what} take ~{n / 2**30:,.0f} GiB "
+                            f"(fp32), more than this machine's {ram / 2**30:,.0f} GiB of memory; nothing was "
+                            "allocated. The config is damaged or not meant for this machine")
+
+
+def _culprit(model_cfg, need) -> str:
+    """The size key whose default value gives the smallest estimate."""
+    import dataclasses
+
+    defaults = type(model_cfg)()
+    smallest = {}
+    for key in _SIZE_KEYS:
+        try:
+            smallest[key] = need(dataclasses.replace(model_cfg, **{key: getattr(defaults, key)}))
+        except (ValueError, TypeError, ZeroDivisionError):  # that value alone breaks a rule between keys
+            continue
+    return min(smallest, key=smallest.get, default="max_seq_len")
 
 
 def check_model_config(model_cfg):
@@ -208,11 +248,12 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", trus
         model, info = load_release(p)
         return model.to(device).eval(), {"kind": "release", **info}
     try:
-        resolve_checkpoint(p)
+        step = resolve_checkpoint(p)
     except UserError as e:
         raise UserError(f"{p} is neither a release (model.safetensors + config.json) nor a training checkpoint: {e}") from None
+    # the config first: its sizes are checked before the weights are read or the model is built
+    cfg = parse_model_config(read_run_state(step)["config"]["model"], step / STATE_FILE)
     sd, run_state = load_model_state(p, trust)  # its errors name the checkpoint and what is wrong with it
-    cfg = parse_model_config(run_state["config"]["model"], resolve_checkpoint(p))
     model = build_model(cfg)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
