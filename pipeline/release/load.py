@@ -47,7 +47,7 @@ def parse_model_config(data: dict[str, Any], where: Path):
 _NEEDS = {"its parameters": lambda c: 4 * param_count(c),
           "one sequence's activations": lambda c: 8 * c.max_seq_len * max(c.d_local, c.d_latent)}
 _SIZE_KEYS = ("max_seq_len", "d_local", "d_latent", "n_in", "n_out", "n_latent", "n_predict", "mlp_ratio",
-              "mtp_mlp_ratio", "n_heads", "n_kv_heads", "n_latent_heads", "n_latent_kv_heads")
+              "mtp_mlp_ratio", "ngram_buckets", "n_heads", "n_kv_heads", "n_latent_heads", "n_latent_kv_heads")
 
 
 def check_fits_in_memory(model_cfg, where: Path) -> None:
