@@ -8,6 +8,7 @@ that names the thing, no traceback, and nothing lost that was there before.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -71,6 +72,15 @@ def test_eval_json_of_a_one_byte_file_is_valid_json(capsys, release, tmp_path):
     out = capsys.readouterr().out
     result = json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} in JSON output: {out}"))
     assert result["bytes"] == 2  # the byte and the EOS that ends the document (see eval_packing)
+
+
+def test_eval_json_on_failure_is_one_json_object(capsys, release, tmp_path):
+    """Issue 28: the README promised valid JSON always, but a failure printed nothing on stdout."""
+    assert main(["eval", "--model", str(release), "--data", str(tmp_path / "missing.txt"), "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"model": str(release), "error": f"--data {tmp_path / 'missing.txt'}: no such file, "
+                                                              "shard directory or .tar"}
+    assert err.count("pico eval: error:") == 1
 
 
 def test_eval_corrupt_shard_offers_what_eval_can_do(capsys, release, tmp_path):
@@ -271,6 +281,25 @@ def test_convert_keeps_what_is_in_out(capsys, ckpt, release, tmp_path):
     assert after["notes.txt"] == b"mine" and after["eval/bpb.json"] == b"{}"
     assert after["model.safetensors"] != before["model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "out", "rel"]  # no temporary debris
+
+
+def test_convert_removes_what_a_killed_convert_left_beside_it(capsys, ckpt, tmp_path):
+    """Issue 28: kill -9 during convert left hidden `.OUT.tmp-PID` folders (9.8 MB each) that nothing removed."""
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    host = socket.gethostname()
+    debris = [f".rel.tmp-{dead}", f".other.tmp-{dead}@{host}", f".gone.old-{dead}@{host}"]
+    kept = [f".rel.tmp-{os.getppid()}@{host}", f".rel.tmp-{dead}@another-node", "notes"]  # a live pid, another node
+    for name in debris + kept:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"x")
+    assert main(["convert", str(ckpt), str(tmp_path / "rel")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["rel", "gone"])
+    assert (tmp_path / "gone" / "model.safetensors").read_bytes() == b"x"  # a release set aside mid-swap: put back
 
 
 # ----------------------------------------------------------------------------- checkpoints from elsewhere

@@ -86,6 +86,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """`pico eval`; with --json, a failure still prints one JSON object (`error`), then raises as usual."""
+    try:
+        return _run(args)
+    except Exception as e:
+        if args.json:
+            print(json.dumps({"model": str(args.checkpoint), "error": str(e) or type(e).__name__}))
+        raise
+
+
+def _run(args: argparse.Namespace) -> int:
     from pico.pipeline.release.load import load_model
 
     device = dist.pick_device(args.device)

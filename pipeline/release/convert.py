@@ -33,7 +33,9 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
+import socket
 import struct
 import sys
 from pathlib import Path
@@ -192,8 +194,9 @@ def _publish(out: Path, write, overwrite: bool = False, verify=None, replaceable
         raise UserError(f"{out} exists and is not a {what}; choose another output directory or remove it")
     created = [p for p in reversed(out.parents) if not p.exists()]  # outermost first
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    _clean_debris(out.parent)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}@{_HOST}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}@{_HOST}"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -221,6 +224,36 @@ def _publish(out: Path, write, overwrite: bool = False, verify=None, replaceable
         print(f"pico convert: replaced the release in {out}; kept its other files: {', '.join(others)}",
               file=sys.stderr)
     return out
+
+
+# What a convert killed in a parent leaves: `.OUT.tmp-PID@HOST` (PID without @HOST before issue 28).
+_DEBRIS = re.compile(r"^\.(?P<out>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)(@(?P<host>.+))?$")
+_HOST = socket.gethostname()
+
+
+def _clean_debris(parent: Path) -> None:
+    """Remove the temporary directories of converts into `parent` that were killed (issue 28: 10 MB each,
+    never removed). Only a dead process's, on this host (a pid means nothing on another node of a shared
+    filesystem); a `.old-` one is the previous release set aside mid-swap, so it is put back where
+    OUT is missing instead of removed."""
+    for p in parent.iterdir():
+        m = _DEBRIS.match(p.name)
+        if not m or not p.is_dir() or (m["host"] or _HOST) != _HOST or _alive(int(m["pid"])):
+            continue
+        if m["kind"] == "old" and not (parent / m["out"]).exists():
+            os.replace(p, parent / m["out"])
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _keep_others(out: Path, tmp: Path, overwrite: bool) -> list[str]:
