@@ -71,8 +71,11 @@ def cmd_run(design, design_path: Path, args) -> int:
         raise UserError(f"--jobs {args.jobs}: run at least one at a time")
     if args.dry_run:
         est = drive.estimate(design)
-        for domain in design.domains:
-            drive.domain_data.check_inputs(design, domain)
+        for domain in design.domains:  # the estimate stands without the data; say what is missing
+            try:
+                drive.domain_data.check_inputs(design, domain)
+            except UserError as e:
+                print(f"pico experiment: warning: {e}", file=sys.stderr)
         if args.json:
             print(json.dumps(est))
             return 0
@@ -95,7 +98,7 @@ def describe(design, est: dict, jobs: int) -> str:
     if est["run_hours"] is None:
         lines.append("  time: not estimated (set cluster.flops_per_s to a measured rate, or cluster.gpus)")
     else:
-        how = (f"measured {c.flops_per_s:.3g} FLOP/s per run" if c.flops_per_s else
+        how = (f"{c.flops_per_s:.3g} FLOP/s per run, cluster.flops_per_s" if c.flops_per_s else
                f"{c.gpus} H100 per run at MFU {c.assumed_mfu:.0%}")
         lines.append(f"  time: {est['run_hours']:.2f} run-hours ({how}, + {c.run_overhead_s:.0f} s per run); "
                      f"{est['run_hours'] / jobs:.2f} h wall with {jobs} at a time")

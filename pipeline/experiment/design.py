@@ -178,11 +178,11 @@ class Design:
 
     @property
     def results_dir(self) -> Path:
-        return Path(self.results or f"runs/experiments/{self.name}")
+        return Path(expand(self.results, "results")) if self.results else Path(f"runs/experiments/{self.name}")
 
     @property
     def work(self) -> Path:
-        return Path(self.work_dir or self.results_dir / "work")
+        return Path(expand(self.work_dir, "work_dir")) if self.work_dir else self.results_dir / "work"
 
 
 @dataclass(frozen=True)

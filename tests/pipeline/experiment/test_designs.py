@@ -1,0 +1,51 @@
+"""The shipped designs' sizes: the GPU design fits 8 minutes on one H100 with its corpus under 50 MB; the
+cluster design's --dry-run prints its GPU-hours; the CPU ladder fits about 3 hours at its measured rate."""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pico.pipeline.experiment.design import load_design
+from pico.pipeline.experiment.drive import estimate
+from tests.conftest import REPO
+
+DESIGNS = REPO / "configs" / "experiments"
+PREP_S = 120  # `pico prep` of the GPU design's corpus on a 16-core GPU machine (estimated, generously)
+
+
+def test_gpu_design_fits_8_minutes_with_a_corpus_under_50_mb(monkeypatch, corpus):
+    monkeypatch.setenv("PICO_CORPUS", str(corpus))
+    design = load_design(DESIGNS / "routing-gpu.yaml")
+    est = estimate(design)
+    wall_s = est["run_hours"] * 3600 / 2 + PREP_S  # --jobs 2 (the design's instructions)
+    assert est["runs"] == 16 and wall_s < 8 * 60, wall_s
+    inputs = [p for d in design.domains.values() for raw in d.prep.inputs
+              for p in glob.glob(os.path.expandvars(raw))]
+    size = sum(os.path.getsize(os.path.join(root, f)) for p in inputs
+               for root, _, files in (os.walk(p) if os.path.isdir(p) else [(os.path.dirname(p), [], [os.path.basename(p)])])
+               for f in files)
+    assert 0 < size < 50e6, size
+
+
+def test_cpu_ladder_fits_about_3_hours_at_its_measured_rate(monkeypatch):
+    monkeypatch.setenv("PICO_CORPUS", "/nowhere")
+    est = estimate(load_design(DESIGNS / "routing-ladder-cpu.yaml"))
+    assert est["budgets"] == ["1e12", "3e12"] and 2.0 < est["run_hours"] / 2 < 3.5
+    seeds_at_largest = {c["runs"]["3e12"] for c in est["cells"] if "3e12" in c["runs"]}
+    assert seeds_at_largest == {5}  # 3 LR-sweep runs (seed 0) + seeds 1 and 2
+
+
+def test_cluster_dry_run_prints_gpu_hours_without_the_data(monkeypatch):
+    env = {k: v for k, v in os.environ.items() if k != "PICO_DATA"}
+    env["PICO_DATA"] = "/nonexistent-pico-data"
+    out = subprocess.run([sys.executable, "-m", "pico.pipeline.cli", "experiment", "run",
+                          str(DESIGNS / "routing-cluster.yaml"), "--dry-run"], capture_output=True, text=True,
+                         env=env, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert "budgets 1e17, 1e18, 1e19" in out.stdout and "GPU-hours:" in out.stdout
+    assert "warning: domains.prose.train[0]: /nonexistent-pico-data/prose/shards does not exist" in out.stderr
