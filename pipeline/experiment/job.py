@@ -32,6 +32,7 @@ from pico.pipeline.experiment import data as domain_data
 from pico.pipeline.experiment.design import Design, Run, Shape, resolve_shape, spec_hash, steps_for
 from pico.pipeline.experiment.store import failure_path, result_path, write_json
 
+CODE = ("model", "pipeline", "data_prep", "cluster", "configs", "pyproject.toml")
 EXIT_PREEMPTED = 75  # pico train's exit status after a checkpoint on a stop signal
 
 
@@ -105,10 +106,11 @@ def revision() -> tuple[str, str]:
         version = "unknown"
     root = Path(pico.pipeline.__file__).resolve().parents[1]
     try:
-        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=30).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "model", "pipeline", "data_prep",
-                                "cluster", "configs"], capture_output=True, text=True, timeout=30).stdout.strip()
+        # the last commit that changed the code (a README or results commit does not split a table)
+        rev = subprocess.run(["git", "-C", str(root), "log", "-1", "--format=%H", "--", *CODE], capture_output=True,
+                             text=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", *CODE], capture_output=True,
+                               text=True, timeout=30).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         return version, "unknown"
     return version, (rev + ("+dirty" if dirty else "")) if rev else "unknown"
