@@ -66,6 +66,14 @@ def test_generate_temperature_must_be_finite(capsys, release, value):
             f"--temperature {float(value)}", "finite number >= 0")
 
 
+@pytest.mark.parametrize("value", [10**9, 100_000])
+def test_generate_context_is_bounded_by_the_model(capsys, release, value):
+    """Issue 28: --context 10**9 sized caches from it; 100000 was accepted silently on a model trained shorter."""
+    max_seq_len = json.loads((release / "config.json").read_text())["model"]["max_seq_len"]
+    refused(capsys, ["generate", "--model", str(release), "--prompt", "a", "--context", str(value)],
+            f"--context {value}: this model supports at most {max_seq_len} bytes")
+
+
 def test_eval_json_of_a_one_byte_file_is_valid_json(capsys, release, tmp_path):
     (tmp_path / "one.txt").write_bytes(b"x")
     assert main(["eval", "--model", str(release), "--data", str(tmp_path / "one.txt"), "--json"]) == 0

@@ -48,8 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-bytes", type=int, default=256, help="bytes to generate per prompt, >= 1 (default: 256); "
                         "generation also stops at EOS")
     parser.add_argument("--context", type=int, default=None, metavar="N",
-                        help="bytes each position attends back over, >= 2 (default: model.max_seq_len, what training "
-                             "showed); longer prompts are cut to their last N bytes")
+                        help="bytes each position attends back over, 2..model.max_seq_len (default: model.max_seq_len, what "
+                             "training showed); longer prompts are cut to their last N bytes")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: 1)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the sampler (default: random)")
@@ -103,6 +103,10 @@ def run(args: argparse.Namespace) -> int:
     from pico.pipeline.release.load import load_model
 
     model, info = load_model(args.model, args.device, trust=args.trust_checkpoint)
+    if args.context is not None and args.context > model.cfg.max_seq_len:  # before any cache is sized by it
+        raise UserError(f"--context {args.context}: this model supports at most {model.cfg.max_seq_len} bytes "
+                        "(model.max_seq_len, the longest history training showed); pass at most that, or leave "
+                        "--context out")
     tree = None
     if top is not None:
         from pico.model.generate import DraftTree
