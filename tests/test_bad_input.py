@@ -347,6 +347,18 @@ def test_a_malicious_checkpoint_runs_nothing(capsys, ckpt, tmp_path):
     assert mark.exists()
 
 
+def test_a_refused_protocol_4_pickle_names_its_global(capsys, ckpt, tmp_path):
+    """Issue 28: STACK_GLOBAL (protocol 4+) stopped torch's scanner, and the refusal named `<Unsupported operand 147>`."""
+    import torch
+
+    step = Path(shutil.copytree(ckpt, tmp_path / "checkpoints" / ckpt.name))
+    states = step / "ds" / "mp_rank_00_model_states.pt"
+    torch.save({**torch.load(states, weights_only=True), "x": _RunsShell("true")}, states, pickle_protocol=4)
+    line = refused(capsys, ["convert", str(step), str(tmp_path / "rel")],
+                   "mp_rank_00_model_states.pt would call posix.system when unpickled")
+    assert "Unsupported operand" not in line
+
+
 def _linked_ds(run: Path, step: Path, shape: str, elsewhere: Path) -> None:
     """Make `step/ds` reach a file outside the step directory through a link, in one of three shapes."""
     ds = step / "ds"

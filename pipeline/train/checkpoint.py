@@ -25,12 +25,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import pickle
+import pickletools
 import random
 import shutil
 import stat
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -92,14 +95,68 @@ def check_pickles(step_dir: Path, trust: bool = False) -> None:
             continue
         try:
             unsafe = sorted(set(get_unsafe_globals_in_checkpoint(f)) - SAFE_GLOBALS)
-        except pickle.UnpicklingError as e:  # an opcode torch.save never writes (e.g. STACK_GLOBAL, INST)
-            unsafe = [f"<{_first_line(e)}>"]
+        except pickle.UnpicklingError as e:  # an opcode torch's scanner does not read (e.g. STACK_GLOBAL, INST)
+            unsafe = sorted(set(pickle_globals(f)) - SAFE_GLOBALS - _torch_safe_globals()) or [f"<{_first_line(e)}>"]
         except (OSError, RuntimeError, EOFError, ValueError) as e:
             raise UserError(f"{f} cannot be read ({type(e).__name__}: {_first_line(e)}); it is corrupt, "
                             "use another step") from None
         if unsafe:
             raise UntrustedCheckpoint(f"{f} would call {', '.join(unsafe[:5])} when unpickled, which no pico checkpoint "
                             f"does; {TRUST_HINT}")
+
+
+def pickle_globals(f: Path) -> list[str]:
+    """The globals a .pt file's pickles name, read statically with pickletools (nothing runs).
+
+    torch's scanner stops at STACK_GLOBAL (protocol 4+) and INST with "Unsupported operand 147",
+    which names no global; this reads them too: GLOBAL and INST carry the name, STACK_GLOBAL takes
+    the two strings pushed before it (remembered through the memo). What it cannot read is left out."""
+    names: list[str] = []
+    try:
+        with _pickle_stream(f) as stream:
+            while stream.peek(1) if hasattr(stream, "peek") else False:  # the legacy format: several pickles
+                names += _globals_of_one_pickle(stream)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile):
+        pass
+    return names
+
+
+def _torch_safe_globals() -> set[str]:
+    """What torch's weights_only unpickler allows (tensor rebuilds, storages): its scanner leaves them out too."""
+    from torch import _weights_only_unpickler
+
+    return set(_weights_only_unpickler._get_allowed_globals())
+
+
+def _globals_of_one_pickle(stream) -> list[str]:
+    names, pushed, memo = [], [], {}
+    for op, arg, _ in pickletools.genops(stream):
+        if op.name in ("GLOBAL", "INST"):
+            names.append(arg.replace(" ", "."))
+        elif op.name.startswith("EXT"):  # a global by its copyreg extension code
+            names.append(f"<the global of copyreg extension code {arg}>")
+        elif op.name == "STACK_GLOBAL":
+            operands = pushed[-2:]
+            ok = len(operands) == 2 and all(isinstance(x, str) for x in operands)
+            names.append(".".join(operands) if ok else "<a global whose name is computed>")
+        if op.name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):  # stores the top of the stack, pushes nothing
+            memo[len(memo) if op.name == "MEMOIZE" else arg] = pushed[-1] if pushed else None
+        elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+            pushed.append(memo.get(arg))
+        else:
+            is_text = isinstance(arg, str) and ("UNICODE" in op.name or "STRING" in op.name)
+            pushed.append(arg if is_text else None)
+    return names
+
+
+def _pickle_stream(f: Path):
+    """The pickle of a torch.save file (its zip's data.pkl), or the file itself in the legacy format."""
+    if zipfile.is_zipfile(f):
+        with zipfile.ZipFile(f) as z:
+            name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+            data = z.read(name) if name else b""  # data.pkl holds no tensor bytes: it is small
+        return io.BufferedReader(io.BytesIO(data))
+    return open(f, "rb")
 
 
 def checkpoint_files(step_dir: Path) -> list[Path]:
