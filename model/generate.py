@@ -62,16 +62,19 @@ Design (tensors only; no files, no ranks):
   d_j, so verification reads only those logits and at most d_1..d_j are accepted (d_j
   passed the test that makes a bonus byte exact: it becomes the next byte). Exact in both
   modes; it trades accepted bytes for passes without the latent stack.
-- **Draft trees** (`DraftTree`, greedy only; Medusa, Cai et al. 2024). Instead of one chain,
-  a static tree of candidates: node (r_1..r_d) is the rank-r_d byte of head d + 1. All nodes
-  run in one pass at positions t + depth under a tree attention mask (a node sees the ring
-  and its ancestors, in the local and the latent blocks; routing and the spacelike cap read
-  a node's ancestors as its past). A node is accepted when its parent is and its byte is
-  head 1's argmax at the parent; the deepest accepted node's path is committed (the ring
-  commit takes any set of kept entries) and head 1 there gives the bonus byte, so the output
-  is head-1 greedy decoding exactly. `DraftTree.from_accuracy` picks the most likely paths
-  from head accuracies measured on held-out text. Sampling keeps the chain: its acceptance
-  rule is the one whose exactness is proven (and tested) here.
+- **Draft trees** (`DraftTree`; Medusa, Cai et al. 2024). Instead of one chain, a static
+  tree of candidates: node (r_1..r_d) is the rank-r_d candidate of head d + 1 (greedy: its
+  rank-r_d byte; sampling: its r_d-th draw without replacement). All nodes run in one pass at
+  positions t + depth under a tree attention mask (a node sees the ring and its ancestors, in
+  the local and the latent blocks; routing and the spacelike cap read a node's ancestors as
+  its past); the deepest accepted node's path is committed (the ring commit takes any set of
+  kept entries) and head 1 there gives the bonus byte. Greedy: a node is accepted when its
+  parent is and its byte is head 1's argmax at the parent, so the output is head-1 greedy
+  decoding exactly. Sampling: recursive rejection sampling over each accepted node's children
+  (SpecInfer's multi-step speculative sampling; `Sampler.verify_tree` has the rule and the
+  proof), so the output has plain sampling's distribution, temperature and top-p included.
+  `DraftTree.from_accuracy` picks the most likely paths from acceptance rates measured on
+  held-out text; `auto_tree` measures them and the machine's pass cost and sizes the tree.
 - **Batches.** Every sequence keeps its own length, caches and accepted count; a step feeds
   the same chunk width to all of them and each commits its own n_keep, so sequences advance
   by different amounts in the same pass and no sequence waits for the slowest acceptor.
@@ -88,6 +91,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from pico.model.config import BOS, EOS, PAD, VOCAB_SIZE
@@ -246,6 +250,13 @@ class DraftTree:
         self.paths, self.anc = paths, anc
         self.parent, self.depth, self.rank = (torch.tensor(t) for t in (parent, depth, rank))
         self.max_depth, self.top = max(depth), max(rank) + 1
+        self.children: list[list[int]] = [[] for _ in parent]  # per node, in rank order
+        for i in sorted(range(1, len(parent)), key=lambda i: rank[i]):
+            self.children[parent[i]].append(i)
+        # Sampling reads rank r as the r-th draw without replacement: every node's children must be
+        # draws 0..k-1 (see Sampler.verify_tree).
+        self.sampling_ok = all([rank[c] for c in kids] == list(range(len(kids))) for kids in self.children)
+        self.depth_of = depth  # per node, as a list (the host-side walk of Sampler.verify_tree)
 
     def __len__(self) -> int:
         return len(self.paths) + 1
@@ -443,27 +454,108 @@ class Sampler:
         q = self.probs(logits)
         return self._draw(q), q
 
-    def draft_tree(self, model: Pico, x_last: torch.Tensor, tree: DraftTree) -> torch.Tensor:
-        """Node bytes (B, len(tree) - 1) of a draft tree: node (r_1..r_d) takes the rank-r_d
-        byte of head d + 1 at the last accepted position x_last (B, d_local) (greedy only)."""
+    def draft_tree(self, model: Pico, x_last: torch.Tensor, tree: DraftTree) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Node bytes (B, len(tree) - 1) of a draft tree from heads 2..max_depth+1 at the last accepted
+        position x_last (B, d_local), and the heads' distributions q (B, max_depth, V) (None when greedy).
+
+        Greedy: node (r_1..r_d) is the rank-r_d byte of head d + 1. Sampling: each depth draws
+        `tree.top` distinct bytes from q_d in sequence without replacement (Gumbel-top-k: the order of
+        the top keys log q + Gumbel noise is that of sequential draws; Kool et al. 2019), and rank r is
+        the r-th draw; draws past q_d's support (q = 0) are never accepted (`verify_tree`)."""
         k = tree.max_depth
         if self.heads is None or self.heads.k < k:
             self.heads = model.draft_heads(k)
         logits = model.unembed(model.norm(self.heads(x_last)))[:, :k]  # (B, k, V)
-        cand = self._mask(logits).topk(tree.top, dim=-1).indices  # (B, k, top)
+        if self.greedy:
+            cand = self._mask(logits).topk(tree.top, dim=-1).indices  # (B, k, top)
+            return cand[:, tree.depth[1:] - 1, tree.rank[1:]], None
+        q = self.probs(logits)
+        return self.draw_tree(q, tree), q
+
+    def draw_tree(self, q: torch.Tensor, tree: DraftTree) -> torch.Tensor:
+        """Node bytes (B, len(tree) - 1) drawn from the draft distributions q (B, max_depth, V): the
+        r-th draw without replacement from q_d for a node of rank r at depth d."""
+        u = torch.rand(q.shape, generator=self.gen, device=q.device).clamp_(min=1e-12)
+        cand = (q.log() - (-u.log()).log()).topk(tree.top, dim=-1).indices  # (B, k, top): draws in order
         return cand[:, tree.depth[1:] - 1, tree.rank[1:]]
 
-    def verify_tree(self, logits: torch.Tensor, chunk: torch.Tensor, tree: DraftTree):
-        """Greedy verification of a tree chunk (B, C) from head-1 logits (B, C, V) at its nodes:
-        a node is accepted when its parent is and its byte is head 1's argmax at the parent.
-        Returns the deepest accepted node (B,), the kept path (B, C) and the byte after it (B,)."""
-        pred = self._mask(logits).argmax(-1)  # (B, C)
-        ok = chunk == pred[:, tree.parent.clamp(min=0)]
-        ok[:, 0] = True
-        accepted = ((~ok).float() @ tree.anc.t().float()) == 0  # no rejected node on the way from the root
-        best = torch.where(accepted, tree.depth, -1).argmax(1)  # one accepted path: the deepest node is unique
-        rows = torch.arange(chunk.shape[0], device=chunk.device)
-        return best, tree.anc[best], pred[rows, best]
+    def verify_tree(self, logits: torch.Tensor, chunk: torch.Tensor, tree: DraftTree, q: torch.Tensor | None = None):
+        """Verify a tree chunk (B, C) from head-1 logits (B, C, V) at its nodes; q (B, max_depth, V) are
+        the draft distributions the nodes were drawn from (sampling). Returns the deepest accepted node
+        (B,), the kept path (B, C) and the byte after it (B,).
+
+        Greedy: a node is accepted when its parent is and its byte is head 1's argmax at the parent;
+        children have distinct bytes, so at most one path is accepted and the output is head-1 greedy.
+
+        Sampling: recursive rejection sampling down the tree (SpecInfer's multi-step speculative
+        sampling, Miao et al. 2024, Alg. 2; with draws without replacement as in Jeon et al. 2024's
+        recursive speculative decoding). At an accepted node with target p (head 1 there, temperature
+        and top-p applied) the children x_1, x_2, .. are tried in rank order: x_j is accepted with
+        probability min(1, p_j(x_j) / q_j(x_j)), where q_j is the draft distribution x_j was drawn from
+        given the earlier draws (q_d with x_1..x_{j-1} removed and renormalised), and on rejection
+        p_{j+1} = normalise(max(0, p_j - q_j)). When no child is accepted the next byte is drawn from
+        the last p_j (from p itself at a leaf) and the path ends there.
+
+        Why the output is exactly plain sampling: one step of the rule with target p and a draft
+        x ~ q outputs y with probability min(p(y), q(y)) by acceptance plus P(reject) p'(y) =
+        sum_z max(0, p(z) - q(z)) * max(0, p(y) - q(y)) / sum_z max(0, p(z) - q(z)) = max(0, p(y) - q(y))
+        by the residual, i.e. p(y), for ANY q. Induction over the children: conditional on x_1 being
+        rejected (whatever its value), the rest of the procedure is the same rule with target p_2 and
+        drafts drawn from q_2, which may depend on x_1 (here: without x_1), so it outputs p_2 exactly,
+        and the lemma holds again. Down the tree: the candidate lists of depth d are drawn from head
+        d + 1 at the root, independently of the lists and uniforms that decided which depth-(d-1) node
+        was reached, so conditional on reaching a node its children are fresh draws and the lemma
+        applies with p = head 1 at that node, which is the model's next-byte distribution given the
+        path. Hence every byte follows p given the bytes before it. Greedy top-k candidates, or
+        children that are draws 1 and 3 but not 2, would break "x_j drawn from q_j": `DraftTree`
+        sets `sampling_ok` only when each node's children are draws 0..k-1."""
+        if self.greedy:
+            pred = self._mask(logits).argmax(-1)  # (B, C)
+            ok = chunk == pred[:, tree.parent.clamp(min=0)]
+            ok[:, 0] = True
+            accepted = ((~ok).float() @ tree.anc.t().float()) == 0  # no rejected node on the way from the root
+            best = torch.where(accepted, tree.depth, -1).argmax(1)  # one accepted path: the deepest node is unique
+            rows = torch.arange(chunk.shape[0], device=chunk.device)
+            return best, tree.anc[best], pred[rows, best]
+        B, C = chunk.shape
+        # The walk is scalar control flow over a few nodes: numpy on the host costs ~1 us an op, torch ~5.
+        P = self.probs(logits).double().cpu().numpy()  # (B, C, V)
+        Q = q.double().cpu().numpy()  # (B, max_depth, V)
+        U = torch.rand((B, C + 1), generator=self.gen, device=chunk.device).double().cpu().numpy()
+        ids = chunk.cpu().numpy()
+        best, nxt = [0] * B, [0] * B
+        for b in range(B):
+            v, p = 0, P[b, 0]
+            while True:
+                nv = -1
+                kids = tree.children[v]
+                if kids:
+                    qj = Q[b, tree.depth_of[v]]  # children of v sit at depth depth[v] + 1: head depth[v] + 2
+                    for c in kids:
+                        x = ids[b, c]
+                        if qj[x] <= 0.0:  # q's support is exhausted: this and later draws are not draws
+                            break
+                        if U[b, c] * qj[x] < p[x]:  # accept with probability min(1, p/q)
+                            nv = c
+                            break
+                        r = np.maximum(p - qj, 0.0)
+                        mass = r.sum()
+                        if mass > 0:  # else p == q to rounding, and a rejection had probability 0
+                            p = r / mass
+                        qj = qj.copy()
+                        qj[x] = 0.0
+                        mass = qj.sum()
+                        if mass <= 0:
+                            break
+                        qj = qj / mass
+                if nv < 0:
+                    break
+                v, p = nv, P[b, nv]
+            best[b] = v
+            cdf = np.cumsum(p)
+            nxt[b] = min(int(np.searchsorted(cdf, U[b, C] * cdf[-1], side="right")), p.shape[0] - 1)
+        best_t = torch.tensor(best, device=chunk.device)
+        return best_t, tree.anc[best_t], torch.tensor(nxt, device=chunk.device)
 
     def verify(self, logits: torch.Tensor, chunk: torch.Tensor, q: torch.Tensor | None,
                n_exact: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -558,8 +650,8 @@ def generate(model: Pico, prompts: list[bytes], max_new_bytes: int, speculative:
     only): a step whose first byte routes nowhere skips the latent stack and stops at the first
     routed draft (see `Decoder.forward`), which trades a few accepted bytes for cheaper passes;
     off by default: on the benchmark models it gained and lost within the noise
-    (benchmarks/results/generate_speed.md). `tree` (speculative greedy only; sampling keeps the chain, whose acceptance rule is the
-    one proven exact here): verify a `DraftTree` of candidates per pass instead of one chain.
+    (benchmarks/results/generate_speed.md). `tree` (speculative only; greedy or sampled, exact
+    either way): verify a `DraftTree` of candidates per pass instead of one chain.
     `on_bytes(i, new)` is called with prompt i's newly committed bytes as soon as a pass commits
     them (streaming output; what it received is final).
     """
@@ -570,8 +662,11 @@ def generate(model: Pico, prompts: list[bytes], max_new_bytes: int, speculative:
     if tree is not None and tree.max_depth > cfg.n_predict - 1:
         raise ValueError(f"draft tree of depth {tree.max_depth} needs n_predict >= {tree.max_depth + 1} heads; "
                          f"the model has n_predict={cfg.n_predict}")
-    if tree is not None and not (speculative and temperature == 0.0):
+    if not speculative:
         tree = None
+    if tree is not None and temperature > 0 and not tree.sampling_ok:
+        raise ValueError(f"draft tree {tree.paths}: sampling needs the children of every node to be ranks 0..k-1 "
+                         "(rank r is the r-th draw without replacement, see Sampler.verify_tree)")
     context = default_context(cfg) if context is None else context
     cut = [prompt_ids(bytes(p), context) for p in prompts]
     prefixes = [c[0] for c in cut]
@@ -593,7 +688,7 @@ def generate(model: Pico, prompts: list[bytes], max_new_bytes: int, speculative:
         nxt = sampler.sample(model.head_logits(x_last.unsqueeze(1), 1).squeeze(1))
         if tree is not None:
             tree.to(dev)
-            drafts, q = sampler.draft_tree(model, x_last, tree), None
+            drafts, q = sampler.draft_tree(model, x_last, tree)
         else:
             drafts, q = sampler.draft(model, x_last, k)
         new = [[int(b)] for b in nxt.tolist()]
@@ -614,10 +709,10 @@ def generate(model: Pico, prompts: list[bytes], max_new_bytes: int, speculative:
             if tree is not None:
                 x = dec.forward(chunk, tree=tree)
                 n_passes += 1
-                best, path, nxt = sampler.verify_tree(model.head_logits(x, 1), chunk, tree)
+                best, path, nxt = sampler.verify_tree(model.head_logits(x, 1), chunk, tree, q)
                 dec.commit_path(path, best)
                 x_last = x[torch.arange(len(active), device=dev), best]
-                drafts = sampler.draft_tree(model, x_last, tree)
+                drafts, q = sampler.draft_tree(model, x_last, tree)
                 ch, pl, nl = chunk.tolist(), path.tolist(), nxt.tolist()
                 new = [[b for b, kept in zip(ch[r][1:], pl[r][1:]) if kept] + [nl[r]] for r in range(len(active))]
                 continue

@@ -351,8 +351,13 @@ def _chi_square(counts: Counter, dist: dict, N: int) -> tuple[float, int]:
     return stat + (pool_obs - pool_exp) ** 2 / max(pool_exp, 1e-9), dof + 1
 
 
-def test_speculative_sampling_has_plain_sampling_distribution():
-    """First 3 bytes of 6000 speculative samples vs the exact distribution of plain sampling.
+SAMPLED_TREES = {"chain": None, "product 3,2": [3, 2], "from_accuracy": "acc"}
+
+
+@pytest.mark.parametrize("tree", SAMPLED_TREES, ids=str)
+def test_speculative_sampling_has_plain_sampling_distribution(tree):
+    """First 3 bytes of 6000 speculative samples vs the exact distribution of plain sampling, with a
+    chain of drafts and with draft trees (recursive rejection sampling over each node's children).
 
     The model is made to have a few likely bytes (a large unembedding, top-p 0.9) and draft
     heads that differ from head 1, so drafts are accepted about half the time and the residual
@@ -366,7 +371,11 @@ def test_speculative_sampling_has_plain_sampling_distribution():
             h.mlp.down.weight.mul_(20)
     N = 6000
     dist = _exact_joint(model, Sampler(1.0, 0.9, 0, False, "cpu"), 3)
-    res = generate(model, [b""] * N, 3, speculative=True, temperature=1.0, top_p=0.9, seed=1, stop_at_eos=False)
+    tree = SAMPLED_TREES[tree]
+    tree = None if tree is None else DraftTree.product(tree) if tree != "acc" else \
+        DraftTree.from_accuracy([[0.5, 0.3, 0.1], [0.4, 0.2]], 6)  # (0,) (1,) (0,0) (2,) (1,0) (0,1)
+    res = generate(model, [b""] * N, 3, speculative=True, temperature=1.0, top_p=0.9, seed=1, stop_at_eos=False,
+                   tree=tree)
     assert res.bytes_per_pass > 1.2  # drafts were accepted ...
     assert res.forward_passes == 3  # ... and rejected: some sequences needed a third pass
     stat, dof = _chi_square(Counter(tuple(o) for o in res.outputs), dist, N)
@@ -418,8 +427,72 @@ def test_greedy_tree_decoding_equals_greedy_plain(trained):
         assert spec.outputs == plain.outputs and spec.bytes_per_pass >= chain.bytes_per_pass - 0.05
         one = [generate(trained, [p], 150, tree=tree, stop_at_eos=False).outputs[0] for p in prompts[:2]]
         assert one == plain.outputs[:2]
-    sampled = generate(trained, prompts[:2], 20, tree=DraftTree.product([2]), temperature=0.7, seed=0)
-    assert sampled.outputs == generate(trained, prompts[:2], 20, temperature=0.7, seed=0).outputs  # the chain
+    tree = DraftTree.product([2, 2, 1])
+    sampled = generate(trained, prompts, 150, tree=tree, temperature=0.7, top_p=0.95, seed=0, stop_at_eos=False)
+    assert sampled.outputs == generate(trained, prompts, 150, tree=tree, temperature=0.7, top_p=0.95, seed=0,
+                                       stop_at_eos=False).outputs  # a seed fixes the sampled tree's draws too
+    assert sampled.bytes_per_pass > 2.0
+
+
+def test_sampled_trees_need_children_that_are_draws_in_order(trained):
+    """Rank r under sampling is the r-th draw without replacement: children (0,) and (2,) without (1,)
+    would test the third draw as if it were the second, which is not exact."""
+    gappy = DraftTree([(0,), (2,)])
+    assert not gappy.sampling_ok and DraftTree.product([3, 2]).sampling_ok
+    assert generate(trained, [b"ab"], 10, tree=gappy).n_bytes == 10  # greedy reads ranks as top-k: fine
+    with pytest.raises(ValueError, match="ranks 0..k-1"):
+        generate(trained, [b"ab"], 10, tree=gappy, temperature=0.8)
+
+
+def _tree_first_bytes(best, chunk, nxt, tree, depth):
+    """The byte at `depth` (1-based) after the root of each row's output: the accepted node there,
+    or the drawn byte after the path when the path is shorter; -1 past that."""
+    d = tree.depth[best]
+    node = tree.anc[best] & (tree.depth == depth)  # (B, C): the path's node at that depth
+    at = torch.where(node.any(1), chunk.gather(1, node.float().argmax(1, keepdim=True)).squeeze(1), -1)
+    return torch.where(d >= depth, at, torch.where(d == depth - 1, nxt, -1))
+
+
+def test_tree_verification_keeps_each_nodes_distribution():
+    """One tree pass on synthetic distributions, 40000 rows: the first byte follows head 1 at the root,
+    and given a first byte a accepted from the tree, the second follows head 1 at that node. Children
+    are the draws 0..2 without replacement of a draft q far from p, so second and third children are
+    accepted and the residuals matter. The two classic mistakes fail it (checked by editing the rule):
+    keeping q_d after removing a rejected draw (the rule for draws with replacement) and retrying
+    with p unchanged instead of max(0, p - q)."""
+    N, V = 40000, 259
+    tree = DraftTree.product([3, 2])
+    sampler = Sampler(1.0, 1.0, 5, False, "cpu")
+    likely = torch.tensor([97, 98, 99, 100, 101])
+
+    def logits_after(b: torch.Tensor) -> torch.Tensor:  # head 1 at a node whose byte is b (..,) -> (.., V)
+        out = torch.full((*b.shape, V), -30.0)
+        out[..., likely] = torch.stack([(b * k % 7).float() / 3 for k in (1, 2, 3, 5, 6)], -1)
+        return out
+
+    dq = torch.full((2, V), -30.0)
+    dq[:, likely] = torch.tensor([[3.0, 0.0, 2.0, 0.0, -1.0], [0.0, 2.5, 0.0, 1.0, 0.0]])
+    q = torch.softmax(dq, -1).expand(N, 2, V)
+    nodes = sampler.draw_tree(q, tree)  # (N, 9)
+    chunk = torch.cat([torch.full((N, 1), 97), nodes], 1)
+    logits = logits_after(chunk)  # (N, 10, V)
+    best, path, nxt = sampler.verify_tree(logits, chunk, tree, q)
+    first, second = (_tree_first_bytes(best, chunk, nxt, tree, d) for d in (1, 2))
+    assert (tree.rank[best] == 2).any() and (tree.depth[best] == 2).any()  # third children and depth 2 accepted
+
+    def chi2(got: torch.Tensor, p: torch.Tensor) -> tuple[float, int]:
+        want = p * got.numel()
+        keep = want > 5
+        obs = torch.bincount(got, minlength=V).float()
+        return ((obs[keep] - want[keep]) ** 2 / want[keep]).sum().item(), int(keep.sum())
+
+    stat, dof = chi2(first, torch.softmax(logits_after(torch.tensor(97)), -1))
+    for a in likely.tolist():
+        rows = (first == a) & (tree.depth[best] >= 1)
+        if int(rows.sum()) > 200:
+            s2, d2 = chi2(second[rows], torch.softmax(logits_after(torch.tensor(a)), -1))
+            stat, dof = stat + s2, dof + d2
+    assert stat < dof + 4 * (2 * dof) ** 0.5, (stat, dof)  # about p < 0.001
 
 
 def test_sampling_is_reproducible_with_a_seed():

@@ -110,12 +110,18 @@ def test_empty_stdin_is_refused(checkpoint, capsys, monkeypatch):
     assert "--prompt-file -: stdin is empty" in capsys.readouterr().err
 
 
-def test_a_draft_tree_gives_the_greedy_output(checkpoint, capsys):
+def test_a_draft_tree_gives_the_greedy_output_and_samples_reproducibly(checkpoint, capsys):
     assert gen(checkpoint, "--prompt", "ab", "--max-bytes", "30", "--json", "--no-speculative") == 0
     plain = json.loads(capsys.readouterr().out)
     assert gen(checkpoint, "--prompt", "ab", "--max-bytes", "30", "--json", "--tree", "3,2") == 0
     tree = json.loads(capsys.readouterr().out)
     assert tree["outputs"] == plain["outputs"] and tree["tree_nodes"] == 1 + 3 + 6
+    sampled = ["--prompt", "ab", "--max-bytes", "30", "--json", "--tree", "3,2", "--temperature", "0.8", "--seed", "3"]
+    assert gen(checkpoint, *sampled) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert gen(checkpoint, *sampled) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert first["outputs"] == again["outputs"] and first["n_bytes"] > 0 and first["tree_nodes"] == 10
 
 
 def test_cli_errors_teach(checkpoint, tmp_path, capsys):
