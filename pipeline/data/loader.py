@@ -182,8 +182,9 @@ class _SlotStream:
 
     def __init__(self, shards: list[str], slot: int, n_slots: int, seq_len: int, extra: int, batch_size: int,
                  seed: int, shuffle_buffer: int, shuffle_buffer_bytes: int, skip_corrupt: bool,
-                 state: dict | None = None):
+                 state: dict | None = None, source: str | None = None):
         self.shards, self.slot, self.n_slots = shards, slot, n_slots
+        self.source = source  # the data.mix source these shards are, named in errors
         self.seq_len, self.extra, self.batch_size = seq_len, extra, batch_size
         self.seed, self.buffer_size, self.skip_corrupt = seed, shuffle_buffer, skip_corrupt
         self.buffer_max_bytes = shuffle_buffer_bytes
@@ -273,11 +274,19 @@ class _SlotStream:
             while self.buffer_ids:  # end of epoch: drain in random order
                 yield self._take()
             if self.epoch_docs == 0:
-                raise UserError(
-                    f"loader slot {self.slot} of {self.n_slots} (rank * num_workers + worker) found no readable "
-                    f"documents in epoch {self.epoch}: {len(self.shards)} shard(s) hold too few samples or are all "
-                    "corrupt; use fewer ranks or workers, or more shards")
+                raise UserError(self._nothing_read())
             self.epoch, self.pos, self.sample, self.draws, self.epoch_docs = self.epoch + 1, 0, 0, 0, 0
+
+    def _nothing_read(self) -> str:
+        where = f"data.mix source {self.source!r}: " if self.source else ""
+        if self.corrupt_shards:  # issue 28: with skip_corrupt, an all-corrupt source was not named
+            skipped = ", ".join(self.corrupt_shards[:5]) + (", ..." if len(self.corrupt_shards) > 5 else "")
+            return (f"{where}loader slot {self.slot} of {self.n_slots} found no readable documents in epoch "
+                    f"{self.epoch}: every sample it read was corrupt and skipped (data.skip_corrupt), in {skipped}; "
+                    "re-run `pico prep` for these shards or drop them from the data paths")
+        return (f"{where}loader slot {self.slot} of {self.n_slots} (rank * num_workers + worker) found no readable "
+                f"documents in epoch {self.epoch}: {len(self.shards)} shard(s) hold too few samples; use fewer ranks "
+                "or workers, or more shards")
 
     def _push(self, doc_id: DocId, doc: bytes) -> None:
         arr = np.frombuffer(doc, dtype=np.uint8)
@@ -389,8 +398,8 @@ class _MixStream:
         sub = state["sources"] if state is not None else [None] * len(sources)
         self.streams = [None if w == 0 else
                         _SlotStream(shards, slot, n_slots, seq_len, extra, 1, seed, shuffle_buffer,
-                                    shuffle_buffer_bytes, skip_corrupt, sub[i])
-                        for i, (_, shards, w) in enumerate(sources)]
+                                    shuffle_buffer_bytes, skip_corrupt, sub[i], source=name)
+                        for i, (name, shards, w) in enumerate(sources)]
         self.rows = list(state["rows"]) if state is not None else [0] * len(sources)
         self._rows = [None if s is None else s.batches() for s in self.streams]
         self.row_sources: list[int] = []  # the source of each row of the last batch

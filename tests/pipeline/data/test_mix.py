@@ -110,3 +110,19 @@ def test_bad_mixtures_are_config_errors(mix, says):
 def test_mix_beside_train_is_refused():
     with pytest.raises(ConfigError, match="data.train and data.mix are both set"):
         load_config("configs/quickstart.yaml", ["--data.train=[a]", "--data.mix=[{name: a, paths: [x]}]"])
+
+
+def test_an_all_corrupt_source_is_named_with_skip_corrupt(sources, tmp_path):
+    """Issue 28: with skip_corrupt, a source whose every shard is corrupt stopped the run without its name."""
+    from pico.configs.errors import UserError
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(2):
+        (bad / f"train-00000{i}.tar").write_bytes(b"\x00garbage" * 200)
+    mix = [("web", sources[0][1], 0.9), ("broken", sorted(str(p) for p in bad.iterdir()), 0.1)]
+    loader = ByteBatches([], seq_len=T, batch_size=B, extra=EXTRA, seed=3, shuffle_buffer=16, mix=mix,
+                         skip_corrupt=True)
+    with pytest.raises(UserError, match=r"data.mix source 'broken': .*every sample it read was corrupt and skipped "
+                                        r"\(data.skip_corrupt\), in train-00000[01].tar"):
+        take(loader, 20)
