@@ -108,6 +108,21 @@ def write_train_only_shards(d: Path) -> Path:
     return d
 
 
+def test_a_corrupt_member_is_named_as_stored(capsys, release, tmp_path):
+    """Issue 28: a shard made with `tar -cf x.tar ./KEY.*` had its corrupt member named `.bin.zst`."""
+    import io
+    import tarfile
+
+    (tmp_path / "shards").mkdir()
+    with tarfile.open(tmp_path / "shards" / "val-000000.tar", "w") as tar:
+        for name, data in (("./abc.bin.zst", b"not zstd"), ("./abc.json", b'{"bytes": 3}')):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    refused(capsys, ["eval", "--model", str(release), "--data", str(tmp_path / "shards")],
+            "member ./abc.bin.zst: not a zstd frame")
+
+
 def test_no_val_split_says_how_to_get_one(capsys, release, tmp_path):
     shards = write_train_only_shards(tmp_path / "shards")
     refused(capsys, ["train", f"--data.train=[{shards}]", f"--train.out_dir={tmp_path / 'run'}"],

@@ -278,6 +278,7 @@ class Trainer:
                             "with the config saved in the run directory (config.yaml)")
 
     def _load(self, path: Path) -> None:
+        path = path.resolve()  # the directory check_pickles scanned (checkpoint.checkpoint_files), not a link to it
         soap = self.cfg.optim.name == "soap"
         load_path, _ = self.engine.load_checkpoint(str(path), tag=ckpt.DS_TAG, load_optimizer_states=not soap,
                                                    load_lr_scheduler_states=False)
