@@ -312,12 +312,12 @@ def generation_config(model_cfg) -> dict[str, Any]:
 
 def write_hf_release(tmp: Path, tensors: dict, model_cfg, training: dict[str, Any], dtype: str) -> None:
     """Every file of an HF release into tmp; tensors are pico's state dict already in `dtype`."""
-    from pico.pipeline.release.convert import model_card, write_safetensors, _json
+    from pico.pipeline.release.files import canonical_json, model_card, write_safetensors
     from pico.pipeline.release.load import CARD, CONFIG, SUMS, WEIGHTS, sha256_file
 
     config_py, modeling_py = model_source()
     write_safetensors(tmp / WEIGHTS, {f"model.{k}": v for k, v in tensors.items()},
-                      {"format": "pt", "pico_training": _json(training)})
+                      {"format": "pt", "pico_training": canonical_json(training)})
     files = {
         CONFIG: _dump(hf_config(model_cfg, dtype)),
         GENERATION: _dump(generation_config(model_cfg)),
