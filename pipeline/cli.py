@@ -20,7 +20,7 @@ from pico.configs.errors import ConfigError, UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "prep": ("pico.data_prep.cli", "prepare raw corpora into zstd WebDataset shards with Ray (`pico prep verify DST` checks them)"),
     "train": ("pico.pipeline.train.trainer", "train a model with DeepSpeed from a YAML config and dotted overrides"),
-    "eval": ("pico.pipeline.eval.evaluate", "bits per byte of a checkpoint or release on shards or plain text files"),
+    "eval": ("pico.pipeline.commands.eval", "bits per byte of a checkpoint or release on shards or plain text files"),
     "generate": ("pico.pipeline.commands.generate", "generate bytes from a checkpoint or release (self-speculative by default)"),
     "convert": ("pico.pipeline.release.convert", "convert a training checkpoint into a safetensors release"),
     "submit": ("pico.cluster.cli", "submit prep or train to a Slurm or Ray cluster"),

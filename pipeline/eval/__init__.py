@@ -1,4 +1,5 @@
 """Evaluation.
 
-    evaluate.py   `pico eval`: bits per byte per MTP head of a checkpoint or release, on shards or text
+    evaluate.py   bits per byte per MTP head of a model over byte batches (the `pico eval` command is
+                  pipeline/commands/eval.py, beside the other commands)
 """
