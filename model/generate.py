@@ -87,6 +87,7 @@ Design (tensors only; no files, no ranks):
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -293,6 +294,129 @@ class DraftTree:
         self.anc, self.parent, self.depth, self.rank = (t.to(device) for t in (self.anc, self.parent, self.depth,
                                                                                  self.rank))
         return self
+
+
+# ----------------------------------------------------------------------------- tree shape from data
+
+AUTO_TREE_SIZES = (8, 12, 16, 24, 32, 48, 63)  # node counts (after the root) `auto_tree` times
+
+
+@torch.inference_mode()
+def acceptance_rates(model: Pico, texts: list[bytes], temperature: float = 0.0, top_p: float = 1.0,
+                     ranks: int = 8, seed: int = 0) -> list[list[float]]:
+    """acc[d][r]: how often, at a tree node whose path follows `texts`, its rank-r child of depth d + 1
+    (from head d + 2 at the root, the last fed position s) is the one the verifier accepts, measured on every position of texts
+    with one full forward each (causal routing, the last max_seq_len bytes).
+
+    Greedy: the rank-r byte of head d + 2 at s equals head 1's argmax at s + d + 1. Sampling: the walk of
+    `Sampler.verify_tree` simulated at each position: `ranks` draws without replacement from q (head
+    d + 2 at s, temperature and top-p applied), tested in order against p (head 1 at s + d + 1) and its
+    residuals.
+    Medusa (Cai et al. 2024) builds trees from these rates as if depths were independent
+    (`DraftTree.from_accuracy`); texts should look like what the decoder will write: the model's own
+    continuations of held-out prompts under the same temperature and top-p."""
+    cfg, dev = model.cfg, next(model.parameters()).device
+    sampler = Sampler(temperature, top_p, seed, True, dev)
+    k = cfg.n_predict - 1
+    hits = torch.zeros(k, ranks, dtype=torch.float64)
+    n = torch.zeros(k, dtype=torch.float64)
+    for text in texts:
+        ids = [START, *text][-cfg.max_seq_len:]
+        T = len(ids) - k  # roots s (the last fed position) with a verifying head-1 logit at every depth
+        if T < 1:
+            continue
+        x, _ = model.trunk(torch.tensor([ids], device=dev), "causal")
+        head1 = model.head_logits(x, 1)[0]  # (len, V)
+        for d in range(k):
+            q_logits = model.head_logits(x[:, :T], d + 2)[0]  # (T, V): head d + 2 at s drafts byte s + d + 2
+            p_logits = head1[d + 1:d + 1 + T]  # (T, V): head 1 at s + d + 1, the parent that verifies it
+            hits[d] += _accepted_rank(sampler, p_logits, q_logits, ranks).to(hits).sum(0)
+            n[d] += T
+    return (hits / n.clamp(min=1).unsqueeze(1)).tolist()
+
+
+def _accepted_rank(sampler: Sampler, p_logits: torch.Tensor, q_logits: torch.Tensor, ranks: int) -> torch.Tensor:
+    """One-hot (N, ranks) of the child rank the verifier accepts at N nodes (a zero row: none)."""
+    if sampler.greedy:
+        cand = sampler._mask(q_logits).topk(ranks, -1).indices  # (N, ranks)
+        return (cand == sampler._mask(p_logits).argmax(-1, keepdim=True)).double()
+    p, q = sampler.probs(p_logits).double(), sampler.probs(q_logits).double()
+    cand = sampler.draw_tree(q.unsqueeze(1).float(), DraftTree.product([ranks]))  # (N, ranks) draws in order
+    u = torch.rand(cand.shape, generator=sampler.gen, device=cand.device, dtype=torch.float64)
+    out = torch.zeros(cand.shape, dtype=torch.float64, device=cand.device)
+    open_ = torch.ones(cand.shape[0], dtype=torch.bool, device=cand.device)  # nothing accepted yet
+    for r in range(ranks):
+        x = cand[:, r:r + 1]
+        px, qx = p.gather(1, x).squeeze(1), q.gather(1, x).squeeze(1)
+        ok = open_ & (qx > 0) & (u[:, r] * qx < px)
+        out[:, r] = ok.double()
+        open_ &= ~ok & (qx > 0)
+        res = (p - q).clamp(min=0)
+        p = torch.where(open_.unsqueeze(1), res / res.sum(1, keepdim=True).clamp(min=1e-30), p)
+        q = q.scatter(1, x, 0.0)
+        q = q / q.sum(1, keepdim=True).clamp(min=1e-30)
+    return out
+
+
+def expected_bytes_per_pass(tree: DraftTree | None, acc: list[list[float]]) -> float:
+    """Bytes a pass commits on average under Medusa's independence assumption: 1 (the byte after the
+    path) + the probability of reaching each node, the product of acc[d][r] along its path. None: the
+    chain of rank-0 drafts through every head."""
+    paths = [(0,) * d for d in range(1, len(acc) + 1)] if tree is None else tree.paths
+    total = 1.0
+    for p in paths:
+        total += math.prod(acc[d][r] if r < len(acc[d]) else 0.0 for d, r in enumerate(p))
+    return total
+
+
+@dataclass
+class TreeChoice:
+    """What `auto_tree` chose and why: the tree (None: the chain), and per candidate its expected
+    bytes per pass, measured ms per pass and their ratio."""
+
+    tree: DraftTree | None
+    acceptance: list[list[float]]
+    candidates: list[dict]
+    seconds: float = 0.0  # time spent measuring
+
+
+def auto_tree(model: Pico, texts: list[bytes], temperature: float = 0.0, top_p: float = 1.0, batch: int = 1,
+              max_nodes: int = DraftTree.MAX_NODES - 1, sizes=AUTO_TREE_SIZES, seed: int = 0,
+              repeats: int = 3) -> TreeChoice:
+    """The draft tree that should write the most bytes per second on this machine: for the chain and
+    trees of each size in `sizes` (at most max_nodes nodes; `DraftTree.from_accuracy` on the
+    `acceptance_rates` of texts, plus the rank-0 chain through every head), the expected bytes per
+    pass divided by the measured time of a pass of that tree at `batch` sequences (best of
+    `repeats` short generations from the texts' starts, so verification and drafting are timed
+    too). Trees pay where a pass's rows are nearly free (wide machines); on one CPU thread each node
+    costs, and the chain may win."""
+    t0 = time.perf_counter()
+    acc = acceptance_rates(model, texts, temperature, top_p, seed=seed)
+    for row in acc:  # rank r never above rank r - 1 (noise aside), so from_accuracy lists ranks in order
+        for r in range(1, len(row)):
+            row[r] = min(row[r], row[r - 1])
+    options: list[DraftTree | None] = [None]
+    for n in sorted({min(s, max_nodes) for s in sizes}):
+        paths = DraftTree.from_accuracy(acc, n).paths
+        paths += [c for c in ((0,) * d for d in range(1, len(acc) + 1)) if c not in paths][: max(0, max_nodes - len(paths))]
+        tree = DraftTree(paths)
+        if tree.paths not in [o.paths for o in options if o is not None]:
+            options.append(tree)
+    prompts = [t[:16] for t in texts][:batch]  # short: the prefill pass should weigh little in ms per pass
+    prompts += [prompts[-1]] * (batch - len(prompts))
+    rows = []
+    for tree in options:
+        best = math.inf
+        for _ in range(repeats):
+            res = generate(model, prompts, 96, temperature=temperature, top_p=top_p, seed=seed, stop_at_eos=False,
+                           routing_agreement=False, tree=tree)
+            best = min(best, res.seconds / res.forward_passes)
+        e = expected_bytes_per_pass(tree, acc)
+        rows.append({"nodes": len(acc) if tree is None else len(tree) - 1, "chain": tree is None,
+                     "expected_bytes_per_pass": round(e, 3), "ms_per_pass": round(1e3 * best, 3),
+                     "bytes_per_ms": round(e / (1e3 * best), 3)})
+    pick = max(range(len(rows)), key=lambda i: rows[i]["bytes_per_ms"])
+    return TreeChoice(options[pick], acc, rows, time.perf_counter() - t0)
 
 
 def default_context(cfg) -> int:

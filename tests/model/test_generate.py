@@ -13,7 +13,8 @@ from torch.testing import assert_close
 
 from pico.model import EOS, build_model, make_targets
 from pico.model.attention import attention_bias
-from pico.model.generate import START, Decoder, DraftTree, Sampler, generate
+from pico.model.generate import (START, Decoder, DraftTree, Sampler, acceptance_rates, auto_tree,
+                                 expected_bytes_per_pass, generate)
 from pico.model.latent import dechunk
 from pico.model.routers.base import ROUTERS as REGISTERED
 from pico.model.routers.base import pack_slots
@@ -493,6 +494,35 @@ def test_tree_verification_keeps_each_nodes_distribution():
             s2, d2 = chi2(second[rows], torch.softmax(logits_after(torch.tensor(a)), -1))
             stat, dof = stat + s2, dof + d2
     assert stat < dof + 4 * (2 * dof) ** 0.5, (stat, dof)  # about p < 0.001
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8], ids=["greedy", "sampled"])
+def test_acceptance_rates_predict_the_chains_bytes_per_pass(trained, temperature):
+    """Medusa's estimate from acceptance rates measured on the model's own continuations (one full
+    forward each) against the bytes per pass that speculative decoding of other prompts then gets."""
+    calib = [TEXT[i:i + 12] for i in (0, 30, 55)]
+    texts = [p + o for p, o in zip(calib, generate(trained, calib, 80, temperature=temperature, top_p=0.95, seed=1,
+                                                    stop_at_eos=False).outputs)]
+    acc = acceptance_rates(trained, texts, temperature, 0.95, ranks=4)
+    assert len(acc) == 3 and all(len(row) == 4 and 0.0 <= sum(row) <= 1.0 + 1e-9 for row in acc)
+    run = generate(trained, [TEXT[10:20], TEXT[40:52]], 200, temperature=temperature, top_p=0.95, seed=2,
+                   stop_at_eos=False)
+    expected = expected_bytes_per_pass(None, acc)
+    assert run.bytes_per_pass > 1.5 and abs(expected - run.bytes_per_pass) < 0.25 * run.bytes_per_pass, (expected, run)
+    a = acc  # the tree adds the rank-1 branch (1,), (1, 0), (1, 0, 0) to the chain
+    assert expected_bytes_per_pass(DraftTree.product([2, 1, 1]), acc) == pytest.approx(
+        expected + a[0][1] * (1 + a[1][0] + a[1][0] * a[2][0]))
+
+
+def test_auto_tree_times_the_candidates_and_keeps_sampled_trees_exact(trained):
+    calib = [TEXT[:12] + generate(trained, [TEXT[:12]], 100, temperature=0.8, seed=1).outputs[0]]
+    choice = auto_tree(trained, calib, 0.8, 0.95, max_nodes=12, sizes=(6, 12), repeats=1)
+    assert [c["nodes"] for c in choice.candidates] == [3, 6, 12] and choice.candidates[0]["chain"]
+    assert all(c["ms_per_pass"] > 0 and c["expected_bytes_per_pass"] >= 1.0 for c in choice.candidates)
+    best = max(choice.candidates, key=lambda c: c["bytes_per_ms"])
+    assert (choice.tree is None) == best["chain"]
+    if choice.tree is not None:
+        assert choice.tree.sampling_ok and len(choice.tree) - 1 == best["nodes"]
 
 
 def test_sampling_is_reproducible_with_a_seed():

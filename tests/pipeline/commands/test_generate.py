@@ -90,6 +90,9 @@ BAD = [
     (["--prompt", "a", "--tree", "2,x"], "--tree 2,x: give comma-separated counts >= 1"),
     (["--prompt", "a", "--tree", "0"], "--tree 0: give comma-separated counts >= 1"),
     (["--prompt", "a", "--tree", "9,8"], "--tree 9,8: draft tree of 82 nodes: at most 64"),
+    (["--prompt", "a", "--tree", "auto:0"], "--tree auto:0: auto:N needs 1 <= N <= 63 nodes"),
+    (["--prompt", "a", "--tree", "auto:99"], "--tree auto:99: auto:N needs 1 <= N <= 63 nodes"),
+    (["--prompt", "a", "--tree", "autox"], "--tree autox: give comma-separated counts >= 1"),
     (["--prompt-file", "MISSING"], "no such file"),
     (["--max-bytes", "4"], "--prompt"),
 ]
@@ -122,6 +125,21 @@ def test_a_draft_tree_gives_the_greedy_output_and_samples_reproducibly(checkpoin
     assert gen(checkpoint, *sampled) == 0
     again = json.loads(capsys.readouterr().out)
     assert first["outputs"] == again["outputs"] and first["n_bytes"] > 0 and first["tree_nodes"] == 10
+
+
+def test_tree_auto_measures_and_chooses_and_stays_exact(checkpoint, capsys):
+    """--tree auto calibrates on the model's own continuation and says what it chose; greedy output is
+    still plain greedy's."""
+    assert gen(checkpoint, "--prompt", "ab", "--max-bytes", "40", "--json", "--no-speculative") == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert gen(checkpoint, "--prompt", "ab", "--max-bytes", "40", "--json", "--tree", "auto:12") == 0
+    cap = capsys.readouterr()
+    out = json.loads(cap.out)
+    assert out["outputs"] == plain["outputs"] and "--tree auto:12: " in cap.err and "chosen in" in cap.err
+    auto = out["tree_auto"]
+    assert len(auto["acceptance"]) == 2 and all(0.0 <= a <= 1.0 for row in auto["acceptance"] for a in row)
+    assert [c["nodes"] for c in auto["candidates"]][0] == 2 and max(c["nodes"] for c in auto["candidates"]) <= 12
+    assert out["tree_nodes"] in [0] + [c["nodes"] + 1 for c in auto["candidates"]]
 
 
 def test_cli_errors_teach(checkpoint, tmp_path, capsys):
