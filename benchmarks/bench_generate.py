@@ -1,48 +1,48 @@
-"""Plain vs self-speculative greedy decoding on CPU, side by side on the same held-out prompts.
+"""Plain vs self-speculative decoding on CPU, greedy and sampled, side by side on the same held-out prompts.
 
-    python benchmarks/bench_generate.py --model runs/bench_gen/np4 --model runs/bench_gen/np8 \
-        --shards runs/bench_gen/shards
+    python benchmarks/bench_generate.py --model /tmp/spec31/qs4 --model /tmp/spec31/qs8 \
+        --shards /tmp/spec31/shards
 
 Models: each `--model` (a release or a training checkpoint / run directory). Prompts: held-out
 documents (the `val` split of `--shards`, which the models never trained on), two kinds side by
-side: prose (the novels) and code (the SymPy sources); each prompt is `--prompt-bytes` bytes
-taken `--offset` bytes into a document (past title pages and licence headers), and
+side: prose (the novels) and code (the SymPy sources); prompt i is `--prompt-bytes`[i mod n]
+bytes (default 200, 500, 1000 and 2000) taken `--offset` bytes into a document, and
 `--max-bytes` bytes are generated from it (past max_seq_len with the defaults, so the
 streaming context is measured too). Each measurement is one JSON line on stdout; all of them go
 to benchmarks/results/generate_speed.json.
 
-Per model, kind of text and batch (1: each prompt alone; 8: all together), six modes in turn,
-best of `--repeats` (the modes interleaved so that load from other processes hits all of them
+Per model, kind of text and batch (1: each prompt alone; 8: all together), the modes in turn,
+median of `--repeats` (the modes interleaved so that load from other processes hits all of them
 alike). Greedy: plain (one byte per pass), speculative (a chain of drafts from heads
-2..n_predict verified in the same pass), speculative_lazy (`lazy_latent`: a pass whose first
-byte routes nowhere skips the latent stack and stops at the first routed draft) and tree (a
-draft tree: the `--tree-nodes` most likely paths by each head's rank-r acceptance, measured on
-the model's greedy continuations of other held-out prompts, plus the rank-0 chain). Sampled
-(temperature 0.8, top-p 0.95, seed 0): plain and speculative, because greedy output of small
-models repeats itself, which flatters drafting. Reported: bytes accepted per pass, ms per pass
-(prefill included), pass cost and speed-up relative to plain of the same kind (greedy or
-sampled), whether greedy outputs are byte-identical to plain decoding, and head accuracies on
-held-out text.
+2..n_predict verified in the same pass) and tree (`auto_tree`: the tree, or the chain, expected
+to write the most bytes per second, from acceptance rates measured on the model's own
+continuations of other held-out prompts and pass times measured here, at that batch size).
+Sampled (temperature 0.8, top-p 0.95, seed 0): the same three, with their own calibration
+(exact speculative sampling, so outputs differ from plain only as different draws do).
+Reported: bytes accepted per pass, ms per pass (prefill included), pass cost and speed-up
+relative to plain of the same kind (greedy or sampled), whether greedy outputs are
+byte-identical to plain decoding, head accuracies on held-out text, acceptance rates and the
+auto tree's candidates; `--breakdown` adds where a pass spends its time, by stage.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
+import statistics
+import time
 from pathlib import Path
 
 import torch
 
 from pico.model import make_targets
-from pico.model.generate import START, DraftTree, generate
+from pico.model.generate import START, DraftTree, acceptance_rates, auto_tree, generate
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLING = dict(temperature=0.8, top_p=0.95, seed=0)
-MODES = {"plain": dict(speculative=False), "speculative": dict(speculative=True, lazy_latent=False),
-         "speculative_lazy": dict(speculative=True, lazy_latent=True), "tree": dict(speculative=True, lazy_latent=False),
-         "sampled_plain": dict(speculative=False, **SAMPLING),
-         "sampled_speculative": dict(speculative=True, lazy_latent=False, **SAMPLING)}
+MODES = {"plain": dict(speculative=False), "speculative": dict(speculative=True), "tree": dict(speculative=True),
+         "sampled_plain": dict(speculative=False, **SAMPLING), "sampled_speculative": dict(speculative=True, **SAMPLING),
+         "sampled_tree": dict(speculative=True, **SAMPLING)}
 BASELINE = {m: "sampled_plain" if m.startswith("sampled") else "plain" for m in MODES}
 
 
@@ -66,18 +66,20 @@ def held_out(shards: str) -> dict[str, list[bytes]]:
     return kinds
 
 
-def make_prompts(docs: list[bytes], n: int, offset: int, size: int) -> list[bytes]:
-    """n prompts of `size` bytes, `offset` bytes into each document (several per long document)."""
-    long = [d for d in docs if len(d) >= offset + size]
+def make_prompts(docs: list[bytes], n: int, offset: int, sizes: list[int]) -> list[bytes]:
+    """n prompts, the i-th of sizes[i mod len(sizes)] bytes, `offset` bytes into each document (several
+    per long document)."""
     out, i = [], 0
-    while len(out) < n and long:
+    while len(out) < n and i <= 100 * n:
+        size = sizes[len(out) % len(sizes)]
+        long = [d for d in docs if len(d) >= offset + size]
+        if not long:
+            break
         d = long[i % len(long)]
         at = offset * (1 + i // len(long))
         if at + size <= len(d):
             out.append(d[at:at + size])
         i += 1
-        if i > 100 * n:
-            break
     return out
 
 
@@ -86,37 +88,40 @@ def emit(row: dict, rows: list[dict]) -> None:
     print(json.dumps(row), flush=True)
 
 
-def compare(model, name: str, kind: str, prompts: list[bytes], batch: int, tree: DraftTree, args,
+def compare(model, name: str, kind: str, prompts: list[bytes], batch: int, trees: dict, args,
             rows: list[dict]) -> None:
-    """All modes on the same prompts, interleaved, best of args.repeats."""
+    """All modes on the same prompts, interleaved, median of args.repeats; trees[mode] is the auto
+    tree of a tree mode (None: it chose the chain)."""
     groups = [[p] for p in prompts] if batch == 1 else [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
-    best = {m: math.inf for m in MODES}
+    times: dict[str, list[float]] = {m: [] for m in MODES}
     stats: dict[str, dict] = {}
     for _ in range(args.repeats):
         for mode, kw in MODES.items():
             secs, n_bytes, passes, bpp, outs = 0.0, 0, 0, [], []
             for g in groups:
                 res = generate(model, g, args.max_bytes, routing_agreement=False, stop_at_eos=False,
-                               tree=tree if mode == "tree" else None, **kw)
+                               tree=trees.get(mode), **kw)
                 secs += res.seconds
                 n_bytes += res.n_bytes
                 passes += res.forward_passes
                 bpp.append(res.bytes_per_pass)
                 outs += res.outputs
-            best[mode] = min(best[mode], secs)
+            times[mode].append(secs)
             stats[mode] = {"bytes": n_bytes, "passes": passes, "bytes_per_pass": sum(bpp) / len(bpp), "outputs": outs}
+    med = {m: statistics.median(t) for m, t in times.items()}
     for mode in MODES:
         st, base = stats[mode], BASELINE[mode]
-        ms = 1e3 * best[mode] / st["passes"]
-        base_ms = 1e3 * best[base] / stats[base]["passes"]
+        ms = 1e3 * med[mode] / st["passes"]
+        base_ms = 1e3 * med[base] / stats[base]["passes"]
+        tree = trees.get(mode)
         emit({"measurement": "decode", "model": name, "text": kind, "batch": batch, "mode": mode,
               "bytes_per_pass": round(st["bytes_per_pass"], 3), "ms_per_pass": round(ms, 3),
-              "pass_cost_vs_plain": round(ms / base_ms, 3), "speedup_vs_plain": round(best[base] / best[mode], 3),
-              "bytes_per_s": round(st["bytes"] / best[mode], 1), "seconds": round(best[mode], 3),
-              "forward_passes": st["passes"], "bytes": st["bytes"],
+              "pass_cost_vs_plain": round(ms / base_ms, 3), "speedup_vs_plain": round(med[base] / med[mode], 3),
+              "bytes_per_s": round(st["bytes"] / med[mode], 1), "seconds_median": round(med[mode], 3),
+              "seconds_all": [round(t, 3) for t in times[mode]], "forward_passes": st["passes"], "bytes": st["bytes"],
               # greedy: byte-identical to plain greedy; sampled: same distribution, different draws
               "identical_to_plain": st["outputs"] == stats[base]["outputs"] if base == "plain" else None,
-              **({"tree_nodes": len(tree)} if mode == "tree" else {})}, rows)
+              **({"tree_nodes": 0 if tree is None else len(tree) - 1} if mode.endswith("tree") else {})}, rows)
     emit({"measurement": "sample", "model": name, "text": kind, "batch": batch,
           "prompt_tail": prompts[0][-60:].decode("utf-8", "replace"),
           "greedy": stats["speculative"]["outputs"][0][:160].decode("utf-8", "replace"),
@@ -140,33 +145,68 @@ def head_accuracy(model, docs: list[bytes], ranks: int = 4) -> list[list[float]]
     return acc
 
 
-@torch.inference_mode()
-def greedy_acceptance(model, prompts: list[bytes], n: int, ranks: int = 4) -> list[list[float]]:
-    """acc[h-1][r]: how often the rank-r byte of head h is the byte greedy decoding puts at t+h,
-    over the model's own greedy continuations of held-out prompts: the acceptance statistics a
-    greedy draft tree is accepted by (head accuracy on the true text understates them: greedy
-    output is more predictable than text)."""
-    cfg = model.cfg
-    outs = generate(model, prompts, n, routing_agreement=False, stop_at_eos=False).outputs
-    seqs = [([START, *p] + list(o))[-(cfg.max_seq_len + cfg.n_predict):] for p, o in zip(prompts, outs)]
-    T = min(len(q) for q in seqs)
-    idx, tgt = make_targets(torch.tensor([q[-T:] for q in seqs]), cfg.n_predict)
-    x, _ = model.trunk(idx, "causal")
-    acc = []
-    for h in range(1, cfg.n_predict + 1):
-        top = model.head_logits(x, h).topk(ranks, dim=-1).indices
-        acc.append([round((top[..., r] == tgt[..., h - 1]).float().mean().item(), 4) for r in range(ranks)])
-    return acc
+def calibrate(model, name: str, kind: str, docs: list[bytes], batch: int, args, rows: list[dict]) -> dict:
+    """The auto tree of each tree mode at this batch size, from the model's own continuations (greedy or
+    sampled, as the mode decodes) of 4 held-out prompts other than the benchmark's."""
+    calib = make_prompts(docs, 4, args.offset // 2, [256])
+    trees = {}
+    for mode, kw in (("tree", {}), ("sampled_tree", SAMPLING)):
+        outs = generate(model, calib, args.max_bytes, routing_agreement=False, stop_at_eos=False, **kw).outputs
+        choice = auto_tree(model, [p + o for p, o in zip(calib, outs)], kw.get("temperature", 0.0),
+                           kw.get("top_p", 1.0), batch=batch, seed=1)
+        trees[mode] = choice.tree
+        emit({"measurement": "auto_tree", "model": name, "text": kind, "batch": batch, "mode": mode,
+              "acceptance": [[round(a, 4) for a in row] for row in choice.acceptance],
+              "candidates": choice.candidates, "chosen_nodes": 0 if choice.tree is None else len(choice.tree) - 1,
+              "paths": None if choice.tree is None else choice.tree.paths, "seconds": round(choice.seconds, 2)}, rows)
+    return trees
 
 
-def draft_tree(acc: list[list[float]], n_nodes: int) -> DraftTree:
-    """The n_nodes most likely paths (`DraftTree.from_accuracy`), plus the rank-0 chain through
-    every head so that the tree never accepts less than the chain."""
-    paths = DraftTree.from_accuracy(acc, n_nodes).paths
-    for d in range(1, len(acc) + 1):
-        if (0,) * d not in paths:
-            paths.append((0,) * d)
-    return DraftTree(paths)
+def breakdown(model, name: str, prompt: bytes, args, rows: list[dict]) -> None:
+    """ms per pass by stage (model step, its latent part, heads, verification, drafting, commit), per
+    mode, one prompt at batch 1, median of args.repeats: each stage's function is wrapped in a timer."""
+    import pico.model.generate as G
+
+    spent: dict[str, float] = {}
+
+    def timer(f, key: str):
+        def g(*a, **k):
+            t = time.perf_counter()
+            try:
+                return f(*a, **k)
+            finally:
+                spent[key] = spent.get(key, 0.0) + time.perf_counter() - t
+        return g
+
+    # (owner, attribute, stage); instance attributes shadow the model's methods until deleted
+    stages = [(model, "step", "model_step"), (model, "head_logits", "head_logits"),
+              (G.Sampler, "verify", "verify"), (G.Sampler, "verify_tree", "verify"), (G.Sampler, "draft", "draft"),
+              (G.Sampler, "draft_tree", "draft"), (G.Decoder, "_commit", "commit")]
+    if model.router is not None:
+        stages.append((model, "_latent_step", "latent_part_of_step"))
+    saved = [(o, a, getattr(o, a)) for o, a, _ in stages if o is not model]
+    for o, a, key in stages:
+        setattr(o, a, timer(getattr(o, a), key))
+    per_mode: dict[str, list[dict]] = {}
+    try:
+        for _ in range(args.repeats):
+            for mode in ("plain", "speculative", "sampled_plain", "sampled_speculative"):
+                spent.clear()
+                res = generate(model, [prompt], args.max_bytes, routing_agreement=False, stop_at_eos=False, **MODES[mode])
+                row = {k: 1e3 * v / res.forward_passes for k, v in spent.items()}
+                row["total"] = 1e3 * res.seconds / res.forward_passes
+                row["bytes_per_pass"] = res.bytes_per_pass
+                per_mode.setdefault(mode, []).append(row)
+    finally:
+        for o, a, f in saved:
+            setattr(o, a, f)
+        for o, a, _ in stages:
+            if o is model:
+                delattr(model, a)
+    for mode, runs in per_mode.items():
+        keys = sorted({k for r in runs for k in r})
+        emit({"measurement": "breakdown", "model": name, "mode": mode, "prompt_bytes": len(prompt),
+              **{k: round(statistics.median(r.get(k, 0.0) for r in runs), 3) for k in keys}}, rows)
 
 
 def main() -> None:
@@ -176,11 +216,13 @@ def main() -> None:
     ap.add_argument("--model", action="append", required=True, help="release or checkpoint directory (repeat)")
     ap.add_argument("--shards", required=True, help="shards whose val split holds the prompts (held out from training)")
     ap.add_argument("--prompts", type=int, default=8, help="prompts per kind of text (and the large batch)")
-    ap.add_argument("--prompt-bytes", type=int, default=128)
+    ap.add_argument("--prompt-bytes", type=int, nargs="+", default=[200, 500, 1000, 2000],
+                    help="prompt sizes, cycled over the prompts")
     ap.add_argument("--offset", type=int, default=4000, help="bytes into a document where a prompt starts")
     ap.add_argument("--max-bytes", type=int, default=320, help="bytes generated per prompt")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--tree-nodes", type=int, default=16, help="nodes of the draft tree after the root (plus the rank-0 chain)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batch sizes (8: the prompts in one batch)")
+    ap.add_argument("--breakdown", action="store_true", help="also time each stage of a pass (one prose prompt)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared)")
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/generate_speed.json"))
     args = ap.parse_args()
@@ -200,13 +242,13 @@ def main() -> None:
               "torch": torch.__version__}, rows)
         for kind, ps in prompts.items():
             acc = head_accuracy(model, docs[kind][:16])
-            calib = make_prompts(docs[kind], 4, args.offset // 2, args.prompt_bytes)  # other held-out text
-            acceptance = greedy_acceptance(model, calib, args.max_bytes)
-            tree = draft_tree(acceptance[1:], args.tree_nodes)
             emit({"measurement": "head_accuracy", "model": name, "text": kind, "top1": [a[0] for a in acc],
-                  "by_rank": acc, "greedy_acceptance_by_rank": acceptance, "tree_paths": tree.paths}, rows)
-            for batch in (1, args.prompts):
-                compare(model, name, kind, ps, batch, tree, args, rows)
+                  "by_rank": acc}, rows)
+            for batch in args.batches:
+                trees = calibrate(model, name, kind, docs[kind], batch, args, rows)
+                compare(model, name, kind, ps, batch, trees, args, rows)
+        if args.breakdown:
+            breakdown(model, name, prompts["prose"][0], args, rows)
     Path(args.out).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
 
 

@@ -298,7 +298,7 @@ class DraftTree:
 
 # ----------------------------------------------------------------------------- tree shape from data
 
-AUTO_TREE_SIZES = (8, 12, 16, 24, 32, 48, 63)  # node counts (after the root) `auto_tree` times
+AUTO_TREE_SIZES = (8, 16, 32, 63)  # node counts (after the root) `auto_tree` times
 
 
 @torch.inference_mode()
@@ -386,10 +386,10 @@ def auto_tree(model: Pico, texts: list[bytes], temperature: float = 0.0, top_p: 
     """The draft tree that should write the most bytes per second on this machine: for the chain and
     trees of each size in `sizes` (at most max_nodes nodes; `DraftTree.from_accuracy` on the
     `acceptance_rates` of texts, plus the rank-0 chain through every head), the expected bytes per
-    pass divided by the measured time of a pass of that tree at `batch` sequences (best of
-    `repeats` short generations from the texts' starts, so verification and drafting are timed
-    too). Trees pay where a pass's rows are nearly free (wide machines); on one CPU thread each node
-    costs, and the chain may win."""
+    pass divided by the measured time of a pass of that tree at `batch` sequences (median of
+    `repeats` short generations from the texts' starts, round robin, so verification and drafting
+    are timed too; the trees' times smoothed by a line in the node count). Trees pay where a pass's
+    rows are nearly free (wide machines); on one CPU thread each node costs, and the chain may win."""
     t0 = time.perf_counter()
     acc = acceptance_rates(model, texts, temperature, top_p, seed=seed)
     for row in acc:  # rank r never above rank r - 1 (noise aside), so from_accuracy lists ranks in order
@@ -404,17 +404,23 @@ def auto_tree(model: Pico, texts: list[bytes], temperature: float = 0.0, top_p: 
             options.append(tree)
     prompts = [t[:16] for t in texts][:batch]  # short: the prefill pass should weigh little in ms per pass
     prompts += [prompts[-1]] * (batch - len(prompts))
-    rows = []
-    for tree in options:
-        best = math.inf
-        for _ in range(repeats):
-            res = generate(model, prompts, 96, temperature=temperature, top_p=top_p, seed=seed, stop_at_eos=False,
+    times: list[list[float]] = [[] for _ in options]
+    for _ in range(repeats):  # round robin, so that load from other processes hits every option alike
+        for i, tree in enumerate(options):
+            res = generate(model, prompts, 64, temperature=temperature, top_p=top_p, seed=seed, stop_at_eos=False,
                            routing_agreement=False, tree=tree)
-            best = min(best, res.seconds / res.forward_passes)
+            times[i].append(res.seconds / res.forward_passes)
+    ms = [1e3 * sorted(t)[len(t) // 2] for t in times]  # medians
+    if len(options) > 2:  # trees: a least-squares line in the node count, so one noisy size cannot win
+        n = torch.tensor([float(len(t) - 1) for t in options[1:]], dtype=torch.float64)
+        y = torch.tensor(ms[1:], dtype=torch.float64)
+        slope = ((n - n.mean()) * (y - y.mean())).sum() / ((n - n.mean()) ** 2).sum().clamp(min=1e-9)
+        ms[1:] = (y.mean() + slope.clamp(min=0) * (n - n.mean())).tolist()
+    rows = []
+    for tree, m in zip(options, ms):
         e = expected_bytes_per_pass(tree, acc)
         rows.append({"nodes": len(acc) if tree is None else len(tree) - 1, "chain": tree is None,
-                     "expected_bytes_per_pass": round(e, 3), "ms_per_pass": round(1e3 * best, 3),
-                     "bytes_per_ms": round(e / (1e3 * best), 3)})
+                     "expected_bytes_per_pass": round(e, 3), "ms_per_pass": round(m, 3), "bytes_per_ms": round(e / m, 3)})
     pick = max(range(len(rows)), key=lambda i: rows[i]["bytes_per_ms"])
     return TreeChoice(options[pick], acc, rows, time.perf_counter() - t0)
 

@@ -516,9 +516,11 @@ def test_acceptance_rates_predict_the_chains_bytes_per_pass(trained, temperature
 
 def test_auto_tree_times_the_candidates_and_keeps_sampled_trees_exact(trained):
     calib = [TEXT[:12] + generate(trained, [TEXT[:12]], 100, temperature=0.8, seed=1).outputs[0]]
-    choice = auto_tree(trained, calib, 0.8, 0.95, max_nodes=12, sizes=(6, 12), repeats=1)
-    assert [c["nodes"] for c in choice.candidates] == [3, 6, 12] and choice.candidates[0]["chain"]
+    choice = auto_tree(trained, calib, 0.8, 0.95, max_nodes=12, sizes=(6, 9, 12), repeats=1)
+    assert [c["nodes"] for c in choice.candidates] == [3, 6, 9, 12] and choice.candidates[0]["chain"]
     assert all(c["ms_per_pass"] > 0 and c["expected_bytes_per_pass"] >= 1.0 for c in choice.candidates)
+    trees = [c["ms_per_pass"] for c in choice.candidates[1:]]
+    assert trees == sorted(trees)  # tree times are a fitted line, never falling with more nodes
     best = max(choice.candidates, key=lambda c: c["bytes_per_ms"])
     assert (choice.tree is None) == best["chain"]
     if choice.tree is not None:
