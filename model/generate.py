@@ -542,6 +542,7 @@ class Sampler:
         self.ban = torch.zeros(VOCAB_SIZE)
         self.ban[[BOS, PAD] + ([] if stop_at_eos else [EOS])] = float("-inf")
         self.heads: DraftHeads | None = None
+        self.min_confidence = 0.0  # `generate(draft_confidence=)`
         self.gen = torch.Generator(device=device)
         self.gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
 
@@ -572,17 +573,25 @@ class Sampler:
         return self._draw(self.probs(logits))
 
     def draft(self, model: Pico, x_last: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Drafts (B, k) from heads 2..k+1 at the last accepted position x_last (B, d), and their
-        distributions q (B, k, V) (None when greedy)."""
+        """Drafts (B, j) from heads 2..j+1 at the last accepted position x_last (B, d), and their
+        distributions q (B, j, V) (None when greedy); j = k, or with `min_confidence` the longest
+        prefix whose product of the heads' top probabilities reaches it in some row (fewer drafts
+        only shorten the chunk: verification stays exact)."""
         if k == 0:
             return x_last.new_zeros((x_last.shape[0], 0), dtype=torch.long), None
         if self.heads is None:
             self.heads = model.draft_heads(k)
         logits = model.unembed(model.norm(self.heads(x_last)))  # (B, k, V): shared final norm and unembedding
         if self.greedy:
-            return self._mask(logits).argmax(-1), None
-        q = self.probs(logits)
-        return self._draw(q), q
+            drafts, q = self._mask(logits).argmax(-1), None
+        else:
+            q = self.probs(logits)
+            drafts = self._draw(q)
+        if self.min_confidence > 0:  # EAGLE-2's idea on a chain: stop where the drafts are unlikely to get
+            conf = (torch.softmax(self._mask(logits), -1) if q is None else q).amax(-1).cumprod(1)  # (B, k)
+            n = int((conf >= self.min_confidence).any(0).sum())  # a prefix in every row, so in the batch
+            drafts, q = drafts[:, :n], None if q is None or n == 0 else q[:, :n]  # no drafts: plain decoding
+        return drafts, q
 
     def draft_tree(self, model: Pico, x_last: torch.Tensor, tree: DraftTree) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Node bytes (B, len(tree) - 1) of a draft tree from heads 2..max_depth+1 at the last accepted
@@ -768,7 +777,7 @@ def prompt_ids(prompt: bytes, context: int) -> tuple[list[int], int]:
 def generate(model: Pico, prompts: list[bytes], max_new_bytes: int, speculative: bool = True,
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
              stop_at_eos: bool = True, routing_agreement: bool = True, context: int | None = None,
-             lazy_latent: bool = False, tree: DraftTree | None = None,
+             lazy_latent: bool = False, tree: DraftTree | None = None, draft_confidence: float = 0.0,
              on_bytes: Callable[[int, bytes], None] | None = None) -> GenerateResult:
     """Continue each prompt by up to max_new_bytes bytes (greedy when temperature == 0).
 
@@ -782,12 +791,14 @@ def generate(model: Pico, prompts: list[bytes], max_new_bytes: int, speculative:
     off by default: on the benchmark models it gained and lost within the noise
     (benchmarks/results/generate_speed.md). `tree` (speculative only; greedy or sampled, exact
     either way): verify a `DraftTree` of candidates per pass instead of one chain.
+    `draft_confidence` (a chain only): feed only the drafts whose running product of the draft heads'
+    top probabilities is at least this (a shorter chunk costs less where drafts would be rejected).
     `on_bytes(i, new)` is called with prompt i's newly committed bytes as soon as a pass commits
     them (streaming output; what it received is final).
     """
-    if temperature < 0 or not 0.0 < top_p <= 1.0 or max_new_bytes < 0:
-        raise ValueError(f"generate: need temperature >= 0, 0 < top_p <= 1, max_new_bytes >= 0 "
-                         f"(got {temperature}, {top_p}, {max_new_bytes})")
+    if temperature < 0 or not 0.0 < top_p <= 1.0 or max_new_bytes < 0 or not 0.0 <= draft_confidence < 1.0:
+        raise ValueError(f"generate: need temperature >= 0, 0 < top_p <= 1, max_new_bytes >= 0, "
+                         f"0 <= draft_confidence < 1 (got {temperature}, {top_p}, {max_new_bytes}, {draft_confidence})")
     cfg = model.cfg
     if tree is not None and tree.max_depth > cfg.n_predict - 1:
         raise ValueError(f"draft tree of depth {tree.max_depth} needs n_predict >= {tree.max_depth + 1} heads; "
@@ -806,6 +817,7 @@ def generate(model: Pico, prompts: list[bytes], max_new_bytes: int, speculative:
     dev = next(model.parameters()).device
     k = cfg.n_predict - 1 if speculative else 0
     sampler = Sampler(temperature, top_p, seed, stop_at_eos, dev)
+    sampler.min_confidence = draft_confidence
     t0 = time.perf_counter()
     n_passes = 0
     cache_bytes = 0

@@ -304,6 +304,19 @@ def trained():
     return model.eval()
 
 
+def test_drafts_cut_by_confidence_keep_greedy_output_and_shorten_the_chunk(trained):
+    prompts = [TEXT[:10], b"zzz qqq", TEXT[40:52]]
+    plain = generate(trained, prompts, 100, speculative=False, stop_at_eos=False)
+    full = generate(trained, prompts, 100, stop_at_eos=False)
+    cut = generate(trained, prompts, 100, stop_at_eos=False, draft_confidence=0.99)
+    assert cut.outputs == plain.outputs == full.outputs
+    alone = [generate(trained, [p], 100, stop_at_eos=False, draft_confidence=0.99) for p in prompts]
+    assert [a.outputs[0] for a in alone] == plain.outputs
+    assert 1.0 < sum(a.bytes_per_pass for a in alone) / 3 < full.bytes_per_pass  # fewer drafts fed, fewer accepted
+    with pytest.raises(ValueError, match="draft_confidence"):
+        generate(trained, prompts, 10, draft_confidence=1.0)
+
+
 @pytest.mark.parametrize("lazy", [False, True], ids=["eager", "lazy_latent"])
 def test_greedy_speculative_equals_greedy_plain_when_drafts_are_accepted(trained, lazy):
     prompts = [TEXT[i:i + n] for i, n in [(0, 10), (5, 30), (17, 3), (40, 45), (60, 1)]] + [b"", b"zzz qqq"]
@@ -352,7 +365,7 @@ def _chi_square(counts: Counter, dist: dict, N: int) -> tuple[float, int]:
     return stat + (pool_obs - pool_exp) ** 2 / max(pool_exp, 1e-9), dof + 1
 
 
-SAMPLED_TREES = {"chain": None, "product 3,2": [3, 2], "from_accuracy": "acc"}
+SAMPLED_TREES = {"chain": None, "chain cut by confidence": "cut", "product 3,2": [3, 2], "from_accuracy": "acc"}
 
 
 @pytest.mark.parametrize("tree", SAMPLED_TREES, ids=str)
@@ -373,10 +386,11 @@ def test_speculative_sampling_has_plain_sampling_distribution(tree):
     N = 6000
     dist = _exact_joint(model, Sampler(1.0, 0.9, 0, False, "cpu"), 3)
     tree = SAMPLED_TREES[tree]
-    tree = None if tree is None else DraftTree.product(tree) if tree != "acc" else \
+    cut = 0.3 if tree == "cut" else 0.0  # drafts after the running top probability falls below 0.3 are not fed
+    tree = None if tree in (None, "cut") else DraftTree.product(tree) if tree != "acc" else \
         DraftTree.from_accuracy([[0.5, 0.3, 0.1], [0.4, 0.2]], 6)  # (0,) (1,) (0,0) (2,) (1,0) (0,1)
     res = generate(model, [b""] * N, 3, speculative=True, temperature=1.0, top_p=0.9, seed=1, stop_at_eos=False,
-                   tree=tree)
+                   tree=tree, draft_confidence=cut)
     assert res.bytes_per_pass > 1.2  # drafts were accepted ...
     assert res.forward_passes == 3  # ... and rejected: some sequences needed a third pass
     stat, dof = _chi_square(Counter(tuple(o) for o in res.outputs), dist, N)

@@ -93,6 +93,7 @@ BAD = [
     (["--prompt", "a", "--tree", "auto:0"], "--tree auto:0: auto:N needs 1 <= N <= 63 nodes"),
     (["--prompt", "a", "--tree", "auto:99"], "--tree auto:99: auto:N needs 1 <= N <= 63 nodes"),
     (["--prompt", "a", "--tree", "autox"], "--tree autox: give comma-separated counts >= 1"),
+    (["--prompt", "a", "--draft-confidence", "1"], "--draft-confidence 1.0: must be in [0, 1)"),
     (["--prompt-file", "MISSING"], "no such file"),
     (["--max-bytes", "4"], "--prompt"),
 ]
@@ -119,6 +120,8 @@ def test_a_draft_tree_gives_the_greedy_output_and_samples_reproducibly(checkpoin
     assert gen(checkpoint, "--prompt", "ab", "--max-bytes", "30", "--json", "--tree", "3,2") == 0
     tree = json.loads(capsys.readouterr().out)
     assert tree["outputs"] == plain["outputs"] and tree["tree_nodes"] == 1 + 3 + 6
+    assert gen(checkpoint, "--prompt", "ab", "--max-bytes", "30", "--json", "--draft-confidence", "0.5") == 0
+    assert json.loads(capsys.readouterr().out)["outputs"] == plain["outputs"]
     sampled = ["--prompt", "ab", "--max-bytes", "30", "--json", "--tree", "3,2", "--temperature", "0.8", "--seed", "3"]
     assert gen(checkpoint, *sampled) == 0
     first = json.loads(capsys.readouterr().out)
