@@ -75,6 +75,10 @@ Design (tensors only; no files, no ranks):
   proof), so the output has plain sampling's distribution, temperature and top-p included.
   `DraftTree.from_accuracy` picks the most likely paths from acceptance rates measured on
   held-out text; `auto_tree` measures them and the machine's pass cost and sizes the tree.
+- **Chains cut by confidence** (`draft_confidence`, after EAGLE-2, Li et al. 2024): a pass feeds
+  only the drafts whose running product of the heads' top probabilities reaches a threshold in
+  some row; fewer drafts only shorten the chunk, so the output is unchanged. Off by default: on
+  the quickstart models it moved speed within the noise (benchmarks/results/generate_speed.md).
 - **Batches.** Every sequence keeps its own length, caches and accepted count; a step feeds
   the same chunk width to all of them and each commits its own n_keep, so sequences advance
   by different amounts in the same pass and no sequence waits for the slowest acceptor.
@@ -101,6 +105,7 @@ from pico.model.routers.base import Step
 
 START = EOS  # what precedes a document in training streams
 FAR = 1 << 40  # position of an empty cache slot: after every query, so never visible
+NUCLEUS_TOPK = 32  # bytes Sampler.probs looks for the top-p nucleus among before sorting all of them
 STAGE = 64  # cache slots for a step's new entries (a chain is n_predict bytes, a tree at most 64 nodes)
 
 
@@ -555,16 +560,23 @@ class Sampler:
         """The sampling distribution (..., V): softmax(logits / T), cut to the top-p nucleus."""
         p = torch.softmax(self._mask(logits) / self.temperature, dim=-1)
         if self.top_p < 1.0:
-            sp, order = p.sort(dim=-1, descending=True)
+            # The nucleus is nearly always among the top NUCLEUS_TOPK bytes, and topk costs a fraction of a
+            # full sort of 259 on a CPU (22 vs 160 us on (1, 8, 259)); sort only when a row's nucleus is wider.
+            sp, order = p.topk(min(NUCLEUS_TOPK, p.shape[-1]), dim=-1)
+            if not bool((sp.sum(-1) >= self.top_p).all()):
+                sp, order = p.sort(dim=-1, descending=True)
             drop = sp.cumsum(-1) - sp >= self.top_p  # keep the smallest prefix with mass >= top_p
-            p = p.scatter(-1, order, sp.masked_fill(drop, 0.0))
+            p = torch.zeros_like(p).scatter_(-1, order, sp.masked_fill(drop, 0.0))
             p = p / p.sum(-1, keepdim=True)
         return p
 
     def _draw(self, p: torch.Tensor) -> torch.Tensor:
-        """One sample per row of p (..., V)."""
-        flat = p.reshape(-1, p.shape[-1])
-        return torch.multinomial(flat, 1, generator=self.gen).view(p.shape[:-1])
+        """One sample per row of p (..., V) (unnormalised is fine): the first index whose cumulative mass
+        exceeds u * total, u ~ U[0, 1), so index i comes with probability p_i / total; it never lands on
+        a zero entry. Two kernels, where torch.multinomial costs ~10x as much for one draw on a CPU."""
+        cdf = p.cumsum(-1)
+        u = torch.rand((*p.shape[:-1], 1), generator=self.gen, device=p.device, dtype=cdf.dtype)
+        return (cdf <= u * cdf[..., -1:]).sum(-1).clamp_(max=p.shape[-1] - 1)
 
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
         """Next byte (...,) from head-1 logits (..., V)."""

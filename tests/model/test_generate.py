@@ -541,6 +541,29 @@ def test_auto_tree_times_the_candidates_and_keeps_sampled_trees_exact(trained):
         assert choice.tree.sampling_ok and len(choice.tree) - 1 == best["nodes"]
 
 
+@pytest.mark.parametrize("scale", [0.1, 3.0], ids=["nucleus wider than the topk", "nucleus in the topk"])
+def test_top_p_and_draws_follow_their_definitions(scale):
+    """probs: softmax(logits / T) cut to the smallest sorted prefix with mass >= top_p (the topk shortcut
+    and the full sort agree); _draw: index i with probability p_i / sum(p), never a zero entry."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 259, generator=g) * scale
+    sampler = Sampler(0.8, 0.9, 0, True, "cpu")
+    p = torch.softmax(sampler._mask(logits) / 0.8, -1)
+    sp, order = p.sort(-1, descending=True)
+    ref = torch.zeros_like(p).scatter(-1, order, sp.masked_fill(sp.cumsum(-1) - sp >= 0.9, 0.0))
+    got = sampler.probs(logits)
+    assert_close(got, ref / ref.sum(-1, keepdim=True))
+    assert ((got > 0).sum(-1) > 32).any() == (scale < 1)  # both paths of probs ran
+    N = 60000
+    draws = sampler._draw(got[:1].expand(N, -1) * 3.0)  # unnormalised mass is fine
+    counts = torch.bincount(draws, minlength=259).float()
+    assert counts[got[0] == 0].sum() == 0
+    want = got[0] * N
+    keep = want > 5
+    stat = ((counts[keep] - want[keep]) ** 2 / want[keep]).sum().item()
+    assert stat < int(keep.sum()) + 4 * (2 * int(keep.sum())) ** 0.5, stat
+
+
 def test_sampling_is_reproducible_with_a_seed():
     model = tiny("learned")
     a = generate(model, [b"ab", b""], 20, temperature=0.8, top_p=0.95, seed=7)
