@@ -77,8 +77,9 @@ Design (tensors only; no files, no ranks):
   held-out text; `auto_tree` measures them and the machine's pass cost and sizes the tree.
 - **Chains cut by confidence** (`draft_confidence`, after EAGLE-2, Li et al. 2024): a pass feeds
   only the drafts whose running product of the heads' top probabilities reaches a threshold in
-  some row; fewer drafts only shorten the chunk, so the output is unchanged. Off by default: on
-  the quickstart models it moved speed within the noise (benchmarks/results/generate_speed.md).
+  some row; fewer drafts only shorten the chunk, so the output is unchanged. Default 0.1: on the
+  quickstart models it was faster than the full chain in every case measured (sampled 1.10-1.48x,
+  greedy within noise; benchmarks/results/generate_speed.md), 0.3 was slower.
 - **Batches.** Every sequence keeps its own length, caches and accepted count; a step feeds
   the same chunk width to all of them and each commits its own n_keep, so sequences advance
   by different amounts in the same pass and no sequence waits for the slowest acceptor.
@@ -105,6 +106,7 @@ from pico.model.routers.base import Step
 
 START = EOS  # what precedes a document in training streams
 FAR = 1 << 40  # position of an empty cache slot: after every query, so never visible
+DRAFT_CONFIDENCE = 0.1  # generate()'s default draft_confidence (measured: benchmarks/results/generate_speed.md)
 NUCLEUS_TOPK = 32  # bytes Sampler.probs looks for the top-p nucleus among before sorting all of them
 STAGE = 64  # cache slots for a step's new entries (a chain is n_predict bytes, a tree at most 64 nodes)
 
@@ -413,7 +415,7 @@ def auto_tree(model: Pico, texts: list[bytes], temperature: float = 0.0, top_p: 
     for _ in range(repeats):  # round robin, so that load from other processes hits every option alike
         for i, tree in enumerate(options):
             res = generate(model, prompts, 64, temperature=temperature, top_p=top_p, seed=seed, stop_at_eos=False,
-                           routing_agreement=False, tree=tree)
+                           routing_agreement=False, tree=tree, draft_confidence=0.0)  # the chain it scores
             times[i].append(res.seconds / res.forward_passes)
     ms = [1e3 * sorted(t)[len(t) // 2] for t in times]  # medians
     if len(options) > 2:  # trees: a least-squares line in the node count, so one noisy size cannot win
@@ -789,7 +791,7 @@ def prompt_ids(prompt: bytes, context: int) -> tuple[list[int], int]:
 def generate(model: Pico, prompts: list[bytes], max_new_bytes: int, speculative: bool = True,
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
              stop_at_eos: bool = True, routing_agreement: bool = True, context: int | None = None,
-             lazy_latent: bool = False, tree: DraftTree | None = None, draft_confidence: float = 0.0,
+             lazy_latent: bool = False, tree: DraftTree | None = None, draft_confidence: float = DRAFT_CONFIDENCE,
              on_bytes: Callable[[int, bytes], None] | None = None) -> GenerateResult:
     """Continue each prompt by up to max_new_bytes bytes (greedy when temperature == 0).
 
@@ -803,7 +805,7 @@ def generate(model: Pico, prompts: list[bytes], max_new_bytes: int, speculative:
     off by default: on the benchmark models it gained and lost within the noise
     (benchmarks/results/generate_speed.md). `tree` (speculative only; greedy or sampled, exact
     either way): verify a `DraftTree` of candidates per pass instead of one chain.
-    `draft_confidence` (a chain only): feed only the drafts whose running product of the draft heads'
+    `draft_confidence` (a chain only; default DRAFT_CONFIDENCE): feed only the drafts whose running product of the heads'
     top probabilities is at least this (a shorter chunk costs less where drafts would be rejected).
     `on_bytes(i, new)` is called with prompt i's newly committed bytes as soon as a pass commits
     them (streaming output; what it received is final).

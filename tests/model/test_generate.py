@@ -307,7 +307,7 @@ def trained():
 def test_drafts_cut_by_confidence_keep_greedy_output_and_shorten_the_chunk(trained):
     prompts = [TEXT[:10], b"zzz qqq", TEXT[40:52]]
     plain = generate(trained, prompts, 100, speculative=False, stop_at_eos=False)
-    full = generate(trained, prompts, 100, stop_at_eos=False)
+    full = generate(trained, prompts, 100, stop_at_eos=False, draft_confidence=0.0)
     cut = generate(trained, prompts, 100, stop_at_eos=False, draft_confidence=0.99)
     assert cut.outputs == plain.outputs == full.outputs
     alone = [generate(trained, [p], 100, stop_at_eos=False, draft_confidence=0.99) for p in prompts]
@@ -520,7 +520,7 @@ def test_acceptance_rates_predict_the_chains_bytes_per_pass(trained, temperature
     acc = acceptance_rates(trained, texts, temperature, 0.95, ranks=4)
     assert len(acc) == 3 and all(len(row) == 4 and 0.0 <= sum(row) <= 1.0 + 1e-9 for row in acc)
     run = generate(trained, [TEXT[10:20], TEXT[40:52]], 200, temperature=temperature, top_p=0.95, seed=2,
-                   stop_at_eos=False)
+                   stop_at_eos=False, draft_confidence=0.0)  # the full chain the estimate is of
     expected = expected_bytes_per_pass(None, acc)
     assert run.bytes_per_pass > 1.5 and abs(expected - run.bytes_per_pass) < 0.25 * run.bytes_per_pass, (expected, run)
     a = acc  # the tree adds the rank-1 branch (1,), (1, 0), (1, 0, 0) to the chain
