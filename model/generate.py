@@ -402,7 +402,7 @@ def auto_tree(model: Pico, texts: list[bytes], temperature: float = 0.0, top_p: 
     for row in acc:  # rank r never above rank r - 1 (noise aside), so from_accuracy lists ranks in order
         for r in range(1, len(row)):
             row[r] = min(row[r], row[r - 1])
-    options: list[DraftTree | None] = [None]
+    options: list[DraftTree | None] = [None] if len(acc) <= max_nodes else []  # the chain, if it fits the budget
     for n in sorted({min(s, max_nodes) for s in sizes}):
         paths = DraftTree.from_accuracy(acc, n).paths
         paths += [c for c in ((0,) * d for d in range(1, len(acc) + 1)) if c not in paths][: max(0, max_nodes - len(paths))]
@@ -418,11 +418,12 @@ def auto_tree(model: Pico, texts: list[bytes], temperature: float = 0.0, top_p: 
                            routing_agreement=False, tree=tree, draft_confidence=0.0)  # the chain it scores
             times[i].append(res.seconds / res.forward_passes)
     ms = [1e3 * sorted(t)[len(t) // 2] for t in times]  # medians
-    if len(options) > 2:  # trees: a least-squares line in the node count, so one noisy size cannot win
-        n = torch.tensor([float(len(t) - 1) for t in options[1:]], dtype=torch.float64)
-        y = torch.tensor(ms[1:], dtype=torch.float64)
+    first = 1 if options[0] is None else 0
+    if len(options) - first > 1:  # trees: a least-squares line in the node count, so one noisy size cannot win
+        n = torch.tensor([float(len(t) - 1) for t in options[first:]], dtype=torch.float64)
+        y = torch.tensor(ms[first:], dtype=torch.float64)
         slope = ((n - n.mean()) * (y - y.mean())).sum() / ((n - n.mean()) ** 2).sum().clamp(min=1e-9)
-        ms[1:] = (y.mean() + slope.clamp(min=0) * (n - n.mean())).tolist()
+        ms[first:] = (y.mean() + slope.clamp(min=0) * (n - n.mean())).tolist()
     rows = []
     for tree, m in zip(options, ms):
         e = expected_bytes_per_pass(tree, acc)

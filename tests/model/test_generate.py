@@ -539,6 +539,8 @@ def test_auto_tree_times_the_candidates_and_keeps_sampled_trees_exact(trained):
     assert (choice.tree is None) == best["chain"]
     if choice.tree is not None:
         assert choice.tree.sampling_ok and len(choice.tree) - 1 == best["nodes"]
+    small = auto_tree(trained, calib, 0.8, 0.95, max_nodes=2, sizes=(2,), repeats=1)  # the 3-draft chain does not fit
+    assert [c["nodes"] for c in small.candidates] == [2] and len(small.tree) - 1 == 2 and small.tree.sampling_ok
 
 
 @pytest.mark.parametrize("scale", [0.1, 3.0], ids=["nucleus wider than the topk", "nucleus in the topk"])
