@@ -477,8 +477,9 @@ def iter_documents(f: InputFile, fmt: str, text_field: str, id_field: str, chunk
     limit = expansion_limit(f, max_expansion)
     if kind == "jsonl":
         return _iter_jsonl(f.url, text_field, id_field, chunk_bytes, limit)
-    if kind == "parquet":
-        return _iter_parquet(f.url, text_field, id_field, chunk_bytes)
+    if kind == "parquet":  # compressed inside: its row groups declare their decompressed sizes
+        return _iter_parquet(f.url, text_field, id_field, chunk_bytes,
+                             max(int(max_expansion * f.size), EXPANSION_FLOOR))
     return _iter_whole_file(f, chunk_bytes, limit)
 
 
@@ -654,9 +655,13 @@ def _parquet_column(schema, wanted: str, role: str, url: str, required: bool) ->
     return name, None
 
 
-def _iter_parquet(url: str, text_field: str, id_field: str, chunk_bytes: int) -> Iterator[Doc | Skip]:
+def _iter_parquet(url: str, text_field: str, id_field: str, chunk_bytes: int,
+                  limit: int | None = None) -> Iterator[Doc | Skip]:
     """One Doc per row, row numbers (1-based, across row groups) as lines; a row group that fails
-    to decode is one Skip naming its rows, and the next row group is read."""
+    to decode is one Skip naming its rows, and the next row group is read. pyarrow decompresses a
+    row group's column chunks whole, so a row group whose read columns declare more than `limit`
+    decompressed bytes (the file's metadata, read before any page) is a recorded skip too; pages
+    that decompress past what they declare fail in pyarrow, and are a decode skip."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -681,8 +686,17 @@ def _iter_parquet(url: str, text_field: str, id_field: str, chunk_bytes: int) ->
         columns = [text_col] + ([id_col] if id_col and id_col != text_col else [])
         row = 0
         for g in range(pf.num_row_groups):
-            n_rows = pf.metadata.row_group(g).num_rows
+            meta = pf.metadata.row_group(g)
+            n_rows = meta.num_rows
             first = row
+            declared = sum(meta.column(i).total_uncompressed_size for i in range(meta.num_columns)
+                           if meta.column(i).path_in_schema in columns)
+            if limit is not None and declared > limit:
+                row = first + n_rows
+                yield Skip("failed", url, first + 1, f"row group {g} (rows {first + 1}-{first + n_rows}) declares "
+                                                     f"{declared:,} decompressed bytes, past the limit of {limit:,} "
+                                                     "(prep --max-expansion x the file's size); its rows are left out")
+                continue
             try:
                 for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[g], columns=columns,
                                              use_threads=False):

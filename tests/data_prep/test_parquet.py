@@ -181,3 +181,19 @@ def test_parquet_from_s3(s3_server, ray_local, tmp_path):
     fs.invalidate_cache()
     prepare(["s3://pico-pq/data/"], str(tmp_path / "out"), val_fraction=0.0, **QUIET)
     assert read_documents(str(tmp_path / "out")) == {f"r{i}": t.encode() for i, t in enumerate(texts)}
+
+
+def test_a_row_group_past_the_expansion_limit_is_a_recorded_skip(tmp_path):
+    """Issue 28: pyarrow decompresses a row group's columns whole; their declared size is checked first."""
+    from pico.data_prep.sources import _iter_parquet
+
+    path = tmp_path / "bomb.parquet"
+    table = pa.table({"text": ["a" * 200_000] * 4 + ["small"]})
+    pq.write_table(table, path, row_group_size=4, compression="zstd")  # rows 1-4: ~800 KB that zstd shrinks
+    assert path.stat().st_size < 20_000
+    out = list(_iter_parquet(str(path), "text", "id", 1 << 20, limit=100_000))
+    skips = [o for o in out if isinstance(o, Skip)]
+    docs = [o for o in out if isinstance(o, Doc)]
+    assert len(skips) == 1 and "rows 1-4" in skips[0].reason and "--max-expansion" in skips[0].reason
+    assert [b"".join(d.chunks()) for d in docs] == [b"small"]  # the next row group is read
+    assert len(list(_iter_parquet(str(path), "text", "id", 1 << 20, limit=None))) == 5  # no limit: every row
