@@ -49,9 +49,10 @@ def _all_lrs(design: Design, results: dict[str, dict], domain: str, model: str, 
 
 
 def cells(design: Design):
-    """(domain, model, shape) in the design's order."""
-    for d in design.domains:
-        for m, spec in design.models.items():
+    """(domain, model, shape) in the design's order: model-major, so a stopped experiment has its first
+    models on every domain rather than every model on its first domain."""
+    for m, spec in design.models.items():
+        for d in design.domains:
             for s in shapes_of(spec):
                 yield d, m, s
 

@@ -110,3 +110,14 @@ def test_legacy_conversion_keeps_the_models_router_statistics():
 def test_results_are_written_atomically(tmp_path):
     path = write_json(tmp_path / "runs" / "k.json", {"key": "k"})
     assert json.loads(path.read_text()) == {"key": "k"} and not list(tmp_path.glob("runs/.*tmp"))
+
+
+def test_launch_order_is_model_major(tiny_design):
+    """A stopped experiment has its first models on every domain, not every model on its first domain."""
+    def two_domains(raw):
+        raw["domains"]["other"] = dict(raw["domains"]["toy"])
+        raw["lr"]["fixed"]["other"] = 3e-3
+    design = edit_design(tiny_design, two_domains)
+    ready, total = plan(design, {})
+    assert [(r.model, r.domain) for r in ready] == [("rule", "toy"), ("rule", "other"), ("plain", "toy"), ("plain", "other")]
+    assert total == 4
