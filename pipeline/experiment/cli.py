@@ -93,6 +93,10 @@ def describe(design, est: dict, jobs: int) -> str:
              f"(budgets {', '.join(est['budgets'])}; {design.shape_rule} shapes)",
              "  domain / model / shape: router, params, training FLOPs per byte, steps per budget, runs per budget"]
     for r in est["cells"]:
+        if r.get("best"):
+            lines.append(f"  {r['domain']} / {r['model']} / {r['shape']}: runs {r['runs']} (the sweep budget's best shape "
+                         "and its better neighbour, then the other seeds at the winner)")
+            continue
         lines.append(f"  {r['domain']} / {r['model']} / {r['shape']}: {r['router']}, {r['params']:,} params, "
                      f"{r['flops_per_byte'] / 1e6:.3g} MFLOP/byte, steps {r['steps']}, runs {r['runs']}")
     if est["run_hours"] is None:

@@ -18,7 +18,10 @@ The protocol, the same for every model:
 - the LR (`lr`): one per domain (`fixed`), or a sweep of `grid` at seed 0 for each domain, model and
   shape, at `lr.budget` (or, for a shape that does not run there, the smallest budget it runs at);
   the grid grows past an edge that wins, up to `extend` times; the lowest select-set bpb wins;
-- seeds: `seeds` at every budget unless the budget names its own.
+- seeds: `seeds` at every budget unless the budget names its own;
+- a later stage in the same design: a budget with `shapes: best` runs each model's best shape of the
+  sweep budget and its better neighbour at the first seed, then its other seeds at the one of the two
+  that wins there (a family at its own best shape, and a neighbour to show it is the best).
 """
 
 from __future__ import annotations
@@ -88,6 +91,10 @@ class BudgetSpec:
     """Training FLOPs of every run at this budget."""
     seeds: list[int] = field(default_factory=list)
     """Seeds at this budget (empty: the design's `seeds`)."""
+    shapes: Literal["all", "best"] = "all"
+    """isoflop only. all: every shape runs here. best: two shapes run here at the first seed, the one with
+    the lowest select bpb at the sweep budget (lr.budget) and its better neighbour (models list their
+    shapes by size); the budget's other seeds then run at whichever of the two scores lower here."""
 
 
 @dataclass
@@ -283,9 +290,17 @@ def budgets(design: Design) -> list[float]:
     return sorted(b.flops for b in design.budgets)
 
 
+def _budget(design: Design, budget: float) -> BudgetSpec:
+    return next(b for b in design.budgets if b.flops == budget)
+
+
 def seeds_at(design: Design, budget: float) -> list[int]:
-    b = next(b for b in design.budgets if b.flops == budget)
-    return b.seeds or design.seeds
+    return _budget(design, budget).seeds or design.seeds
+
+
+def picks_best(design: Design, budget: float) -> bool:
+    """Whether the budget runs each model's best shape (and a neighbour) rather than every shape."""
+    return _budget(design, budget).shapes == "best"
 
 
 def shape_budgets(design: Design, model: str, shape: str) -> list[float]:
@@ -347,6 +362,11 @@ def check(design: Design) -> None:
             raise UserError(f"baselines: {b!r} is not a model of the design ({', '.join(design.models)})")
     if design.match_flops is not None and design.match_flops.reference not in design.models:
         raise UserError(f"match_flops.reference={design.match_flops.reference!r} is not a model of the design")
+    for i, b in enumerate(design.budgets):
+        if b.shapes == "best" and (design.shape_rule != "isoflop" or not lr.grid or not lr.budget
+                                   or lr.budget == b.flops or _budget(design, lr.budget).shapes != "all"):
+            raise UserError(f"budgets[{i}].shapes=best: needs shape_rule isoflop and an LR sweep at another budget "
+                            "whose shapes are all (lr.grid and lr.budget), where the best shape is chosen")
     if not 0 <= design.warmup_fraction < 1:
         raise UserError(f"warmup_fraction={design.warmup_fraction}: give a fraction in [0, 1)")
 

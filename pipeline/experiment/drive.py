@@ -249,7 +249,7 @@ def estimate(design: Design) -> dict:
     from pico.model.flops import GPU_PEAK_FLOPS
 
     from pico.pipeline.experiment.plan import cells, sweep_budget
-    from pico.pipeline.experiment.design import budgets, seeds_at, shape_budgets
+    from pico.pipeline.experiment.design import budgets, picks_best, seeds_at, shape_budgets, shapes_of
 
     shapes = check_models(design)
     c = design.cluster
@@ -260,6 +260,8 @@ def estimate(design: Design) -> dict:
         sb = sweep_budget(design, m, s)
         per_budget = {}
         for b in shape_budgets(design, m, s):
+            if picks_best(design, b):
+                continue
             n = len(seeds_at(design, b))
             if not design.lr.fixed and b == sb:
                 n += len(design.lr.grid) - (design.lr.seed in seeds_at(design, b))
@@ -270,6 +272,16 @@ def estimate(design: Design) -> dict:
                      "flops_per_byte": sh.flops_per_byte,
                      "steps": {label(b): steps_for(sh, b) for b in shape_budgets(design, m, s)},
                      "runs": {label(b): n for b, n in per_budget.items()}})
+    for b in (b for b in budgets(design) if picks_best(design, b)):  # the best shape and a neighbour, then more seeds
+        for d in design.domains:
+            for m in design.models:
+                names = list(shapes_of(design.models[m]))
+                n = min(2, len(names)) + len(seeds_at(design, b)) - 1
+                n_runs += n
+                flops += n * max(steps_for(shapes[m, s], b) * shapes[m, s].flops_per_byte * shapes[m, s].bytes_per_step
+                                 for s in names)
+                rows.append({"domain": d, "model": m, "shape": f"best of {'/'.join(names)}", "best": True,
+                             "runs": {label(b): n}})
     hours = (flops / rate + n_runs * c.run_overhead_s) / 3600 if rate else None
     return {"runs": n_runs, "train_flops": flops, "rate_flops_per_s": rate or None, "run_hours": hours,
             "gpu_hours": hours * c.gpus if hours is not None and c.gpus else None, "cells": rows,

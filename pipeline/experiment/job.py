@@ -18,6 +18,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -33,6 +34,8 @@ from pico.pipeline.experiment.design import Design, Run, Shape, resolve_shape, s
 from pico.pipeline.experiment.store import failure_path, result_path, write_json
 
 CODE = ("model", "pipeline", "data_prep", "cluster", "configs", "pyproject.toml")
+HARNESS = ("pipeline/experiment", "configs/experiments")  # plans and designs: they do not change what a run trains
+CODE_SPEC = (*CODE, *(f":(exclude){p}" for p in HARNESS))
 EXIT_PREEMPTED = 75  # pico train's exit status after a checkpoint on a stop signal
 
 
@@ -106,14 +109,31 @@ def revision() -> tuple[str, str]:
         version = "unknown"
     root = Path(pico.pipeline.__file__).resolve().parents[1]
     try:
-        # the last commit that changed the code (a README or results commit does not split a table)
-        rev = subprocess.run(["git", "-C", str(root), "log", "-1", "--format=%H", "--", *CODE], capture_output=True,
+        # the last commit that changed the code a run trains with (a README, results, design or planner commit
+        # does not split a table)
+        rev = subprocess.run(["git", "-C", str(root), "log", "-1", "--format=%H", "--", *CODE_SPEC], capture_output=True,
                              text=True, timeout=30).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", *CODE], capture_output=True,
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", *CODE_SPEC], capture_output=True,
                                text=True, timeout=30).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         return version, "unknown"
     return version, (rev + ("+dirty" if dirty else "")) if rev else "unknown"
+
+
+def code_revision(rev: str, root: Path | None = None) -> str:
+    """The last commit at or before `rev` that changed the code a run trains with (as `revision` records it
+    now); `rev` itself when git cannot tell (not a commit of this checkout, +dirty, unknown)."""
+    import pico.pipeline
+
+    root = root or Path(pico.pipeline.__file__).resolve().parents[1]
+    if not re.fullmatch(r"[0-9a-f]{7,40}", rev):
+        return rev
+    try:
+        out = subprocess.run(["git", "-C", str(root), "log", "-1", "--format=%H", rev, "--", *CODE_SPEC],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return rev
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else rev
 
 
 def run_one(design: Design, run: Run) -> int:

@@ -1,14 +1,16 @@
 """Which runs the design asks for, given the runs already finished: the LR rule and the launch order.
 
-Pure functions of the design and the finished results (tested on hand-made results): the LR
-sweeps come first; a model's runs at the other budgets and seeds follow once its sweep has
-chosen its LR; seeds go in ascending order, so an interrupted experiment has every model at the
-same number of seeds.
+Pure functions of the design and the finished results (tested on hand-made results), model-major:
+a model's LR sweeps come first, then its runs at the other budgets and seeds once the sweep has
+chosen their LR (and, for a `shapes: best` budget, their shape), seeds in ascending order; then the
+next model's. An interrupted experiment leaves whole models, the first ones of the design, and
+while a model waits for a choice the next model's runs fill the free slots.
 """
 
 from __future__ import annotations
 
-from pico.pipeline.experiment.design import Design, Run, budgets, seeds_at, shape_budgets, shapes_of
+from pico.pipeline.experiment.design import (Design, Run, budgets, label, picks_best, seeds_at, shape_budgets,
+                                             shapes_of)
 
 
 def sweep_budget(design: Design, model: str, shape: str) -> float:
@@ -66,34 +68,59 @@ def chosen_lrs(design: Design, results: dict[str, dict]) -> dict[tuple[str, str,
     return out
 
 
+def best_shapes(design: Design, results: dict[str, dict], domain: str, model: str, budget: float
+                ) -> tuple[list[str] | None, str | None]:
+    """A `shapes: best` budget of one domain and model: (the shapes its first seed runs at, None while the
+    sweep budget has not chosen every shape's LR; the shape its other seeds run at, None until both
+    first-seed runs finished).
+
+    The first are the shape with the lowest select bpb at the sweep budget (ties: the earlier shape) and
+    the better of its neighbours in the model's shape list; the second is whichever of them has the
+    lower select bpb at this budget."""
+    names = list(shapes_of(design.models[model]))
+    select, lrs = {}, {}
+    for s in names:
+        lrs[s] = lr_grid(design, results, domain, model, s)[1]
+        if lrs[s] is None:
+            return None, None
+        select[s] = results[Run(domain, model, s, design.lr.budget, lrs[s], design.lr.seed).key(design)]["select"]["bpb"]
+    i = min(range(len(names)), key=lambda j: (select[names[j]], j))
+    near = [j for j in (i - 1, i + 1) if 0 <= j < len(names)]
+    picked = [names[i]] + ([names[min(near, key=lambda j: (select[names[j]], j))]] if near else [])
+    first = seeds_at(design, budget)[0]
+    here = {s: results.get(Run(domain, model, s, budget, lrs[s], first).key(design)) for s in picked}
+    if any(r is None for r in here.values()):
+        return picked, None
+    return picked, min(picked, key=lambda s: (here[s]["select"]["bpb"], names.index(s)))
+
+
 def plan(design: Design, results: dict[str, dict]) -> tuple[list[Run], int]:
     """(runs ready to launch and not finished, in launch order; the number of runs the design has in all,
-    as far as the sweeps so far tell)."""
+    as far as the sweeps so far tell).
+
+    Model-major: a model's LR sweeps, then its runs at the other budgets and seeds (ascending), then the
+    next model's; a run whose LR or shape is not chosen yet waits, and the next model's runs fill in."""
     order: list[Run] = []
     total: set[str] = set()
-    chosen = {}
-    for d, m, s in cells(design):
-        grid, lr = lr_grid(design, results, d, m, s)
-        if not design.lr.fixed:
-            sweep = [Run(d, m, s, sweep_budget(design, m, s), x, design.lr.seed) for x in grid]
-            order += sweep
-            total |= {r.key(design) for r in sweep}
-        chosen[d, m, s] = lr
-    for seed in sorted({x for b in budgets(design) for x in seeds_at(design, b)}):
-        for b in budgets(design):
-            if seed not in seeds_at(design, b):
-                continue
-            for d, m, s in cells(design):
-                if b not in shape_budgets(design, m, s):
+    seeds = sorted({x for b in budgets(design) for x in seeds_at(design, b)})
+    for model in design.models:
+        mine = [(d, s) for d, m, s in cells(design) if m == model]
+        chosen = {}
+        for d, s in mine:
+            grid, lr = lr_grid(design, results, d, model, s)
+            if not design.lr.fixed:
+                sweep = [Run(d, model, s, sweep_budget(design, model, s), x, design.lr.seed) for x in grid]
+                order += sweep
+                total |= {r.key(design) for r in sweep}
+            chosen[d, s] = lr
+        for seed in seeds:
+            for b in budgets(design):
+                if seed not in seeds_at(design, b):
                     continue
-                lr = chosen[d, m, s]
-                if lr is None:  # not swept yet: count the run, launch it later
-                    if not (b == sweep_budget(design, m, s) and seed == design.lr.seed):
-                        total.add(f"{d}-{m}-{s}-{b}-{seed}")
-                    continue
-                run = Run(d, m, s, b, lr, seed)
-                order.append(run)
-                total.add(run.key(design))
+                for d in design.domains:
+                    runs, waiting = _runs_at(design, results, chosen, d, model, b, seed)
+                    order += runs
+                    total |= {r.key(design) for r in runs} | {f"{d}-{model}-?{i}-{label(b)}-{seed}" for i in range(waiting)}
     ready, seen = [], set()
     for run in order:
         k = run.key(design)
@@ -101,3 +128,24 @@ def plan(design: Design, results: dict[str, dict]) -> tuple[list[Run], int]:
             ready.append(run)
             seen.add(k)
     return ready, len(total)
+
+
+def _runs_at(design: Design, results: dict[str, dict], chosen: dict, domain: str, model: str, budget: float,
+             seed: int) -> tuple[list[Run], int]:
+    """(the runs of one domain, model, budget and seed that can be named now; how many more wait for a choice)."""
+    if picks_best(design, budget):
+        picked, winner = best_shapes(design, results, domain, model, budget)
+        first = seed == seeds_at(design, budget)[0]
+        if picked is None:
+            return [], min(2, len(shapes_of(design.models[model]))) if first else 1
+        shapes = picked if first else [winner] if winner else []
+        return [Run(domain, model, s, budget, chosen[domain, s], seed) for s in shapes], int(not shapes)
+    runs, waiting = [], 0
+    for d, s in chosen:
+        if d != domain or budget not in shape_budgets(design, model, s):
+            continue
+        if chosen[d, s] is None:  # not swept yet: count the run, launch it later
+            waiting += not (budget == sweep_budget(design, model, s) and seed == design.lr.seed)
+            continue
+        runs.append(Run(d, model, s, budget, chosen[d, s], seed))
+    return runs, waiting

@@ -28,8 +28,13 @@ ROUTER_COLUMNS = (("boundary rate", "routed_frac_mean"), ("at rule", "spacelike_
 
 
 def check_revisions(results: dict[str, dict], allow_mixed: bool) -> list[str]:
-    """The git revisions of the results; an error when there are several and mixing was not allowed."""
-    revs = sorted({str(r.get("git_revision")) for r in results.values()})
+    """The code revisions of the results; an error when there are several and mixing was not allowed.
+
+    A recorded revision counts as the last commit at or before it that changed the code a run trains
+    with (`job.code_revision`), so runs recorded before and after a planner or design commit share one."""
+    from pico.pipeline.experiment.job import code_revision
+
+    revs = sorted({code_revision(str(r.get("git_revision"))) for r in results.values()})
     if len(revs) > 1 and not allow_mixed:
         raise UserError(f"the results come from {len(revs)} pico revisions ({', '.join(r[:12] for r in revs)}); "
                         "one table is one revision: rerun the odd runs, or pass --allow-mixed-revisions")

@@ -121,3 +121,69 @@ def test_launch_order_is_model_major(tiny_design):
     ready, total = plan(design, {})
     assert [(r.model, r.domain) for r in ready] == [("rule", "toy"), ("rule", "other"), ("plain", "toy"), ("plain", "other")]
     assert total == 4
+
+
+def _staged(raw):
+    raw["models"]["rule"]["shapes"] = {"s": ["model.d_local=24"], "m": ["model.d_local=32"], "l": ["model.d_local=40"]}
+    raw.update(shape_rule="isoflop", lr={"grid": [1e-3, 2e-3], "budget": 3e9},
+               budgets=[3e9, {"flops": 6e9, "shapes": "best", "seeds": [0, 1, 2]}])
+
+
+def test_a_best_budget_runs_the_best_shape_and_its_better_neighbour_then_seeds_at_the_winner(tiny_design):
+    design = edit_design(tiny_design, _staged)
+    ready, total = plan(design, {})
+    assert {r.budget for r in ready} == {3e9} and total == 3 * 2 + 2 + 4 + 3  # sweeps (rule's 3 shapes, plain's one), then 2 + 2 seeds (1 + 2 for plain)
+    sweep = {"s": 2.3, "m": 2.0, "l": 2.1}  # m wins at 3e9; l is its better neighbour
+    results = dict(result(design, "rule", s, 3e9, lr, 0, 9.0, select=sweep[s] + lr * 10) for s in sweep
+                   for lr in (1e-3, 2e-3))  # 1e-3 wins every sweep: no extension
+    ready, _ = plan(design, results)
+    rule = [(r.shape, r.budget, r.lr, r.seed) for r in ready if r.model == "rule"]
+    assert rule == [("m", 6e9, 1e-3, 0), ("l", 6e9, 1e-3, 0)]
+    results.update([result(design, "rule", "m", 6e9, 1e-3, 0, 9.0, select=1.9)])
+    assert [r.shape for r in plan(design, results)[0] if r.model == "rule"] == ["l"]  # seeds 1, 2 wait for l's score
+    results.update([result(design, "rule", "l", 6e9, 1e-3, 0, 9.0, select=1.8)])  # the bigger shape wins at 6e9
+    rule = [(r.shape, r.seed) for r in plan(design, results)[0] if r.model == "rule"]
+    assert rule == [("l", 1), ("l", 2)]
+    results.update(result(design, "rule", "l", 6e9, 1e-3, x, 9.0 - x / 10, select=1.8) for x in (1, 2))
+    assert not [r for r in plan(design, results)[0] if r.model == "rule"]
+    best = {c["budget"]: c for c in table.aggregate(design, results)["best"] if c["model"] == "rule"}
+    assert best[6e9]["shape"] == "l" and best[6e9]["n_seeds"] == 3 and best[3e9]["shape"] == "m"
+
+
+def test_a_best_budget_needs_an_isoflop_sweep_elsewhere(tiny_design):
+    def fixed(raw):
+        _staged(raw)
+        raw["shape_rule"] = "fixed"
+        del raw["models"]["rule"]["shapes"]
+    with pytest.raises(UserError, match=r"budgets\[1\].shapes=best: needs shape_rule isoflop"):
+        edit_design(tiny_design, fixed)
+    with pytest.raises(UserError, match=r"budgets\[1\].shapes=best"):
+        edit_design(tiny_design, lambda raw: (_staged(raw), raw["lr"].update(budget=6e9)))
+
+
+def test_a_planner_or_design_commit_does_not_split_a_table(tmp_path):
+    """Runs recorded at a commit that changed only pipeline/experiment or configs/experiments count as the
+    training code's last commit before it; a commit to the model is a new revision."""
+    import subprocess
+
+    from pico.pipeline.experiment.job import code_revision
+
+    def commit(path: str, text: str) -> str:
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(text)
+        git("add", "-A")
+        git("commit", "-qm", path)
+        return git("rev-parse", "HEAD")
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    model = commit("model/pico.py", "a")
+    planner = commit("pipeline/experiment/plan.py", "b")
+    design = commit("configs/experiments/x.yaml", "c")
+    assert code_revision(planner, tmp_path) == code_revision(design, tmp_path) == model
+    trainer = commit("pipeline/train.py", "d")
+    assert code_revision(trainer, tmp_path) == trainer
+    assert code_revision("abc", tmp_path) == "abc" and code_revision(planner + "+dirty", tmp_path) == planner + "+dirty"
