@@ -42,9 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print one JSON object")
     t = sub.add_parser("table", help="write the table (table.md, table.json) and the scaling plot")
     t.add_argument("design", help=DESIGN_HELP)
-    t.add_argument("--out", help="folder for table.md, table.json, scaling.png (default: the design's results folder)")
+    t.add_argument("--out", help="folder for table.md, table.json, scaling.png, isoflop.png (default: the design's results folder)")
     t.add_argument("--allow-mixed-revisions", action="store_true", help="tabulate runs of several pico revisions")
-    t.add_argument("--no-plot", action="store_true", help="skip scaling.png")
+    t.add_argument("--no-plot", action="store_true", help="skip the plots")
     o = sub.add_parser("run-one", help=argparse.SUPPRESS)  # internal: one run (job.py), started by the backends
     o.add_argument("design", help=DESIGN_HELP)
     o.add_argument("--run", required=True, help="the run as JSON: domain, model, shape, budget, lr, seed")
@@ -148,9 +148,10 @@ def cmd_table(design, design_path: Path, args) -> int:
     os.replace(tmp, out / "table.md")
     write_json(out / "table.json", built["json"])
     if not args.no_plot:
-        path = table.scaling_plot(design, built["json"], out / "scaling.png")
-        if path:
-            print(f"wrote {path}", file=sys.stderr)
+        for path in (table.scaling_plot(design, built["json"], out / "scaling.png"),
+                     table.isoflop_plot(design, built["json"], out / "isoflop.png")):
+            if path:
+                print(f"wrote {path}", file=sys.stderr)
     sys.stdout.write(built["markdown"])
     print(f"wrote {out / 'table.md'} and {out / 'table.json'}", file=sys.stderr)
     return 0

@@ -121,11 +121,12 @@ def fmt(x, spec: str = ".4f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def markdown(design: Design, agg: dict, revs: list[str], todo: list[dict], n_finished: int) -> str:
+def markdown(design: Design, agg: dict, revs: list[str], todo: list[dict], n_finished: int, n_planned: int) -> str:
     isoflop = design.shape_rule != "fixed"
     lines = [f"# {design.title or design.name}", "",
              f"Design `{design.name}` ({design.shape_rule} shapes); pico revision {', '.join(f'`{r[:12]}`' for r in revs) or '-'}; "
-             f"{n_finished} runs finished, {len(todo)} to go. bpb: bits per byte on each domain's held-out *test* set "
+             f"{n_finished} of {n_planned} runs finished ({len(todo)} ready to launch, the rest wait for an LR or shape "
+             "choice). bpb: bits per byte on each domain's held-out *test* set "
              "(causal routing, `pico eval`); LRs and shapes were chosen on the disjoint *select* set.", "",
              "## Bits per byte" + (" (each model at its best shape per budget)" if isoflop else ""), "",
              "mean and sample std over the seeds that finished; compare models by the paired ratios below.", "",
@@ -198,6 +199,51 @@ def scaling_plot(design: Design, agg: dict, path: Path) -> Path | None:
     return path
 
 
+def isoflop_plot(design: Design, agg: dict, path: Path) -> Path | None:
+    """IsoFLOP profiles: test bpb against parameters, one line per model through its shapes at their
+    chosen LRs, one panel per domain and budget; the shape chosen on the select set is starred."""
+    cells_ = [c for c in agg["cells"] if c["params"]]
+    panels = sorted({(c["domain"], c["budget"]) for c in cells_},
+                    key=lambda k: (list(design.domains).index(k[0]), k[1]))
+    if design.shape_rule != "isoflop" or not panels:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    best = {(c["domain"], c["model"], c["budget"]): c["shape"] for c in agg["best"]}
+    budgets_ = sorted({b for _, b in panels})
+    fig, axes = plt.subplots(len(design.domains), len(budgets_), figsize=(5.5 * len(budgets_), 4 * len(design.domains)),
+                             squeeze=False)
+    for i, d in enumerate(design.domains):
+        for j, b in enumerate(budgets_):
+            ax = axes[i][j]
+            for k, m in enumerate(design.models):
+                pts = sorted((c["params"], c["mean"], c["std"] or 0.0, c["shape"]) for c in cells_
+                             if (c["domain"], c["model"], c["budget"]) == (d, m, b))
+                if not pts:
+                    continue
+                xs, ys, es, names = zip(*pts)
+                line = ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=m, color=f"C{k % 10}")
+                for x, y, name in zip(xs, ys, names):
+                    if best.get((d, m, b)) == name:
+                        ax.plot([x], [y], marker="*", markersize=14, color=line[0].get_color())
+            ax.set_xscale("log")
+            ax.set_xlabel("parameters")
+            ax.set_ylabel("test bits per byte")
+            ax.set_title(f"{d}, {label(b)} training FLOPs (star: best on select)", fontsize=9)
+            ax.grid(alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=7)
+    fig.suptitle(design.title or design.name, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def build(design: Design, results: dict[str, dict], failures: dict[str, dict], allow_mixed: bool = False) -> dict:
     """Everything `pico experiment table` writes: markdown text and the JSON payload."""
     used = {k: r for k, r in results.items() if r["domain"] in design.domains and r["model"] in design.models
@@ -205,8 +251,10 @@ def build(design: Design, results: dict[str, dict], failures: dict[str, dict], a
     revs = check_revisions(used, allow_mixed)
     agg = aggregate(design, used)
     todo = missing(design, used, failures)
-    return {"markdown": markdown(design, agg, revs, todo, len(used)),
-            "json": {"design": design.name, "revisions": revs, "finished": len(used), "missing": todo, **agg}}
+    planned = plan(design, used)[1]
+    return {"markdown": markdown(design, agg, revs, todo, len(used), planned),
+            "json": {"design": design.name, "revisions": revs, "finished": len(used), "planned": planned,
+                     "missing": todo, **agg}}
 
 
-__all__ = ["build", "aggregate", "scaling_plot", "check_revisions", "cells"]
+__all__ = ["build", "aggregate", "scaling_plot", "isoflop_plot", "check_revisions", "cells"]

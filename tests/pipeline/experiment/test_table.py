@@ -65,6 +65,9 @@ def test_means_std_paired_ratios_and_best_shape(tiny_design):
     assert best["rule"]["router"]["routed_frac_mean"] == pytest.approx(0.21)
     md = table.build(design, results, {})["markdown"]
     assert "| toy | 3e09 | rule | plain | 0.9500 | 2 | 0.9474..0.9524 |" in md
+    assert table.isoflop_plot(design, agg, tiny_design.parent / "isoflop.png").stat().st_size > 1000
+    assert table.isoflop_plot(edit_design(tiny_design, lambda r: (r.update(shape_rule="fixed"), [
+        m.pop("shapes") for m in r["models"].values()])), agg, tiny_design.parent / "no.png") is None
 
 
 def test_revisions_do_not_mix_unless_allowed(tiny_design):
