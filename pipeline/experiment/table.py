@@ -191,6 +191,12 @@ def scaling_plot(design: Design, agg: dict, path: Path) -> Path | None:
         ax.set_title(f"{d}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    return _save(fig, design, path)
+
+
+def _save(fig, design: Design, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.suptitle(design.title or design.name, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -236,12 +242,7 @@ def isoflop_plot(design: Design, agg: dict, path: Path) -> Path | None:
             ax.grid(alpha=0.3)
             if ax.lines:
                 ax.legend(fontsize=7)
-    fig.suptitle(design.title or design.name, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, design, path)
 
 
 def build(design: Design, results: dict[str, dict], failures: dict[str, dict], allow_mixed: bool = False) -> dict:
