@@ -4,7 +4,7 @@
     pico experiment run configs/experiments/routing-cluster.yaml --dry-run        # runs, FLOPs, GPU-hours
     pico experiment run configs/experiments/routing-cluster.yaml --submit slurm   # one array task per run
     pico experiment status configs/experiments/routing-ladder-cpu.yaml
-    pico experiment table configs/experiments/routing-ladder-cpu.yaml             # table.md, table.json, scaling.png
+    pico experiment table configs/experiments/routing-ladder-cpu.yaml             # table.md, table.json, scaling.png, isoflop.png
 """
 
 from __future__ import annotations
