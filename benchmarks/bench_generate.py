@@ -241,6 +241,8 @@ def main() -> None:
               "prompt_bytes": args.prompt_bytes, "max_bytes": args.max_bytes, "threads": torch.get_num_threads(),
               "torch": torch.__version__}, rows)
         for kind, ps in prompts.items():
+            if not ps:  # e.g. shards of prose only
+                continue
             acc = head_accuracy(model, docs[kind][:16])
             emit({"measurement": "head_accuracy", "model": name, "text": kind, "top1": [a[0] for a in acc],
                   "by_rank": acc}, rows)
