@@ -49,3 +49,14 @@ def test_cluster_dry_run_prints_gpu_hours_without_the_data(monkeypatch):
     assert out.returncode == 0, out.stderr
     assert "budgets 1e17, 1e18, 1e19" in out.stdout and "GPU-hours:" in out.stdout
     assert "warning: domains.prose.train[0]: /nonexistent-pico-data/prose/shards does not exist" in out.stderr
+
+
+def test_isoflop_design_runs_every_family_at_its_best_shape_at_3e13(monkeypatch):
+    """Stage 1 sweeps 3 shapes x 3 LRs per family and domain at 1e13; stage 2 runs the best shape and its
+    neighbour at 3e13, then 2 more seeds at the winner: 4 runs per family and domain."""
+    monkeypatch.setenv("PICO_CORPUS", "/nowhere")
+    design = load_design(DESIGNS / "isoflop-cpu.yaml")
+    est = estimate(design)
+    best = [c for c in est["cells"] if c.get("best")]
+    assert len(best) == len(design.models) * len(design.domains) and {c["runs"]["3e13"] for c in best} == {4}
+    assert est["runs"] == len(best) * (3 * 3 + 4) and list(design.models)[:2] == ["plain", "rule"]
