@@ -121,12 +121,19 @@ def fmt(x, spec: str = ".4f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _progress(finished: int, planned: int, ready: int) -> str:
+    if finished >= planned:
+        return f"all {finished} runs finished"
+    waiting = planned - finished - ready
+    return (f"{finished} of {planned} runs finished ({ready} ready to launch"
+            + (f", {waiting} waiting for an LR or shape choice)" if waiting > 0 else ")"))
+
+
 def markdown(design: Design, agg: dict, revs: list[str], todo: list[dict], n_finished: int, n_planned: int) -> str:
     isoflop = design.shape_rule != "fixed"
     lines = [f"# {design.title or design.name}", "",
              f"Design `{design.name}` ({design.shape_rule} shapes); pico revision {', '.join(f'`{r[:12]}`' for r in revs) or '-'}; "
-             f"{n_finished} of {n_planned} runs finished ({len(todo)} ready to launch, the rest wait for an LR or shape "
-             "choice). bpb: bits per byte on each domain's held-out *test* set "
+             f"{_progress(n_finished, n_planned, len(todo))}. bpb: bits per byte on each domain's held-out *test* set "
              "(causal routing, `pico eval`); LRs and shapes were chosen on the disjoint *select* set.", "",
              "## Bits per byte" + (" (each model at its best shape per budget)" if isoflop else ""), "",
              "mean and sample std over the seeds that finished; compare models by the paired ratios below.", "",
