@@ -389,14 +389,17 @@ class TreeChoice:
 
 def auto_tree(model: Pico, texts: list[bytes], temperature: float = 0.0, top_p: float = 1.0, batch: int = 1,
               max_nodes: int = DraftTree.MAX_NODES - 1, sizes=AUTO_TREE_SIZES, seed: int = 0,
-              repeats: int = 3) -> TreeChoice:
+              repeats: int = 3, draft_confidence: float = DRAFT_CONFIDENCE) -> TreeChoice:
     """The draft tree that should write the most bytes per second on this machine: for the chain and
     trees of each size in `sizes` (at most max_nodes nodes; `DraftTree.from_accuracy` on the
     `acceptance_rates` of texts, plus the rank-0 chain through every head), the expected bytes per
     pass divided by the measured time of a pass of that tree at `batch` sequences (median of
     `repeats` short generations from the texts' starts, round robin, so verification and drafting
-    are timed too; the trees' times smoothed by a line in the node count). Trees pay where a pass's
-    rows are nearly free (wide machines); on one CPU thread each node costs, and the chain may win."""
+    are timed too; the trees' times smoothed by a line in the node count). The chain is scored as it
+    will decode, cut by `draft_confidence`: its bytes per pass and time are those measured in those
+    generations (a cut chain's passes are cheaper and shorter than the full chain's, which the
+    acceptance rates describe). Trees pay where a pass's rows are nearly free (wide machines); on one
+    CPU thread each node costs, and the chain may win."""
     t0 = time.perf_counter()
     acc = acceptance_rates(model, texts, temperature, top_p, seed=seed)
     for row in acc:  # rank r never above rank r - 1 (noise aside), so from_accuracy lists ranks in order
@@ -412,11 +415,14 @@ def auto_tree(model: Pico, texts: list[bytes], temperature: float = 0.0, top_p: 
     prompts = [t[:16] for t in texts][:batch]  # short: the prefill pass should weigh little in ms per pass
     prompts += [prompts[-1]] * (batch - len(prompts))
     times: list[list[float]] = [[] for _ in options]
+    chain_bpp: list[float] = []  # the chain's bytes per pass, as it decodes
     for _ in range(repeats):  # round robin, so that load from other processes hits every option alike
         for i, tree in enumerate(options):
             res = generate(model, prompts, 64, temperature=temperature, top_p=top_p, seed=seed, stop_at_eos=False,
-                           routing_agreement=False, tree=tree, draft_confidence=0.0)  # the chain it scores
+                           routing_agreement=False, tree=tree, draft_confidence=draft_confidence)
             times[i].append(res.seconds / res.forward_passes)
+            if tree is None:
+                chain_bpp.append(res.bytes_per_pass)
     ms = [1e3 * sorted(t)[len(t) // 2] for t in times]  # medians
     first = 1 if options[0] is None else 0
     if len(options) - first > 1:  # trees: a least-squares line in the node count, so one noisy size cannot win
@@ -426,7 +432,7 @@ def auto_tree(model: Pico, texts: list[bytes], temperature: float = 0.0, top_p: 
         ms[first:] = (y.mean() + slope.clamp(min=0) * (n - n.mean())).tolist()
     rows = []
     for tree, m in zip(options, ms):
-        e = expected_bytes_per_pass(tree, acc)
+        e = sum(chain_bpp) / len(chain_bpp) if tree is None else expected_bytes_per_pass(tree, acc)
         rows.append({"nodes": len(acc) if tree is None else len(tree) - 1, "chain": tree is None,
                      "expected_bytes_per_pass": round(e, 3), "ms_per_pass": round(m, 3), "bytes_per_ms": round(e / m, 3)})
     pick = max(range(len(rows)), key=lambda i: rows[i]["bytes_per_ms"])

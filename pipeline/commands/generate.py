@@ -125,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
         calib = generate(model, prompts, 256, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                          context=args.context, routing_agreement=False)
         choice = auto_tree(model, [p + o for p, o in zip(prompts, calib.outputs)], args.temperature, args.top_p,
-                           batch=len(prompts), max_nodes=auto_nodes, seed=0 if args.seed is None else args.seed)
+                           batch=len(prompts), max_nodes=auto_nodes, seed=0 if args.seed is None else args.seed,
+                           **({} if args.draft_confidence is None else {"draft_confidence": args.draft_confidence}))
         tree = choice.tree
         best = max(choice.candidates, key=lambda c: c["bytes_per_ms"])
         print(f"pico generate: --tree {args.tree}: {'the chain' if tree is None else f'a tree of {len(tree) - 1} nodes'}"

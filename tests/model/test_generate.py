@@ -539,6 +539,10 @@ def test_auto_tree_times_the_candidates_and_keeps_sampled_trees_exact(trained):
     assert (choice.tree is None) == best["chain"]
     if choice.tree is not None:
         assert choice.tree.sampling_ok and len(choice.tree) - 1 == best["nodes"]
+    # the chain is scored as it decodes: cut by draft_confidence, its passes carry fewer bytes than the full chain's
+    greedy = [auto_tree(trained, calib, max_nodes=12, sizes=(6,), repeats=1, draft_confidence=c).candidates[0]
+              for c in (0.0, 0.999)]
+    assert greedy[0]["chain"] and greedy[1]["expected_bytes_per_pass"] < greedy[0]["expected_bytes_per_pass"]
     small = auto_tree(trained, calib, 0.8, 0.95, max_nodes=2, sizes=(2,), repeats=1)  # the 3-draft chain does not fit
     assert [c["nodes"] for c in small.candidates] == [2] and len(small.tree) - 1 == 2 and small.tree.sampling_ok
 
