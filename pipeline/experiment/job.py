@@ -34,8 +34,10 @@ from pico.pipeline.experiment.design import Design, Run, Shape, resolve_shape, s
 from pico.pipeline.experiment.store import failure_path, result_path, write_json
 
 CODE = ("model", "pipeline", "data_prep", "cluster", "configs", "pyproject.toml")
-HARNESS = ("pipeline/experiment", "configs/experiments")  # plans and designs: they do not change what a run trains
-CODE_SPEC = (*CODE, *(f":(exclude){p}" for p in HARNESS))
+# Code that changes neither what a run trains nor how it is scored: the planner and the designs, and
+# decoding (neither `pico train` nor `pico eval` imports it; tests/pipeline/experiment checks that).
+NOT_RUN_CODE = ("pipeline/experiment", "configs/experiments", "model/generate.py", "pipeline/commands/generate.py")
+CODE_SPEC = (*CODE, *(f":(exclude){p}" for p in NOT_RUN_CODE))
 EXIT_PREEMPTED = 75  # pico train's exit status after a checkpoint on a stop signal
 
 
@@ -109,8 +111,8 @@ def revision() -> tuple[str, str]:
         version = "unknown"
     root = Path(pico.pipeline.__file__).resolve().parents[1]
     try:
-        # the last commit that changed the code a run trains with (a README, results, design or planner commit
-        # does not split a table)
+        # the last commit that changed the code a run trains and is scored with (a README, results, design,
+        # planner or decoding commit does not split a table)
         rev = subprocess.run(["git", "-C", str(root), "log", "-1", "--format=%H", "--", *CODE_SPEC], capture_output=True,
                              text=True, timeout=30).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", *CODE_SPEC], capture_output=True,

@@ -190,3 +190,14 @@ def test_a_planner_or_design_commit_does_not_split_a_table(tmp_path):
     trainer = commit("pipeline/train.py", "d")
     assert code_revision(trainer, tmp_path) == trainer
     assert code_revision("abc", tmp_path) == "abc" and code_revision(planner + "+dirty", tmp_path) == planner + "+dirty"
+
+
+def test_training_and_scoring_never_import_the_decoder():
+    """job.NOT_RUN_CODE leaves decoding out of a run's revision: `pico train` and `pico eval` must not use it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pico.pipeline.train.trainer, pico.pipeline.commands.eval, pico.pipeline.experiment.job; "
+            "print(sorted(m for m in sys.modules if m in ('pico.model.generate', 'pico.pipeline.commands.generate')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
