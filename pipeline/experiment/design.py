@@ -13,8 +13,9 @@ The protocol, the same for every model:
 - shapes (`shape_rule`): `fixed` (one per model; with `match_flops`, every model within the
   tolerance of the reference's FLOPs per byte, a model's `match` field set by
   `pico.model.flops.match_flops`), `isoflop` (every shape at every budget; the table takes each
-  model's best shape per budget on the select set, Chinchilla's IsoFLOP profile) or `ladder` (shape i
-  at budget i, budgets ascending: the shape grows with the budget);
+  model's best shape per budget on the select set, Chinchilla's IsoFLOP profile; with a model's
+  `start`, its sweep begins with those shapes and adds the next listed one past an end that wins) or
+  `ladder` (shape i at budget i, budgets ascending: the shape grows with the budget);
 - the LR (`lr`): one per domain (`fixed`), or a sweep of `grid` at seed 0 for each domain, model and
   shape, at `lr.budget` (or, for a shape that does not run there, the smallest budget it runs at);
   the grid grows past an edge that wins, up to `extend` times; the lowest select-set bpb wins;
@@ -53,6 +54,10 @@ class ModelSpec:
     """Shape name -> overrides of the shape (model.d_local=64, ...); empty: one shape, `base`, the config's own."""
     match: str = ""
     """fixed shapes with match_flops only: a model field (d_local) set so that FLOPs per byte match the reference's."""
+    start: list[str] = field(default_factory=list)
+    """isoflop only: the shapes swept first, adjacent names of `shapes` (listed smallest first). While the
+    best of the swept shapes at the sweep budget is at an end of them and `shapes` lists one beyond it,
+    that one is swept too, so the IsoFLOP minimum gets a shape on each side. Empty: every shape."""
 
 
 @dataclass
@@ -339,6 +344,17 @@ def check(design: Design) -> None:
         if design.shape_rule == "ladder" and n != len(design.budgets):
             raise UserError(f"models.{name}.shapes: shape_rule ladder needs one shape per budget "
                             f"({len(design.budgets)}, ascending), got {n}")
+        if m.start:
+            names = list(shapes_of(m))
+            if design.shape_rule != "isoflop":
+                raise UserError(f"models.{name}.start: only with shape_rule isoflop")
+            if any(x not in names for x in m.start):
+                bad = next(x for x in m.start if x not in names)
+                raise UserError(f"models.{name}.start: {bad!r} is not one of its shapes ({', '.join(names)})")
+            at = [names.index(x) for x in m.start]
+            if at != list(range(at[0], at[0] + len(at))):
+                raise UserError(f"models.{name}.start={m.start}: give adjacent shapes in the order of `shapes` "
+                                f"({', '.join(names)}, smallest first)")
         if m.match and (design.shape_rule != "fixed" or design.match_flops is None):
             raise UserError(f"models.{name}.match: only with shape_rule fixed and a match_flops section")
     for name, d in design.domains.items():

@@ -259,8 +259,9 @@ def estimate(design: Design) -> dict:
         sh = shapes[m, s]
         sb = sweep_budget(design, m, s)
         per_budget = {}
+        spare = bool(design.models[m].start) and s not in design.models[m].start  # swept only past a winning end
         for b in shape_budgets(design, m, s):
-            if picks_best(design, b):
+            if picks_best(design, b) or spare:
                 continue
             n = len(seeds_at(design, b))
             if not design.lr.fixed and b == sb:
@@ -268,7 +269,8 @@ def estimate(design: Design) -> dict:
             per_budget[b] = n
             n_runs += n
             flops += n * steps_for(sh, b) * sh.flops_per_byte * sh.bytes_per_step
-        rows.append({"domain": d, "model": m, "shape": s, "router": sh.router, "params": sh.params,
+        rows.append({"domain": d, "model": m, "shape": s + (" (spare)" if spare else ""), "router": sh.router,
+                     "params": sh.params,
                      "flops_per_byte": sh.flops_per_byte,
                      "steps": {label(b): steps_for(sh, b) for b in shape_budgets(design, m, s)},
                      "runs": {label(b): n for b, n in per_budget.items()}})

@@ -59,6 +59,33 @@ def cells(design: Design):
                 yield d, m, s
 
 
+def swept_shapes(design: Design, results: dict[str, dict], domain: str, model: str) -> list[str]:
+    """The shapes one domain and model sweeps, given the results so far: the model's `start` (default
+    every shape), grown by the next listed shape while the best swept one (lowest select bpb at its
+    chosen LR) sits at an end of the range and `shapes` lists one beyond it."""
+    names = list(shapes_of(design.models[model]))
+    start = design.models[model].start
+    if not start:
+        return names
+    lo, hi = names.index(start[0]), names.index(start[-1])
+    while True:
+        select = {}
+        for s in names[lo:hi + 1]:
+            lr = lr_grid(design, results, domain, model, s)[1]
+            r = lr is not None and results.get(Run(domain, model, s, sweep_budget(design, model, s), lr,
+                                                   design.lr.seed).key(design))
+            if not r:  # still sweeping
+                return names[lo:hi + 1]
+            select[s] = r["select"]["bpb"]
+        best = min(range(lo, hi + 1), key=lambda j: (select[names[j]], j))
+        if best == lo and lo > 0:
+            lo -= 1
+        elif best == hi and hi < len(names) - 1:
+            hi += 1
+        else:
+            return names[lo:hi + 1]
+
+
 def chosen_lrs(design: Design, results: dict[str, dict]) -> dict[tuple[str, str, str], float]:
     out = {}
     for cell in cells(design):
@@ -77,7 +104,7 @@ def best_shapes(design: Design, results: dict[str, dict], domain: str, model: st
     The first are the shape with the lowest select bpb at the sweep budget (ties: the earlier shape) and
     the better of its neighbours in the model's shape list; the second is whichever of them has the
     lower select bpb at this budget."""
-    names = list(shapes_of(design.models[model]))
+    names = swept_shapes(design, results, domain, model)
     select, lrs = {}, {}
     for s in names:
         lrs[s] = lr_grid(design, results, domain, model, s)[1]
@@ -104,7 +131,7 @@ def plan(design: Design, results: dict[str, dict]) -> tuple[list[Run], int]:
     total: set[str] = set()
     seeds = sorted({x for b in budgets(design) for x in seeds_at(design, b)})
     for model in design.models:
-        mine = [(d, s) for d, m, s in cells(design) if m == model]
+        mine = [(d, s) for d in design.domains for s in swept_shapes(design, results, d, model)]
         chosen = {}
         for d, s in mine:
             grid, lr = lr_grid(design, results, d, model, s)
@@ -137,7 +164,7 @@ def _runs_at(design: Design, results: dict[str, dict], chosen: dict, domain: str
         picked, winner = best_shapes(design, results, domain, model, budget)
         first = seed == seeds_at(design, budget)[0]
         if picked is None:
-            return [], min(2, len(shapes_of(design.models[model]))) if first else 1
+            return [], min(2, len(swept_shapes(design, results, domain, model))) if first else 1
         shapes = picked if first else [winner] if winner else []
         return [Run(domain, model, s, budget, chosen[domain, s], seed) for s in shapes], int(not shapes)
     runs, waiting = [], 0

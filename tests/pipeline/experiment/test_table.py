@@ -201,3 +201,34 @@ def test_training_and_scoring_never_import_the_decoder():
             "print(sorted(m for m in sys.modules if m in ('pico.model.generate', 'pico.pipeline.commands.generate')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_sweep_grows_past_an_end_shape_that_wins(tiny_design):
+    """With `start`, the IsoFLOP sweep adds the next listed shape while an end of the swept range wins, so
+    the minimum ends up with a shape on each side (or at the end of the list)."""
+    from pico.pipeline.experiment.plan import swept_shapes
+
+    def staged(raw):
+        raw["models"]["rule"].update(shapes={k: [f"model.d_local={w}"] for k, w in
+                                             (("xs", 16), ("s", 24), ("m", 32), ("l", 40))}, start=["s", "m"])
+        raw.update(shape_rule="isoflop", lr={"fixed": {"toy": 1e-3}})
+    design = edit_design(tiny_design, staged)
+    assert [r.shape for r in plan(design, {})[0] if r.model == "rule"] == ["s", "m"]
+    select = {"xs": 1.9, "s": 2.0, "m": 2.1, "l": 1.0}  # l would win, but nothing points past m
+    results = dict(result(design, "rule", s, 3e9, 1e-3, 0, 9.0, select=select[s]) for s in ("s", "m"))
+    assert swept_shapes(design, results, "toy", "rule") == ["xs", "s", "m"]  # s, the small end, won
+    assert [r.shape for r in plan(design, results)[0] if r.model == "rule"] == ["xs"]
+    results.update([result(design, "rule", "xs", 3e9, 1e-3, 0, 9.0, select=select["xs"])])
+    assert swept_shapes(design, results, "toy", "rule") == ["xs", "s", "m"]  # xs wins at the list's end: done
+    assert not [r for r in plan(design, results)[0] if r.model == "rule"]
+    other = dict(result(design, "rule", s, 3e9, 1e-3, 0, 9.0, select=x) for s, x in (("s", 2.0), ("m", 1.5)))
+    assert swept_shapes(design, other, "toy", "rule") == ["s", "m", "l"]  # had m, the large end, won: l follows
+
+
+@pytest.mark.parametrize("start, message", [(["xs", "m"], "give adjacent shapes"), (["big"], "'big' is not one of")])
+def test_start_shapes_must_be_adjacent_names(tiny_design, start, message):
+    def staged(raw):
+        raw["models"]["rule"].update(shapes={"xs": [], "s": [], "m": []}, start=start)
+        raw.update(shape_rule="isoflop")
+    with pytest.raises(UserError, match=f"models.rule.start.*{message}"):
+        edit_design(tiny_design, staged)
