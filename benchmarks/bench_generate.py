@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from pico.model import make_targets
-from pico.model.generate import START, DraftTree, acceptance_rates, auto_tree, generate
+from pico.model.generate import START, auto_tree, generate
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLING = dict(temperature=0.8, top_p=0.95, seed=0)

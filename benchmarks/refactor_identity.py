@@ -3,7 +3,7 @@
     PYTHONPATH=<old checkout's pico tree> python benchmarks/refactor_identity.py save before.pt
     python benchmarks/refactor_identity.py save after.pt      # then torch.equal on every entry
 (how issue 27's restructuring was checked; see benchmarks/results/restructure_27.md)."""
-import sys, torch, json
+import sys, torch
 from pico.model import build_model, make_targets, ModelConfig
 from pico.model.generate import generate, DraftTree
 

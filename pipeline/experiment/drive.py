@@ -21,7 +21,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from pico.configs.errors import UserError
 from pico.pipeline.experiment import data as domain_data
 from pico.pipeline.experiment.design import Design, Run, Shape, check_models, label, spec_hash, steps_for
 from pico.pipeline.experiment.job import log_path

@@ -12,7 +12,6 @@ import yaml
 from pico.configs.errors import UserError
 from pico.pipeline.experiment.design import check_models, load_design, steps_for
 from tests.conftest import REPO
-from tests.pipeline.experiment.conftest import write_design
 
 
 def edit(path: Path, change) -> Path:

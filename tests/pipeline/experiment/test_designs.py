@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 from pico.pipeline.experiment.design import load_design
 from pico.pipeline.experiment.drive import estimate

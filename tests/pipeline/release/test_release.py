@@ -20,7 +20,6 @@ routing is not held to the tolerance: a score within bf16 rounding of 0 may flip
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
