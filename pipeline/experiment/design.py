@@ -184,6 +184,10 @@ class Design:
     """Folder of the result JSONs and the table (default: runs/experiments/NAME); shared storage on a cluster."""
     work_dir: str = ""
     """Folder of run directories, logs and prepared data (default: runs/experiments/NAME/work)."""
+    keep: Literal["checkpoints", "release", "none"] = "release"
+    """What a finished run's directory keeps once scored: its checkpoints (~110 MB for a 2.5M-parameter model
+    with SOAP's state), a release in RUN/release (weights and config, a few MB: `pico eval`/`generate` read
+    it; the default) or only its config, logs and metrics."""
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
     notes: str = ""
     """Free text: where the sizing came from (measured rates), what the design is for."""

@@ -208,7 +208,22 @@ def _train_and_score(design: Design, run: Run, shape: Shape, steps: int, sha: st
     write_json(result_path(design.results_dir, key), result)
     failure_path(design.results_dir, key).unlink(missing_ok=True)
     print(f"[experiment] {key}: test bpb {result['test']['bpb']:.4f} ({result['wall_s']:.0f} s)", file=log, flush=True)
+    _prune(design, out, log)
     return 0
+
+
+def _prune(design: Design, out: Path, log) -> None:
+    """Shrink a scored run's directory to what `design.keep` asks; a failed conversion keeps the checkpoints."""
+    if design.keep == "checkpoints" or not (out / "checkpoints").is_dir():
+        return
+    if design.keep == "release":
+        release = out / "release"
+        rc, _ = call(["convert", str(out), str(release), "--overwrite"], log)
+        if rc != 0:
+            print(f"[experiment] pico convert failed (exit {rc}): the checkpoints stay in {out / 'checkpoints'}",
+                  file=log, flush=True)
+            return
+    shutil.rmtree(out / "checkpoints")
 
 
 def _record_failure(design: Design, key: str, log_file: Path, stage: str, rc: int, error: str = "") -> int:

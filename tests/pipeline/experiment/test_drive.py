@@ -44,6 +44,9 @@ def test_run_status_table_and_rerun_reuses(tiny_design):
         r = json.loads((results / "runs" / f"{key}.json").read_text())
         assert r["steps"] > 1 and 0 < r["test"]["bpb"] < 9 and r["git_revision"] and r["data"]["test"]
         assert abs(r["flops"] / 3e9 - 1) < 0.05 and r["config"]["optim"]["lr"] == 0.003
+    for key in KEYS:  # keep: release (the default): a loadable release instead of ~MBs of optimizer state
+        rd = results / "work" / "runs" / key
+        assert (rd / "release" / "model.safetensors").is_file() and not (rd / "checkpoints").exists()
     rule = json.loads((results / "runs" / f"{KEYS[0]}.json").read_text())
     assert rule["router_stats"]["routed_frac_mean"] > 0  # the model's own statistics, from pico eval
     stamps = {k: (results / "runs" / f"{k}.json").stat().st_mtime_ns for k in KEYS}
@@ -93,3 +96,16 @@ def test_kill_9_of_the_driver_then_of_a_run(tiny_design):
     assert json.loads(out) == {"finished": 2, "planned": 2, "failed": []}, err[-3000:]
     assert second.exists() and not (results / "failed" / f"{KEYS[1]}.json").exists()
     assert first.stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("keep, left", [("checkpoints", True), ("none", False)])
+def test_a_scored_run_keeps_what_the_design_says(tiny_design, tmp_path, keep, left):
+    from pico.pipeline.experiment.design import load_design
+    from pico.pipeline.experiment.job import _prune
+
+    design = load_design(tiny_design)
+    design.keep = keep
+    (tmp_path / "run" / "checkpoints" / "step_000001").mkdir(parents=True)
+    with open(tmp_path / "log", "w") as log:
+        _prune(design, tmp_path / "run", log)
+    assert (tmp_path / "run" / "checkpoints").exists() == left and not (tmp_path / "run" / "release").exists()
