@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import ctypes
 import datetime as dt
+import functools
+import hashlib
 import json
 import math
 import os
@@ -122,6 +124,68 @@ def revision() -> tuple[str, str]:
     return version, (rev + ("+dirty" if dirty else "")) if rev else "unknown"
 
 
+CODE_DIRS = ("model", "pipeline", "data_prep", "cluster", "configs")
+CODE_SUFFIXES = (".py", ".yaml", ".yml", ".toml", ".json")
+
+
+def _counts(rel: str) -> bool:
+    """Whether a file (path relative to the package root) is code a run trains or is scored with."""
+    return (rel.split("/", 1)[0] in CODE_DIRS and rel.endswith(CODE_SUFFIXES) and "__pycache__" not in rel
+            and not any(rel == p or rel.startswith(p + "/") for p in NOT_RUN_CODE))
+
+
+def _digest(files: list[tuple[str, bytes]]) -> str:
+    h = hashlib.sha256()
+    for rel, data in sorted(files):
+        h.update(rel.encode() + b"\0" + hashlib.sha256(data).digest())
+    return h.hexdigest()[:16]
+
+
+def code_fingerprint(root: Path | None = None) -> str:
+    """A content hash of the code a run trains and is scored with, as it is on disk where it runs (every
+    counted file's path and bytes; `_counts`): two checkouts with the same such code share it, whatever
+    their history, a revert included."""
+    import pico.pipeline
+
+    root = root or Path(pico.pipeline.__file__).resolve().parents[1]
+    files = []
+    for top in CODE_DIRS:
+        for dirpath, dirnames, names in os.walk(root / top, followlinks=True):
+            dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+            for name in names:
+                rel = os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/")
+                if _counts(rel):
+                    files.append((rel, Path(dirpath, name).read_bytes()))
+    return _digest(files)
+
+
+@functools.lru_cache(maxsize=64)
+def fingerprint_at(rev: str, root: Path | None = None) -> str | None:
+    """`code_fingerprint` of commit `rev` of the pico checkout (from git's objects); None when git cannot tell."""
+    import pico.pipeline
+
+    root = root or Path(pico.pipeline.__file__).resolve().parents[1]
+    if not re.fullmatch(r"[0-9a-f]{7,40}", rev):
+        return None
+    try:
+        names = subprocess.run(["git", "-C", str(root), "ls-tree", "-r", "-z", "--name-only", rev, "--", *CODE_DIRS],
+                               capture_output=True, timeout=60)
+        if names.returncode != 0:
+            return None
+        rels = [n.decode() for n in names.stdout.split(b"\0") if n and _counts(n.decode())]
+        blobs = subprocess.run(["git", "-C", str(root), "cat-file", "--batch"], capture_output=True, timeout=120,
+                               input="".join(f"{rev}:{r}\n" for r in rels).encode())
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    out, files, at = blobs.stdout, [], 0
+    for rel in rels:  # "<sha> blob <size>\n<bytes>\n" each
+        head_end = out.index(b"\n", at)
+        size = int(out[at:head_end].split()[2])
+        files.append((rel, out[head_end + 1:head_end + 1 + size]))
+        at = head_end + 1 + size + 1
+    return _digest(files)
+
+
 def code_revision(rev: str, root: Path | None = None) -> str:
     """The last commit at or before `rev` that changed the code a run trains with (as `revision` records it
     now); `rev` itself when git cannot tell (not a commit of this checkout, +dirty, unknown)."""
@@ -194,7 +258,8 @@ def _train_and_score(design: Design, run: Run, shape: Shape, steps: int, sha: st
         "budget": run.budget, "lr": run.lr, "seed": run.seed, "steps": steps, "spec_sha": sha,
         "flops": steps * shape.flops_per_byte * shape.bytes_per_step, "flops_per_byte": shape.flops_per_byte,
         "params": shape.params, "router": shape.router, "config_file": shape.config, "overrides": shape.overrides,
-        "config": config, "pico_version": version, "git_revision": rev, "data": data["fingerprints"],
+        "config": config, "pico_version": version, "git_revision": rev, "code_sha": code_fingerprint(),
+        "data": data["fingerprints"],
         "test": {"bpb": scored["test"]["bpb"], "bytes": scored["test"]["bytes"]},
         "select": {"bpb": scored["select"]["bpb"], "bytes": scored["select"]["bytes"]},
         # the router's behaviour on the test set as `pico eval` reports it (the model's own statistics)

@@ -28,22 +28,33 @@ ROUTER_COLUMNS = (("boundary rate", "routed_frac_mean"), ("at rule", "spacelike_
 
 
 def check_revisions(results: dict[str, dict], allow_mixed: bool) -> list[str]:
-    """The code revisions of the results; an error when there are several and mixing was not allowed.
+    """The training code the results ran (its content hash, `job.code_fingerprint`); an error when there are
+    several and mixing was not allowed.
 
-    A recorded revision counts as the last commit at or before it that changed the code a run trains
-    with (`job.code_revision`), so runs recorded before and after a planner or design commit share one."""
-    from pico.pipeline.experiment.job import code_revision
-
-    revs = sorted({code_revision(str(r.get("git_revision"))) for r in results.values()})
+    A result records the hash of its code; an older one, only its git revision, whose hash git computes
+    (`job.fingerprint_at`; failing that, the last commit at or before it that changed such code). So a
+    planner, design, decoding or README commit, or a change undone, does not split a table."""
+    revs = sorted({code_identity(r) for r in results.values()})
     if len(revs) > 1 and not allow_mixed:
-        raise UserError(f"the results come from {len(revs)} pico revisions ({', '.join(r[:12] for r in revs)}); "
-                        "one table is one revision: rerun the odd runs, or pass --allow-mixed-revisions")
+        raise UserError(f"the results come from {len(revs)} versions of pico's training code "
+                        f"({', '.join(r[:12] for r in revs)}); one table is one version: rerun the odd runs, "
+                        "or pass --allow-mixed-revisions")
     for domain in {r["domain"] for r in results.values()}:
         sets = {(r["data"].get("test"), r["data"].get("select")) for r in results.values() if r["domain"] == domain}
         if len(sets) > 1:
             raise UserError(f"domain {domain}: runs were scored on {len(sets)} different held-out sets; "
                             "move the runs of the old data away")
     return revs
+
+
+def code_identity(r: dict) -> str:
+    """The content hash of the code a result ran (see check_revisions)."""
+    from pico.pipeline.experiment.job import code_revision, fingerprint_at
+
+    if r.get("code_sha"):
+        return str(r["code_sha"])
+    rev = str(r.get("git_revision"))
+    return fingerprint_at(rev) or code_revision(rev)
 
 
 def mean_std(xs: list[float]) -> tuple[float, float | None]:
@@ -132,7 +143,8 @@ def _progress(finished: int, planned: int, ready: int) -> str:
 def markdown(design: Design, agg: dict, revs: list[str], todo: list[dict], n_finished: int, n_planned: int) -> str:
     isoflop = design.shape_rule != "fixed"
     lines = [f"# {design.title or design.name}", "",
-             f"Design `{design.name}` ({design.shape_rule} shapes); pico revision {', '.join(f'`{r[:12]}`' for r in revs) or '-'}; "
+             f"Design `{design.name}` ({design.shape_rule} shapes); pico training code {', '.join(f'`{r[:12]}`' for r in revs) or '-'} "
+             "(content hash, `job.code_fingerprint`); "
              f"{_progress(n_finished, n_planned, len(todo))}. bpb: bits per byte on each domain's held-out *test* set "
              "(causal routing, `pico eval`); LRs and shapes were chosen on the disjoint *select* set.", "",
              "## Bits per byte" + (" (each model at its best shape per budget)" if isoflop else ""), "",

@@ -43,6 +43,7 @@ def test_run_status_table_and_rerun_reuses(tiny_design):
     for key in KEYS:
         r = json.loads((results / "runs" / f"{key}.json").read_text())
         assert r["steps"] > 1 and 0 < r["test"]["bpb"] < 9 and r["git_revision"] and r["data"]["test"]
+        assert len(r["code_sha"]) == 16  # the content hash of the training code that ran
         assert abs(r["flops"] / 3e9 - 1) < 0.05 and r["config"]["optim"]["lr"] == 0.003
     for key in KEYS:  # keep: release (the default): a loadable release instead of ~MBs of optimizer state
         rd = results / "work" / "runs" / key

@@ -74,7 +74,7 @@ def test_revisions_do_not_mix_unless_allowed(tiny_design):
     design = load_design(tiny_design)
     results = dict([result(design, "rule", "base", 3e9, 3e-3, 0, 2.0, rev="aaa"),
                     result(design, "plain", "base", 3e9, 3e-3, 0, 2.0, rev="bbb")])
-    with pytest.raises(UserError, match="2 pico revisions .*--allow-mixed-revisions"):
+    with pytest.raises(UserError, match="2 versions of pico's training code .*--allow-mixed-revisions"):
         table.build(design, results, {})
     assert table.build(design, results, {}, allow_mixed=True)["json"]["revisions"] == ["aaa", "bbb"]
 
@@ -190,6 +190,38 @@ def test_a_planner_or_design_commit_does_not_split_a_table(tmp_path):
     trainer = commit("pipeline/train.py", "d")
     assert code_revision(trainer, tmp_path) == trainer
     assert code_revision("abc", tmp_path) == "abc" and code_revision(planner + "+dirty", tmp_path) == planner + "+dirty"
+
+
+def test_the_code_fingerprint_is_the_content_of_the_training_code(tmp_path):
+    """Same training code, same fingerprint: on disk and from git's objects alike, through planner, design and
+    decoding commits and through a change that was undone; a real change is a new one."""
+    import subprocess
+
+    from pico.pipeline.experiment.job import code_fingerprint, fingerprint_at
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    def commit(files: dict[str, str]) -> str:
+        for path, text in files.items():
+            (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / path).write_text(text)
+        git("add", "-A")
+        git("commit", "-qm", "x")
+        return git("rev-parse", "HEAD")
+
+    git("init", "-q")
+    base = commit({"model/pico.py": "w = 1\n", "configs/q.yaml": "a: 1\n"})
+    fp = fingerprint_at(base, tmp_path)
+    assert fp == code_fingerprint(tmp_path) and len(fp) == 16
+    later = commit({"pipeline/experiment/plan.py": "p", "model/generate.py": "g", "README.md": "r"})
+    assert fingerprint_at(later, tmp_path) == fp == code_fingerprint(tmp_path)
+    changed = commit({"model/pico.py": "w = 2\n"})
+    assert fingerprint_at(changed, tmp_path) != fp
+    undone = commit({"model/pico.py": "w = 1\n"})
+    assert fingerprint_at(undone, tmp_path) == fp == code_fingerprint(tmp_path)
+    assert fingerprint_at("abc", tmp_path) is None
 
 
 def test_training_and_scoring_never_import_the_decoder():
