@@ -28,7 +28,7 @@ DESIGN_HELP = "design YAML (see configs/experiments/)"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pico experiment", description=__doc__.strip().split("\n\n")[0], epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="verb", required=True, metavar="run|status|table")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="run|status|table|rescore")
     r = sub.add_parser("run", help="run the design's missing runs (reusing finished ones)")
     r.add_argument("design", help=DESIGN_HELP)
     r.add_argument("--submit", choices=["local", "slurm", "ray"], default="local",
@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="folder for table.md, table.json, scaling.png, isoflop.png (default: the design's results folder)")
     t.add_argument("--allow-mixed-revisions", action="store_true", help="tabulate runs of several pico revisions")
     t.add_argument("--no-plot", action="store_true", help="skip the plots")
+    q = sub.add_parser("rescore", help="score finished runs again where the held-out sets changed since they ran")
+    q.add_argument("design", help=DESIGN_HELP)
+    q.add_argument("--json", action="store_true", help="print one JSON object")
     o = sub.add_parser("run-one", help=argparse.SUPPRESS)  # internal: one run (job.py), started by the backends
     o.add_argument("design", help=DESIGN_HELP)
     o.add_argument("--run", required=True, help="the run as JSON: domain, model, shape, budget, lr, seed")
@@ -60,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
 
     design_path = Path(args.design)
     design = load_design(design_path)
-    return {"run": cmd_run, "status": cmd_status, "table": cmd_table, "run-one": cmd_run_one}[args.verb](
+    return {"run": cmd_run, "status": cmd_status, "table": cmd_table, "rescore": cmd_rescore,
+            "run-one": cmd_run_one}[args.verb](
         design, design_path, args)
 
 
@@ -155,6 +159,21 @@ def cmd_table(design, design_path: Path, args) -> int:
     sys.stdout.write(built["markdown"])
     print(f"wrote {out / 'table.md'} and {out / 'table.json'}", file=sys.stderr)
     return 0
+
+
+def cmd_rescore(design, design_path: Path, args) -> int:
+    from pico.pipeline.experiment.design import check_models
+    from pico.pipeline.experiment.drive import finished
+    from pico.pipeline.experiment.job import rescore
+
+    done = rescore(design, finished(design, check_models(design)))
+    if args.json:
+        print(json.dumps(done))
+    else:
+        print(f"{design.name}: {len(done['rescored'])} runs rescored, {len(done['current'])} already current")
+        for k in done["rerun"]:
+            print(f"  no model kept, rerun it (delete its result): {k}")
+    return 1 if done["rerun"] else 0
 
 
 def cmd_run_one(design, design_path: Path, args) -> int:

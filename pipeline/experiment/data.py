@@ -127,16 +127,37 @@ def _val_documents(shards: Path) -> list[bytes]:
     return [d for _, d in sorted(docs)]
 
 
-def _slice(doc: bytes, size: int) -> bytes:
-    """`size` bytes from the middle of `doc`, starting on a line when there is one."""
-    start = max(0, len(doc) // 2 - size // 2)
-    nl = doc.find(b"\n", start, start + 4096)
-    start = nl + 1 if nl >= 0 and nl + 1 < len(doc) else start
-    return doc[start:start + size]
+HELDOUT = "2"  # how the held-out sets are cut (below); a folder cut another way is cut again
+
+
+def _span(doc: bytes, size: int, at: int, end: int | None = None) -> tuple[int, int]:
+    """[start, stop) of `size` bytes of `doc` from `at` (moved to the next line start within 4 KB), not past `end`."""
+    end = len(doc) if end is None else end
+    start = max(0, at)
+    nl = doc.find(b"\n", start, min(start + 4096, end))
+    start = nl + 1 if nl >= 0 and nl + 1 < end else start
+    return start, max(start, min(start + size, end))
+
+
+def _fill(room: dict[int, int], total: int) -> dict[int, int]:
+    """Split `total` bytes over the documents in equal shares, none past its `room`; what a short one cannot
+    take goes to the others (water-filling)."""
+    out, left = {}, total
+    order = sorted(room, key=lambda i: room[i])
+    for n, i in enumerate(order):
+        out[i] = min(room[i], left // (len(order) - n))
+        left -= out[i]
+    return out
 
 
 def _heldout(prep, shards: Path, folder: Path, key: str) -> None:
-    if (folder / "done").is_file():
+    """Test: a slice from the middle of each held-out document but every 4th; select: a slice of *every*
+    held-out document (past its test slice where it has one, else before it), so that the set that
+    picks LRs and shapes is drawn from the same documents as the one reported, never the same bytes.
+    (Version 1 took select from every 4th document only: on prose, 7 held-out novels gave select one
+    novel, whose preferences disagreed with the six others'.)"""
+    done = folder / "done"
+    if done.is_file() and done.read_text().strip() == HELDOUT:
         return
     docs = [d for d in _val_documents(shards) if d.strip()]
     if len(docs) < 2:
@@ -144,14 +165,28 @@ def _heldout(prep, shards: Path, folder: Path, key: str) -> None:
                         "raise val_fraction or add documents")
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    chosen = {i for i in range(len(docs)) if i % 4 == 3} or {len(docs) - 1}  # select: every 4th document
-    for split, kb, part in (("test", prep.test_kb, [d for i, d in enumerate(docs) if i not in chosen]),
-                            ("select", prep.select_kb, [d for i, d in enumerate(docs) if i in chosen])):
+    held = {i for i in range(len(docs)) if i % 4 == 3} or {len(docs) - 1}  # in select only
+    tests = [i for i in range(len(docs)) if i not in held]
+    t_share = prep.test_kb * 1024 // len(tests)
+    for split in ("test", "select"):
         (tmp / split).mkdir(parents=True)
-        share = kb * 1024 // len(part)
-        for i, doc in enumerate(part):
-            (tmp / split / f"{i:04d}.txt").write_bytes(_slice(doc, share))
-    (tmp / "done").write_text("")
+    for n, i in enumerate(tests):
+        doc = docs[i]
+        a, b = _span(doc, t_share, len(doc) // 2 - t_share // 2)
+        (tmp / "test" / f"{n:04d}.txt").write_bytes(doc[a:b])
+    spans = {i: _span(docs[i], t_share, len(docs[i]) // 2 - t_share // 2) for i in tests}
+    room = {i: len(d) if i in held else max(len(d) - spans[i][1], spans[i][0]) for i, d in enumerate(docs)}
+    for i, size in _fill(room, prep.select_kb * 1024).items():  # equal shares, a short document's rest to the others
+        doc = docs[i]
+        if i in held:
+            a, b = _span(doc, size, len(doc) // 2 - size // 2)
+        else:
+            ta, tb = spans[i]
+            a, b = _span(doc, size, tb) if len(doc) - tb >= ta else _span(doc, size, ta - size - 4096, ta)
+        if b > a:
+            (tmp / "select" / f"{i:04d}.txt").write_bytes(doc[a:b])
+    done_tmp = tmp / "done"
+    done_tmp.write_text(HELDOUT)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
 

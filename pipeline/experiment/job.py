@@ -277,6 +277,46 @@ def _train_and_score(design: Design, run: Run, shape: Shape, steps: int, sha: st
     return 0
 
 
+def rescore(design: Design, results: dict[str, dict]) -> dict[str, list[str]]:
+    """Score finished runs again on held-out sets that changed since they ran (a new cut, a new version of
+    the data), from the model each run kept (RUN/release, else its last checkpoint): their result JSONs get
+    the new bpb and fingerprints, and `rescored` records the old ones. Runs that kept no model are
+    listed under "rerun" (delete their result JSON to redo them)."""
+    out: dict[str, list[str]] = {"rescored": [], "current": [], "rerun": []}
+    data = {d: domain_data.prepare(design, d) for d in {r["domain"] for r in results.values()}}
+    for key, r in sorted(results.items()):
+        now = data[r["domain"]]
+        stale = [split for split in ("test", "select") if r["data"].get(split) != now["fingerprints"][split]]
+        if not stale:
+            out["current"].append(key)
+            continue
+        run = run_dir(design, key)
+        model = run / "release" if (run / "release").is_dir() else run if (run / "checkpoints").is_dir() else None
+        if model is None:
+            out["rerun"].append(key)
+            continue
+        log_file = log_path(design, key)
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        with domain_data.locked(design.work / "locks" / f"{key}.lock"), open(log_file, "a") as log:
+            new = json.loads(result_path(design.results_dir, key).read_text())
+            for split in stale:
+                rc, stdout = call(["eval", "--checkpoint", str(model), "--data", *now[split], "--json"], log)
+                if rc != 0:
+                    raise UserError(f"{key}: pico eval of {model} on the new {split} set failed (exit {rc}); "
+                                    f"see {log_file}")
+                scored = last_json(stdout)
+                new.setdefault("rescored", []).append({
+                    "split": split, "utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                    "old_bpb": new[split]["bpb"], "old_data": new["data"].get(split), "model": str(model)})
+                new[split] = {"bpb": scored["bpb"], "bytes": scored["bytes"]}
+                new["data"][split] = now["fingerprints"][split]
+                if split == "test":
+                    new["router_stats"] = {k.split("/", 1)[1]: v for k, v in scored.items() if k.startswith("router/")}
+            write_json(result_path(design.results_dir, key), new)
+        out["rescored"].append(key)
+    return out
+
+
 def _prune(design: Design, out: Path, log) -> None:
     """Shrink a scored run's directory to what `design.keep` asks; a failed conversion keeps the checkpoints."""
     if design.keep == "checkpoints" or not (out / "checkpoints").is_dir():

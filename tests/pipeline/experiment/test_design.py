@@ -86,3 +86,24 @@ def test_every_shipped_design_loads_and_costs(path, monkeypatch, tmp_path):
             check_models(design)
         return
     check_models(design)
+
+
+def test_select_is_cut_from_every_held_out_document_never_from_test_bytes(tmp_path, monkeypatch):
+    """Version 2 of the held-out cut: test, the middle of every document but every 4th; select, equal shares
+    of every document (past or before its test slice), a short document's rest going to the others."""
+    from pico.pipeline.experiment import data
+    from pico.pipeline.experiment.design import PrepSpec
+
+    lines = [[f"doc {d} line {n:05d}\n".encode() for n in range(2000 if d != 2 else 200)] for d in range(8)]
+    monkeypatch.setattr(data, "_val_documents", lambda shards: [b"".join(x) for x in lines])
+    folder = tmp_path / "heldout"
+    folder.mkdir()
+    (folder / "done").write_text("")  # a version-1 folder: cut again
+    data._heldout(PrepSpec(inputs=["x"], test_kb=48, select_kb=16), tmp_path, folder, "domains.toy.prep")
+    test = {p.name: p.read_bytes() for p in (folder / "test").iterdir()}
+    select = {p.name: p.read_bytes() for p in (folder / "select").iterdir()}
+    assert len(test) == 6 and (folder / "done").read_text() == data.HELDOUT
+    assert {int(n[:4]) for n in select} >= {0, 1, 3, 4, 5, 6, 7}  # every document with room (doc 2 is short)
+    assert abs(sum(map(len, select.values())) - 16 * 1024) < 2048
+    seen = {ln for t in test.values() for ln in t.splitlines()}
+    assert not any(ln in seen for s in select.values() for ln in s.splitlines()[1:-1])  # whole lines: never shared

@@ -59,6 +59,20 @@ def test_run_status_table_and_rerun_reuses(tiny_design):
     out, err = table.communicate(timeout=120)
     assert table.returncode == 0, err
     assert "| toy | 3e09 | plain | rule |" in out and (results / "scaling.png").stat().st_size > 1000
+    # the select set changes: rescore scores the kept releases on it instead of training again
+    before = {k: json.loads((results / "runs" / f"{k}.json").read_text()) for k in KEYS}
+    (tiny_design.parent / "select" / "a.txt").write_text("a different held-out text, scored again. " * 30)
+    rescore = pico("rescore", str(tiny_design), "--json")
+    out, err = rescore.communicate(timeout=300)
+    assert rescore.returncode == 0, err[-3000:]
+    assert sorted(json.loads(out)["rescored"]) == sorted(KEYS)
+    for k in KEYS:
+        r = json.loads((results / "runs" / f"{k}.json").read_text())
+        assert r["test"] == before[k]["test"] and r["select"]["bpb"] != before[k]["select"]["bpb"]
+        assert r["rescored"][0]["split"] == "select" and r["rescored"][0]["old_bpb"] == before[k]["select"]["bpb"]
+        assert r["data"]["select"] != before[k]["data"]["select"]
+    again = pico("rescore", str(tiny_design), "--json")
+    assert json.loads(again.communicate(timeout=120)[0])["current"] == sorted(KEYS)
 
 
 def test_kill_9_of_the_driver_then_of_a_run(tiny_design):
