@@ -209,7 +209,8 @@ def scaling_plot(design: Design, agg: dict, path: Path) -> Path | None:
         ax.set_ylabel("test bits per byte")
         ax.set_title(f"{d}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8)
     return _save(fig, design, path)
 
 
