@@ -172,7 +172,7 @@ def cmd_rescore(design, design_path: Path, args) -> int:
     else:
         print(f"{design.name}: {len(done['rescored'])} runs rescored, {len(done['current'])} already current")
         for k in done["rerun"]:
-            print(f"  no model kept, rerun it (delete its result): {k}")
+            print(f"  no model kept, or trained on other data: rerun it (delete its result): {k}")
     return 1 if done["rerun"] else 0
 
 

@@ -280,8 +280,8 @@ def _train_and_score(design: Design, run: Run, shape: Shape, steps: int, sha: st
 def rescore(design: Design, results: dict[str, dict]) -> dict[str, list[str]]:
     """Score finished runs again on held-out sets that changed since they ran (a new cut, a new version of
     the data), from the model each run kept (RUN/release, else its last checkpoint): their result JSONs get
-    the new bpb and fingerprints, and `rescored` records the old ones. Runs that kept no model are
-    listed under "rerun" (delete their result JSON to redo them)."""
+    the new bpb and fingerprints, and `rescored` records the old ones. Runs that kept no model, or whose
+    training data changed too, are listed under "rerun" (delete their result JSON to redo them)."""
     out: dict[str, list[str]] = {"rescored": [], "current": [], "rerun": []}
     data = {d: domain_data.prepare(design, d) for d in {r["domain"] for r in results.values()}}
     for key, r in sorted(results.items()):
@@ -292,7 +292,7 @@ def rescore(design: Design, results: dict[str, dict]) -> dict[str, list[str]]:
             continue
         run = run_dir(design, key)
         model = run / "release" if (run / "release").is_dir() else run if (run / "checkpoints").is_dir() else None
-        if model is None:
+        if model is None or r["data"].get("train") != now["fingerprints"]["train"]:  # trained on other data: redo
             out["rerun"].append(key)
             continue
         log_file = log_path(design, key)

@@ -73,6 +73,14 @@ def test_run_status_table_and_rerun_reuses(tiny_design):
         assert r["data"]["select"] != before[k]["data"]["select"]
     again = pico("rescore", str(tiny_design), "--json")
     assert json.loads(again.communicate(timeout=120)[0])["current"] == sorted(KEYS)
+    other = results / "runs" / f"{KEYS[0]}.json"  # a run trained on other data cannot be rescored: it is redone
+    r = json.loads(other.read_text())
+    r["data"]["train"] = "another corpus"
+    other.write_text(json.dumps(r))
+    (tiny_design.parent / "select" / "a.txt").write_text("yet another held-out text. " * 30)
+    third = pico("rescore", str(tiny_design), "--json")
+    out, _ = third.communicate(timeout=300)
+    assert third.returncode == 1 and json.loads(out)["rerun"] == [KEYS[0]]
 
 
 def test_kill_9_of_the_driver_then_of_a_run(tiny_design):
