@@ -55,6 +55,8 @@ def test_run_status_table_and_rerun_reuses(tiny_design):
     out, err = again.communicate(timeout=120)
     assert json.loads(out)["finished"] == 2
     assert stamps == {k: (results / "runs" / f"{k}.json").stat().st_mtime_ns for k in KEYS}  # nothing recomputed
+    status = json.loads(pico("status", str(tiny_design), "--json").communicate(timeout=120)[0])
+    assert status["measured_flops_per_s"] > 0 and status["run_hours_left"] < 0.01  # all done: nothing left
     table = pico("table", str(tiny_design))
     out, err = table.communicate(timeout=120)
     assert table.returncode == 0, err
