@@ -130,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
         tree = choice.tree
         best = max(choice.candidates, key=lambda c: c["bytes_per_ms"])
         print(f"pico generate: --tree {args.tree}: {'the chain' if tree is None else f'a tree of {len(tree) - 1} nodes'}"
-              f" ({best['expected_bytes_per_pass']:.2f} bytes per pass expected, {best['ms_per_pass']:.2f} ms per "
+              f" ({best['expected_bytes_per_pass']:.2f} bytes per pass {'measured' if best['chain'] else 'expected'}, "
+              f"{best['ms_per_pass']:.2f} ms per "
               f"pass here), chosen in {choice.seconds:.1f} s", file=sys.stderr)
     if top is not None:
         from pico.model.generate import DraftTree
