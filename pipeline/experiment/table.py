@@ -240,8 +240,8 @@ def isoflop_plot(design: Design, agg: dict, path: Path) -> Path | None:
 
     best = {(c["domain"], c["model"], c["budget"]): c["shape"] for c in agg["best"]}
     budgets_ = sorted({b for _, b in panels})
-    fig, axes = plt.subplots(len(design.domains), len(budgets_), figsize=(5.5 * len(budgets_), 4 * len(design.domains)),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(design.domains), len(budgets_), squeeze=False,
+                             figsize=(max(8.0, 5.5 * len(budgets_)), 4 * len(design.domains)))  # room for the title
     for i, d in enumerate(design.domains):
         for j, b in enumerate(budgets_):
             ax = axes[i][j]
