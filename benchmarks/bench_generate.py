@@ -37,6 +37,7 @@ import torch
 
 from pico.model import make_targets
 from pico.model.generate import START, auto_tree, generate
+from pico.pipeline.experiment.store import portable
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLING = dict(temperature=0.8, top_p=0.95, seed=0)
@@ -234,7 +235,7 @@ def main() -> None:
         model, info = load_model(path, "cpu")
         cfg = model.cfg
         name = Path(path).name
-        emit({"measurement": "setup", "model": name, "path": str(path), "n_params": sum(p.numel() for p in model.parameters()),
+        emit({"measurement": "setup", "model": name, "path": portable(path), "n_params": sum(p.numel() for p in model.parameters()),
               "config": {k: getattr(cfg, k) for k in ("d_local", "window", "n_in", "n_out", "d_latent", "n_latent",
                                                        "router", "capacity", "n_predict", "max_seq_len")},
               "step": info.get("step"), "prompts": {k: len(v) for k, v in prompts.items()},

@@ -25,7 +25,7 @@ from pico.pipeline.experiment import data as domain_data
 from pico.pipeline.experiment.design import Design, Run, Shape, check_models, label, spec_hash, steps_for
 from pico.pipeline.experiment.job import log_path
 from pico.pipeline.experiment.plan import plan
-from pico.pipeline.experiment.store import failure_path, load_results, result_path, write_json
+from pico.pipeline.experiment.store import failure_path, load_results, portable, result_path, write_json
 
 
 def say(msg: str) -> None:
@@ -223,7 +223,7 @@ def drive(design: Design, design_path: Path, backend: str = "local", jobs: int =
             failed[key] = rc
             if not failure_path(design.results_dir, key).is_file():  # died without a word (kill -9, OOM)
                 write_json(failure_path(design.results_dir, key),
-                           {"key": key, "stage": "run", "returncode": rc, "log": str(log_path(design, key).resolve()),
+                           {"key": key, "stage": "run", "returncode": rc, "log": portable(log_path(design, key)),
                             "failed_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
             say(f"{key}: FAILED (exit {rc}); log {log_path(design, key)}")
         results = finished(design, shapes)

@@ -33,7 +33,7 @@ import yaml
 from pico.configs.errors import UserError
 from pico.pipeline.experiment import data as domain_data
 from pico.pipeline.experiment.design import Design, Run, Shape, resolve_shape, spec_hash, steps_for
-from pico.pipeline.experiment.store import failure_path, result_path, write_json
+from pico.pipeline.experiment.store import failure_path, portable, result_path, write_json
 
 CODE = ("model", "pipeline", "data_prep", "cluster", "configs", "pyproject.toml")
 # Code that changes neither what a run trains nor how it is scored: the planner and the designs, and
@@ -268,7 +268,7 @@ def _train_and_score(design: Design, run: Run, shape: Shape, steps: int, sha: st
                   "bytes_per_s_median": trained.get("bytes_per_s_median"), "device": trained.get("peak_kind")},
         "wall_s": time.time() - t0, "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
                                                f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}",
-        "log": str(log_file.resolve()), "finished_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "log": portable(log_file), "finished_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     write_json(result_path(design.results_dir, key), result)
     failure_path(design.results_dir, key).unlink(missing_ok=True)
@@ -333,6 +333,6 @@ def _prune(design: Design, out: Path, log) -> None:
 
 def _record_failure(design: Design, key: str, log_file: Path, stage: str, rc: int, error: str = "") -> int:
     write_json(failure_path(design.results_dir, key),
-               {"key": key, "stage": stage, "returncode": rc, "log": str(log_file.resolve()), "error": error,
+               {"key": key, "stage": stage, "returncode": rc, "log": portable(log_file), "error": error,
                 "failed_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
     return rc if rc > 0 else 1

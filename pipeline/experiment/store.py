@@ -26,6 +26,18 @@ def write_json(path: Path, payload: dict) -> Path:
     return path
 
 
+def portable(path: Path | str) -> str:
+    """`path` as a result file may record it: relative to the working directory when it lies under it, else
+    its name alone (a shared artefact holds no absolute local path)."""
+    p = Path(path)
+    if not p.is_absolute():
+        return str(p)
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return p.name
+
+
 def result_path(results: Path, key: str) -> Path:
     return results / "runs" / f"{key}.json"
 

@@ -11,7 +11,7 @@ from pico.configs.errors import UserError
 from pico.pipeline.experiment import table
 from pico.pipeline.experiment.design import Run, load_design
 from pico.pipeline.experiment.plan import lr_grid, plan
-from pico.pipeline.experiment.store import legacy, load_results, write_json
+from pico.pipeline.experiment.store import legacy, load_results, portable, write_json
 from tests.conftest import REPO
 from tests.pipeline.experiment.conftest import edit_design
 
@@ -113,6 +113,36 @@ def test_legacy_conversion_keeps_the_models_router_statistics():
 def test_results_are_written_atomically(tmp_path):
     path = write_json(tmp_path / "runs" / "k.json", {"key": "k"})
     assert json.loads(path.read_text()) == {"key": "k"} and not list(tmp_path.glob("runs/.*tmp"))
+
+
+def test_result_files_record_no_absolute_local_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert portable(tmp_path / "runs" / "logs" / "k.log") == "runs/logs/k.log"
+    assert portable("runs/logs/k.log") == "runs/logs/k.log"
+    assert portable(tmp_path.parent / "elsewhere" / "k.log") == "k.log"  # outside the working directory: its name
+
+
+def _absolute_strings(node, where=""):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _absolute_strings(v, f"{where}.{k}")
+    elif isinstance(node, list):
+        for v in node:
+            yield from _absolute_strings(v, where)
+    elif isinstance(node, str) and node.startswith(("/", "~")):
+        yield where, node
+
+
+def test_committed_results_hold_no_absolute_local_path():
+    found = []
+    for path in sorted((REPO / "benchmarks" / "results").rglob("*.json*")):
+        text = path.read_text()
+        try:
+            docs = [json.loads(text)]
+        except ValueError:  # JSON lines
+            docs = [json.loads(line) for line in text.splitlines() if line.strip()]
+        found += [f"{path.relative_to(REPO)}{where}: {value}" for doc in docs for where, value in _absolute_strings(doc)]
+    assert not found, found[:5]
 
 
 def test_launch_order_is_model_major(tiny_design):
