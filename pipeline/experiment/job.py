@@ -186,22 +186,6 @@ def fingerprint_at(rev: str, root: Path | None = None) -> str | None:
     return _digest(files)
 
 
-def code_revision(rev: str, root: Path | None = None) -> str:
-    """The last commit at or before `rev` that changed the code a run trains with (as `revision` records it
-    now); `rev` itself when git cannot tell (not a commit of this checkout, +dirty, unknown)."""
-    import pico.pipeline
-
-    root = root or Path(pico.pipeline.__file__).resolve().parents[1]
-    if not re.fullmatch(r"[0-9a-f]{7,40}", rev):
-        return rev
-    try:
-        out = subprocess.run(["git", "-C", str(root), "log", "-1", "--format=%H", rev, "--", *CODE_SPEC],
-                             capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return rev
-    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else rev
-
-
 def run_one(design: Design, run: Run) -> int:
     """Train, score and record one run; 0 when its result exists afterwards, 75 when preempted."""
     key = run.key(design)

@@ -32,8 +32,8 @@ def check_revisions(results: dict[str, dict], allow_mixed: bool) -> list[str]:
     several and mixing was not allowed.
 
     A result records the hash of its code; an older one, only its git revision, whose hash git computes
-    (`job.fingerprint_at`; failing that, the last commit at or before it that changed such code). So a
-    planner, design, decoding or README commit, or a change undone, does not split a table."""
+    (`job.fingerprint_at`; failing that, the revision itself stands for it). So a planner, design, decoding or
+    README commit, or a change undone, does not split a table."""
     revs = sorted({code_identity(r) for r in results.values()})
     if len(revs) > 1 and not allow_mixed:
         raise UserError(f"the results come from {len(revs)} versions of pico's training code "
@@ -49,12 +49,12 @@ def check_revisions(results: dict[str, dict], allow_mixed: bool) -> list[str]:
 
 def code_identity(r: dict) -> str:
     """The content hash of the code a result ran (see check_revisions)."""
-    from pico.pipeline.experiment.job import code_revision, fingerprint_at
+    from pico.pipeline.experiment.job import fingerprint_at
 
     if r.get("code_sha"):
         return str(r["code_sha"])
     rev = str(r.get("git_revision"))
-    return fingerprint_at(rev) or code_revision(rev)
+    return fingerprint_at(rev) or rev
 
 
 def mean_std(xs: list[float]) -> tuple[float, float | None]:
