@@ -129,6 +129,23 @@ class MatchSpec:
 
 
 @dataclass
+class TargetSpec:
+    """A claim the table checks per domain and budget: the best of `models` against the best of `against`
+    (each family at its own best shape; the best family of a group, like its shape, chosen on the select set)."""
+
+    name: str = ""
+    """What the claim is, for the table (e.g. "best routed vs best plain")."""
+    models: list[str] = field(default_factory=list)
+    """The group whose best member is measured."""
+    against: list[str] = field(default_factory=list)
+    """The group whose best member is the reference."""
+    at_most: float = 1.0
+    """Met when the ratio of the test-bpb means over paired seeds is at most this."""
+    budget: float = 0.0
+    """The budget the claim is judged at (0: the largest); other budgets' ratios are shown as provisional."""
+
+
+@dataclass
 class ClusterSpec:
     """What one run asks a cluster for (Slurm array task or Ray job), and the GPU-hours estimate."""
 
@@ -178,6 +195,8 @@ class Design:
     """Models every other model is compared to (ratio of means over paired seeds); default: the first model."""
     overrides: list[str] = field(default_factory=list)
     """Overrides of every run (after the model's and the shape's), e.g. [optim.name=soap]."""
+    targets: list[TargetSpec] = field(default_factory=list)
+    """Claims the table checks (best of a group of models against the best of another, ratio at most N)."""
     warmup_fraction: float = 0.1
     """Linear warmup over this fraction of each run's steps, then cosine decay to 0.1 x the peak LR."""
     results: str = ""
@@ -380,6 +399,19 @@ def check(design: Design) -> None:
     for b in design.baselines:
         if b not in design.models:
             raise UserError(f"baselines: {b!r} is not a model of the design ({', '.join(design.models)})")
+    for i, t in enumerate(design.targets):
+        for key in ("models", "against"):
+            names = getattr(t, key)
+            if not names:
+                raise UserError(f"targets[{i}].{key}: empty; name the models of the group")
+            for m in names:
+                if m not in design.models:
+                    raise UserError(f"targets[{i}].{key}: {m!r} is not a model of the design ({', '.join(design.models)})")
+        if not t.at_most > 0:
+            raise UserError(f"targets[{i}].at_most={t.at_most}: give a ratio > 0 (e.g. 0.97)")
+        if t.budget and t.budget not in budgets(design):
+            raise UserError(f"targets[{i}].budget={t.budget:g} is not one of the budgets "
+                            f"({', '.join(map(label, budgets(design)))})")
     if design.match_flops is not None and design.match_flops.reference not in design.models:
         raise UserError(f"match_flops.reference={design.match_flops.reference!r} is not a model of the design")
     for i, b in enumerate(design.budgets):

@@ -19,7 +19,7 @@ import statistics
 from pathlib import Path
 
 from pico.configs.errors import UserError
-from pico.pipeline.experiment.design import Design, budgets, label, shape_budgets, shapes_of
+from pico.pipeline.experiment.design import Design, budgets, label, seeds_at, shape_budgets, shapes_of
 from pico.pipeline.experiment.plan import cells, chosen_lrs, plan
 
 ROUTER_COLUMNS = (("boundary rate", "routed_frac_mean"), ("at rule", "spacelike_share_of_routed"),
@@ -98,7 +98,42 @@ def aggregate(design: Design, results: dict[str, dict]) -> dict:
                            "baseline_shape": bc["shape"], "ratio_of_means": means[0] / means[1], "seeds": shared,
                            "per_seed": per, "min": min(per), "max": max(per)})
     return {"chosen_lr": {"/".join(k): v for k, v in chosen.items()}, "cells": list(cell_rows.values()),
-            "best": [best[k] for k in sorted(best, key=lambda k: _order(design, k))], "ratios": ratios}
+            "best": [best[k] for k in sorted(best, key=lambda k: _order(design, k))], "ratios": ratios,
+            "targets": targets(design, best)}
+
+
+def targets(design: Design, best: dict) -> list[dict]:
+    """The design's claims per domain and budget: the best of each group (lowest select-set bpb, as shapes
+    are chosen), the ratio of their test-bpb means over paired seeds, and whether the claim holds. Only the
+    claim's own budget with all its seeds gives a verdict; the rest are provisional."""
+    out = []
+    for t in design.targets:
+        judged_at = t.budget or max(budgets(design))
+        for d in design.domains:
+            for b in budgets(design):
+                pick = [min((best[d, m, b] for m in group if (d, m, b) in best), default=None,
+                            key=lambda c: (c["select_mean"], c["model"])) for group in (t.models, t.against)]
+                row = {"target": t.name, "domain": d, "budget": b, "at_most": t.at_most, "judged": b == judged_at,
+                       "model": pick[0] and pick[0]["model"], "shape": pick[0] and pick[0]["shape"],
+                       "against": pick[1] and pick[1]["model"], "against_shape": pick[1] and pick[1]["shape"],
+                       "seeds": [], "ratio_of_means": None, "per_seed": [], "std": None, "state": "pending"}
+                if None not in pick:
+                    c, bc = pick
+                    shared = sorted(set(c["per_seed"]) & set(bc["per_seed"]))
+                    if shared:
+                        per = [c["per_seed"][x] / bc["per_seed"][x] for x in shared]
+                        ratio = (statistics.fmean(c["per_seed"][x] for x in shared)
+                                 / statistics.fmean(bc["per_seed"][x] for x in shared))
+                        want = len(seeds_at(design, b))
+                        row.update(seeds=shared, ratio_of_means=ratio, per_seed=per, std=mean_std(per)[1])
+                        if b != judged_at or len(shared) < want:
+                            row["state"] = f"provisional ({len(shared)} of {want} seeds)" if b == judged_at else "provisional"
+                        elif ratio <= t.at_most:
+                            row["state"] = "met"
+                        else:
+                            row["state"] = f"missed by {100 * (ratio / t.at_most - 1):.1f} %"
+                out.append(row)
+    return out
 
 
 def _order(design: Design, key: tuple) -> tuple:
@@ -123,9 +158,13 @@ def missing(design: Design, results: dict[str, dict], failures: dict[str, dict])
     for run in ready:
         key = run.key(design)
         f = failures.get(key)
-        out.append({"key": key, "state": "failed" if f else "not run", "log": f and f.get("log"),
+        out.append({"key": key, "model": run.model, "state": "failed" if f else "not run", "log": f and f.get("log"),
                     "stage": f and f.get("stage"), "returncode": f and f.get("returncode")})
     return out
+
+
+def _who(model: str | None, shape: str | None) -> str:
+    return f"{model} ({shape})" if model else "-"
 
 
 def fmt(x, spec: str = ".4f") -> str:
@@ -162,6 +201,19 @@ def markdown(design: Design, agg: dict, revs: list[str], todo: list[dict], n_fin
     for r in agg["ratios"]:
         lines.append(f"| {r['domain']} | {label(r['budget'])} | {r['model']} | {r['baseline']} | "
                      f"{r['ratio_of_means']:.4f} | {len(r['seeds'])} | {r['min']:.4f}..{r['max']:.4f} |")
+    if agg["targets"]:
+        lines += ["", "## Targets", "",
+                  "each group's best member at its best shape (chosen on the select set); ratio of the test-bpb means "
+                  "over paired seeds, per-seed ratios min..max and their std; judged at the claim's budget with "
+                  "all its seeds, provisional elsewhere.", "",
+                  "| target | domain | budget | best | against | ratio of means | at most | pairs | per-seed min..max "
+                  "| std | state |",
+                  "| --- | --- | ---: | --- | --- | ---: | ---: | ---: | --- | ---: | --- |"]
+        for r in agg["targets"]:
+            per = f"{min(r['per_seed']):.4f}..{max(r['per_seed']):.4f}" if r["per_seed"] else "-"
+            lines.append(f"| {r['target']} | {r['domain']} | {label(r['budget'])} | {_who(r['model'], r['shape'])} | "
+                         f"{_who(r['against'], r['against_shape'])} | {fmt(r['ratio_of_means'])} | {r['at_most']:g} | "
+                         f"{len(r['seeds'])} | {per} | {fmt(r['std'])} | {r['state']} |")
     if isoflop:
         lines += ["", "## Every shape (IsoFLOP profile)", "",
                   "| domain | budget | model | shape | params | LR | seeds | select bpb | test bpb |",
@@ -181,8 +233,15 @@ def markdown(design: Design, agg: dict, revs: list[str], todo: list[dict], n_fin
                          + " | ".join(fmt(c["router"].get(k), ".3f") for _, k in ROUTER_COLUMNS) + " |")
     if todo:
         lines += ["", "## Missing cells", ""]
-        lines += [f"- `{t['key']}`: {t['state']}" + (f" ({t['stage']}, exit {t['returncode']}); log: {t['log']}"
-                                                      if t["state"] == "failed" else "") for t in todo]
+        lines += [f"- `{t['key']}`: failed ({t['stage']}, exit {t['returncode']}); log: {t['log']}"
+                  for t in todo if t["state"] == "failed"]
+        waiting: dict[str, list[str]] = {}
+        for t in todo:
+            if t["state"] != "failed":
+                waiting.setdefault(t["model"], []).append(t["key"])
+        if waiting:
+            lines.append("- ready to launch, not run yet: " + "; ".join(
+                f"{m} {len(keys)} (`{keys[0]}`{', ...' if len(keys) > 1 else ''})" for m, keys in waiting.items()))
     return "\n".join(lines) + "\n"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
 
 import pytest
@@ -13,7 +14,7 @@ from pico.pipeline.experiment.design import Run, load_design
 from pico.pipeline.experiment.plan import lr_grid, plan
 from pico.pipeline.experiment.store import legacy, load_results, portable, write_json
 from tests.conftest import REPO
-from tests.pipeline.experiment.conftest import edit_design
+from tests.pipeline.experiment.conftest import TINY, edit_design
 
 
 def result(design, model, shape, budget, lr, seed, test, select=None, rev="abc", router=None):
@@ -68,6 +69,42 @@ def test_means_std_paired_ratios_and_best_shape(tiny_design):
     assert table.isoflop_plot(design, agg, tiny_design.parent / "isoflop.png").stat().st_size > 1000
     assert table.isoflop_plot(edit_design(tiny_design, lambda r: (r.update(shape_rule="fixed"), [
         m.pop("shapes") for m in r["models"].values()])), agg, tiny_design.parent / "no.png") is None
+
+
+def test_targets_pick_each_groups_best_on_select_and_judge_only_with_all_seeds(tiny_design):
+    third = dict(TINY["rule"], overrides=[*TINY["rule"]["overrides"], "model.router=learned"])
+    design = edit_design(tiny_design, lambda r: (
+        r.update(seeds=[0, 1], targets=[{"name": "routed vs plain", "models": ["rule", "mod"], "against": ["plain"],
+                                         "at_most": 0.97},
+                                        {"name": "learned vs rule", "models": ["mod"], "against": ["rule"]}]),
+        r["models"].update(mod=third)))
+    rows = [("rule", [1.90, 1.94], 2.0), ("mod", [1.80, 1.84], 2.1),  # mod is better on test, rule on select
+            ("plain", [2.00, 2.00], 2.0)]
+    results = dict(result(design, m, "base", 3e9, 3e-3, seed, t, select=sel)
+                   for m, tests, sel in rows for seed, t in enumerate(tests))
+    routed, learned = table.aggregate(design, results)["targets"]
+    # the group's best is chosen on the select set (rule), not on the test set (mod)
+    assert (routed["model"], routed["against"], routed["seeds"]) == ("rule", "plain", [0, 1])
+    assert routed["ratio_of_means"] == pytest.approx(1.92 / 2.0) and routed["state"] == "met"
+    assert learned["ratio_of_means"] == pytest.approx(1.82 / 1.92) and learned["state"] == "met"
+    results[next(k for k in results if k.startswith("toy-rule") and k.endswith("s0"))]["test"]["bpb"] = 1.98
+    routed = table.aggregate(design, results)["targets"][0]
+    assert routed["state"] == "missed by 1.0 %"  # (1.98 + 1.94) / 4.0 = 0.98 = 1.0103 x 0.97
+    one_seed = {k: v for k, v in results.items() if k.endswith("s0")}
+    assert table.aggregate(design, one_seed)["targets"][0]["state"] == "provisional (1 of 2 seeds)"
+    md = table.build(design, results, {})["markdown"]
+    assert "| routed vs plain | toy | 3e09 | rule (base) | plain (base) | 0.9800 | 0.97 | 2 |" in md
+
+
+@pytest.mark.parametrize("target, message", [
+    ({"models": ["rule"], "against": ["nope"]}, "targets[0].against: 'nope' is not a model"),
+    ({"models": [], "against": ["plain"]}, "targets[0].models: empty"),
+    ({"models": ["rule"], "against": ["plain"], "at_most": 0}, "targets[0].at_most=0"),
+    ({"models": ["rule"], "against": ["plain"], "budget": 5e9}, "targets[0].budget=5e+09 is not one of the budgets"),
+])
+def test_bad_targets_name_the_key(tiny_design, target, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        edit_design(tiny_design, lambda r: r.update(targets=[target]))
 
 
 def test_revisions_do_not_mix_unless_allowed(tiny_design):
