@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--address", help="--submit ray: the dashboard, http://HOST:8265 (default: $RAY_ADDRESS)")
     r.add_argument("--dry-run", action="store_true", help="print the runs, their FLOPs and the estimated time; run nothing")
     r.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    r.add_argument("--allow-mixed-revisions", action="store_true",
+                   help="run although the finished runs trained with other training code than this checkout's")
     s = sub.add_parser("status", help="finished, failed and missing runs")
     s.add_argument("design", help=DESIGN_HELP)
     s.add_argument("--json", action="store_true", help="print one JSON object")
@@ -85,6 +87,8 @@ def cmd_run(design, design_path: Path, args) -> int:
             return 0
         print(describe(design, est, args.jobs))
         return 0
+    if not args.allow_mixed_revisions:
+        drive.check_code(design)
     summary = drive.drive(design, design_path, backend=args.submit, jobs=args.jobs, address=args.address)
     if args.json:
         print(json.dumps(summary))

@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from pico.configs.errors import UserError
 from pico.pipeline.experiment import data as domain_data
 from pico.pipeline.experiment.design import Design, Run, Shape, check_models, label, spec_hash, steps_for
 from pico.pipeline.experiment.job import log_path
@@ -30,6 +31,26 @@ from pico.pipeline.experiment.store import failure_path, load_results, portable,
 
 def say(msg: str) -> None:
     print(f"[experiment] {msg}", file=sys.stderr, flush=True)
+
+
+def check_code(design: Design) -> None:
+    """Refuse to add runs of other training code to a design's finished ones (a table holds one version of
+    the code, `table.check_revisions`): found at the start, not after hours of runs that could not be
+    tabulated with the rest."""
+    from pico.pipeline.experiment.job import code_fingerprint
+    from pico.pipeline.experiment.table import code_identity
+
+    results = finished(design, check_models(design))
+    theirs: dict[str, set[str]] = {}
+    for r in results.values():
+        theirs.setdefault(code_identity(r), set()).add(str(r.get("git_revision")))
+    mine = code_fingerprint()
+    if theirs and mine not in theirs:
+        code, revs = max(theirs.items(), key=lambda x: len(x[1]))
+        raise UserError(f"{design.name}: its {len(results)} finished runs trained with pico training code {code} "
+                        f"(revision {sorted(revs)[0][:12]}), this checkout's is {mine}: a table holds one version, so run "
+                        f"from a checkout of that code (git worktree add ../pinned {sorted(revs)[0][:12]}), or pass "
+                        "--allow-mixed-revisions")
 
 
 def finished(design: Design, shapes: dict[tuple[str, str], Shape]) -> dict[str, dict]:

@@ -160,6 +160,7 @@ def code_fingerprint(root: Path | None = None) -> str:
 
 
 @functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=64)
 def fingerprint_at(rev: str, root: Path | None = None) -> str | None:
     """`code_fingerprint` of commit `rev` of the pico checkout (from git's objects); None when git cannot tell."""
     import pico.pipeline

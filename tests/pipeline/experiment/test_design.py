@@ -76,6 +76,23 @@ def test_the_cli_prints_one_line_without_a_traceback(tiny_design):
     assert out.stderr.count("\n") == 1 and "unknown key colour" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_a_run_refuses_to_add_other_training_code_to_finished_runs(tiny_design):
+    from pico.pipeline.experiment.job import code_fingerprint
+    from pico.pipeline.experiment.store import result_path, write_json
+
+    design = load_design(tiny_design)
+    key = "toy-rule-3e09-lr0.003-s0"
+    write_json(result_path(design.results_dir, key), {
+        "key": key, "domain": "toy", "model": "rule", "budget": 3e9, "lr": 3e-3, "seed": 0,
+        "git_revision": "0123456789abcdef", "code_sha": "f00df00df00df00d", "test": {"bpb": 2.0}})
+    out = subprocess.run([sys.executable, "-m", "pico.pipeline.cli", "experiment", "run", str(tiny_design)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert "trained with pico training code f00df00df00df00d (revision 0123456789ab)" in out.stderr
+    assert f"this checkout's is {code_fingerprint()}" in out.stderr and "--allow-mixed-revisions" in out.stderr
+    assert not (design.work / "runs").exists()  # nothing was launched
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "experiments").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_design_loads_and_costs(path, monkeypatch, tmp_path):
     monkeypatch.setenv("PICO_CORPUS", str(tmp_path))
