@@ -153,12 +153,16 @@ def cmd_status(design, design_path: Path, args) -> int:
 
 
 def cmd_table(design, design_path: Path, args) -> int:
-    from pico.pipeline.experiment import table
+    from pico.pipeline.experiment import drive, table
+    from pico.pipeline.experiment.design import check_models
     from pico.pipeline.experiment.store import load_failures, load_results, write_json
 
     out = Path(args.out) if args.out else design.results_dir
-    built = table.build(design, load_results(design.results_dir), load_failures(design.results_dir),
-                        allow_mixed=args.allow_mixed_revisions)
+    try:  # what the planner counts: a result whose spec changed since it ran is left out
+        results = drive.finished(design, check_models(design))
+    except UserError:  # a design kept as a record (a retired option, a config gone): its results as they are
+        results = load_results(design.results_dir)
+    built = table.build(design, results, load_failures(design.results_dir), allow_mixed=args.allow_mixed_revisions)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".table.md.tmp"
     tmp.write_text(built["markdown"])

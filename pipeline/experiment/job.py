@@ -160,7 +160,6 @@ def code_fingerprint(root: Path | None = None) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-@functools.lru_cache(maxsize=64)
 def fingerprint_at(rev: str, root: Path | None = None) -> str | None:
     """`code_fingerprint` of commit `rev` of the pico checkout (from git's objects); None when git cannot tell."""
     import pico.pipeline
@@ -222,10 +221,15 @@ def _train_and_score(design: Design, run: Run, shape: Shape, steps: int, sha: st
         shutil.rmtree(out)  # a run directory of another spec (the design changed): start over
     out.mkdir(parents=True, exist_ok=True)
     write_json(stamp, {"key": key, "spec_sha": sha})
+    code = code_fingerprint()  # the code this run trains with (compared again when it is recorded)
+    log.flush()
+    start = log_file.stat().st_size
     rc, stdout = call(train_args(design, run, shape, steps, data["train"], out), log)
     if rc == EXIT_PREEMPTED:
         print(f"[experiment] {key}: preempted; the rerun resumes from its checkpoint", file=log, flush=True)
         return EXIT_PREEMPTED
+    if rc != 0 and _diverged(log_file, start):
+        return _record_diverged(design, run, shape, steps, sha, data, code, log, log_file, t0)
     if rc != 0:
         return _record_failure(design, key, log_file, "train", rc)
     trained = last_json(stdout)
@@ -236,6 +240,11 @@ def _train_and_score(design: Design, run: Run, shape: Shape, steps: int, sha: st
         if rc != 0:
             return _record_failure(design, key, log_file, f"eval {split}", rc)
         scored[split] = last_json(stdout)
+    if not all(math.isfinite(scored[split].get("bpb", math.nan)) for split in scored):  # finite loss, NaN on held-out
+        return _record_diverged(design, run, shape, steps, sha, data, code, log, log_file, t0)
+    if code_fingerprint() != code:
+        return _record_failure(design, key, log_file, "record", 1, "the training code changed while the run trained; "
+                               "rerun it with the code frozen")
     version, rev = revision()
     config = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").is_file() else None
     result = {
@@ -243,7 +252,7 @@ def _train_and_score(design: Design, run: Run, shape: Shape, steps: int, sha: st
         "budget": run.budget, "lr": run.lr, "seed": run.seed, "steps": steps, "spec_sha": sha,
         "flops": steps * shape.flops_per_byte * shape.bytes_per_step, "flops_per_byte": shape.flops_per_byte,
         "params": shape.params, "router": shape.router, "config_file": shape.config, "overrides": shape.overrides,
-        "config": config, "pico_version": version, "git_revision": rev, "code_sha": code_fingerprint(),
+        "config": config, "pico_version": version, "git_revision": rev, "code_sha": code,
         "data": data["fingerprints"],
         "test": {"bpb": scored["test"]["bpb"], "bytes": scored["test"]["bytes"]},
         "select": {"bpb": scored["select"]["bpb"], "bytes": scored["select"]["bytes"]},
@@ -272,7 +281,7 @@ def rescore(design: Design, results: dict[str, dict]) -> dict[str, list[str]]:
     for key, r in sorted(results.items()):
         now = data[r["domain"]]
         stale = [split for split in ("test", "select") if r["data"].get(split) != now["fingerprints"][split]]
-        if not stale:
+        if not stale or r.get("diverged") and r["data"].get("train") == now["fingerprints"]["train"]:
             out["current"].append(key)
             continue
         run = run_dir(design, key)
@@ -314,6 +323,36 @@ def _prune(design: Design, out: Path, log) -> None:
                   file=log, flush=True)
             return
     shutil.rmtree(out / "checkpoints")
+
+
+DIVERGED = ("loss is NaN or infinite", "weights became NaN or infinite")  # pico train's TrainingDiverged messages
+
+
+def _diverged(log_file: Path, start: int) -> bool:
+    with open(log_file, "rb") as f:
+        f.seek(start)
+        tail = f.read().decode("utf-8", "replace")
+    return any(m in tail for m in DIVERGED)
+
+
+def _record_diverged(design: Design, run: Run, shape: Shape, steps: int, sha: str, data: dict, code: str, log,
+                     log_file: Path, t0: float) -> int:
+    """A run whose loss or held-out bpb became NaN/inf is a result, not a failure: it loses the LR and shape
+    choices (select bpb +inf, `store.select_bpb`) instead of blocking its family's sweep on every rerun."""
+    key = run.key(design)
+    version, rev = revision()
+    write_json(result_path(design.results_dir, key), {
+        "key": key, "design": design.name, "domain": run.domain, "model": run.model, "shape": run.shape,
+        "budget": run.budget, "lr": run.lr, "seed": run.seed, "steps": steps, "spec_sha": sha, "diverged": True,
+        "flops": steps * shape.flops_per_byte * shape.bytes_per_step, "flops_per_byte": shape.flops_per_byte,
+        "params": shape.params, "router": shape.router, "config_file": shape.config, "overrides": shape.overrides,
+        "pico_version": version, "git_revision": rev, "code_sha": code, "data": data["fingerprints"],
+        "test": {"bpb": None}, "select": {"bpb": None}, "router_stats": {}, "wall_s": time.time() - t0,
+        "log": portable(log_file), "finished_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
+    failure_path(design.results_dir, key).unlink(missing_ok=True)
+    print(f"[experiment] {key}: diverged (NaN or infinite loss); recorded as a loser of the LR and shape choices",
+          file=log, flush=True)
+    return 0
 
 
 def _record_failure(design: Design, key: str, log_file: Path, stage: str, rc: int, error: str = "") -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pico.pipeline.experiment.design import (Design, Run, budgets, label, picks_best, seeds_at, shape_budgets,
                                              shapes_of)
+from pico.pipeline.experiment.store import select_bpb
 
 
 def sweep_budget(design: Design, model: str, shape: str) -> float:
@@ -23,7 +24,7 @@ def lr_grid(design: Design, results: dict[str, dict], domain: str, model: str, s
             ) -> tuple[list[float], float | None]:
     """(the LRs to sweep, the chosen LR or None while the sweep is incomplete) of one domain, model and shape.
 
-    The lowest select-set bpb wins (ties: the lower LR); while the winner is at an edge of the
+    The lowest select-set bpb wins (ties: the lower LR; a run that diverged loses); while the winner is at an edge of the
     grid, the LR past that edge (x0.5 or x2) is added, at most lr.extend times."""
     if design.lr.fixed:
         lr = design.lr.fixed[domain]
@@ -33,7 +34,7 @@ def lr_grid(design: Design, results: dict[str, dict], domain: str, model: str, s
     for lr in _all_lrs(design, results, domain, model, shape, b):
         r = results.get(Run(domain, model, shape, b, lr, design.lr.seed).key(design))
         if r is not None:
-            select[lr] = r["select"]["bpb"]
+            select[lr] = select_bpb(r)
     grid = sorted(design.lr.grid)
     for _ in range(design.lr.extend + 1):
         if not all(lr in select for lr in grid):
@@ -76,7 +77,7 @@ def swept_shapes(design: Design, results: dict[str, dict], domain: str, model: s
                                                    design.lr.seed).key(design))
             if not r:  # still sweeping
                 return names[lo:hi + 1]
-            select[s] = r["select"]["bpb"]
+            select[s] = select_bpb(r)
         best = min(range(lo, hi + 1), key=lambda j: (select[names[j]], j))
         if best == lo and lo > 0:
             lo -= 1
@@ -110,7 +111,7 @@ def best_shapes(design: Design, results: dict[str, dict], domain: str, model: st
         lrs[s] = lr_grid(design, results, domain, model, s)[1]
         if lrs[s] is None:
             return None, None
-        select[s] = results[Run(domain, model, s, design.lr.budget, lrs[s], design.lr.seed).key(design)]["select"]["bpb"]
+        select[s] = select_bpb(results[Run(domain, model, s, design.lr.budget, lrs[s], design.lr.seed).key(design)])
     i = min(range(len(names)), key=lambda j: (select[names[j]], j))
     near = [j for j in (i - 1, i + 1) if 0 <= j < len(names)]
     picked = [names[i]] + ([names[min(near, key=lambda j: (select[names[j]], j))]] if near else [])
@@ -118,7 +119,7 @@ def best_shapes(design: Design, results: dict[str, dict], domain: str, model: st
     here = {s: results.get(Run(domain, model, s, budget, lrs[s], first).key(design)) for s in picked}
     if any(r is None for r in here.values()):
         return picked, None
-    return picked, min(picked, key=lambda s: (here[s]["select"]["bpb"], names.index(s)))
+    return picked, min(picked, key=lambda s: (select_bpb(here[s]), names.index(s)))
 
 
 def plan(design: Design, results: dict[str, dict]) -> tuple[list[Run], int]:

@@ -38,6 +38,12 @@ def portable(path: Path | str) -> str:
         return p.name
 
 
+def select_bpb(r: dict) -> float:
+    """A result's select-set bpb, what LRs and shapes are chosen by; +inf for a run that diverged (it loses)."""
+    bpb = None if r.get("diverged") else (r.get("select") or {}).get("bpb")
+    return float("inf") if bpb is None else float(bpb)
+
+
 def result_path(results: Path, key: str) -> Path:
     return results / "runs" / f"{key}.json"
 

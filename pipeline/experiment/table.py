@@ -19,8 +19,8 @@ import statistics
 from pathlib import Path
 
 from pico.configs.errors import UserError
-from pico.pipeline.experiment.design import Design, budgets, label, seeds_at, shape_budgets, shapes_of
-from pico.pipeline.experiment.plan import cells, chosen_lrs, plan
+from pico.pipeline.experiment.design import Design, budgets, label, picks_best, seeds_at, shape_budgets, shapes_of
+from pico.pipeline.experiment.plan import best_shapes, cells, chosen_lrs, plan
 
 ROUTER_COLUMNS = (("boundary rate", "routed_frac_mean"), ("at rule", "spacelike_share_of_routed"),
                   ("at word start", "after_spacelike_share_of_routed"), ("chunk len mean", "chunk_len_mean"),
@@ -68,7 +68,8 @@ def aggregate(design: Design, results: dict[str, dict]) -> dict:
     for (d, m, s), lr in chosen.items():
         for b in shape_budgets(design, m, s):
             rs = sorted((r for r in results.values() if (r["domain"], r["model"], r.get("shape", "base"), r["budget"],
-                                                          r["lr"]) == (d, m, s, b, lr)), key=lambda r: r["seed"])
+                                                          r["lr"]) == (d, m, s, b, lr) and not r.get("diverged")),
+                        key=lambda r: r["seed"])
             if not rs:
                 continue
             mean, std = mean_std([r["test"]["bpb"] for r in rs])
@@ -82,6 +83,11 @@ def aggregate(design: Design, results: dict[str, dict]) -> dict:
         old = best.get((d, m, b))
         if old is None or (c["select_mean"], s) < (old["select_mean"], old["shape"]):
             best[d, m, b] = c
+    for (d, m, b) in best:
+        if picks_best(design, b):  # the shape the planner ran every seed at (chosen at the first seed), not
+            winner = best_shapes(design, results, d, m, b)[1]  # the lower mean of 3 seeds against 1
+            if (d, m, winner, b) in cell_rows:
+                best[d, m, b] = cell_rows[d, m, winner, b]
     baselines = design.baselines or [next(iter(design.models))]
     ratios = []
     for (d, m, b), c in sorted(best.items(), key=lambda x: _order(design, x[0])):
@@ -99,7 +105,7 @@ def aggregate(design: Design, results: dict[str, dict]) -> dict:
                            "per_seed": per, "min": min(per), "max": max(per)})
     return {"chosen_lr": {"/".join(k): v for k, v in chosen.items()}, "cells": list(cell_rows.values()),
             "best": [best[k] for k in sorted(best, key=lambda k: _order(design, k))], "ratios": ratios,
-            "targets": targets(design, best)}
+            "targets": targets(design, best), "diverged": sorted(k for k, r in results.items() if r.get("diverged"))}
 
 
 def targets(design: Design, best: dict) -> list[dict]:
@@ -231,6 +237,9 @@ def markdown(design: Design, agg: dict, revs: list[str], todo: list[dict], n_fin
         if c["router"]:
             lines.append(f"| {c['domain']} | {label(c['budget'])} | {c['model']} | "
                          + " | ".join(fmt(c["router"].get(k), ".3f") for _, k in ROUTER_COLUMNS) + " |")
+    if agg["diverged"]:
+        lines += ["", "## Diverged runs (NaN or infinite loss: they lose the LR and shape choices)", ""]
+        lines += [f"- `{k}`" for k in agg["diverged"]]
     if todo:
         lines += ["", "## Missing cells", ""]
         lines += [f"- `{t['key']}`: failed ({t['stage']}, exit {t['returncode']}); log: {t['log']}"

@@ -134,3 +134,21 @@ def test_a_scored_run_keeps_what_the_design_says(tiny_design, tmp_path, keep, le
     with open(tmp_path / "log", "w") as log:
         _prune(design, tmp_path / "run", log)
     assert (tmp_path / "run" / "checkpoints").exists() == left and not (tmp_path / "run" / "release").exists()
+
+
+def test_a_run_that_diverges_is_a_losing_result_not_a_failure(tiny_design):
+    from tests.pipeline.experiment.conftest import edit_design
+
+    edit_design(tiny_design, lambda r: (r["models"].pop("plain"), r.update(lr={"fixed": {"toy": 1.0e30}})))
+    key = "toy-rule-3e09-lr1e+30-s0"
+    run = pico("run", str(tiny_design), "--json")
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err[-3000:]
+    r = json.loads((tiny_design.parent / "results" / "runs" / f"{key}.json").read_text())
+    assert r["diverged"] is True and r["select"]["bpb"] is None and len(r["code_sha"]) == 16
+    assert not (tiny_design.parent / "results" / "failed" / f"{key}.json").exists()
+    log = (tiny_design.parent / "results" / "work" / "logs" / f"{key}.log").read_text()
+    assert "NaN or infinite" in log and "recorded as a loser" in log
+    table = pico("table", str(tiny_design))
+    assert table.communicate(timeout=120) and table.returncode == 0
+    assert f"- `{key}`" in (tiny_design.parent / "results" / "table.md").read_text()

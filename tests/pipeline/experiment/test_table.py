@@ -11,7 +11,7 @@ import pytest
 from pico.configs.errors import UserError
 from pico.pipeline.experiment import table
 from pico.pipeline.experiment.design import Run, load_design
-from pico.pipeline.experiment.plan import lr_grid, plan
+from pico.pipeline.experiment.plan import chosen_lrs, lr_grid, plan
 from pico.pipeline.experiment.store import legacy, load_results, portable, write_json
 from tests.conftest import REPO
 from tests.pipeline.experiment.conftest import TINY, edit_design
@@ -218,6 +218,27 @@ def test_a_best_budget_runs_the_best_shape_and_its_better_neighbour_then_seeds_a
     assert not [r for r in plan(design, results)[0] if r.model == "rule"]
     best = {c["budget"]: c for c in table.aggregate(design, results)["best"] if c["model"] == "rule"}
     assert best[6e9]["shape"] == "l" and best[6e9]["n_seeds"] == 3 and best[3e9]["shape"] == "m"
+    # the winner's other seeds score worse on select than the neighbour's one: the table still reports the
+    # shape every seed ran at (chosen at the first seed, as the planner chose it), not the 1-seed neighbour
+    results.update(result(design, "rule", "l", 6e9, 1e-3, x, 9.0 - x / 10, select=2.5) for x in (1, 2))
+    best = {c["budget"]: c for c in table.aggregate(design, results)["best"] if c["model"] == "rule"}
+    assert best[6e9]["shape"] == "l" and best[6e9]["n_seeds"] == 3
+
+
+def test_a_diverged_run_loses_the_lr_and_shape_choices_instead_of_blocking_them(tiny_design):
+    design = edit_design(tiny_design, _staged)
+    sweep = {"s": 2.3, "m": 2.0, "l": 2.1}
+    results = dict(result(design, "rule", s, 3e9, lr, 0, 9.0, select=sweep[s] + lr * 10) for s in sweep
+                   for lr in (1e-3, 2e-3))
+    diverged = [k for k, r in results.items() if r["shape"] == "m" and r["lr"] == 1e-3]
+    for k in diverged:  # m's best LR diverged: m takes 2e-3 (select 2.02), still ahead of l (2.11 at 1e-3)
+        results[k].update(diverged=True, test={"bpb": None}, select={"bpb": None})
+    assert chosen_lrs(design, results)["toy", "rule", "m"] == 2e-3
+    rule = [(r.shape, r.lr) for r in plan(design, results)[0] if r.model == "rule" and r.budget == 6e9]
+    assert rule == [("m", 2e-3), ("l", 1e-3)]
+    agg = table.aggregate(design, results)
+    assert agg["diverged"] == diverged and all(c["mean"] is not None for c in agg["cells"])
+    assert f"- `{diverged[0]}`" in table.build(design, results, {})["markdown"]
 
 
 def test_a_best_budget_needs_an_isoflop_sweep_elsewhere(tiny_design):
