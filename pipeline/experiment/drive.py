@@ -24,7 +24,7 @@ from pathlib import Path
 from pico.configs.errors import UserError
 from pico.pipeline.experiment import data as domain_data
 from pico.pipeline.experiment.design import Design, Run, Shape, check_models, label, spec_hash, steps_for
-from pico.pipeline.experiment.job import log_path
+from pico.pipeline.experiment.job import current, log_path, protocol_hash
 from pico.pipeline.experiment.plan import plan
 from pico.pipeline.experiment.store import failure_path, load_results, portable, result_path, write_json
 
@@ -54,7 +54,8 @@ def check_code(design: Design) -> None:
 
 
 def finished(design: Design, shapes: dict[tuple[str, str], Shape]) -> dict[str, dict]:
-    """The finished results of this design's runs; one whose spec changed since (stale) does not count."""
+    """The finished results of this design's runs; one whose spec or protocol changed since (stale) does not
+    count (`job.current`)."""
     out = {}
     for key, r in load_results(design.results_dir).items():
         shape = shapes.get((r["model"], r.get("shape", "base")))
@@ -62,7 +63,8 @@ def finished(design: Design, shapes: dict[tuple[str, str], Shape]) -> dict[str, 
             continue
         if r.get("spec_sha") is not None:
             run = Run(r["domain"], r["model"], r["shape"], r["budget"], r["lr"], r["seed"])
-            if r["spec_sha"] != spec_hash(run, shape, steps_for(shape, run.budget)):
+            steps = steps_for(shape, run.budget)
+            if not current(r, spec_hash(run, shape, steps), protocol_hash(design, run, shape, steps)):
                 continue
         out[key] = r
     return out

@@ -62,6 +62,20 @@ def train_args(design: Design, run: Run, shape: Shape, steps: int, train: list[s
             "--logging.wandb_mode=disabled", "--data.mix=[]", f"--data.train=[{','.join(train)}]"]
 
 
+def protocol_hash(design: Design, run: Run, shape: Shape, steps: int) -> str:
+    """A fingerprint of how a run trains beyond its spec (`design.spec_hash`): `pico train`'s arguments, so the
+    warmup, schedule, evaluation and checkpoint cadence too; its run and data folders left out (the data's
+    identity is its fingerprints)."""
+    args = train_args(design, run, shape, steps, ["TRAIN"], Path("OUT"))
+    return hashlib.sha256(json.dumps(args).encode()).hexdigest()[:16]
+
+
+def current(record: dict, spec: str, protocol: str) -> bool:
+    """Whether a result (or a run folder's stamp) was made by this spec and protocol; a record older than
+    either field counts by the ones it has."""
+    return record.get("spec_sha") in (spec, None) and record.get("protocol_sha") in (protocol, None)
+
+
 def _die_with_parent() -> None:
     """Children die with the run (Linux PR_SET_PDEATHSIG), so a kill -9 of the run leaves no orphan training."""
     try:
@@ -197,7 +211,7 @@ def run_one(design: Design, run: Run) -> int:
         signal.signal(sig, Child.forward)
     with domain_data.locked(design.work / "locks" / f"{key}.lock"):
         done = result_path(results, key)
-        if done.is_file() and json.loads(done.read_text()).get("spec_sha") in (sha, None):
+        if done.is_file() and current(json.loads(done.read_text()), sha, protocol_hash(design, run, shape, steps)):
             print(f"[experiment] {key}: already finished ({done})", file=sys.stderr)
             return 0
         log_file = log_path(design, key)
@@ -217,10 +231,12 @@ def _train_and_score(design: Design, run: Run, shape: Shape, steps: int, sha: st
     data = domain_data.prepare(design, run.domain)
     out = run_dir(design, key)
     stamp = out / "experiment-spec.json"
-    if out.exists() and (not stamp.is_file() or json.loads(stamp.read_text()).get("spec_sha") != sha):
-        shutil.rmtree(out)  # a run directory of another spec (the design changed): start over
+    protocol = protocol_hash(design, run, shape, steps)
+    old = json.loads(stamp.read_text()) if stamp.is_file() else {}
+    if out.exists() and (old.get("spec_sha") is None or not current(old, sha, protocol)):
+        shutil.rmtree(out)  # a run directory of another spec or protocol (the design changed): start over
     out.mkdir(parents=True, exist_ok=True)
-    write_json(stamp, {"key": key, "spec_sha": sha})
+    write_json(stamp, {"key": key, "spec_sha": sha, "protocol_sha": protocol})
     code = code_fingerprint()  # the code this run trains with (compared again when it is recorded)
     log.flush()
     start = log_file.stat().st_size
@@ -249,7 +265,7 @@ def _train_and_score(design: Design, run: Run, shape: Shape, steps: int, sha: st
     config = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").is_file() else None
     result = {
         "key": key, "design": design.name, "domain": run.domain, "model": run.model, "shape": run.shape,
-        "budget": run.budget, "lr": run.lr, "seed": run.seed, "steps": steps, "spec_sha": sha,
+        "budget": run.budget, "lr": run.lr, "seed": run.seed, "steps": steps, "spec_sha": sha, "protocol_sha": protocol_hash(design, run, shape, steps),
         "flops": steps * shape.flops_per_byte * shape.bytes_per_step, "flops_per_byte": shape.flops_per_byte,
         "params": shape.params, "router": shape.router, "config_file": shape.config, "overrides": shape.overrides,
         "config": config, "pico_version": version, "git_revision": rev, "code_sha": code,
@@ -343,7 +359,7 @@ def _record_diverged(design: Design, run: Run, shape: Shape, steps: int, sha: st
     version, rev = revision()
     write_json(result_path(design.results_dir, key), {
         "key": key, "design": design.name, "domain": run.domain, "model": run.model, "shape": run.shape,
-        "budget": run.budget, "lr": run.lr, "seed": run.seed, "steps": steps, "spec_sha": sha, "diverged": True,
+        "budget": run.budget, "lr": run.lr, "seed": run.seed, "steps": steps, "spec_sha": sha, "protocol_sha": protocol_hash(design, run, shape, steps), "diverged": True,
         "flops": steps * shape.flops_per_byte * shape.bytes_per_step, "flops_per_byte": shape.flops_per_byte,
         "params": shape.params, "router": shape.router, "config_file": shape.config, "overrides": shape.overrides,
         "pico_version": version, "git_revision": rev, "code_sha": code, "data": data["fingerprints"],

@@ -93,6 +93,33 @@ def test_a_run_refuses_to_add_other_training_code_to_finished_runs(tiny_design):
     assert not (design.work / "runs").exists()  # nothing was launched
 
 
+def test_a_result_is_stale_when_the_protocol_changes_not_only_the_spec(tiny_design):
+    """The warmup (a design field) and the schedule (the harness's) are not in the model's spec: a result made
+    under another protocol is not reused; one from before results recorded a protocol still is."""
+    from pico.pipeline.experiment.design import Run, spec_hash
+    from pico.pipeline.experiment.drive import finished
+    from pico.pipeline.experiment.job import protocol_hash
+    from pico.pipeline.experiment.store import result_path, write_json
+
+    design = load_design(tiny_design)
+    shapes = check_models(design)
+    run = Run("toy", "rule", "base", 3e9, 3e-3, 0)
+    shape = shapes["rule", "base"]
+    steps = steps_for(shape, run.budget)
+    record = {"key": run.key(design), "domain": "toy", "model": "rule", "shape": "base", "budget": 3e9, "lr": 3e-3,
+              "seed": 0, "spec_sha": spec_hash(run, shape, steps), "test": {"bpb": 2.0}, "select": {"bpb": 2.0}}
+    write_json(result_path(design.results_dir, run.key(design)), dict(record, protocol_sha="0" * 16))
+    assert not finished(design, shapes)
+    write_json(result_path(design.results_dir, run.key(design)),
+               dict(record, protocol_sha=protocol_hash(design, run, shape, steps)))
+    assert list(finished(design, shapes)) == [run.key(design)]
+    longer = edit(tiny_design, lambda r: r.update(warmup_fraction=0.3))
+    design = load_design(longer)
+    assert not finished(design, check_models(design))
+    write_json(result_path(design.results_dir, run.key(design)), record)  # no protocol recorded: by its spec
+    assert list(finished(design, check_models(design))) == [run.key(design)]
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "experiments").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_design_loads_and_costs(path, monkeypatch, tmp_path):
     monkeypatch.setenv("PICO_CORPUS", str(tmp_path))
