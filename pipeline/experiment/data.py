@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import glob
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -99,15 +100,22 @@ def prepare(design: Design, domain: str) -> dict:
 
 
 def _prep(prep, out: Path, key: str) -> Path:
-    """`pico prep` of the inputs into `out`, once (pico prep itself resumes a killed preparation)."""
+    """`pico prep` of the inputs into `out`, once (pico prep itself resumes a killed preparation); a folder
+    prepared from other inputs or another val_fraction is an error, not reused (the split hashes each
+    document's source path, so a corpus moved elsewhere is other inputs too)."""
+    inputs = [expand(raw, f"{key}.inputs[{i}]") for i, raw in enumerate(prep.inputs)]
     if (out / "manifest.json").is_file():
+        made = json.loads((out / "manifest.json").read_text()).get("config") or {}
+        where = [p if "://" in p else os.path.abspath(p) for p in made.get("inputs") or []]
+        if where != [p if "://" in p else os.path.abspath(p) for p in inputs] or made.get("val_fraction") != prep.val_fraction:
+            raise UserError(f"{key}: {out} was prepared from {made.get('inputs')} with val_fraction "
+                            f"{made.get('val_fraction')}, the design now asks for {inputs} with {prep.val_fraction}: "
+                            f"point the design back, or delete {out.parent} to prepare it again (then rerun or "
+                            "`pico experiment rescore` the finished runs)")
         return out
-    inputs = []
-    for i, raw in enumerate(prep.inputs):
-        p = expand(raw, f"{key}.inputs[{i}]")
+    for i, p in enumerate(inputs):
         if "://" not in p and not glob.glob(p):
             raise UserError(f"{key}.inputs[{i}]: {p} does not exist; set the corpus path (see the design's notes)")
-        inputs.append(p)
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pico.pipeline.cli", "prep", "--input", *inputs, "--output", str(out),
            "--val-fraction", str(prep.val_fraction), "--workers", "1", "--no-progress"]
@@ -128,6 +136,11 @@ def _val_documents(shards: Path) -> list[bytes]:
 
 
 HELDOUT = "2"  # how the held-out sets are cut (below); a folder cut another way is cut again
+
+
+def heldout_marker(prep) -> str:
+    """What a held-out folder's `done` file says: the cut's version and sizes (another is cut again)."""
+    return json.dumps({"cut": HELDOUT, "test_kb": prep.test_kb, "select_kb": prep.select_kb}, sort_keys=True)
 
 
 def _span(doc: bytes, size: int, at: int, end: int | None = None) -> tuple[int, int]:
@@ -156,9 +169,14 @@ def _heldout(prep, shards: Path, folder: Path, key: str) -> None:
     picks LRs and shapes is drawn from the same documents as the one reported, never the same bytes.
     (Version 1 took select from every 4th document only: on prose, 7 held-out novels gave select one
     novel, whose preferences disagreed with the six others'.)"""
-    done = folder / "done"
-    if done.is_file() and done.read_text().strip() == HELDOUT:
-        return
+    done, marker = folder / "done", heldout_marker(prep)
+    if done.is_file():
+        text = done.read_text().strip()
+        if text == marker:
+            return
+        if text == HELDOUT:  # cut by this version before the marker recorded its sizes: take them as the design's
+            done.write_text(marker)
+            return
     docs = [d for d in _val_documents(shards) if d.strip()]
     if len(docs) < 2:
         raise UserError(f"{key}: the val split holds {len(docs)} document(s); test and select need 2 or more: "
@@ -186,7 +204,7 @@ def _heldout(prep, shards: Path, folder: Path, key: str) -> None:
         if b > a:
             (tmp / "select" / f"{i:04d}.txt").write_bytes(doc[a:b])
     done_tmp = tmp / "done"
-    done_tmp.write_text(HELDOUT)
+    done_tmp.write_text(marker)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -146,8 +148,36 @@ def test_select_is_cut_from_every_held_out_document_never_from_test_bytes(tmp_pa
     data._heldout(PrepSpec(inputs=["x"], test_kb=48, select_kb=16), tmp_path, folder, "domains.toy.prep")
     test = {p.name: p.read_bytes() for p in (folder / "test").iterdir()}
     select = {p.name: p.read_bytes() for p in (folder / "select").iterdir()}
-    assert len(test) == 6 and (folder / "done").read_text() == data.HELDOUT
+    assert len(test) == 6 and (folder / "done").read_text() == data.heldout_marker(PrepSpec(test_kb=48, select_kb=16))
     assert {int(n[:4]) for n in select} >= {0, 1, 3, 4, 5, 6, 7}  # every document with room (doc 2 is short)
     assert abs(sum(map(len, select.values())) - 16 * 1024) < 2048
     seen = {ln for t in test.values() for ln in t.splitlines()}
     assert not any(ln in seen for s in select.values() for ln in s.splitlines()[1:-1])  # whole lines: never shared
+
+
+def test_held_out_sets_are_cut_again_when_their_sizes_change_and_prepared_data_is_never_reused_silently(
+        tmp_path, monkeypatch):
+    from pico.pipeline.experiment import data
+    from pico.pipeline.experiment.design import PrepSpec
+
+    docs = [f"doc {d} ".encode() + b"words and more words\n" * 3000 for d in range(8)]
+    monkeypatch.setattr(data, "_val_documents", lambda shards: docs)
+    folder = tmp_path / "heldout"
+    data._heldout(PrepSpec(test_kb=48, select_kb=16), tmp_path, folder, "k")
+    first = sum(p.stat().st_size for p in (folder / "test").iterdir())
+    data._heldout(PrepSpec(test_kb=24, select_kb=16), tmp_path, folder, "k")  # the design's sizes changed: cut again
+    assert sum(p.stat().st_size for p in (folder / "test").iterdir()) < first * 0.6
+    (folder / "done").write_text(data.HELDOUT)  # cut before markers held sizes: kept, the marker completed
+    stamp = (folder / "test" / "0000.txt").stat().st_mtime_ns
+    data._heldout(PrepSpec(test_kb=24, select_kb=16), tmp_path, folder, "k")
+    assert (folder / "test" / "0000.txt").stat().st_mtime_ns == stamp
+    assert (folder / "done").read_text() == data.heldout_marker(PrepSpec(test_kb=24, select_kb=16))
+
+    out = tmp_path / "data" / "shards"
+    out.mkdir(parents=True)
+    (out / "manifest.json").write_text(json.dumps({"config": {"inputs": [str(tmp_path / "corpus")], "val_fraction": 0.05}}))
+    assert data._prep(PrepSpec(inputs=[str(tmp_path / "corpus")], val_fraction=0.05), out, "domains.toy.prep") == out
+    for changed in (PrepSpec(inputs=[str(tmp_path / "moved")], val_fraction=0.05),
+                    PrepSpec(inputs=[str(tmp_path / "corpus")], val_fraction=0.02)):
+        with pytest.raises(UserError, match=f"domains.toy.prep: {re.escape(str(out))} was prepared from .* delete"):
+            data._prep(changed, out, "domains.toy.prep")
