@@ -36,7 +36,8 @@ class PrepConfig:
     shard_bytes: int = 256 * MiB
     """A shard rolls over to the next one before its tar file would grow past this many bytes."""
     val_fraction: float = 0.01
-    """Fraction of documents in the val split, chosen by a hash of the document identity (source and line)."""
+    """Fraction of documents in the val split, chosen by a hash of the document's identity (its file's path from the
+    folder holding its input, and its line or row: the same wherever the corpus sits)."""
     dedup: bool = False
     """Drop exact duplicates (same raw bytes) across the whole job; the first occurrence in input order is kept. Reads the input twice."""
     zstd_level: int = 3

@@ -115,8 +115,8 @@ def _read_ahead(items: Iterator, batch_items: int = 256, batch_bytes: int = 4 <<
 def _unit_items(cfg: PrepConfig, files: list[list]) -> Iterator[tuple[int | None, Doc | Skip]]:
     """(ordinal, Doc) for every readable document, (None, Skip) for the rest, in input order."""
     ordinal = 0
-    for url, size in files:
-        for item in iter_documents(InputFile(url, size), cfg.format, cfg.text_field, cfg.id_field, cfg.chunk_bytes,
+    for entry in files:  # [url, size, portable name]
+        for item in iter_documents(InputFile(*entry), cfg.format, cfg.text_field, cfg.id_field, cfg.chunk_bytes,
                                    cfg.max_expansion):
             if isinstance(item, Doc):
                 yield ordinal, item
@@ -200,7 +200,7 @@ def run_unit(options: dict, unit: int, files: list[list], drop: list[int], decla
     for w in writers.values():
         w.close()
     record = {"unit": unit, "shards": [s.record() for w in writers.values() for s in w.done], "documents": docs,
-              "skipped": skipped, "input_bytes": sum(size for _, size in files), "raw_bytes": raw_bytes,
+              "skipped": skipped, "input_bytes": sum(entry[1] for entry in files), "raw_bytes": raw_bytes,
               "cpu_seconds": time.process_time() - cpu0}  # the task's own CPU time, for benchmarks
     store.write_bytes(f"{prefix}/done.json", json.dumps(record).encode())
     return record
@@ -399,7 +399,7 @@ def _dedup_drops(ray, cfg: PrepConfig, store: Store, units, window: int, progres
         if data is not None:
             hashes[u] = data
     options = cfg.to_dict()
-    args = {u: (options, u, [[f.url, f.size] for f in units[u]]) for u in range(len(units)) if u not in hashes}
+    args = {u: (options, u, [[f.url, f.size, f.name] for f in units[u]]) for u in range(len(units)) if u not in hashes}
     sizes = {u: sum(f.size for f in units[u]) for u in range(len(units))}
     bar = _Progress(progress, "prep (dedup pass)", sum(sizes.values()), sum(sizes[u] for u in hashes))
     try:
@@ -505,7 +505,7 @@ def _run_job(cfg: PrepConfig, store: Store, progress: bool) -> tuple[dict, dict]
         raise UserError(f"{failed[0].message()} (stopped by --fail-fast)")
     units = plan_units(files, cfg.unit_bytes)
     plan = json.loads(json.dumps({"options": cfg.output_options(),
-                                  "units": [[[f.url, f.size] for f in u] for u in units]}))
+                                  "units": [[[f.url, f.size, f.name] for f in u] for u in units]}))
     with _output_access(store, "write"):
         _start_or_resume(store, cfg, plan)
 
@@ -524,7 +524,7 @@ def _run_job(cfg: PrepConfig, store: Store, progress: bool) -> tuple[dict, dict]
             drops = _dedup_drops(ray, cfg, store, units, window, progress) if cfg.dedup else {}
             options = cfg.to_dict()
             declared_val = any(declared_split(f.url) == "val" for f in files)
-            args = {u: (options, u, [[f.url, f.size] for f in units[u]], drops.get(u, []), declared_val)
+            args = {u: (options, u, [[f.url, f.size, f.name] for f in units[u]], drops.get(u, []), declared_val)
                     for u in range(len(units)) if u not in records}
             bar = _Progress(progress, "prep", sum(sizes.values()), sum(sizes[u] for u in records))
             try:

@@ -1,7 +1,10 @@
 """Finding input files and reading documents out of them, one at a time.
 
 `expand_inputs` turns --input arguments (paths, directories, globs, fsspec URLs) into a sorted
-list of files. `iter_documents` streams one file and yields a `Doc` for every document and a
+list of files, each with a portable name: its path from the folder that holds its input
+(`novels/emma.txt` for an input `/data/corpus/novels`, `code.jsonl` for `/data/corpus/code.jsonl`),
+the same wherever the corpus sits, locally or in a bucket. A document is known by that name (and
+its line): its identity, so its train/val split and sample key, and the source its shards record. `iter_documents` streams one file and yields a `Doc` for every document and a
 `Skip` for every empty or unreadable one, so that the caller can count both. Nothing here holds
 more than one document (or one chunk of a large one) in memory; Parquet files are read one
 record batch of one row group at a time.
@@ -54,15 +57,18 @@ ZSTD_MAX_RATIO, ZSTD_SLICE = 1 << 15, 1024
 
 @dataclass(frozen=True)
 class InputFile:
-    """One input file: an absolute local path or an fsspec URL, and its size as stored."""
+    """One input file: an absolute local path or an fsspec URL, its size as stored, and its portable name
+    (`expand_inputs`; empty: the url stands for it)."""
 
     url: str
     size: int
+    name: str = ""
 
 
 @dataclass
 class Doc:
-    """A readable, non-empty document. `chunks()` yields its bytes in pieces of at most chunk_bytes."""
+    """A readable, non-empty document. `chunks()` yields its bytes in pieces of at most chunk_bytes; `source`
+    is its file's portable name (`InputFile.name`)."""
 
     source: str
     id: str
@@ -73,7 +79,8 @@ class Doc:
 
     @property
     def identity(self) -> bytes:
-        """16 bytes naming the document (source and line), independent of its content."""
+        """16 bytes naming the document (its file's portable name and its line), independent of its content
+        and of where the corpus sits."""
         locator = "" if self.line is None else str(self.line)
         return hashlib.blake2b(f"{self.source}\n{locator}".encode("utf-8", "surrogateescape"), digest_size=16).digest()
 
@@ -115,7 +122,8 @@ def expand_inputs(patterns: list[str], exclude: str | None = None) -> tuple[list
     files: list[InputFile] = []
     problems: list[Skip] = []
     seen: set[str] = set()
-    for pattern in patterns:
+    names: set[str] = set()
+    for i, pattern in enumerate(patterns):
         outputs: list[str] = []
         skips: list[Skip] = []  # broken links, links to a directory already read, the output itself
         try:
@@ -133,11 +141,39 @@ def expand_inputs(patterns: list[str], exclude: str | None = None) -> tuple[list
             problems.extend(Skip("excluded", f.url, None, "left out: a Hugging Face test split (name the file "
                                  "itself as an --input to prepare it)") for f in tests)
             found = [f for f in found if declared_split(f.url) != "test"]
+        base = _name_base(pattern)
         for f in found:
             if f.url not in seen:
                 seen.add(f.url)
-                files.append(f)
+                name = _relative(f.url, base)
+                if name in names:  # two inputs with a file of the same name: the later one says which input
+                    name = f"{name}@{i}"
+                names.add(name)
+                files.append(InputFile(f.url, f.size, name))
     return files, problems
+
+
+def _name_base(pattern: str) -> str:
+    """The folder a pattern's files are named from: the one holding the input (a file, a folder, or a glob's
+    deepest literal folder), so an input `/data/corpus/novels` names its files `novels/...`."""
+    if is_url(pattern):
+        scheme, path = pattern.split("://", 1)
+        head = path.rstrip("/")
+    else:
+        scheme, head = "", os.path.abspath(os.path.expanduser(pattern.removeprefix("file://"))).rstrip("/")
+    if glob.has_magic(head):
+        parts = head.split("/")
+        head = "/".join(parts[:next(j for j, p in enumerate(parts) if glob.has_magic(p))])
+    base = head.rsplit("/", 1)[0] if "/" in head else ""
+    return f"{scheme}://{base}" if scheme else base
+
+
+def _relative(url: str, base: str) -> str:
+    """`url` from `base` (both spelled alike: local paths, or URLs of one scheme); the url itself if not under it."""
+    if is_url(url) and is_url(base):
+        url, base = url.split("://", 1)[1], base.split("://", 1)[1]
+    base = base.rstrip("/")
+    return url[len(base) + 1:] if base and url.startswith(base + "/") else url.lstrip("/")
 
 
 def _plain(pattern: str) -> str:
@@ -476,10 +512,10 @@ def iter_documents(f: InputFile, fmt: str, text_field: str, id_field: str, chunk
     kind = file_format(f.url, fmt)
     limit = expansion_limit(f, max_expansion)
     if kind == "jsonl":
-        return _iter_jsonl(f.url, text_field, id_field, chunk_bytes, limit)
+        return _iter_jsonl(f.url, text_field, id_field, chunk_bytes, limit, f.name)
     if kind == "parquet":  # compressed inside: its row groups declare their decompressed sizes
         return _iter_parquet(f.url, text_field, id_field, chunk_bytes,
-                             max(int(max_expansion * f.size), EXPANSION_FLOOR))
+                             max(int(max_expansion * f.size), EXPANSION_FLOOR), f.name)
     return _iter_whole_file(f, chunk_bytes, limit)
 
 
@@ -537,7 +573,7 @@ def _iter_whole_file(f: InputFile, chunk_bytes: int, limit: int | None) -> Itera
         yield Skip("empty", f.url, None, "empty document")
     elif len(head) <= chunk_bytes:
         n, chunks = _in_memory(head, chunk_bytes)
-        yield Doc(f.url, f.url, None, size, n, chunks)
+        yield Doc(f.name or f.url, f.name or f.url, None, size, n, chunks)
     else:
         del head
 
@@ -546,7 +582,7 @@ def _iter_whole_file(f: InputFile, chunk_bytes: int, limit: int | None) -> Itera
                 while chunk := read_upto(s, chunk_bytes):
                     yield chunk
 
-        yield Doc(f.url, f.url, None, size, -(-size // chunk_bytes), chunks)
+        yield Doc(f.name or f.url, f.name or f.url, None, size, -(-size // chunk_bytes), chunks)
 
 
 def _count_bytes(url: str, limit: int | None) -> int:
@@ -557,7 +593,8 @@ def _count_bytes(url: str, limit: int | None) -> int:
         return n
 
 
-def _iter_jsonl(url: str, text_field: str, id_field: str, chunk_bytes: int, limit: int | None) -> Iterator[Doc | Skip]:
+def _iter_jsonl(url: str, text_field: str, id_field: str, chunk_bytes: int, limit: int | None,
+                name: str = "") -> Iterator[Doc | Skip]:
     line_no, stream = 0, None
     try:
         stream = open_input(url, limit)
@@ -567,7 +604,7 @@ def _iter_jsonl(url: str, text_field: str, id_field: str, chunk_bytes: int, limi
                 yield Skip("failed", url, line_no, f"line longer than {MAX_LINE_BYTES >> 20} MiB, pico's limit on "
                                                    "one JSON record; split the document into several records")
             elif line.strip():
-                yield _parse_line(url, line_no, line, text_field, id_field, chunk_bytes)
+                yield _parse_line(url, line_no, line, text_field, id_field, chunk_bytes, name)
     except READ_ERRORS as e:
         yield Skip("failed", url, line_no + 1, _describe(e, url))
     finally:
@@ -604,7 +641,8 @@ def iter_lines(stream: io.IOBase, block: int = BLOCK, max_line: int = MAX_LINE_B
         yield b"".join(pending)
 
 
-def _parse_line(url: str, line_no: int, line: bytes, text_field: str, id_field: str, chunk_bytes: int) -> Doc | Skip:
+def _parse_line(url: str, line_no: int, line: bytes, text_field: str, id_field: str, chunk_bytes: int,
+                name: str = "") -> Doc | Skip:
     try:
         obj = json.loads(line)
     except ValueError as e:
@@ -625,9 +663,10 @@ def _parse_line(url: str, line_no: int, line: bytes, text_field: str, id_field: 
         return Skip("failed", url, line_no, f"field {text_field!r} holds an unpaired surrogate: {e}")
     if not data:
         return Skip("empty", url, line_no, "empty document")
-    doc_id = str(obj[id_field]) if obj.get(id_field) is not None else f"{url}#{line_no}"
+    name = name or url
+    doc_id = str(obj[id_field]) if obj.get(id_field) is not None else f"{name}#{line_no}"
     n, chunks = _in_memory(data, chunk_bytes)
-    return Doc(url, doc_id, line_no, len(data), n, chunks)
+    return Doc(name, doc_id, line_no, len(data), n, chunks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -656,7 +695,7 @@ def _parquet_column(schema, wanted: str, role: str, url: str, required: bool) ->
 
 
 def _iter_parquet(url: str, text_field: str, id_field: str, chunk_bytes: int,
-                  limit: int | None = None) -> Iterator[Doc | Skip]:
+                  limit: int | None = None, name: str = "") -> Iterator[Doc | Skip]:
     """One Doc per row, row numbers (1-based, across row groups) as lines; a row group that fails
     to decode is one Skip naming its rows, and the next row group is read. pyarrow decompresses a
     row group's column chunks whole, so a row group whose read columns declare more than `limit`
@@ -704,7 +743,7 @@ def _iter_parquet(url: str, text_field: str, id_field: str, chunk_bytes: int,
                     ids = batch.column(1).to_pylist() if len(columns) > 1 else [None] * len(texts)
                     for text, doc_id in zip(texts, ids):
                         row += 1
-                        yield _parquet_doc(url, row, text, doc_id, text_col, chunk_bytes)
+                        yield _parquet_doc(url, row, text, doc_id, text_col, chunk_bytes, name)
             except (pa.ArrowException, OSError, ValueError) as e:
                 row = first + n_rows
                 yield Skip("failed", url, first + 1, f"row group {g} (rows {first + 1}-{first + n_rows}) cannot be "
@@ -724,10 +763,12 @@ def _utf8_bytes(arr) -> list[bytes | None]:
     return [None if t is None else t.encode("utf-8") for t in arr.to_pylist()]  # string_view
 
 
-def _parquet_doc(url: str, row: int, data: bytes | None, doc_id, column: str, chunk_bytes: int) -> Doc | Skip:
+def _parquet_doc(url: str, row: int, data: bytes | None, doc_id, column: str, chunk_bytes: int,
+                 name: str = "") -> Doc | Skip:
     if data is None:
         return Skip("empty", url, row, f"column {column!r} is null")
     if not data:
         return Skip("empty", url, row, "empty document")
     n, chunks = _in_memory(data, chunk_bytes)
-    return Doc(url, str(doc_id) if doc_id is not None else f"{url}#{row}", row, len(data), n, chunks)
+    name = name or url
+    return Doc(name, str(doc_id) if doc_id is not None else f"{name}#{row}", row, len(data), n, chunks)

@@ -25,20 +25,24 @@ COMPRESS = {"": lambda b: b, ".gz": lambda b: gzip.compress(b, mtime=0), ".xz": 
 
 
 def write_corpus(root: Path) -> dict[str, bytes]:
-    """Files of every format under root; returns the expected documents by id."""
+    """Files of every format under root; returns the expected documents by id (a file's id: its path from
+    root's parent, as `pico prep --input ROOT` names it)."""
     root.mkdir(parents=True, exist_ok=True)
     expected: dict[str, bytes] = {}
+
+    def name(p: Path) -> str:
+        return f"{root.name}/{p.relative_to(root)}"
     for i, (suffix, compress) in enumerate(COMPRESS.items()):
         # one document per file (text and binary), and JSON Lines with and without an id field
         text = words(i, 300 + 50 * i)
         p = root / f"doc{i}.txt{suffix}"
         p.write_bytes(compress(text))
-        expected[str(p)] = text
+        expected[name(p)] = text
         blob = bytes(random.Random(100 + i).randrange(256) for _ in range(2000)) + b"\0\xff\xfe"
         p = root / "bin" / f"blob{i}.bin{suffix}"
         p.parent.mkdir(exist_ok=True)
         p.write_bytes(compress(blob))
-        expected[str(p)] = blob
+        expected[name(p)] = blob
         lines, p = [], root / "jsonl" / f"part{i}.jsonl{suffix}"
         p.parent.mkdir(exist_ok=True)
         for j in range(5):
@@ -48,7 +52,7 @@ def write_corpus(root: Path) -> dict[str, bytes]:
                 expected[f"p{i}-{j}"] = text.encode()
             else:
                 lines.append(json.dumps({"text": text, "meta": {"n": j}}))
-                expected[f"{p}#{j + 1}"] = text.encode()
+                expected[f"{name(p)}#{j + 1}"] = text.encode()
         p.write_bytes(compress(("\n".join(lines) + "\n").encode()))
     return expected
 

@@ -105,7 +105,7 @@ def test_dedup_keeps_the_first_occurrence_and_is_deterministic(ray_local, tmp_pa
     m = runs[0][0]
     assert m["documents"] == {"read": 6, "written": 3, "deduplicated": 3, "empty": 0, "failed": 0}
     docs = read_documents(str(tmp_path / "x"))
-    assert set(docs) == {str(src / "a.txt"), "r1", "r3"}
+    assert set(docs) == {"in/a.txt", "r1", "r3"}
     assert runs[0] == runs[1]
     plain = prepare([str(src)], str(tmp_path / "z"), **QUIET)
     assert plain["documents"]["written"] == 6
@@ -128,6 +128,26 @@ def test_split_depends_only_on_document_identity(ray_local, tmp_path):
         val_ids.append(ids)
     assert val_ids[0] == val_ids[1] == val_ids[2] and 4 <= len(val_ids[0]) <= 20
     assert shard_digests(tmp_path / "a") == shard_digests(tmp_path / "b")  # same units, other worker count
+
+
+def test_the_same_corpus_anywhere_gives_the_same_split_and_shards_that_name_no_local_path(ray_local, tmp_path):
+    """A document is known by its path from the folder holding its input, not by where the corpus sits: a
+    corpus moved (or copied to a bucket) prepares to the same train/val split, sample keys and shard bytes."""
+    homes = [tmp_path / "here" / "corpus", tmp_path / "elsewhere" / "deeper" / "corpus"]
+    for home in homes:
+        (home / "novels").mkdir(parents=True)
+        for i in range(30):
+            (home / "novels" / f"d{i:02d}.txt").write_bytes(words(i, 30))
+        (home / "code.jsonl").write_text("".join(json.dumps({"text": words(100 + i, 20).decode()}) + "\n"
+                                                 for i in range(10)))
+    outs = [tmp_path / f"out{n}" for n in range(2)]
+    for home, out in zip(homes, outs):
+        prepare([str(home / "novels"), str(home / "code.jsonl")], str(out), val_fraction=0.3, **QUIET)
+    assert shard_digests(outs[0]) == shard_digests(outs[1]) and any("val" in n for n in shard_digests(outs[0]))
+    docs = read_documents(str(outs[0]))
+    assert "novels/d00.txt" in docs and "code.jsonl#1" in docs
+    for tar in outs[0].glob("*.tar"):
+        assert str(tmp_path).encode() not in tar.read_bytes()
 
 
 def test_rerun_of_a_finished_job_changes_nothing_and_other_options_are_refused(ray_local, tmp_path):
