@@ -436,7 +436,8 @@ def duplicate_ordinals(hashes: list[bytes]) -> dict[int, list[int]]:
     return drops
 
 
-def _finalize(store: Store, cfg: PrepConfig, records: list[dict], input_problems: list[Skip]) -> dict:
+def _finalize(store: Store, cfg: PrepConfig, records: list[dict], input_problems: list[Skip],
+              names: dict[str, str] | None = None) -> dict:
     """Give shards their final names in unit order, move them there, write the manifest last."""
     shards, moves, next_index = [], [], {"train": 0, "val": 0}
     for rec in records:
@@ -461,7 +462,10 @@ def _finalize(store: Store, cfg: PrepConfig, records: list[dict], input_problems
     documents = {k: sum(r["documents"][k] for r in records)
                  for k in ("read", "written", "deduplicated", "empty", "failed")}
     manifest = {"version": 1, "shards": shards, "totals": totals, "documents": documents,
-                "skipped": [p.record() for p in input_problems] + [s for r in records for s in r["skipped"]],
+                # a skipped document by its file's portable name, as the shards name documents (the terminal
+                # said its local path)
+                "skipped": [p.record() for p in input_problems] + [
+                    dict(s, source=(names or {}).get(s["source"], s["source"])) for r in records for s in r["skipped"]],
                 "config": cfg.output_options()}
     store.write_bytes(MANIFEST, json.dumps(manifest, indent=1).encode() + b"\n")
     store.remove(WORK)
@@ -532,7 +536,8 @@ def _run_job(cfg: PrepConfig, store: Store, progress: bool) -> tuple[dict, dict]
             finally:
                 bar.close()
         stats["units_run"] = len(args)
-    manifest = _finalize(store, cfg, [records[u] for u in range(len(units))], input_problems)
+    manifest = _finalize(store, cfg, [records[u] for u in range(len(units))], input_problems,
+                         {f.url: f.name for f in files})
     seconds = time.perf_counter() - t0
     raw = manifest["totals"]["train"]["raw_bytes"] + manifest["totals"]["val"]["raw_bytes"]
     stats.update(seconds=seconds, input_bytes=sum(sizes.values()), raw_bytes=raw,

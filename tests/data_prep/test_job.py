@@ -140,10 +140,13 @@ def test_the_same_corpus_anywhere_gives_the_same_split_and_shards_that_name_no_l
             (home / "novels" / f"d{i:02d}.txt").write_bytes(words(i, 30))
         (home / "code.jsonl").write_text("".join(json.dumps({"text": words(100 + i, 20).decode()}) + "\n"
                                                  for i in range(10)))
+        (home / "novels" / "zz-empty.txt").write_bytes(b"")
     outs = [tmp_path / f"out{n}" for n in range(2)]
-    for home, out in zip(homes, outs):
-        prepare([str(home / "novels"), str(home / "code.jsonl")], str(out), val_fraction=0.3, **QUIET)
+    manifests = [prepare([str(home / "novels"), str(home / "code.jsonl")], str(out), val_fraction=0.3, **QUIET)
+                 for home, out in zip(homes, outs)]
     assert shard_digests(outs[0]) == shard_digests(outs[1]) and any("val" in n for n in shard_digests(outs[0]))
+    assert manifests[0]["skipped"] == manifests[1]["skipped"] == [
+        {"source": "novels/zz-empty.txt", "line": None, "reason": "empty document"}]
     docs = read_documents(str(outs[0]))
     assert "novels/d00.txt" in docs and "code.jsonl#1" in docs
     for tar in outs[0].glob("*.tar"):
