@@ -14,11 +14,14 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pico.configs.errors import UserError
 from pico.configs.runs import STATE_FILE, read_run_state
 from pico.model.flops import param_count
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "pico-release"
 FORMAT_VERSION = 1
