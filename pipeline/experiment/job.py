@@ -84,15 +84,25 @@ def _die_with_parent() -> None:
         pass
 
 
+class Preempted(BaseException):
+    """A stop signal arrived while the run had no subprocess to pass it to (waiting on a lock, preparing data)."""
+
+
 class Child:
-    """The run's current subprocess; stop signals sent to the run go on to it (pico train checkpoints and exits 75)."""
+    """The run's current subprocess; stop signals sent to the run go on to it (pico train checkpoints and exits
+    75). With none running, the signal stops the run itself (`Preempted`): a driver that stops its runs never
+    waits on one stuck behind a lock."""
 
     proc: subprocess.Popen | None = None
+    stopping = False
 
     @classmethod
     def forward(cls, signum, frame) -> None:
+        cls.stopping = True
         if cls.proc is not None and cls.proc.poll() is None:
             cls.proc.send_signal(signum)
+        else:
+            raise Preempted
 
 
 def call(argv: list[str], log) -> tuple[int, str]:
@@ -206,9 +216,18 @@ def run_one(design: Design, run: Run) -> int:
     shape = resolve_shape(design, run.model, run.shape)
     steps = steps_for(shape, run.budget)
     sha = spec_hash(run, shape, steps)
-    results = design.results_dir
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         signal.signal(sig, Child.forward)
+    try:
+        return _locked_run(design, run, key, shape, steps, sha)
+    except Preempted:
+        print(f"[experiment] {key}: stopped before it trained or while it was recorded; the rerun resumes it",
+              file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
+
+
+def _locked_run(design: Design, run: Run, key: str, shape: Shape, steps: int, sha: str) -> int:
+    results = design.results_dir
     with domain_data.locked(design.work / "locks" / f"{key}.lock"):
         done = result_path(results, key)
         if done.is_file() and current(json.loads(done.read_text()), sha, protocol_hash(design, run, shape, steps)):
@@ -253,6 +272,9 @@ def _train_and_score(design: Design, run: Run, shape: Shape, steps: int, sha: st
     scored = {}
     for split in ("test", "select"):
         rc, stdout = call(["eval", "--checkpoint", str(out), "--data", *data[split], "--json"], log)
+        if rc != 0 and Child.stopping:  # stopped while scoring: the rerun scores the trained model again
+            print(f"[experiment] {key}: stopped while scoring; the rerun scores it", file=log, flush=True)
+            return EXIT_PREEMPTED
         if rc != 0:
             return _record_failure(design, key, log_file, f"eval {split}", rc)
         scored[split] = last_json(stdout)

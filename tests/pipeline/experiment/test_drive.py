@@ -152,3 +152,21 @@ def test_a_run_that_diverges_is_a_losing_result_not_a_failure(tiny_design):
     table = pico("table", str(tiny_design))
     assert table.communicate(timeout=120) and table.returncode == 0
     assert f"- `{key}`" in (tiny_design.parent / "results" / "table.md").read_text()
+
+
+def test_a_run_stopped_while_it_waits_on_its_lock_exits_as_preempted(tiny_design):
+    """The driver's stop signals every run and waits for it: one waiting on a lock (or preparing data) has no
+    pico train to pass the signal to, and exits 75 itself instead of waiting on."""
+    from pico.pipeline.experiment.data import locked
+    from pico.pipeline.experiment.design import load_design
+
+    design = load_design(tiny_design)
+    lock = (design.work / "locks" / f"{KEYS[0]}.lock").resolve()
+    spec = json.dumps({"domain": "toy", "model": "rule", "shape": "base", "budget": 3e9, "lr": 3e-3, "seed": 0})
+    with locked(lock):
+        run = pico("run-one", str(tiny_design), "--run", spec)
+        wait_for(lambda: any(f.path == str(lock) for f in psutil.Process(run.pid).open_files()), what="the lock wait")
+        run.send_signal(signal.SIGTERM)
+        out, err = run.communicate(timeout=30)
+    assert run.returncode == 75, err[-2000:]
+    assert "stopped before it trained" in err and not (design.results_dir / "failed").exists()
