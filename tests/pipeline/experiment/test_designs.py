@@ -59,3 +59,16 @@ def test_isoflop_design_runs_every_family_at_its_best_shape_at_3e13(monkeypatch)
     best = [c for c in est["cells"] if c.get("best")]
     assert len(best) == len(design.models) * len(design.domains) and {c["runs"]["3e13"] for c in best} == {4}
     assert est["runs"] == len(best) * (3 * 3 + 4) and list(design.models)[:2] == ["plain", "rule"]
+
+
+def test_the_cluster_isoflop_design_is_the_cpu_one_at_gpu_scale(monkeypatch):
+    """Same models, protocol and targets as isoflop-cpu.yaml; 1e17/1e18 on GPUs in under 100 GPU-hours."""
+    monkeypatch.setenv("PICO_DATA", "/nowhere")
+    monkeypatch.setenv("PICO_CORPUS", "/nowhere")
+    cpu, gpu = (load_design(DESIGNS / f"isoflop-{n}.yaml") for n in ("cpu", "cluster"))
+    assert list(gpu.models) == list(cpu.models) and gpu.shape_rule == cpu.shape_rule == "isoflop"
+    assert [(t.models, t.against, t.at_most) for t in gpu.targets] == [(t.models, t.against, t.at_most)
+                                                                        for t in cpu.targets]
+    assert [b.shapes for b in gpu.budgets] == [b.shapes for b in cpu.budgets] == ["all", "best"]
+    est = estimate(gpu)
+    assert est["budgets"] == ["1e17", "1e18"] and 40 < est["gpu_hours"] < 100, est["gpu_hours"]
