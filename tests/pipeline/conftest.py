@@ -18,6 +18,6 @@ def tiny_shards(tmp_path_factory, corpus, ray_local):
         for i in range(0, min(len(text), 400_000), 20_000):  # many documents, so val gets some
             (src / f"{path.stem}-{i:07d}.txt").write_bytes(text[i:i + 20_000])
     out = tmp_path_factory.mktemp("shards")
-    # The split hashes each document's path (random tmp dirs here): 0.3 makes "no val document" ~1e-8.
+    # The split hashes each document's name (src/<novel>-<offset>.txt, the same every run): 0.3 gives val some.
     prepare(inputs=[str(src)], output=str(out), val_fraction=0.3, workers=2, progress=False)
     return out
