@@ -32,12 +32,20 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
+def step_of(step_dir: Path) -> int:
+    """The step of a checkpoint directory (step_NNNNNN)."""
+    m = STEP_RE.match(Path(step_dir).name)
+    if m is None:
+        raise ValueError(f"{step_dir} is not a checkpoint directory (step_NNNNNN)")
+    return int(m.group(1))
+
+
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     if not ckpt_dir.is_dir():
         return []
     found = [p for p in ckpt_dir.iterdir() if p.is_dir() and STEP_RE.match(p.name) and (p / STATE_FILE).exists()]
-    return sorted(found, key=lambda p: int(STEP_RE.match(p.name).group(1)))  # type: ignore[union-attr]
+    return sorted(found, key=step_of)
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:

@@ -107,3 +107,13 @@ def any_rank(flag: bool) -> bool:
             t = t.cuda()
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def same_on_all_ranks(value: int) -> bool:
+    """Whether every rank holds the same integer (e.g. the checkpoint step each resumes from)."""
+    t = torch.tensor([float(value), -float(value)], dtype=torch.float64)
+    if torch.distributed.is_initialized() and world_size() > 1:
+        if torch.distributed.get_backend() == "nccl":
+            t = t.cuda()
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t[0].item() == -t[1].item())

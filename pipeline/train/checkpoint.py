@@ -43,7 +43,7 @@ import torch
 from pico.pipeline import dist
 from pico.configs.errors import UserError
 from pico.configs.runs import (DS_TAG, STATE_FILE, latest_checkpoint, list_checkpoints, read_run_state,  # noqa: F401
-                               resolve_checkpoint, step_dir_name)
+                               resolve_checkpoint, step_dir_name, step_of)
 
 # The numpy objects of an RNG state (pico's rank files); loaded by the weights_only unpickler.
 SUMS = "SHA256SUMS"
@@ -215,7 +215,7 @@ def _first_line(e: BaseException) -> str:
 def rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()  # this rank's device only: a resume may see other GPUs
     return state
 
 
@@ -223,8 +223,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # older checkpoints: every visible device's, by index
+            here = torch.cuda.current_device()
+            if here >= len(cuda):
+                return
+            cuda = cuda[here]
+        torch.cuda.set_rng_state(cuda)
 
 
 def save(engine, ckpt_dir: Path, step: int, rank_state: dict[str, Any], run_state: dict[str, Any],
@@ -233,8 +239,8 @@ def save(engine, ckpt_dir: Path, step: int, rank_state: dict[str, Any], run_stat
     final = ckpt_dir / step_dir_name(step)
     tmp = ckpt_dir / f".tmp-{step_dir_name(step)}"
     if dist.is_main():
-        if tmp.exists():
-            shutil.rmtree(tmp)  # debris of a save that was killed
+        for debris in ckpt_dir.glob(".tmp-step_*"):  # saves that were killed (the run lock: no other writer)
+            shutil.rmtree(debris, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
     try:
@@ -242,6 +248,7 @@ def save(engine, ckpt_dir: Path, step: int, rank_state: dict[str, Any], run_stat
             engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
         part = tmp / f"rank{dist.rank():05d}.pt"
         torch.save(rank_state, str(part) + ".part")
+        _fsync(Path(str(part) + ".part"))
         os.replace(str(part) + ".part", part)
     except (OSError, RuntimeError) as e:  # a full disk: torch's zip writer raises RuntimeError, not OSError
         shutil.rmtree(tmp, ignore_errors=True)
@@ -254,11 +261,17 @@ def save(engine, ckpt_dir: Path, step: int, rank_state: dict[str, Any], run_stat
             raise RuntimeError(f"checkpoint {tmp}: rank files {missing} are missing; is {ckpt_dir} on a "
                                "filesystem shared by all nodes?")
         (tmp / STATE_FILE).write_text(json.dumps(run_state, indent=1, default=str))
+        for f in (tmp / SUMS, tmp / STATE_FILE):
+            _fsync(f)
+        for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
+            _fsync_dir(d)
         if final.exists():
             shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(ckpt_dir)
-        for old in list_checkpoints(ckpt_dir)[:-keep_last]:
+        os.replace(tmp, final)  # only now on disk, every file and folder of it: a crash cannot leave a
+        _fsync_dir(ckpt_dir)    # renamed step whose data was lost, with the older steps already pruned
+        # prune older steps only: a newer one is one a resume skipped as damaged, never a reason to delete
+        older = [p for p in list_checkpoints(ckpt_dir) if step_of(p) < step]
+        for old in older[:max(0, len(older) - (keep_last - 1))]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
@@ -271,10 +284,14 @@ def _sha256(path: Path) -> str:
 
 def _write_sums(tmp: Path) -> None:
     """Collective: SHA256SUMS of every file in tmp (`sha256sum -c` reads it); rank r hashes every
-    world_size-th file, rank 0 joins the parts."""
+    world_size-th file, and fsyncs it (the checkpoint is renamed into place only once on disk), rank 0
+    joins the parts."""
     names = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file() and not p.name.startswith(SUMS))
+    mine = names[dist.rank()::dist.world_size()]
+    for n in mine:
+        _fsync(tmp / n)
     part = tmp / f"{SUMS}.part{dist.rank():05d}"
-    part.write_text("".join(f"{_sha256(tmp / n)}  {n}\n" for n in names[dist.rank()::dist.world_size()]))
+    part.write_text("".join(f"{_sha256(tmp / n)}  {n}\n" for n in mine))
     dist.barrier()
     if dist.is_main():
         parts = sorted(tmp.glob(f"{SUMS}.part*"))
@@ -330,7 +347,9 @@ def _save_failed(ckpt_dir: Path, final: Path, tmp: Path, e: BaseException) -> st
             f"rerun with --resume, which continues from {last.name if last else 'step 0 (no checkpoint yet)'}")
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries, to disk (best effort: a filesystem without fsync is left as
+    it is)."""
     try:
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -339,6 +358,9 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
     except OSError:
         pass
+
+
+_fsync_dir = _fsync  # a folder: its entries (a rename into it) on disk
 
 
 def load_rank_state(path: Path, trust: bool = False) -> dict[str, Any]:

@@ -175,6 +175,9 @@ class Trainer:
         if self.resume and start is None and ckpt.list_checkpoints(self.ckpt_dir):
             raise UserError(f"--resume: every checkpoint under {self.ckpt_dir} is damaged (reasons above); move them "
                             "away to start from step 0")
+        if self.resume and not dist.same_on_all_ranks(-1 if start is None else ckpt.step_of(start)):
+            raise UserError(f"--resume: the ranks found different checkpoints under {self.ckpt_dir} (this rank: "
+                            f"{start.name if start else 'none'}); put checkpoint.dir on storage every node sees alike")
         if self.resume and start is None:
             dist.print0(f"--resume: no complete checkpoint under {self.ckpt_dir}; starting from step 0")
         if start is not None:
@@ -280,6 +283,8 @@ class Trainer:
     def _load(self, path: Path) -> None:
         path = path.resolve()  # the directory check_pickles scanned (checkpoint.checkpoint_files), not a link to it
         soap = self.cfg.optim.name == "soap"
+        # torch's load_state_dict restores each param group's settings as saved; the config decides them
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         load_path, _ = self.engine.load_checkpoint(str(path), tag=ckpt.DS_TAG, load_optimizer_states=not soap,
                                                    load_lr_scheduler_states=False)
         if load_path is None:
@@ -289,11 +294,19 @@ class Trainer:
             self.optimizer.load_state_dict(rank_state["optimizer"])
         self.loader.load_state_dict(rank_state["loader"])
         ckpt.set_rng_state(rank_state["rng"])
+        for group, settings in zip(self.optimizer.param_groups, fresh):
+            group.update(settings)
         run_state = ckpt.read_run_state(path)
         self.step = int(run_state["step"])
         self.bytes_seen = int(run_state["bytes_seen"])
         self.last_eval = run_state.get("eval") or {}
         dist.print0(f"resumed from {path} at step {self.step}")
+        saved, now = run_state.get("config") or {}, self.cfg.to_dict()
+        changed = [f"optim.{k}" for k in now["optim"] if (saved.get("optim") or {}).get(k, now["optim"][k]) != now["optim"][k]]
+        changed += [f"train.{k}" for k in ("steps",) if (saved.get("train") or {}).get(k, now["train"][k]) != now["train"][k]]
+        if changed:
+            dist.print0(f"--resume: {', '.join(changed)} changed since the checkpoint; the config's values apply from "
+                        f"step {self.step} (the LR schedule too)")
 
     # ----------------------------------------------------------------------------- saving
     def save(self) -> Path:

@@ -53,3 +53,30 @@ def test_full_disk_while_checkpointing_is_one_line_and_leaves_no_partial(tmp_pat
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert len(lines) == 1 and "writing checkpoint step_000002" in lines[0] and "was removed" in lines[0], lines
     assert list(small.iterdir()) == []
+
+
+def test_a_save_prunes_only_older_steps_and_clears_killed_saves(tmp_path, tiny_shards):
+    """keep_last=1 after resuming past a damaged newer step: the save keeps the step it wrote (pruning the
+    damaged newer one's elders, never the new one) and removes a killed save's debris."""
+    run = tmp_path / "run"
+    common = ["--optim.name=adamw", "--train.eval_every=100", "--checkpoint.every=2", "--checkpoint.keep_last=1"]
+    train_run(run, tiny_shards, *common, "--train.steps=2")
+    ckpts = run / "checkpoints"
+    damaged = Path(shutil.copytree(ckpts / "step_000002", ckpts / "step_000010"))
+    (damaged / "rank00000.pt").write_bytes(b"\0" * 100)
+    (ckpts / ".tmp-step_000007" / "ds").mkdir(parents=True)  # a save killed at a step the run will not revisit
+    proc = train_run(run, tiny_shards, *common, "--train.steps=4", "--resume")
+    assert "skipping damaged checkpoint step_000010" in proc.stderr
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_000004", "step_000010"]
+
+
+def test_resume_applies_the_configs_optimizer_settings_not_the_checkpoints(tmp_path, tiny_shards):
+    """torch's load_state_dict brings back each param group's settings as saved: a weight decay changed for the
+    resumed run would be silently ignored. The config's apply, and the run says what changed."""
+    run = tmp_path / "run"
+    common = ["--optim.name=soap", "--train.eval_every=100", "--checkpoint.every=2"]
+    train_run(run, tiny_shards, *common, "--train.steps=2", "--optim.weight_decay=0.0")
+    proc = train_run(run, tiny_shards, *common, "--train.steps=4", "--optim.weight_decay=0.25", "--resume")
+    assert "--resume: optim.weight_decay, train.steps changed since the checkpoint" in proc.stderr
+    groups = safe_load(run / "checkpoints" / "step_000004" / "rank00000.pt")["optimizer"]["param_groups"]
+    assert {g["weight_decay"] for g in groups if g["weight_decay"]} == {0.25}
