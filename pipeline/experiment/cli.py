@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="finished, failed and missing runs")
     s.add_argument("design", help=DESIGN_HELP)
     s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.add_argument("--all", action="store_true", help="list every run ready to launch (default: the next few)")
     t = sub.add_parser("table", help="write the table (table.md, table.json) and the scaling plot")
     t.add_argument("design", help=DESIGN_HELP)
     t.add_argument("--out", help="folder for table.md, table.json, scaling.png, isoflop.png (default: the design's results folder)")
@@ -147,8 +148,11 @@ def cmd_status(design, design_path: Path, args) -> int:
               f"FLOPs left need about {info['run_hours_left']:.1f} run-hours besides start-up (divide by --jobs)")
     for k, log in info["failed"].items():
         print(f"  failed: {k}  (log: {log})")
-    for k in info["ready"]:
+    shown = info["ready"] if args.all else info["ready"][:4]
+    for k in shown:
         print(f"  ready:  {k}")
+    if len(shown) < len(info["ready"]):
+        print(f"  ... and {len(info['ready']) - len(shown)} more ready to launch (--all lists them)")
     return 0
 
 
