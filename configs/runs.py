@@ -60,6 +60,10 @@ TRUST_HELP = ("checkpoints only: their .pt files are pickles, which DeepSpeed's 
               "skips that check (a crafted checkpoint then runs code; releases never need it)")
 
 
+MAX_STATE_BYTES = 16 << 20  # pico_state.json: a config and a few metrics, KBs
+MAX_WORLD = 1 << 16  # ranks: a world_size past this in pico_state.json is damage, not a run
+
+
 def read_run_state(path: Path) -> dict[str, Any]:
     """pico_state.json of a complete checkpoint (step, world size, config, metrics)."""
     f = Path(path) / STATE_FILE
@@ -67,11 +71,18 @@ def read_run_state(path: Path) -> dict[str, Any]:
         raise UserError(f"{path} is not a complete pico checkpoint (no {STATE_FILE}); pass a step_* directory "
                         "or the checkpoint directory that holds them")
     try:
+        if not f.is_file() or f.stat().st_size > MAX_STATE_BYTES:
+            raise ValueError(f"not a regular file of at most {MAX_STATE_BYTES >> 20} MiB")
         state = json.loads(f.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{f} is damaged (not JSON: {e}); use another step_* checkpoint") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise UserError(f"{f} is damaged (not JSON: {str(e)[:200]}); use another step_* checkpoint") from None
     if not isinstance(state, dict) or not isinstance(state.get("config"), dict) or "step" not in state:
         raise UserError(f"{f} is damaged (no step or config in it); use another step_* checkpoint")
+    bad = [f"{k}={state.get(k)!r}"[:80] for k, lo, hi in (("step", 0, 1 << 62), ("world_size", 1, MAX_WORLD),
+                                                          ("zero_stage", 0, 3))
+           if k in state and not (type(state[k]) is int and lo <= state[k] <= hi)]
+    if bad or not isinstance(state["config"].get("model"), dict):
+        raise UserError(f"{f} is damaged ({', '.join(bad) or 'no model config'}); use another step_* checkpoint")
     return state
 
 

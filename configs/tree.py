@@ -441,16 +441,46 @@ def resolve_config_path(path: str | os.PathLike) -> Path:
                       f"({', '.join(sorted(q.stem for q in packaged_config('quickstart').parent.glob('*.yaml')))})")
 
 
+MAX_YAML_BYTES = 4 << 20
+MAX_YAML_VALUES = 1_000_000
+
+
+def read_yaml(path: Path) -> Any:
+    """A user's YAML file (a config, a design), bounded: at most MAX_YAML_BYTES, and at most MAX_YAML_VALUES
+    values with its aliases expanded (a few hundred bytes of nested aliases stand for billions of values,
+    which any later walk or message would write out). Every problem is a one-line ConfigError naming it."""
+    try:
+        size = path.stat().st_size
+        if not path.is_file() or size > MAX_YAML_BYTES:
+            raise ConfigError(f"{path}: not a regular file of at most {MAX_YAML_BYTES >> 20} MiB; a YAML file "
+                              "of pico's is a few KB")
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    except (OSError, RecursionError, ValueError) as e:  # unreadable, nested past Python's stack, a 5000-digit int
+        raise ConfigError(f"{path}: cannot be read as YAML ({type(e).__name__}: {str(e)[:200]})") from None
+    left, stack = MAX_YAML_VALUES, [raw]
+    while stack:  # iterative, and shared (aliased) parts count each time they appear
+        node = stack.pop()
+        left -= 1
+        if left < 0:
+            raise ConfigError(f"{path}: more than {MAX_YAML_VALUES:,} values once its aliases are expanded; "
+                              "write the file out without nested aliases")
+        if isinstance(node, dict):
+            stack.extend(node)
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return raw
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
                 extra: dict[str, Any] | None = None) -> Config:
     """Load YAML (or defaults when `path` is None), apply `extra` then dotted `overrides`, validate."""
     raw: dict[str, Any] = {}
     if path is not None:
         p = resolve_config_path(path)
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        raw = read_yaml(p) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections (model, data, ...)")
     if extra:

@@ -38,6 +38,7 @@ SHARD_NAME = re.compile(r"^(train|val)-(\d{6})\.tar$")
 # zstd frame can expand to gigabytes. prep's --chunk-bytes is capped at it, so no sample pico
 # writes exceeds it; readers refuse a larger one before allocating its bytes (issue 28).
 MAX_SAMPLE_BYTES = 64 << 20
+MAX_MEMBER_BYTES = MAX_SAMPLE_BYTES + (MAX_SAMPLE_BYTES >> 6) + (1 << 16)  # a stored payload: zstd's worst case
 KEY = re.compile(r"^[0-9a-f]{16,}(_c\d{5})?$")
 RECORD = 10240  # tar files are padded to a multiple of this (the tar default)
 
@@ -179,7 +180,13 @@ def iter_tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
             if read_upto(stream, 512) != bytes(512):
                 raise TruncatedTar("the end-of-archive marker is incomplete")
             return
-        info = tarfile.TarInfo.frombuf(header, "utf-8", "strict")
+        try:
+            info = tarfile.TarInfo.frombuf(header, "utf-8", "strict")
+        except UnicodeDecodeError as e:
+            raise tarfile.HeaderError(f"a member name is not UTF-8 ({e.reason})") from None
+        if info.size > MAX_MEMBER_BYTES:  # read before allocating: a header can claim petabytes
+            raise tarfile.HeaderError(f"member {info.name[:100]} declares {info.size:,} bytes, past the "
+                                      f"{MAX_MEMBER_BYTES:,} any pico sample can take")
         data = read_upto(stream, info.size)
         pad = read_upto(stream, -info.size % 512)
         if len(data) < info.size or len(pad) < -info.size % 512:

@@ -453,3 +453,42 @@ def test_damaged_pico_state_is_one_line(capsys, ckpt, tmp_path):
     for argv in (["generate", "--model", str(step), "--prompt", "a"], ["convert", str(step), str(tmp_path / "rel")]):
         refused(capsys, argv, "pico_state.json is damaged (not JSON")
     assert (step / "pico_state.json").read_text() == '{"step": 5, "conf'
+
+
+@pytest.mark.parametrize("key, value", [("world_size", 10**11), ("world_size", "many"), ("zero_stage", 7)])
+def test_impossible_numbers_in_pico_state_are_damage_not_a_hang(capsys, ckpt, tmp_path, key, value):
+    step = Path(shutil.copytree(ckpt, tmp_path / "checkpoints" / ckpt.name))
+    state = json.loads((step / "pico_state.json").read_text())
+    state[key] = value
+    (step / "pico_state.json").write_text(json.dumps(state))
+    refused(capsys, ["convert", str(step), str(tmp_path / "rel")], "pico_state.json is damaged", f"{key}=")
+
+
+def test_a_tar_header_claiming_petabytes_is_refused_before_it_is_read(capsys, release, tmp_path):
+    import tarfile
+
+    info = tarfile.TarInfo("abc.bin.zst")
+    info.size = 2**45  # base-256 in a GNU header: 1.5 KB of file
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "val-000000.tar").write_bytes(info.tobuf(tarfile.GNU_FORMAT) + bytes(1024))
+    refused(capsys, ["eval", "--model", str(release), "--data", str(tmp_path / "shards")],
+            "val-000000.tar", "declares 35,184,372,088,832 bytes")
+
+
+def test_a_manifest_naming_a_shard_outside_its_folder_is_refused(capsys, release, tmp_path):
+    shards = write_train_only_shards(tmp_path / "shards")
+    (shards / "manifest.json").write_text(json.dumps({"version": 1, "shards": [
+        {"name": "../../secret.tar", "split": "val"}]}))
+    refused(capsys, ["eval", "--model", str(release), "--data", str(shards)], "manifest.json is not a valid manifest",
+            "'../../secret.tar' is not train-NNNNNN.tar")
+
+
+def test_a_config_of_nested_aliases_is_one_line_not_gigabytes(capsys, tmp_path):
+    """391 bytes of aliases nine levels deep stand for 9**9 strings: refused before any walk writes them out."""
+    levels = ["&a [x, x, x, x, x, x, x, x, x]"] + [f"&{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]"
+                                                    for i in range(8)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("data:\n  train:\n" + "".join(f"    - {lv}\n" for lv in levels))
+    refused(capsys, ["train", "--config", str(bomb)], "bomb.yaml: more than 1,000,000 values")
+    (tmp_path / "deep.yaml").write_text("model: " + "[" * 5000 + "]" * 5000 + "\n")
+    refused(capsys, ["train", "--config", str(tmp_path / "deep.yaml")], "deep.yaml: cannot be read as YAML")

@@ -73,6 +73,7 @@ STATE_VERSION = 1
 MAX_NAMED = 100  # corrupt shards named per loader slot (the count goes on past it)
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _SPLIT_NAME = re.compile(r"^(train|val)-\d+\.tar$")
+MAX_MANIFEST_BYTES = 256 << 20  # a manifest lists shards and skipped documents: MBs for the largest corpora
 _MASK64 = (1 << 64) - 1
 _FIX = ("re-run `pico prep` for it, drop it from the data paths, or set data.skip_corrupt=true "
         "to skip and count corrupt samples")
@@ -128,11 +129,16 @@ def _resolve_one(path: str, split: str) -> list[str]:
     manifest = f"{root}/manifest.json"
     if fs.exists(manifest):
         try:
+            if fs.size(manifest) > MAX_MANIFEST_BYTES:
+                raise ValueError(f"over {MAX_MANIFEST_BYTES >> 20} MiB")
             with fs.open(manifest, "rb") as f:
                 entries = json.load(f)["shards"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{url(manifest)} is not a valid manifest ({e}); re-run `pico prep`") from None
-        names = [e["name"] for e in entries if e.get("split") == split]
+            names = [e["name"] for e in entries if e.get("split") == split]
+            odd = next((n for n in names if not isinstance(n, str) or not _SPLIT_NAME.match(n)), None)
+            if odd is not None:  # a name like ../../x would read outside the folder
+                raise ValueError(f"shard name {str(odd)[:80]!r} is not train-NNNNNN.tar or val-NNNNNN.tar")
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            raise UserError(f"{url(manifest)} is not a valid manifest ({str(e)[:200]}); re-run `pico prep`") from None
         if not names:
             splits = sorted({str(e.get("split")) for e in entries})
             raise UserError(f"{url(manifest)} lists no {split} shards (it has: {', '.join(splits) or 'none'})")

@@ -41,6 +41,15 @@ import yaml
 from pico.configs.errors import ConfigError, UserError
 from pico.configs.tree import from_dict, load_config
 
+try:
+    from pico.configs.tree import read_yaml
+except ImportError:  # a running experiment's worktree pins older training code; the harness must run on it
+    def read_yaml(path: Path):
+        try:
+            return yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+
 
 @dataclass
 class ModelSpec:
@@ -262,9 +271,9 @@ def load_design(path: str | os.PathLike) -> Design:
     if not p.is_file():
         raise UserError(f"design file {path} does not exist")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+        raw = read_yaml(p) or {}
+    except ConfigError as e:
+        raise UserError(str(e)) from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: the top level must be a mapping (name, models, domains, budgets, ...)")
     raw.setdefault("name", p.stem)
