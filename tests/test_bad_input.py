@@ -492,3 +492,13 @@ def test_a_config_of_nested_aliases_is_one_line_not_gigabytes(capsys, tmp_path):
     refused(capsys, ["train", "--config", str(bomb)], "bomb.yaml: more than 1,000,000 values")
     (tmp_path / "deep.yaml").write_text("model: " + "[" * 5000 + "]" * 5000 + "\n")
     refused(capsys, ["train", "--config", str(tmp_path / "deep.yaml")], "deep.yaml: cannot be read as YAML")
+
+
+@pytest.mark.parametrize("name, make", [("config.json", lambda p: p.symlink_to("/dev/zero")),
+                                        ("SHA256SUMS", lambda p: p.write_bytes(b"x" * (2 << 20))),
+                                        ("model.safetensors", lambda p: os.mkfifo(p))])
+def test_a_release_file_that_is_a_device_a_fifo_or_huge_is_refused_not_read(capsys, release, tmp_path, name, make):
+    rel = Path(shutil.copytree(release, tmp_path / "rel"))
+    (rel / name).unlink()
+    make(rel / name)
+    refused(capsys, ["generate", "--model", str(rel), "--prompt", "a"], name)

@@ -123,6 +123,7 @@ def describe(design, est: dict, jobs: int) -> str:
 def cmd_status(design, design_path: Path, args) -> int:
     from pico.pipeline.experiment import drive
     from pico.pipeline.experiment.design import check_models
+    from pico.pipeline.experiment.job import log_path
     from pico.pipeline.experiment.plan import plan
     from pico.pipeline.experiment.store import load_failures
 
@@ -136,7 +137,7 @@ def cmd_status(design, design_path: Path, args) -> int:
     rate = rates[len(rates) // 2] if rates else None
     flops_left = max(0.0, drive.estimate(design)["train_flops"] - sum(r.get("flops") or 0.0 for r in results.values()))
     info = {"design": design.name, "finished": len(results), "planned": total,
-            "failed": {k: failures[k].get("log") for k in keys if k in failures},
+            "failed": {k: str(log_path(design, k)) for k in keys if k in failures},  # where it is, here
             "ready": [k for k in keys if k not in failures], "results": str(design.results_dir),
             "measured_flops_per_s": rate, "run_hours_left": flops_left / rate / 3600 if rate else None}
     if args.json:

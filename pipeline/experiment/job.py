@@ -285,6 +285,10 @@ def _train_and_score(design: Design, run: Run, shape: Shape, steps: int, sha: st
                                "rerun it with the code frozen")
     version, rev = revision()
     config = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").is_file() else None
+    for section, field in (("data", "train"), ("data", "val"), ("train", "out_dir"), ("checkpoint", "dir")):
+        value = ((config or {}).get(section) or {}).get(field)  # relative to where the experiment runs, never
+        if value:                                               # this machine's absolute paths
+            config[section][field] = [portable(v) for v in value] if isinstance(value, list) else portable(value)
     result = {
         "key": key, "design": design.name, "domain": run.domain, "model": run.model, "shape": run.shape,
         "budget": run.budget, "lr": run.lr, "seed": run.seed, "steps": steps, "spec_sha": sha, "protocol_sha": protocol_hash(design, run, shape, steps),
@@ -339,7 +343,7 @@ def rescore(design: Design, results: dict[str, dict]) -> dict[str, list[str]]:
                 scored = last_json(stdout)
                 new.setdefault("rescored", []).append({
                     "split": split, "utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                    "old_bpb": new[split]["bpb"], "old_data": new["data"].get(split), "model": str(model)})
+                    "old_bpb": new[split]["bpb"], "old_data": new["data"].get(split), "model": portable(model)})
                 new[split] = {"bpb": scored["bpb"], "bytes": scored["bytes"]}
                 new["data"][split] = now["fingerprints"][split]
                 if split == "test":

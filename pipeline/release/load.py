@@ -122,7 +122,7 @@ def read_checksums(release: Path) -> dict[str, str]:
     if not f.exists():
         raise UserError(f"{release} has no {SUMS}; it is not a complete pico release (convert it again)")
     sums: dict[str, str] = {}
-    for i, line in enumerate(f.read_text().splitlines(), 1):
+    for i, line in enumerate(_small_text(f).splitlines(), 1):
         digest, _, name = line.partition("  ")
         if len(digest) != 64 or not name or "/" in name or name.startswith("."):
             raise UserError(f"{f}:{i}: malformed line {line!r} (expected '<sha256>  <file name>')")
@@ -137,8 +137,8 @@ def checksum_errors(release: Path, sums: dict[str, str]) -> list[str]:
     errors = []
     for name, digest in sums.items():
         p = release / name
-        if not p.exists():
-            errors.append(f"{name} is missing")
+        if not p.is_file():  # a FIFO or a device would hang or never end the hash
+            errors.append(f"{name} is missing or not a regular file")
         elif sha256_file(p) != digest:
             errors.append(f"{name} has sha256 {sha256_file(p)[:12]}..., {SUMS} says {digest[:12]}...")
     return errors
@@ -191,9 +191,9 @@ def read_release_config(release: Path) -> dict[str, Any]:
     if not f.exists():
         raise UserError(f"{release} has no {CONFIG}; it is not a pico release (make one with `pico convert`)")
     try:
-        config = json.loads(f.read_text())
-    except ValueError as e:
-        raise UserError(f"{f} is not valid JSON ({e}); the release is corrupt") from None
+        config = json.loads(_small_text(f))
+    except (ValueError, RecursionError) as e:
+        raise UserError(f"{f} is not valid JSON ({str(e)[:200]}); the release is corrupt") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise UserError(f"{f} is not a pico release config (no \"format\": \"{FORMAT}\")")
     version = config.get("format_version")
@@ -205,12 +205,28 @@ def read_release_config(release: Path) -> dict[str, Any]:
     return config
 
 
+MAX_SMALL_FILE = 1 << 20  # config.json, SHA256SUMS: a few KB
+
+
+def _small_text(f: Path) -> str:
+    """A release's small text file, refused unless it is a regular file of at most MAX_SMALL_FILE bytes (a link
+    to /dev/zero or a FIFO would otherwise grow memory or hang)."""
+    if not f.is_file() or f.stat().st_size > MAX_SMALL_FILE:
+        raise UserError(f"{f} is not a regular file of at most {MAX_SMALL_FILE >> 20} MiB; the release is corrupt "
+                        "(convert it again)")
+    try:
+        return f.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{f} cannot be read ({str(e)[:200]}); the release is corrupt") from None
+
+
 def _read_weights(f: Path, config: dict[str, Any]) -> tuple[dict, dict[str, str]]:
     from safetensors import SafetensorError, safe_open
 
     if not f.exists():
         raise UserError(f"{f} is missing; the release is incomplete")
-    want = DTYPES.get(config.get("dtype", ""))
+    dtype = config.get("dtype", "")
+    want = DTYPES.get(dtype) if isinstance(dtype, str) else None
     try:
         with safe_open(str(f), framework="pt") as st:
             meta = st.metadata() or {}
