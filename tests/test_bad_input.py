@@ -422,20 +422,22 @@ def test_a_linked_step_directory_is_scanned_where_it_points(capsys, ckpt, tmp_pa
     refused(capsys, argv, f"{states} would call posix.system", "--trust-checkpoint")
 
 
-@pytest.mark.parametrize("key, value", [("n_in", 10**9), ("d_local", 2**22), ("max_seq_len", 10**12)])
-def test_hostile_sizes_in_a_release_are_refused_before_anything_is_allocated(capsys, release, tmp_path, key, value):
+@pytest.mark.parametrize("sizes, says", [({"n_in": 10**9}, "model.n_in=1000000000 makes"),
+                                         ({"d_local": 2**22}, "model.d_local=4194304 makes"),
+                                         ({"max_seq_len": 10**12}, "model.max_seq_len=1000000000000 makes"),
+                                         ({"max_seq_len": 10**6, "window": 10**6}, "attention scores take")])
+def test_hostile_sizes_in_a_release_are_refused_before_anything_is_allocated(capsys, release, tmp_path, sizes, says):
     """Issue 28: config.json sizes went to build_model unchecked (an allocator traceback, or all memory).
     The attacker rewrites SHA256SUMS too: it is a checksum, not a signature."""
     from pico.pipeline.release.load import sha256_file
 
     rel = Path(shutil.copytree(release, tmp_path / "rel"))
     config = json.loads((rel / "config.json").read_text())
-    config["model"][key] = value
+    config["model"].update(sizes)
     (rel / "config.json").write_text(json.dumps(config))
     (rel / "SHA256SUMS").write_text("".join(f"{sha256_file(p)}  {p.name}\n" for p in sorted(rel.iterdir())
                                             if p.name != "SHA256SUMS"))
-    refused(capsys, ["generate", "--model", str(rel), "--prompt", "a"], f"model.{key}={value} makes", "GiB",
-            "nothing was allocated")
+    refused(capsys, ["generate", "--model", str(rel), "--prompt", "a"], says, "GiB", "nothing was allocated")
 
 
 def test_hostile_sizes_in_a_checkpoint_are_refused_before_anything_is_allocated(capsys, ckpt, tmp_path):

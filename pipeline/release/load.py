@@ -46,11 +46,17 @@ def parse_model_config(data: dict[str, Any], where: Path):
 
 
 # What a model config makes its loader allocate, in bytes (fp32), before it is built: its
-# parameters, and for one sequence of max_seq_len bytes the residual stream and one layer's output.
-_NEEDS = {"its parameters": lambda c: 4 * param_count(c),
-          "one sequence's activations": lambda c: 8 * c.max_seq_len * max(c.d_local, c.d_latent)}
+# parameters (and ~64 KB of module overhead per block), and for one sequence of max_seq_len bytes
+# the residual stream and one layer's output, and one layer's attention scores (dense up to the
+# window, as the CPU path computes them).
+_BLOCK_BYTES = 64 << 10
+_NEEDS = {"its parameters": lambda c: 4 * param_count(c) + _BLOCK_BYTES * (c.n_in + c.n_out + c.n_latent),
+          "one sequence's activations": lambda c: 8 * c.max_seq_len * max(c.d_local, c.d_latent),
+          "one sequence's attention scores": lambda c: 4 * max(c.n_heads, c.n_latent_heads) * c.max_seq_len
+          * min(c.max_seq_len, 2 * c.window)}
 _SIZE_KEYS = ("max_seq_len", "d_local", "d_latent", "n_in", "n_out", "n_latent", "n_predict", "mlp_ratio",
-              "mtp_mlp_ratio", "ngram_buckets", "n_heads", "n_kv_heads", "n_latent_heads", "n_latent_kv_heads")
+              "mtp_mlp_ratio", "ngram_buckets", "n_heads", "n_kv_heads", "n_latent_heads", "n_latent_kv_heads",
+              "window")
 
 
 def check_fits_in_memory(model_cfg, where: Path) -> None:
