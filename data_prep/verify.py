@@ -30,9 +30,9 @@ def verify(output: str, on_shard: Callable[[str], None] | None = None) -> list[s
     try:
         manifest = json.loads(data)
         listed = {s["name"]: s for s in manifest["shards"]}
-    except (ValueError, KeyError, TypeError) as e:
-        return [f"{store.display('manifest.json')}: not a valid manifest: {e}"]
-    problems = _check_manifest(manifest)
+        problems = _check_manifest(manifest)
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        return [f"{store.display('manifest.json')}: not a valid manifest: {type(e).__name__}: {str(e)[:200]}"]
     present = {n for n in store.list() if SHARD_NAME.match(n)}
     problems += [f"{store.display(n)}: shard not listed in manifest.json" for n in sorted(present - set(listed))]
     for name, entry in listed.items():

@@ -52,11 +52,19 @@ def failure_path(results: Path, key: str) -> Path:
     return results / "failed" / f"{key}.json"
 
 
+MAX_RESULT_BYTES = 16 << 20  # a result JSON is a few KB
+
+
 def _read(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not a readable result JSON ({e}); move it away and rerun") from None
+        if path.stat().st_size > MAX_RESULT_BYTES:
+            raise ValueError(f"over {MAX_RESULT_BYTES >> 20} MiB")
+        r = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise UserError(f"{path}: not a readable result JSON ({str(e)[:200]}); move it away and rerun") from None
+    if not isinstance(r, dict) or not isinstance(r.get("key", path.stem), str):
+        raise UserError(f"{path}: not a result JSON (an object with its run's key); move it away and rerun")
+    return r
 
 
 def load_results(results: Path) -> dict[str, dict]:
@@ -67,7 +75,7 @@ def load_results(results: Path) -> dict[str, dict]:
         found[r["key"]] = r
     for path in sorted((results / "runs").glob("*.json")):
         r = _read(path)
-        found[r["key"]] = r
+        found[r.setdefault("key", path.stem)] = r
     return found
 
 

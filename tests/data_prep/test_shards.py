@@ -180,3 +180,13 @@ def test_member_names_with_a_directory_keep_their_key():
     assert member_key("d.v1/abc.json") == ("d.v1/abc", "json")
     with pytest.raises(SampleError, match=r"member abc\.json: missing from the shard \(its members: abc\.bin\.zst, abc\.txt\)"):
         decode_sample(Sample("abc", b"x", None, ["abc.bin.zst", "abc.txt"]))
+
+
+@pytest.mark.parametrize("manifest", [b'{"shards": [1, 2]}', b'{"shards": [], "totals": {"train": 5}}',
+                                      b"[" * 5000 + b"]" * 5000])
+def test_verify_reports_a_malformed_manifest_as_a_problem_not_a_traceback(tmp_path, manifest):
+    from pico.data_prep.verify import verify
+
+    (tmp_path / "manifest.json").write_bytes(manifest)
+    (problem,) = verify(str(tmp_path))
+    assert "manifest.json: not a valid manifest" in problem

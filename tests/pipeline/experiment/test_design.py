@@ -181,3 +181,15 @@ def test_held_out_sets_are_cut_again_when_their_sizes_change_and_prepared_data_i
                     PrepSpec(inputs=[str(tmp_path / "corpus")], val_fraction=0.02)):
         with pytest.raises(UserError, match=f"domains.toy.prep: {re.escape(str(out))} was prepared from .* delete"):
             data._prep(changed, out, "domains.toy.prep")
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "[" * 5000 + "]" * 5000, '{"key": 7}'])
+def test_a_damaged_result_json_is_one_line_naming_it(tiny_design, text):
+    design = load_design(tiny_design)
+    bad = design.results_dir / "runs" / "toy-rule-3e09-lr0.003-s0.json"
+    bad.parent.mkdir(parents=True)
+    bad.write_text(text)
+    out = subprocess.run([sys.executable, "-m", "pico.pipeline.cli", "experiment", "status", str(tiny_design)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert f"{bad}: not a" in out.stderr and "move it away" in out.stderr
