@@ -9,7 +9,8 @@ See `job.py` for how a job is cut into Ray tasks and resumed, `shards.py` for th
 
 from __future__ import annotations
 
-from pico.data_prep.config import PrepConfig
+from pico.data_prep import verify as _verify_module  # noqa: F401  bound first: importing the submodule later
+from pico.data_prep.config import PrepConfig         # would otherwise rebind `verify` below to the module
 
 
 def prepare(inputs, output, *, progress: bool = True, **options) -> dict:
@@ -32,9 +33,7 @@ def prepare(inputs, output, *, progress: bool = True, **options) -> dict:
 
 def verify(output: str) -> list[str]:
     """Every problem in the shards at `output` against their manifest; empty when all is well."""
-    from pico.data_prep.verify import verify as _verify
-
-    return _verify(output)
+    return _verify_module.verify(output)
 
 
 __all__ = ["PrepConfig", "prepare", "verify"]

@@ -190,3 +190,12 @@ def test_verify_reports_a_malformed_manifest_as_a_problem_not_a_traceback(tmp_pa
     (tmp_path / "manifest.json").write_bytes(manifest)
     (problem,) = verify(str(tmp_path))
     assert "manifest.json: not a valid manifest" in problem
+
+
+def test_the_packages_verify_stays_the_function_after_its_module_is_imported():
+    import importlib
+
+    importlib.import_module("pico.data_prep.verify")
+    from pico.data_prep import verify
+
+    assert callable(verify) and verify.__module__ == "pico.data_prep"
