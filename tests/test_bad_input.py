@@ -504,3 +504,19 @@ def test_a_release_file_that_is_a_device_a_fifo_or_huge_is_refused_not_read(caps
     (rel / name).unlink()
     make(rel / name)
     refused(capsys, ["generate", "--model", str(rel), "--prompt", "a"], name)
+
+
+def test_a_pickle_too_big_to_scan_is_refused_unread(capsys, ckpt, tmp_path, monkeypatch):
+    """When torch's scanner stops (protocol 4), pico reads the pickle itself: first its size, so a deflate bomb
+    (a few KB inflating to GBs) is refused before it is inflated. The limit is lowered here to stand for one."""
+    import torch
+
+    from pico.pipeline.train import checkpoint
+
+    monkeypatch.setattr(checkpoint, "MAX_PICKLE_BYTES", 4096)
+    step = Path(shutil.copytree(ckpt, tmp_path / "checkpoints" / ckpt.name))
+    states = step / "ds" / "mp_rank_00_model_states.pt"
+    torch.save({**torch.load(states, weights_only=True), "x": _RunsShell("true"), "pad": "p" * 10_000}, states,
+               pickle_protocol=4)
+    refused(capsys, ["convert", str(step), str(tmp_path / "rel")], "mp_rank_00_model_states.pt: its pickle would "
+            "inflate to", "Refused")

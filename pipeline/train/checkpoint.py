@@ -59,6 +59,9 @@ TRUST_HINT = ("a crafted checkpoint can run code when it is loaded; if you trust
               "--trust-checkpoint")
 
 
+MAX_PICKLE_BYTES = 64 << 20  # a torch.save file's data.pkl (structure, no tensor bytes): KBs to MBs
+
+
 class UntrustedCheckpoint(UserError):
     """A checkpoint file names Python objects outside the allowlist: refused, not damaged."""
 
@@ -153,7 +156,11 @@ def _pickle_stream(f: Path):
     """The pickle of a torch.save file (its zip's data.pkl), or the file itself in the legacy format."""
     if zipfile.is_zipfile(f):
         with zipfile.ZipFile(f) as z:
-            name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+            # the record torch reads: <archive>/data.pkl, one folder down (not any name ending so)
+            name = next((n for n in z.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")), None)
+            if name and z.getinfo(name).file_size > MAX_PICKLE_BYTES:  # a deflate bomb: refuse unread
+                raise UntrustedCheckpoint(f"{f}: its pickle would inflate to {z.getinfo(name).file_size:,} bytes; "
+                                          "a checkpoint's is KBs to MBs. Refused")
             data = z.read(name) if name else b""  # data.pkl holds no tensor bytes: it is small
         return io.BufferedReader(io.BytesIO(data))
     return open(f, "rb")
