@@ -131,22 +131,19 @@ def cmd_status(design, design_path: Path, args) -> int:
     failures = load_failures(design.results_dir)
     ready, total = plan(design, results)
     keys = [r.key(design) for r in ready]
-    # time left from the training rate the finished runs measured (FLOP/s: a resumed run's wall time is short)
-    rates = sorted(r["train"]["bytes_per_s_median"] * r["flops_per_byte"] for r in results.values()
-                   if (r.get("train") or {}).get("bytes_per_s_median") and r.get("flops_per_byte"))
-    rate = rates[len(rates) // 2] if rates else None
-    flops_left = max(0.0, drive.estimate(design)["train_flops"] - sum(r.get("flops") or 0.0 for r in results.values()))
+    # time left from the training rates the finished runs measured (FLOP/s: a resumed run's wall time is short)
+    hours, rate = drive.hours_left(design, results)
     info = {"design": design.name, "finished": len(results), "planned": total,
             "failed": {k: str(log_path(design, k)) for k in keys if k in failures},  # where it is, here
             "ready": [k for k in keys if k not in failures], "results": str(design.results_dir),
-            "measured_flops_per_s": rate, "run_hours_left": flops_left / rate / 3600 if rate else None}
+            "measured_flops_per_s": rate, "run_hours_left": hours}
     if args.json:
         print(json.dumps(info))
         return 0
     print(f"{design.name}: {info['finished']} of {info['planned']} runs finished; results in {info['results']}")
     if rate:
-        print(f"  training ran at {rate / 1e9:.1f} GFLOP/s per run (median of {len(rates)}): the {flops_left:.3g} "
-              f"FLOPs left need about {info['run_hours_left']:.1f} run-hours besides start-up (divide by --jobs)")
+        print(f"  training ran at {rate / 1e9:.1f} GFLOP/s per run (median): the runs left need about {hours:.1f} "
+              "run-hours besides start-up, at the rate each model and shape measured (divide by --jobs)")
     for k, log in info["failed"].items():
         print(f"  failed: {k}  (log: {log})")
     shown = info["ready"] if args.all else info["ready"][:4]

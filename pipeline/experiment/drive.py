@@ -23,7 +23,8 @@ from pathlib import Path
 
 from pico.configs.errors import UserError
 from pico.pipeline.experiment import data as domain_data
-from pico.pipeline.experiment.design import Design, Run, Shape, check_models, label, spec_hash, steps_for
+from pico.pipeline.experiment.design import (Design, Run, Shape, check_models, label, picks_best, spec_hash,
+                                             steps_for)
 from pico.pipeline.experiment.job import current, log_path, protocol_hash
 from pico.pipeline.experiment.plan import plan
 from pico.pipeline.experiment.store import failure_path, load_results, portable, result_path, write_json
@@ -266,6 +267,34 @@ def drive(design: Design, design_path: Path, backend: str = "local", jobs: int =
     return {"finished": len(results), "planned": total, "failed": sorted(failed)}
 
 
+def hours_left(design: Design, results: dict[str, dict]) -> tuple[float | None, float | None]:
+    """(run-hours left, the median training FLOP/s of the finished runs): each cell's FLOPs not yet spent at
+    the rate its own model and shape measured, else its shape's (any model), its model's, or the median of all
+    (small shapes train at half the FLOP/s of larger ones, so one rate for all would be optimistic)."""
+    import statistics
+
+    def rate(r):
+        return (r.get("train") or {}).get("bytes_per_s_median", 0) * (r.get("flops_per_byte") or 0)
+
+    measured = [r for r in results.values() if rate(r) > 0]
+    if not measured:
+        return None, None
+    by: dict[tuple, list[float]] = {}
+    for r in measured:
+        for key in ((r["model"], r.get("shape")), ("shape", r.get("shape")), ("model", r["model"])):
+            by.setdefault(key, []).append(rate(r))
+    overall = statistics.median(rate(r) for r in measured)
+    seconds = 0.0
+    for row in estimate(design)["cells"]:
+        m, best = row["model"], row.get("best")
+        s = None if best else row["shape"].split()[0]
+        done = sum(r.get("flops") or 0.0 for r in results.values() if r["domain"] == row["domain"] and r["model"] == m
+                   and ((r["budget"] == row["budget"]) if best else (r.get("shape") == s and not picks_best(design, r["budget"]))))
+        rates = by.get((m, s)) or by.get(("shape", s)) or by.get(("model", m))
+        seconds += max(0.0, row["flops"] - done) / (statistics.median(rates) if rates else overall)
+    return seconds / 3600, overall
+
+
 def estimate(design: Design) -> dict:
     """Every run the design will make (sweeps at their full grids), their FLOPs and the time they take."""
     from pico.model.flops import GPU_PEAK_FLOPS
@@ -280,7 +309,7 @@ def estimate(design: Design) -> dict:
     for d, m, s in cells(design):
         sh = shapes[m, s]
         sb = sweep_budget(design, m, s)
-        per_budget = {}
+        per_budget, cell_flops = {}, 0.0
         spare = bool(design.models[m].start) and s not in design.models[m].start  # swept only past a winning end
         for b in shape_budgets(design, m, s):
             if picks_best(design, b) or spare:
@@ -290,22 +319,24 @@ def estimate(design: Design) -> dict:
                 n += len(design.lr.grid) - (design.lr.seed in seeds_at(design, b))
             per_budget[b] = n
             n_runs += n
-            flops += n * steps_for(sh, b) * sh.flops_per_byte * sh.bytes_per_step
+            cell_flops += n * steps_for(sh, b) * sh.flops_per_byte * sh.bytes_per_step
+        flops += cell_flops
         rows.append({"domain": d, "model": m, "shape": s + (" (spare)" if spare else ""), "router": sh.router,
                      "params": sh.params,
                      "flops_per_byte": sh.flops_per_byte,
                      "steps": {label(b): steps_for(sh, b) for b in shape_budgets(design, m, s)},
-                     "runs": {label(b): n for b, n in per_budget.items()}})
+                     "runs": {label(b): n for b, n in per_budget.items()}, "flops": cell_flops})
     for b in (b for b in budgets(design) if picks_best(design, b)):  # the best shape and a neighbour, then more seeds
         for d in design.domains:
             for m in design.models:
                 names = list(shapes_of(design.models[m]))
                 n = min(2, len(names)) + len(seeds_at(design, b)) - 1
                 n_runs += n
-                flops += n * max(steps_for(shapes[m, s], b) * shapes[m, s].flops_per_byte * shapes[m, s].bytes_per_step
-                                 for s in names)
+                cell_flops = n * max(steps_for(shapes[m, s], b) * shapes[m, s].flops_per_byte
+                                     * shapes[m, s].bytes_per_step for s in names)
+                flops += cell_flops
                 rows.append({"domain": d, "model": m, "shape": f"best of {'/'.join(names)}", "best": True,
-                             "runs": {label(b): n}})
+                             "budget": b, "runs": {label(b): n}, "flops": cell_flops})
     hours = (flops / rate + n_runs * c.run_overhead_s) / 3600 if rate else None
     return {"runs": n_runs, "train_flops": flops, "rate_flops_per_s": rate or None, "run_hours": hours,
             "gpu_hours": hours * c.gpus if hours is not None and c.gpus else None, "cells": rows,

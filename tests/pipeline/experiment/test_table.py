@@ -325,3 +325,24 @@ def test_start_shapes_must_be_adjacent_names(tiny_design, start, message):
         raw.update(shape_rule="isoflop")
     with pytest.raises(UserError, match=f"models.rule.start.*{message}"):
         edit_design(tiny_design, staged)
+
+
+def test_hours_left_use_the_rate_each_shape_measured(tiny_design):
+    """Small shapes train at a fraction of larger ones' FLOP/s: the time left charges each cell its own rate."""
+    from pico.pipeline.experiment.drive import estimate, hours_left
+
+    design = edit_design(tiny_design, _staged)
+    rates = {"s": 1e9, "m": 4e9, "l": 4e9}
+    rows = estimate(design)["cells"]
+    sweep = {r["shape"]: r["flops"] / 2 for r in rows if r["model"] == "rule" and not r.get("best")}  # 2 LRs each
+    results = {}
+    for s, rate in rates.items():  # rule's sweeps at 3e9 all done, at each shape's own rate
+        for lr in (1e-3, 2e-3):
+            k, r = result(design, "rule", s, 3e9, lr, 0, 2.0)
+            results[k] = dict(r, flops=sweep[s], flops_per_byte=1e6, train={"bytes_per_s_median": rate / 1e6})
+    left, median = hours_left(design, results)
+    plain = sum(r["flops"] for r in rows if r["model"] == "plain")  # unmeasured model and shape: the median
+    best = next(r["flops"] for r in rows if r.get("best") and r["model"] == "rule")  # rule's own median
+    assert median == 4e9 and left == pytest.approx((plain / 4e9 + best / 4e9) / 3600)
+    results = {k: dict(r, train={"bytes_per_s_median": 1e3}) for k, r in results.items()}  # all at 1e9
+    assert hours_left(design, results)[0] == pytest.approx((plain + best) / 1e9 / 3600)
