@@ -42,6 +42,13 @@ EPILOG = ("Any config key can be overridden: --optim.lr=3e-4 --model.capacity=0.
           "Multi-rank: torchrun --nproc_per_node 2 -m pico.pipeline.cli train --config FILE")
 
 
+# Param-group settings a resumed run takes from its config, not from the checkpoint (torch restores them as
+# saved), and the optimizer settings that shape the saved state, which a resumed run cannot change.
+CONFIG_GROUP_KEYS = frozenset({"lr", "lr_scale", "betas", "eps", "weight_decay", "precondition_frequency",
+                               "shampoo_beta"})
+STRUCTURAL_OPTIM_KEYS = ("name", "max_precond_dim", "merge_dims", "precondition_1d")
+
+
 class TrainingDiverged(UserError):
     """Loss became NaN or infinite; the last good checkpoint is kept."""
 
@@ -273,6 +280,11 @@ class Trainer:
             raise UserError(f"checkpoint {path} was written by {state.get('world_size')} ranks and this run has "
                             f"{self.world}; the loader position and the sharded optimizer state are per rank, so "
                             "resume with the same number of ranks (or convert it and start a new run)")
+        saved_optim, now_optim = state["config"].get("optim") or {}, self.cfg.to_dict()["optim"]
+        fixed = [k for k in STRUCTURAL_OPTIM_KEYS if k in saved_optim and saved_optim[k] != now_optim[k]]
+        if fixed:
+            raise UserError(f"checkpoint {path} was trained with " + ", ".join(f"optim.{k}={saved_optim[k]!r}" for k in fixed)
+                            + "; its optimizer state is shaped by them: resume with the same values")
         saved_model = state["config"]["model"]
         now_model = self.cfg.to_dict()["model"]
         if saved_model != now_model:
@@ -284,7 +296,7 @@ class Trainer:
         path = path.resolve()  # the directory check_pickles scanned (checkpoint.checkpoint_files), not a link to it
         soap = self.cfg.optim.name == "soap"
         # torch's load_state_dict restores each param group's settings as saved; the config decides them
-        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        fresh = [{k: v for k, v in g.items() if k in CONFIG_GROUP_KEYS} for g in self.optimizer.param_groups]
         load_path, _ = self.engine.load_checkpoint(str(path), tag=ckpt.DS_TAG, load_optimizer_states=not soap,
                                                    load_lr_scheduler_states=False)
         if load_path is None:

@@ -80,3 +80,6 @@ def test_resume_applies_the_configs_optimizer_settings_not_the_checkpoints(tmp_p
     assert "--resume: optim.weight_decay, train.steps changed since the checkpoint" in proc.stderr
     groups = safe_load(run / "checkpoints" / "step_000004" / "rank00000.pt")["optimizer"]["param_groups"]
     assert {g["weight_decay"] for g in groups if g["weight_decay"]} == {0.25}
+    # what shapes SOAP's saved preconditioners cannot change on resume: refused, not half-applied
+    proc = train_run(run, tiny_shards, *common, "--train.steps=6", "--optim.merge_dims=true", "--resume", check=False)
+    assert proc.returncode == 2 and "optim.merge_dims=False; its optimizer state is shaped by them" in proc.stderr
