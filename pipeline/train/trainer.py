@@ -280,17 +280,17 @@ class Trainer:
             raise UserError(f"checkpoint {path} was written by {state.get('world_size')} ranks and this run has "
                             f"{self.world}; the loader position and the sharded optimizer state are per rank, so "
                             "resume with the same number of ranks (or convert it and start a new run)")
-        saved_optim, now_optim = state["config"].get("optim") or {}, self.cfg.to_dict()["optim"]
-        fixed = [k for k in STRUCTURAL_OPTIM_KEYS if k in saved_optim and saved_optim[k] != now_optim[k]]
-        if fixed:
-            raise UserError(f"checkpoint {path} was trained with " + ", ".join(f"optim.{k}={saved_optim[k]!r}" for k in fixed)
-                            + "; its optimizer state is shaped by them: resume with the same values")
         saved_model = state["config"]["model"]
         now_model = self.cfg.to_dict()["model"]
         if saved_model != now_model:
             diff = sorted(k for k in now_model if saved_model.get(k) != now_model[k])
             raise UserError(f"checkpoint {path} has a different model config (keys: {', '.join(diff)}); resume "
                             "with the config saved in the run directory (config.yaml)")
+        saved_optim, now_optim = state["config"].get("optim") or {}, self.cfg.to_dict()["optim"]
+        fixed = [k for k in STRUCTURAL_OPTIM_KEYS if k in saved_optim and saved_optim[k] != now_optim[k]]
+        if fixed:
+            raise UserError(f"checkpoint {path} was trained with " + ", ".join(f"optim.{k}={saved_optim[k]!r}" for k in fixed)
+                            + "; its optimizer state is shaped by them: resume with the same values")
 
     def _load(self, path: Path) -> None:
         path = path.resolve()  # the directory check_pickles scanned (checkpoint.checkpoint_files), not a link to it
