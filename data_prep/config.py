@@ -9,7 +9,7 @@ from typing import Literal
 
 from pico.configs.errors import UserError
 from pico.data_prep.shards import MAX_SAMPLE_BYTES
-from pico.data_prep.sources import MAX_EXPANSION
+from pico.data_prep.sources import MAX_EXPANSION, InputFile, files_digest, portable_input
 
 MiB = 1 << 20
 
@@ -88,5 +88,13 @@ class PrepConfig:
         return dataclasses.asdict(self)
 
     def output_options(self) -> dict:
-        """The options that decide the shards' contents (recorded in the manifest, checked on resume)."""
+        """The options that decide the shards' contents (checked on resume)."""
         return {k: getattr(self, k) for k in OUTPUT_KEYS}
+
+    def manifest_options(self, files: list[InputFile]) -> dict:
+        """`output_options` as the manifest records them, naming no local path: the inputs by portable name
+        (the names their documents carry, so the same wherever the corpus sits, as the shards are) and a
+        digest of their files' names and sizes (another corpus under the same name is other inputs), the
+        output left out (the manifest lies in it)."""
+        options = {k: v for k, v in self.output_options().items() if k != "output"}
+        return {**options, "inputs": [portable_input(p) for p in self.inputs], "files_sha256": files_digest(files)}

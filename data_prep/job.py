@@ -25,7 +25,8 @@ from typing import Callable, Iterator
 
 from pico.data_prep.config import PrepConfig
 from pico.data_prep.shards import TarShardWriter, compressor, sample_key, shard_name, split_of, SHARD_NAME
-from pico.data_prep.sources import Doc, InputFile, Skip, declared_split, expand_inputs, iter_documents
+from pico.data_prep.sources import (Doc, InputFile, Skip, declared_split, expand_inputs, iter_documents,
+                                    portable_text)
 from pico.data_prep.store import Store
 from pico.configs.errors import UserError
 from pico.configs.lock import hold
@@ -436,10 +437,20 @@ def duplicate_ordinals(hashes: list[bytes]) -> dict[int, list[int]]:
     return drops
 
 
+def _portable(skip: dict, cfg: PrepConfig, store: Store) -> dict:
+    """A skip as the manifest records it: its source and reason name no local path (`portable_text`)."""
+    def text(s: str) -> str:
+        if not store.remote:  # "this input is the output directory ...": the output by its name
+            s = s.replace(store.root, os.path.basename(store.root))
+        return portable_text(s, cfg.inputs)
+    return dict(skip, source=text(skip["source"]), reason=text(skip["reason"]))
+
+
 def _finalize(store: Store, cfg: PrepConfig, records: list[dict], input_problems: list[Skip],
-              names: dict[str, str] | None = None) -> dict:
+              files: list[InputFile]) -> dict:
     """Give shards their final names in unit order, move them there, write the manifest last."""
     shards, moves, next_index = [], [], {"train": 0, "val": 0}
+    names = {f.url: f.name for f in files}
     for rec in records:
         for s in rec["shards"]:
             name = shard_name(s["split"], next_index[s["split"]])
@@ -464,9 +475,9 @@ def _finalize(store: Store, cfg: PrepConfig, records: list[dict], input_problems
     manifest = {"version": 1, "shards": shards, "totals": totals, "documents": documents,
                 # a skipped document by its file's portable name, as the shards name documents (the terminal
                 # said its local path)
-                "skipped": [p.record() for p in input_problems] + [
-                    dict(s, source=(names or {}).get(s["source"], s["source"])) for r in records for s in r["skipped"]],
-                "config": cfg.output_options()}
+                "skipped": [_portable(skip, cfg, store) for skip in [p.record() for p in input_problems] + [
+                    dict(s, source=names.get(s["source"], s["source"])) for r in records for s in r["skipped"]]],
+                "config": cfg.manifest_options(files)}
     store.write_bytes(MANIFEST, json.dumps(manifest, indent=1).encode() + b"\n")
     store.remove(WORK)
     return manifest
@@ -492,14 +503,15 @@ def _run_job(cfg: PrepConfig, store: Store, progress: bool) -> tuple[dict, dict]
         if cfg.overwrite:
             _clear(store)
         manifest = _load_json(store, MANIFEST)
+    files, input_problems = expand_inputs(cfg.inputs, exclude=None if store.remote else store.root)
     if manifest is not None:
-        if manifest.get("config") != cfg.output_options():
-            raise UserError(f"{store.display(MANIFEST)} records a finished job with other options; "
-                            "choose another output or pass --overwrite")
+        # the manifest's own record, or the one pico prep wrote before manifests named no local path
+        if manifest.get("config") not in (cfg.manifest_options(files), cfg.output_options()):
+            raise UserError(f"{store.display(MANIFEST)} records a finished job with other options or other input "
+                            "files (by name and size); choose another output or pass --overwrite")
         store.remove(WORK)  # a finalize killed after the manifest was written
         return manifest, {**stats, "already_complete": True, "seconds": time.perf_counter() - t0}
 
-    files, input_problems = expand_inputs(cfg.inputs, exclude=None if store.remote else store.root)
     if not files:
         raise UserError("no input matched: " + "; ".join(p.message() for p in input_problems))
     for p in input_problems:
@@ -536,8 +548,7 @@ def _run_job(cfg: PrepConfig, store: Store, progress: bool) -> tuple[dict, dict]
             finally:
                 bar.close()
         stats["units_run"] = len(args)
-    manifest = _finalize(store, cfg, [records[u] for u in range(len(units))], input_problems,
-                         {f.url: f.name for f in files})
+    manifest = _finalize(store, cfg, [records[u] for u in range(len(units))], input_problems, files)
     seconds = time.perf_counter() - t0
     raw = manifest["totals"]["train"]["raw_bytes"] + manifest["totals"]["val"]["raw_bytes"]
     stats.update(seconds=seconds, input_bytes=sum(sizes.values()), raw_bytes=raw,

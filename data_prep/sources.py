@@ -53,6 +53,10 @@ MAX_LINE_BYTES = 256 << 20
 # zstd's largest expansion per input byte (an RLE block: 4 bytes -> 128 KiB); ZstdReader feeds its
 # decompressor slices small enough that one call cannot produce more than SLICE * ZSTD_MAX_RATIO.
 ZSTD_MAX_RATIO, ZSTD_SLICE = 1 << 15, 1024
+# What portable_text rewrites: a URL's user:password@, and an absolute local path (one that starts a word,
+# so not a URL's /bucket/key nor a name's sub/folder), up to a space, quote, bracket or separator.
+_CREDENTIALS = re.compile(r"\b([a-z][a-z0-9+.-]*://)[^/@\s]*@", re.I)
+_ABSOLUTE = re.compile(r"(?<![\w:/.~-])/[^\s'\"();,/][^\s'\"();,]*")
 
 
 @dataclass(frozen=True)
@@ -166,6 +170,31 @@ def _name_base(pattern: str) -> str:
         head = "/".join(parts[:next(j for j, p in enumerate(parts) if glob.has_magic(p))])
     base = head.rsplit("/", 1)[0] if "/" in head else ""
     return f"{scheme}://{base}" if scheme else base
+
+
+def portable_input(pattern: str) -> str:
+    """An --input as a shared artefact (the manifest) records it: a URL without credentials, a local path
+    from the folder that holds it (`novels` for `/data/corpus/novels`, the prefix its files' names drop)."""
+    if is_url(pattern):
+        return _CREDENTIALS.sub(r"\1", pattern)
+    return _relative(_plain(pattern), _name_base(pattern))
+
+
+def files_digest(files: list[InputFile]) -> str:
+    """sha256 of the input files' portable names and sizes: the corpus a job read, wherever it sits."""
+    return hashlib.sha256(json.dumps([[f.name or f.url, f.size] for f in files]).encode()).hexdigest()
+
+
+def portable_text(text: str, patterns: list[str]) -> str:
+    """`text` (a skip's reason, an input's problem) naming no local path: each absolute path in it from the
+    folder holding its input (as `InputFile.name`), any other one as `.../name`, a URL without credentials."""
+    bases = sorted({_name_base(p) for p in patterns if not is_url(p)} - {""}, key=len, reverse=True)
+
+    def name(m: re.Match) -> str:
+        path = m.group(0)
+        base = next((b for b in bases if path.startswith(b + "/")), None)
+        return path[len(base) + 1:] if base else ".../" + os.path.basename(path.rstrip("/"))
+    return _ABSOLUTE.sub(name, _CREDENTIALS.sub(r"\1", text))
 
 
 def _relative(url: str, base: str) -> str:

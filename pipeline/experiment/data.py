@@ -100,19 +100,27 @@ def prepare(design: Design, domain: str) -> dict:
 
 
 def _prep(prep, out: Path, key: str) -> Path:
-    """`pico prep` of the inputs into `out`, once (pico prep itself resumes a killed preparation); a folder
-    prepared from other inputs or another val_fraction is an error, not reused (the split hashes each
-    document's source path, so a corpus moved elsewhere is other inputs too)."""
+    """`pico prep` of the inputs into `out` (pico prep itself resumes a killed preparation, and finds a
+    finished one again); a folder prepared from other inputs or another val_fraction is an error, not
+    reused. pico prep records the inputs by name with a digest of their files, as the split hashes
+    documents by name; one before that recorded paths and hashed each document's path, so a corpus
+    moved elsewhere is other inputs there, and its finished folder is not handed back to pico prep."""
     inputs = [expand(raw, f"{key}.inputs[{i}]") for i, raw in enumerate(prep.inputs)]
-    if (out / "manifest.json").is_file():
-        made = json.loads((out / "manifest.json").read_text()).get("config") or {}
-        where = [p if "://" in p else os.path.abspath(p) for p in made.get("inputs") or []]
-        if where != [p if "://" in p else os.path.abspath(p) for p in inputs] or made.get("val_fraction") != prep.val_fraction:
+    made = json.loads((out / "manifest.json").read_text()).get("config") or {} if (out / "manifest.json").is_file() else None
+    if made is not None:
+        if "output" in made:  # the older pico prep
+            same = [p if "://" in p else os.path.abspath(p) for p in made.get("inputs") or []] == \
+                [p if "://" in p else os.path.abspath(p) for p in inputs]
+        else:  # imported here: the older pico prep, which a pinned experiment may run, has no portable_input
+            from pico.data_prep.sources import portable_input
+            same = made.get("inputs") == [portable_input(p) for p in inputs]
+        if not same or made.get("val_fraction") != prep.val_fraction:
             raise UserError(f"{key}: {out} was prepared from {made.get('inputs')} with val_fraction "
                             f"{made.get('val_fraction')}, the design now asks for {inputs} with {prep.val_fraction}: "
                             f"point the design back, or delete {out.parent} to prepare it again (then rerun or "
                             "`pico experiment rescore` the finished runs)")
-        return out
+        if "output" in made:
+            return out
     for i, p in enumerate(inputs):
         if "://" not in p and not glob.glob(p):
             raise UserError(f"{key}.inputs[{i}]: {p} does not exist; set the corpus path (see the design's notes)")

@@ -141,16 +141,29 @@ def test_the_same_corpus_anywhere_gives_the_same_split_and_shards_that_name_no_l
         (home / "code.jsonl").write_text("".join(json.dumps({"text": words(100 + i, 20).decode()}) + "\n"
                                                  for i in range(10)))
         (home / "novels" / "zz-empty.txt").write_bytes(b"")
+        (home / "novels" / "zz-link.txt").symlink_to(home.parent / "gone" / "away.txt")  # broken, absolute
     outs = [tmp_path / f"out{n}" for n in range(2)]
     manifests = [prepare([str(home / "novels"), str(home / "code.jsonl")], str(out), val_fraction=0.3, **QUIET)
                  for home, out in zip(homes, outs)]
     assert shard_digests(outs[0]) == shard_digests(outs[1]) and any("val" in n for n in shard_digests(outs[0]))
-    assert manifests[0]["skipped"] == manifests[1]["skipped"] == [
+    assert manifests[0]["skipped"] == [
+        {"source": "novels/zz-link.txt", "line": None, "reason": "broken symbolic link (to .../away.txt); fix or remove it"},
         {"source": "novels/zz-empty.txt", "line": None, "reason": "empty document"}]
+    # the manifest is the same file too, and names no local path: inputs by name, the output left out
+    assert (outs[0] / "manifest.json").read_bytes() == (outs[1] / "manifest.json").read_bytes()
+    assert str(tmp_path) not in (outs[0] / "manifest.json").read_text()
+    assert manifests[0]["config"]["inputs"] == ["novels", "code.jsonl"] and "output" not in manifests[0]["config"]
     docs = read_documents(str(outs[0]))
     assert "novels/d00.txt" in docs and "code.jsonl#1" in docs
     for tar in outs[0].glob("*.tar"):
         assert str(tmp_path).encode() not in tar.read_bytes()
+    # a finished job is found again from the corpus wherever it sits, and from a manifest written by the
+    # pico prep before this one (which recorded the inputs and the output as given)
+    inputs = [str(homes[1] / "novels"), str(homes[1] / "code.jsonl")]
+    assert run_job(PrepConfig(inputs=inputs, output=str(outs[0]), val_fraction=0.3), progress=False)[1]["already_complete"]
+    old = PrepConfig(inputs=inputs, output=str(outs[1]), val_fraction=0.3)
+    (outs[1] / "manifest.json").write_text(json.dumps({**manifests[1], "config": old.output_options()}))
+    assert run_job(old, progress=False)[1]["already_complete"]
 
 
 def test_rerun_of_a_finished_job_changes_nothing_and_other_options_are_refused(ray_local, tmp_path):

@@ -173,14 +173,28 @@ def test_held_out_sets_are_cut_again_when_their_sizes_change_and_prepared_data_i
     assert (folder / "test" / "0000.txt").stat().st_mtime_ns == stamp
     assert (folder / "done").read_text() == data.heldout_marker(PrepSpec(test_kb=24, select_kb=16))
 
+    # pico prep records inputs by name with a digest of their files: the corpus may move, not change
+    corpus, moved = tmp_path / "corpus", tmp_path / "elsewhere" / "corpus"
+    for home in (corpus, moved):
+        home.mkdir(parents=True)
+        (home / "a.txt").write_bytes(b"words and more words\n" * 50)
     out = tmp_path / "data" / "shards"
-    out.mkdir(parents=True)
-    (out / "manifest.json").write_text(json.dumps({"config": {"inputs": [str(tmp_path / "corpus")], "val_fraction": 0.05}}))
-    assert data._prep(PrepSpec(inputs=[str(tmp_path / "corpus")], val_fraction=0.05), out, "domains.toy.prep") == out
+    assert data._prep(PrepSpec(inputs=[str(corpus)], val_fraction=0.05), out, "k") == out
+    assert json.loads((out / "manifest.json").read_text())["config"]["inputs"] == ["corpus"]
+    assert data._prep(PrepSpec(inputs=[str(moved)], val_fraction=0.05), out, "k") == out
+    (moved / "a.txt").write_bytes(b"other words\n")
+    with pytest.raises(UserError, match="k: pico prep failed.*other input files"):
+        data._prep(PrepSpec(inputs=[str(moved)], val_fraction=0.05), out, "k")
     for changed in (PrepSpec(inputs=[str(tmp_path / "moved")], val_fraction=0.05),
-                    PrepSpec(inputs=[str(tmp_path / "corpus")], val_fraction=0.02)):
+                    PrepSpec(inputs=[str(corpus)], val_fraction=0.02)):
         with pytest.raises(UserError, match=f"domains.toy.prep: {re.escape(str(out))} was prepared from .* delete"):
             data._prep(changed, out, "domains.toy.prep")
+    # the pico prep before that recorded paths and hashed documents by path: there a moved corpus is other data
+    (out / "manifest.json").write_text(json.dumps({"config": {"inputs": [str(corpus)], "val_fraction": 0.05,
+                                                              "output": str(out)}}))
+    assert data._prep(PrepSpec(inputs=[str(corpus)], val_fraction=0.05), out, "k") == out
+    with pytest.raises(UserError, match="was prepared from"):
+        data._prep(PrepSpec(inputs=[str(moved)], val_fraction=0.05), out, "k")
 
 
 @pytest.mark.parametrize("text", ["[1, 2]", "[" * 5000 + "]" * 5000, '{"key": 7}'])
