@@ -162,7 +162,8 @@ def cmd_table(design, design_path: Path, args) -> int:
     out = Path(args.out) if args.out else design.results_dir
     try:  # what the planner counts: a result whose spec changed since it ran is left out
         results = drive.finished(design, check_models(design))
-    except UserError:  # a design kept as a record (a retired option, a config gone): its results as they are
+    except UserError as e:  # a design kept as a record (a retired option, a config gone): its results as they are
+        print(f"pico experiment table: {e}; tabulating every result as recorded (stale ones included)", file=sys.stderr)
         results = load_results(design.results_dir)
     built = table.build(design, results, load_failures(design.results_dir), allow_mixed=args.allow_mixed_revisions)
     out.mkdir(parents=True, exist_ok=True)

@@ -274,7 +274,7 @@ def hours_left(design: Design, results: dict[str, dict]) -> tuple[float | None, 
     import statistics
 
     def rate(r):
-        return (r.get("train") or {}).get("bytes_per_s_median", 0) * (r.get("flops_per_byte") or 0)
+        return ((r.get("train") or {}).get("bytes_per_s_median") or 0) * (r.get("flops_per_byte") or 0)
 
     measured = [r for r in results.values() if rate(r) > 0]
     if not measured:

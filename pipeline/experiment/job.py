@@ -278,6 +278,8 @@ def _train_and_score(design: Design, run: Run, shape: Shape, steps: int, sha: st
         if rc != 0:
             return _record_failure(design, key, log_file, f"eval {split}", rc)
         scored[split] = last_json(stdout)
+        if "bpb" not in scored[split]:  # a result that says nothing is a failure to retry, not a divergence
+            return _record_failure(design, key, log_file, f"eval {split}", 1, "pico eval printed no bpb")
     if not all(math.isfinite(scored[split].get("bpb", math.nan)) for split in scored):  # finite loss, NaN on held-out
         return _record_diverged(design, run, shape, steps, sha, data, code, log, log_file, t0)
     if code_fingerprint() != code:

@@ -128,8 +128,30 @@ def plan(design: Design, results: dict[str, dict]) -> tuple[list[Run], int]:
 
     Model-major: a model's LR sweeps, then its runs at the other budgets and seeds (ascending), then the
     next model's; a run whose LR or shape is not chosen yet waits, and the next model's runs fill in."""
+    order, total, _ = _named(design, results)
+    ready, seen = [], set()
+    for run in order:
+        k = run.key(design)
+        if k not in results and k not in seen:
+            ready.append(run)
+            seen.add(k)
+    return ready, len(total)
+
+
+def unfinished(design: Design, results: dict[str, dict]) -> set[tuple[str, str, float]]:
+    """The (domain, model, budget)s with a run still to do: ready, or waiting for an LR or shape choice. A
+    model's numbers at budget b are final once none of its budgets up to b is here (an LR sweep or a
+    shape range may still grow until then)."""
+    order, _, waiting = _named(design, results)
+    return {(r.domain, r.model, r.budget) for r in order if r.key(design) not in results} | waiting
+
+
+def _named(design: Design, results: dict[str, dict]) -> tuple[list[Run], set[str], set[tuple[str, str, float]]]:
+    """(the runs the design names now, in launch order, finished ones included; the keys of all its runs, those
+    waiting for a choice as placeholders; the (domain, model, budget)s with runs waiting)."""
     order: list[Run] = []
     total: set[str] = set()
+    waits: set[tuple[str, str, float]] = set()
     seeds = sorted({x for b in budgets(design) for x in seeds_at(design, b)})
     for model in design.models:
         mine = [(d, s) for d in design.domains for s in swept_shapes(design, results, d, model)]
@@ -149,13 +171,9 @@ def plan(design: Design, results: dict[str, dict]) -> tuple[list[Run], int]:
                     runs, waiting = _runs_at(design, results, chosen, d, model, b, seed)
                     order += runs
                     total |= {r.key(design) for r in runs} | {f"{d}-{model}-?{i}-{label(b)}-{seed}" for i in range(waiting)}
-    ready, seen = [], set()
-    for run in order:
-        k = run.key(design)
-        if k not in results and k not in seen:
-            ready.append(run)
-            seen.add(k)
-    return ready, len(total)
+                    if waiting:
+                        waits.add((d, model, b))
+    return order, total, waits
 
 
 def _runs_at(design: Design, results: dict[str, dict], chosen: dict, domain: str, model: str, budget: float,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pico.configs.errors import UserError
 from pico.pipeline.experiment.design import Design, budgets, label, picks_best, seeds_at, shape_budgets, shapes_of
-from pico.pipeline.experiment.plan import best_shapes, cells, chosen_lrs, plan
+from pico.pipeline.experiment.plan import best_shapes, cells, chosen_lrs, plan, unfinished
 
 ROUTER_COLUMNS = (("boundary rate", "routed_frac_mean"), ("at rule", "spacelike_share_of_routed"),
                   ("at word start", "after_spacelike_share_of_routed"), ("chunk len mean", "chunk_len_mean"),
@@ -40,7 +40,8 @@ def check_revisions(results: dict[str, dict], allow_mixed: bool) -> list[str]:
                         f"({', '.join(r[:12] for r in revs)}); one table is one version: rerun the odd runs, "
                         "or pass --allow-mixed-revisions")
     for domain in {r["domain"] for r in results.values()}:
-        sets = {(r["data"].get("test"), r["data"].get("select")) for r in results.values() if r["domain"] == domain}
+        sets = {(r["data"].get("test"), r["data"].get("select")) for r in results.values()
+                if r["domain"] == domain and not r.get("diverged")}  # a diverged run has no held-out score
         if len(sets) > 1:
             raise UserError(f"domain {domain}: runs were scored on {len(sets)} different held-out sets; "
                             "move the runs of the old data away")
@@ -67,9 +68,9 @@ def aggregate(design: Design, results: dict[str, dict]) -> dict:
     cell_rows = {}
     for (d, m, s), lr in chosen.items():
         for b in shape_budgets(design, m, s):
-            rs = sorted((r for r in results.values() if (r["domain"], r["model"], r.get("shape", "base"), r["budget"],
-                                                          r["lr"]) == (d, m, s, b, lr) and not r.get("diverged")),
-                        key=lambda r: r["seed"])
+            here = [r for r in results.values()
+                    if (r["domain"], r["model"], r.get("shape", "base"), r["budget"], r["lr"]) == (d, m, s, b, lr)]
+            rs = sorted((r for r in here if not r.get("diverged")), key=lambda r: r["seed"])
             if not rs:
                 continue
             mean, std = mean_std([r["test"]["bpb"] for r in rs])
@@ -77,6 +78,7 @@ def aggregate(design: Design, results: dict[str, dict]) -> dict:
                 "domain": d, "model": m, "shape": s, "budget": b, "lr": lr, "n_seeds": len(rs), "mean": mean,
                 "std": std, "select_mean": statistics.fmean(r["select"]["bpb"] for r in rs),
                 "per_seed": {r["seed"]: r["test"]["bpb"] for r in rs}, "params": rs[0].get("params"),
+                "diverged_seeds": sorted(r["seed"] for r in here if r.get("diverged")),
                 "router": _router_means(rs)}
     best = {}
     for (d, m, s, b), c in cell_rows.items():
@@ -105,17 +107,21 @@ def aggregate(design: Design, results: dict[str, dict]) -> dict:
                            "per_seed": per, "min": min(per), "max": max(per)})
     return {"chosen_lr": {"/".join(k): v for k, v in chosen.items()}, "cells": list(cell_rows.values()),
             "best": [best[k] for k in sorted(best, key=lambda k: _order(design, k))], "ratios": ratios,
-            "targets": targets(design, best), "diverged": sorted(k for k, r in results.items() if r.get("diverged"))}
+            "targets": targets(design, best, unfinished(design, results)), "diverged": sorted(k for k, r in results.items() if r.get("diverged"))}
 
 
-def targets(design: Design, best: dict) -> list[dict]:
+def targets(design: Design, best: dict, open_: set[tuple[str, str, float]]) -> list[dict]:
     """The design's claims per domain and budget: the best of each group (lowest select-set bpb, as shapes
     are chosen), the ratio of their test-bpb means over paired seeds, and whether the claim holds. Only the
-    claim's own budget with all its seeds gives a verdict; the rest are provisional."""
+    claim's own budget gives a verdict, once every model of both groups has finished its runs up to it
+    (`open_`: `plan.unfinished`) with all its seeds; the rest are provisional. A seed that diverged leaves
+    no verdict: the claim is about models that train."""
     out = []
     for t in design.targets:
         judged_at = t.budget or max(budgets(design))
+        members = list(dict.fromkeys([*t.models, *t.against]))
         for d in design.domains:
+            done = [m for m in members if not any((d, m, b) in open_ for b in budgets(design) if b <= judged_at)]
             for b in budgets(design):
                 pick = [min((best[d, m, b] for m in group if (d, m, b) in best), default=None,
                             key=lambda c: (c["select_mean"], c["model"])) for group in (t.models, t.against)]
@@ -131,9 +137,16 @@ def targets(design: Design, best: dict) -> list[dict]:
                         ratio = (statistics.fmean(c["per_seed"][x] for x in shared)
                                  / statistics.fmean(bc["per_seed"][x] for x in shared))
                         want = len(seeds_at(design, b))
+                        lost = sorted(set(c["diverged_seeds"]) | set(bc["diverged_seeds"]))
                         row.update(seeds=shared, ratio_of_means=ratio, per_seed=per, std=mean_std(per)[1])
-                        if b != judged_at or len(shared) < want:
-                            row["state"] = f"provisional ({len(shared)} of {want} seeds)" if b == judged_at else "provisional"
+                        if b != judged_at:
+                            row["state"] = "provisional"
+                        elif len(done) < len(members):
+                            row["state"] = f"provisional ({len(done)} of {len(members)} models finished)"
+                        elif len(shared) < want and lost:
+                            row["state"] = f"no verdict (seeds {', '.join(map(str, lost))} diverged)"
+                        elif len(shared) < want:
+                            row["state"] = f"provisional ({len(shared)} of {want} seeds)"
                         elif ratio <= t.at_most:
                             row["state"] = "met"
                         else:

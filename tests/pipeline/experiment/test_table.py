@@ -91,7 +91,19 @@ def test_targets_pick_each_groups_best_on_select_and_judge_only_with_all_seeds(t
     routed = table.aggregate(design, results)["targets"][0]
     assert routed["state"] == "missed by 1.0 %"  # (1.98 + 1.94) / 4.0 = 0.98 = 1.0103 x 0.97
     one_seed = {k: v for k, v in results.items() if k.endswith("s0")}
-    assert table.aggregate(design, one_seed)["targets"][0]["state"] == "provisional (1 of 2 seeds)"
+    assert table.aggregate(design, one_seed)["targets"][0]["state"] == "provisional (0 of 3 models finished)"
+    # a model of a group still to run (mod) leaves the verdict open, though the best so far has every seed
+    no_mod = {k: v for k, v in results.items() if not k.startswith("toy-mod")}
+    routed, learned = table.aggregate(design, no_mod)["targets"]
+    assert routed["state"] == "provisional (2 of 3 models finished)" and routed["seeds"] == [0, 1]
+    assert learned["state"] == "pending"
+    # a seed of the best model that diverged leaves no verdict, not a ratio over the seeds that trained
+    diverged = {k: dict(v, diverged=True, test={"bpb": None}, select={"bpb": None}) if k.startswith("toy-rule") and
+                k.endswith("s1") else v for k, v in results.items()}
+    assert table.aggregate(design, diverged)["targets"][0]["state"] == "no verdict (seeds 1 diverged)"
+    # nor does it hold back a table after a rescore, which leaves a diverged run's held-out fingerprints as they were
+    diverged["toy-rule-3e09-lr0.003-s1"]["data"] = {"test": "old", "select": "old"}
+    assert "no verdict (seeds 1 diverged)" in table.build(design, diverged, {})["markdown"]
     md = table.build(design, results, {})["markdown"]
     assert "| routed vs plain | toy | 3e09 | rule (base) | plain (base) | 0.9800 | 0.97 | 2 |" in md
 
@@ -345,4 +357,7 @@ def test_hours_left_use_the_rate_each_shape_measured(tiny_design):
     best = next(r["flops"] for r in rows if r.get("best") and r["model"] == "rule")  # rule's own median
     assert median == 4e9 and left == pytest.approx((plain / 4e9 + best / 4e9) / 3600)
     results = {k: dict(r, train={"bytes_per_s_median": 1e3}) for k, r in results.items()}  # all at 1e9
+    assert hours_left(design, results)[0] == pytest.approx((plain + best) / 1e9 / 3600)
+    # a run scored by a rerun that trained no step measured no rate: it is left out, not a crash
+    results[next(iter(results))]["train"] = {"bytes_per_s_median": None}
     assert hours_left(design, results)[0] == pytest.approx((plain + best) / 1e9 / 3600)
