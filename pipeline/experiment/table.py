@@ -223,8 +223,9 @@ def markdown(design: Design, agg: dict, revs: list[str], todo: list[dict], n_fin
     if agg["targets"]:
         lines += ["", "## Targets", "",
                   "each group's best member at its best shape (chosen on the select set); ratio of the test-bpb means "
-                  "over paired seeds, per-seed ratios min..max and their std; judged at the claim's budget with "
-                  "all its seeds, provisional elsewhere.", "",
+                  "over paired seeds, per-seed ratios min..max and their std; judged at the claim's budget once "
+                  "every model of both groups has finished its runs there with all its seeds (a diverged seed "
+                  "leaves no verdict), provisional elsewhere.", "",
                   "| target | domain | budget | best | against | ratio of means | at most | pairs | per-seed min..max "
                   "| std | state |",
                   "| --- | --- | ---: | --- | --- | ---: | ---: | ---: | --- | ---: | --- |"]
