@@ -74,6 +74,8 @@ def read_run_state(path: Path) -> dict[str, Any]:
         if not f.is_file() or f.stat().st_size > MAX_STATE_BYTES:
             raise ValueError(f"not a regular file of at most {MAX_STATE_BYTES >> 20} MiB")
         state = json.loads(f.read_text())
+    except OSError as e:
+        raise UserError(f"{f} cannot be read ({e.strerror or e}); use another step_* checkpoint") from None
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise UserError(f"{f} is damaged (not JSON: {str(e)[:200]}); use another step_* checkpoint") from None
     if not isinstance(state, dict) or not isinstance(state.get("config"), dict) or "step" not in state:
@@ -81,6 +83,7 @@ def read_run_state(path: Path) -> dict[str, Any]:
     bad = [f"{k}={state.get(k)!r}"[:80] for k, lo, hi in (("step", 0, 1 << 62), ("world_size", 1, MAX_WORLD),
                                                           ("zero_stage", 0, 3))
            if k in state and not (type(state[k]) is int and lo <= state[k] <= hi)]
+    bad += [f"config.{k} is a {type(v).__name__}" for k, v in state["config"].items() if not isinstance(v, dict)]
     if bad or not isinstance(state["config"].get("model"), dict):
         raise UserError(f"{f} is damaged ({', '.join(bad) or 'no model config'}); use another step_* checkpoint")
     return state

@@ -455,6 +455,8 @@ def read_yaml(path: Path) -> Any:
             raise ConfigError(f"{path}: not a regular file of at most {MAX_YAML_BYTES >> 20} MiB; a YAML file "
                               "of pico's is a few KB")
         raw = yaml.safe_load(path.read_text())
+    except ConfigError:
+        raise
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
     except (OSError, RecursionError, ValueError) as e:  # unreadable, nested past Python's stack, a 5000-digit int

@@ -184,9 +184,9 @@ def iter_tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
             info = tarfile.TarInfo.frombuf(header, "utf-8", "strict")
         except UnicodeDecodeError as e:
             raise tarfile.HeaderError(f"a member name is not UTF-8 ({e.reason})") from None
-        if info.size > MAX_MEMBER_BYTES:  # read before allocating: a header can claim petabytes
-            raise tarfile.HeaderError(f"member {info.name[:100]} declares {info.size:,} bytes, past the "
-                                      f"{MAX_MEMBER_BYTES:,} any pico sample can take")
+        if not 0 <= info.size <= MAX_MEMBER_BYTES:  # read before allocating: a header can claim petabytes
+            raise tarfile.HeaderError(f"member {info.name[:100]} declares {info.size:,} bytes, not within the "
+                                      f"0..{MAX_MEMBER_BYTES:,} any pico sample can take")
         data = read_upto(stream, info.size)
         pad = read_upto(stream, -info.size % 512)
         if len(data) < info.size or len(pad) < -info.size % 512:

@@ -101,12 +101,17 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
 
 def any_rank(flag: bool) -> bool:
     """True when `flag` is true on any rank (used to agree on stopping together)."""
-    t = torch.tensor([1.0 if flag else 0.0])
+    return rank_max(int(flag)) > 0
+
+
+def rank_max(value: int) -> int:
+    """The largest of the ranks' integers (e.g. the worst verdict on a checkpoint); exact below 2**53."""
+    t = torch.tensor([float(value)], dtype=torch.float64)
     if torch.distributed.is_initialized() and world_size() > 1:
         if torch.distributed.get_backend() == "nccl":
             t = t.cuda()
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return int(t.item())
 
 
 def same_on_all_ranks(value: int) -> bool:

@@ -273,6 +273,11 @@ def test_a_second_trainer_on_one_run_directory_is_refused_naming_the_first(capsy
         first.kill()  # a crash: the next trainer takes over and gets as far as its data
         refused(capsys, argv, "unused does not exist")
     assert list((tmp_path / "run").iterdir()) == []  # and lets go when it stops
+    # two runs sharing a checkpoint.dir outside their run directories: a save clears the other's debris
+    argv = ["train", f"--train.out_dir={tmp_path / 'other'}", f"--checkpoint.dir={tmp_path / 'ckpts'}",
+            "--data.train=[unused]"]
+    with Holder(tmp_path / "ckpts", "pico train") as first:
+        refused(capsys, argv, f"{tmp_path / 'ckpts'} is in use by pico train (pid {first.proc.pid} on")
 
 
 # ----------------------------------------------------------------------------- pico convert over what is there
@@ -425,11 +430,14 @@ def test_a_linked_step_directory_is_scanned_where_it_points(capsys, ckpt, tmp_pa
 @pytest.mark.parametrize("sizes, says", [({"n_in": 10**9}, "model.n_in=1000000000 makes"),
                                          ({"d_local": 2**22}, "model.d_local=4194304 makes"),
                                          ({"max_seq_len": 10**12}, "model.max_seq_len=1000000000000 makes"),
-                                         ({"max_seq_len": 10**6, "window": 10**6}, "attention scores take")])
+                                         ({"max_seq_len": 10**6, "window": 10**6}, "attention scores take"),
+                                         # the latent blocks' scores are dense over every routed position
+                                         ({"max_seq_len": 2**21, "window": 16, "capacity": 1.0},
+                                          "makes one sequence's latent attention scores take")])
 def test_hostile_sizes_in_a_release_are_refused_before_anything_is_allocated(capsys, release, tmp_path, sizes, says):
     """Issue 28: config.json sizes went to build_model unchecked (an allocator traceback, or all memory).
     The attacker rewrites SHA256SUMS too: it is a checksum, not a signature."""
-    from pico.pipeline.release.load import sha256_file
+    from pico.configs.files import sha256_file
 
     rel = Path(shutil.copytree(release, tmp_path / "rel"))
     config = json.loads((rel / "config.json").read_text())
@@ -466,15 +474,25 @@ def test_impossible_numbers_in_pico_state_are_damage_not_a_hang(capsys, ckpt, tm
     refused(capsys, ["convert", str(step), str(tmp_path / "rel")], "pico_state.json is damaged", f"{key}=")
 
 
-def test_a_tar_header_claiming_petabytes_is_refused_before_it_is_read(capsys, release, tmp_path):
+def test_a_config_section_that_is_not_a_mapping_in_pico_state_is_damage(capsys, ckpt, tmp_path):
+    step = Path(shutil.copytree(ckpt, tmp_path / "checkpoints" / ckpt.name))
+    state = json.loads((step / "pico_state.json").read_text())
+    state["config"]["optim"] = ["lr", 3]
+    (step / "pico_state.json").write_text(json.dumps(state))
+    refused(capsys, ["convert", str(step), str(tmp_path / "rel")], "pico_state.json is damaged",
+            "config.optim is a list")
+
+
+@pytest.mark.parametrize("size", [2**45, -5])
+def test_a_tar_header_claiming_petabytes_is_refused_before_it_is_read(capsys, release, tmp_path, size):
     import tarfile
 
     info = tarfile.TarInfo("abc.bin.zst")
-    info.size = 2**45  # base-256 in a GNU header: 1.5 KB of file
+    info.size = size  # base-256 in a GNU header: 1.5 KB of file
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / "val-000000.tar").write_bytes(info.tobuf(tarfile.GNU_FORMAT) + bytes(1024))
     refused(capsys, ["eval", "--model", str(release), "--data", str(tmp_path / "shards")],
-            "val-000000.tar", "declares 35,184,372,088,832 bytes")
+            "val-000000.tar", f"declares {size:,} bytes")
 
 
 def test_a_manifest_naming_a_shard_outside_its_folder_is_refused(capsys, release, tmp_path):
@@ -494,6 +512,9 @@ def test_a_config_of_nested_aliases_is_one_line_not_gigabytes(capsys, tmp_path):
     refused(capsys, ["train", "--config", str(bomb)], "bomb.yaml: more than 1,000,000 values")
     (tmp_path / "deep.yaml").write_text("model: " + "[" * 5000 + "]" * 5000 + "\n")
     refused(capsys, ["train", "--config", str(tmp_path / "deep.yaml")], "deep.yaml: cannot be read as YAML")
+    (tmp_path / "big.yaml").write_text("# pad\n" * (1 << 20))
+    assert "cannot be read" not in refused(capsys, ["train", "--config", str(tmp_path / "big.yaml")],
+                                           "big.yaml: not a regular file of at most 4 MiB")
 
 
 @pytest.mark.parametrize("name, make", [("config.json", lambda p: p.symlink_to("/dev/zero")),
@@ -518,5 +539,39 @@ def test_a_pickle_too_big_to_scan_is_refused_unread(capsys, ckpt, tmp_path, monk
     states = step / "ds" / "mp_rank_00_model_states.pt"
     torch.save({**torch.load(states, weights_only=True), "x": _RunsShell("true"), "pad": "p" * 10_000}, states,
                pickle_protocol=4)
-    refused(capsys, ["convert", str(step), str(tmp_path / "rel")], "mp_rank_00_model_states.pt: its pickle would "
-            "inflate to", "Refused")
+    refused(capsys, ["convert", str(step), str(tmp_path / "rel")], "mp_rank_00_model_states.pt: its pickle holds",
+            "Refused")
+    # torch's own scanner (protocol 2) reads the whole pickle as well: the size is checked before it runs
+    torch.save({**torch.load(ckpt / "ds" / "mp_rank_00_model_states.pt", weights_only=True), "pad": "p" * 10_000},
+               states)
+    refused(capsys, ["convert", str(step), str(tmp_path / "rel")], "mp_rank_00_model_states.pt: its pickle holds")
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{digest}  ../../outside.pt", "malformed line"),         # a path leaving the step: never hashed
+    ("{digest}  /etc/hostname", "malformed line"),
+    (None, "not a regular file of at most"),                  # a link to /dev/zero: never read
+])
+def test_a_checkpoint_sums_file_is_read_as_untrusted(capsys, ckpt, tmp_path, line, message):
+    step = Path(shutil.copytree(ckpt, tmp_path / "checkpoints" / ckpt.name))
+    sums = step / "SHA256SUMS"
+    if line is None:
+        sums.unlink(missing_ok=True)
+        sums.symlink_to("/dev/zero")
+    else:
+        sums.write_text(line.format(digest="0" * 64) + "\n")
+    refused(capsys, ["convert", str(step), str(tmp_path / "rel")], "is damaged", "SHA256SUMS", message)
+
+
+def test_a_compressed_checkpoint_member_is_refused_before_anything_inflates_it(capsys, ckpt, tmp_path):
+    """torch.save never compresses; a deflated member is how a few KB would inflate to GBs in torch's reader."""
+    import zipfile
+
+    step = Path(shutil.copytree(ckpt, tmp_path / "checkpoints" / ckpt.name))
+    states = step / "ds" / "mp_rank_00_model_states.pt"
+    with zipfile.ZipFile(ckpt / "ds" / "mp_rank_00_model_states.pt") as src, \
+            zipfile.ZipFile(states, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+    refused(capsys, ["convert", str(step), str(tmp_path / "rel")], "mp_rank_00_model_states.pt: its member",
+            "is compressed", "Refused")

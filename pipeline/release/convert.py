@@ -44,9 +44,9 @@ from pico.configs.errors import UserError
 from pico.configs.runs import TRUST_HELP
 from pico.pipeline.release import hf
 from pico.pipeline.release.files import canonical_json, model_card, write_safetensors
-from pico.pipeline.release.load import (CARD, CONFIG, DTYPES, FORMAT, FORMAT_VERSION, SUMS, WEIGHTS,
-                                        checksum_errors, load_release, parse_model_config, pico_version,
-                                        read_checksums, sha256_file)
+from pico.configs.files import SUMS, fsync, sha256_file
+from pico.pipeline.release.load import (CARD, CONFIG, DTYPES, FORMAT, FORMAT_VERSION, WEIGHTS, checksum_errors,
+                                        load_release, parse_model_config, pico_version, read_checksums)
 
 FORMATS = ("pico", "hf")
 
@@ -210,7 +210,7 @@ def _publish(out: Path, write, overwrite: bool = False, verify=None, replaceable
         if out.exists():
             os.replace(out, old)
         os.replace(tmp, out)
-        _fsync(out.parent)
+        fsync(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not out.exists():
@@ -353,13 +353,7 @@ def _public_paths(paths: Any) -> Any:
     return Path(p.rstrip("/\\")).name or p
 
 
-def _fsync(path: Path) -> None:
-    from pico.pipeline.train.checkpoint import _fsync_dir
-
-    _fsync_dir(path)  # opens read-only and fsyncs: works for files too
-
-
 def _fsync_tree(folder: Path) -> None:
     for p in folder.iterdir():
-        _fsync(p)
-    _fsync(folder)
+        fsync(p)
+    fsync(folder)

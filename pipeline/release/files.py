@@ -11,7 +11,8 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from pico.pipeline.release.load import CARD, CONFIG, FORMAT_VERSION, SUMS, WEIGHTS
+from pico.configs.files import SUMS
+from pico.pipeline.release.load import CARD, CONFIG, FORMAT_VERSION, WEIGHTS
 
 
 def canonical_json(obj: Any) -> str:

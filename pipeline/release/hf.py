@@ -313,7 +313,8 @@ def generation_config(model_cfg) -> dict[str, Any]:
 def write_hf_release(tmp: Path, tensors: dict, model_cfg, training: dict[str, Any], dtype: str) -> None:
     """Every file of an HF release into tmp; tensors are pico's state dict already in `dtype`."""
     from pico.pipeline.release.files import canonical_json, model_card, write_safetensors
-    from pico.pipeline.release.load import CARD, CONFIG, SUMS, WEIGHTS, sha256_file
+    from pico.configs.files import SUMS, sha256_file
+    from pico.pipeline.release.load import CARD, CONFIG, WEIGHTS
 
     config_py, modeling_py = model_source()
     write_safetensors(tmp / WEIGHTS, {f"model.{k}": v for k, v in tensors.items()},

@@ -10,14 +10,15 @@ The format's file names and version live here; `convert.py` writes them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pico.configs.errors import UserError
+from pico.configs.files import SUMS, read_sums, sha256_file, small_text
 from pico.configs.runs import STATE_FILE, read_run_state
+from pico.model.config import n_routed
 from pico.model.flops import param_count
 
 if TYPE_CHECKING:
@@ -28,7 +29,6 @@ FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 CARD = "README.md"
-SUMS = "SHA256SUMS"
 DTYPES = {"fp32": "F32", "bf16": "BF16"}
 
 
@@ -48,15 +48,26 @@ def parse_model_config(data: dict[str, Any], where: Path):
 # What a model config makes its loader allocate, in bytes (fp32), before it is built: its
 # parameters (and ~64 KB of module overhead per block), and for one sequence of max_seq_len bytes
 # the residual stream and one layer's output, and one layer's attention scores (dense up to the
-# window, as the CPU path computes them).
+# window, as the CPU path computes them; the latent blocks' dense and unwindowed over the routed
+# positions, at the most the router can route).
 _BLOCK_BYTES = 64 << 10
 _NEEDS = {"its parameters": lambda c: 4 * param_count(c) + _BLOCK_BYTES * (c.n_in + c.n_out + c.n_latent),
           "one sequence's activations": lambda c: 8 * c.max_seq_len * max(c.d_local, c.d_latent),
-          "one sequence's attention scores": lambda c: 4 * max(c.n_heads, c.n_latent_heads) * c.max_seq_len
-          * min(c.max_seq_len, 2 * c.window)}
+          "one sequence's attention scores": lambda c: 4 * c.n_heads * c.max_seq_len * min(c.max_seq_len, 2 * c.window),
+          "one sequence's latent attention scores": lambda c: 4 * c.n_latent_heads * _latent_slots(c) ** 2}
 _SIZE_KEYS = ("max_seq_len", "d_local", "d_latent", "n_in", "n_out", "n_latent", "n_predict", "mlp_ratio",
               "mtp_mlp_ratio", "ngram_buckets", "n_heads", "n_kv_heads", "n_latent_heads", "n_latent_kv_heads",
-              "window")
+              "window", "capacity", "chunk_cap")
+
+
+def _latent_slots(c) -> int:
+    """The most positions one sequence routes to the latent blocks (0 without a router)."""
+    if not c.n_latent:
+        return 0
+    from pico.model.flops import _router
+
+    rc = _router(c)
+    return n_routed((rc.max_rate(c) if rc is not None else None) or c.capacity, c.max_seq_len)
 
 
 def check_fits_in_memory(model_cfg, where: Path) -> None:
@@ -125,14 +136,9 @@ def pico_version() -> str:
 def read_checksums(release: Path) -> dict[str, str]:
     """{file name: sha256} from a release's SHA256SUMS."""
     f = Path(release) / SUMS
-    if not f.exists():
+    if not f.exists() and not f.is_symlink():
         raise UserError(f"{release} has no {SUMS}; it is not a complete pico release (convert it again)")
-    sums: dict[str, str] = {}
-    for i, line in enumerate(_small_text(f).splitlines(), 1):
-        digest, _, name = line.partition("  ")
-        if len(digest) != 64 or not name or "/" in name or name.startswith("."):
-            raise UserError(f"{f}:{i}: malformed line {line!r} (expected '<sha256>  <file name>')")
-        sums[name] = digest
+    sums = read_sums(f, MAX_SMALL_FILE, "the release is corrupt (convert it again)")
     for need in (WEIGHTS, CONFIG):
         if need not in sums:
             raise UserError(f"{f} does not list {need}; the release is incomplete (convert it again)")
@@ -215,15 +221,8 @@ MAX_SMALL_FILE = 1 << 20  # config.json, SHA256SUMS: a few KB
 
 
 def _small_text(f: Path) -> str:
-    """A release's small text file, refused unless it is a regular file of at most MAX_SMALL_FILE bytes (a link
-    to /dev/zero or a FIFO would otherwise grow memory or hang)."""
-    if not f.is_file() or f.stat().st_size > MAX_SMALL_FILE:
-        raise UserError(f"{f} is not a regular file of at most {MAX_SMALL_FILE >> 20} MiB; the release is corrupt "
-                        "(convert it again)")
-    try:
-        return f.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{f} cannot be read ({str(e)[:200]}); the release is corrupt") from None
+    """A release's small text file (config.json), a regular file of at most MAX_SMALL_FILE bytes."""
+    return small_text(f, MAX_SMALL_FILE, "the release is corrupt (convert it again)")
 
 
 def _read_weights(f: Path, config: dict[str, Any]) -> tuple[dict, dict[str, str]]:
@@ -246,15 +245,6 @@ def _read_weights(f: Path, config: dict[str, Any]) -> tuple[dict, dict[str, str]
     if odd:
         raise UserError(f"{f}: tensors {odd[:5]} are not {config.get('dtype')} as {CONFIG} says")
     return state, meta
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", trust: bool = False):

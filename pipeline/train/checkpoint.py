@@ -24,7 +24,6 @@ when it names anything outside `SAFE_GLOBALS`, unless the user passes --trust-ch
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -42,11 +41,11 @@ import torch
 
 from pico.pipeline import dist
 from pico.configs.errors import UserError
+from pico.configs.files import SUMS, fsync, read_sums, sha256_file
 from pico.configs.runs import (DS_TAG, STATE_FILE, latest_checkpoint, list_checkpoints, read_run_state,  # noqa: F401
                                resolve_checkpoint, step_dir_name, step_of)
 
 # The numpy objects of an RNG state (pico's rank files); loaded by the weights_only unpickler.
-SUMS = "SHA256SUMS"
 _NP_CORE = getattr(np, "_core", None) or np.core  # numpy 2, numpy 1
 NUMPY_GLOBALS = [_NP_CORE.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 # What else DeepSpeed's own files name (ZeRO optimizer partitions): plain records and enums.
@@ -59,6 +58,7 @@ TRUST_HINT = ("a crafted checkpoint can run code when it is loaded; if you trust
               "--trust-checkpoint")
 
 
+MAX_SUMS_BYTES = 16 << 20  # SHA256SUMS: ~100 bytes per file, a few files per rank
 MAX_PICKLE_BYTES = 64 << 20  # a torch.save file's data.pkl (structure, no tensor bytes): KBs to MBs
 
 
@@ -72,12 +72,13 @@ def safe_load(f: Path, trust: bool = False) -> Any:
     try:
         if trust:
             return torch.load(f, map_location="cpu", weights_only=False)
+        _check_archive(f)
         with torch.serialization.safe_globals(NUMPY_GLOBALS):
             return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         check_pickles(f, trust)  # names the refused globals, if that is why
         raise UserError(f"{f} cannot be read ({_first_line(e)}); it is corrupt, use another step") from None
-    except (OSError, RuntimeError, EOFError, KeyError, ValueError) as e:
+    except (OSError, RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as e:
         raise UserError(f"{f} cannot be read ({type(e).__name__}: {_first_line(e)}); it is corrupt, "
                         "use another step") from None
 
@@ -97,10 +98,11 @@ def check_pickles(step_dir: Path, trust: bool = False) -> None:
         if f.suffix != ".pt":  # every file DeepSpeed or pico unpickles is named *.pt (checked in DeepSpeed 0.19)
             continue
         try:
+            _check_archive(f)  # before torch's scanner, which reads the whole pickle
             unsafe = sorted(set(get_unsafe_globals_in_checkpoint(f)) - SAFE_GLOBALS)
         except pickle.UnpicklingError as e:  # an opcode torch's scanner does not read (e.g. STACK_GLOBAL, INST)
             unsafe = sorted(set(pickle_globals(f)) - SAFE_GLOBALS - _torch_safe_globals()) or [f"<{_first_line(e)}>"]
-        except (OSError, RuntimeError, EOFError, ValueError) as e:
+        except (OSError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as e:
             raise UserError(f"{f} cannot be read ({type(e).__name__}: {_first_line(e)}); it is corrupt, "
                             "use another step") from None
         if unsafe:
@@ -152,15 +154,32 @@ def _globals_of_one_pickle(stream) -> list[str]:
     return names
 
 
+def _check_archive(f: Path) -> None:
+    """Refuse, unread, a torch.save archive that could inflate past what its file holds: torch.save stores
+    every member uncompressed, so a compressed one (a deflate bomb: KBs inflating to GBs) is refused, and
+    so is a pickle (`<archive>/data.pkl`, structure without tensor bytes) over MAX_PICKLE_BYTES."""
+    if not zipfile.is_zipfile(f):
+        return  # the legacy format: a plain pickle, no larger than the file
+    with zipfile.ZipFile(f) as z:
+        for info in z.infolist():
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise UntrustedCheckpoint(f"{f}: its member {info.filename} is compressed, which torch.save never "
+                                          "does (a decompression bomb's way in). Refused")
+            if _is_pickle(info.filename) and info.file_size > MAX_PICKLE_BYTES:
+                raise UntrustedCheckpoint(f"{f}: its pickle holds {info.file_size:,} bytes; a checkpoint's is KBs "
+                                          "to MBs. Refused")
+
+
+def _is_pickle(name: str) -> bool:
+    return name.count("/") == 1 and name.endswith("/data.pkl")  # the record torch reads, one folder down
+
+
 def _pickle_stream(f: Path):
-    """The pickle of a torch.save file (its zip's data.pkl), or the file itself in the legacy format."""
+    """The pickle of a torch.save file (its zip's data.pkl, checked by `_check_archive`), or the file itself
+    in the legacy format."""
     if zipfile.is_zipfile(f):
         with zipfile.ZipFile(f) as z:
-            # the record torch reads: <archive>/data.pkl, one folder down (not any name ending so)
-            name = next((n for n in z.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")), None)
-            if name and z.getinfo(name).file_size > MAX_PICKLE_BYTES:  # a deflate bomb: refuse unread
-                raise UntrustedCheckpoint(f"{f}: its pickle would inflate to {z.getinfo(name).file_size:,} bytes; "
-                                          "a checkpoint's is KBs to MBs. Refused")
+            name = next((n for n in z.namelist() if _is_pickle(n)), None)
             data = z.read(name) if name else b""  # data.pkl holds no tensor bytes: it is small
         return io.BufferedReader(io.BytesIO(data))
     return open(f, "rb")
@@ -255,7 +274,7 @@ def save(engine, ckpt_dir: Path, step: int, rank_state: dict[str, Any], run_stat
             engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
         part = tmp / f"rank{dist.rank():05d}.pt"
         torch.save(rank_state, str(part) + ".part")
-        _fsync(Path(str(part) + ".part"))
+        fsync(Path(str(part) + ".part"))
         os.replace(str(part) + ".part", part)
     except (OSError, RuntimeError) as e:  # a full disk: torch's zip writer raises RuntimeError, not OSError
         shutil.rmtree(tmp, ignore_errors=True)
@@ -269,24 +288,19 @@ def save(engine, ckpt_dir: Path, step: int, rank_state: dict[str, Any], run_stat
                                "filesystem shared by all nodes?")
         (tmp / STATE_FILE).write_text(json.dumps(run_state, indent=1, default=str))
         for f in (tmp / SUMS, tmp / STATE_FILE):
-            _fsync(f)
+            fsync(f)
         for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
-            _fsync_dir(d)
+            fsync(d)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)  # only now on disk, every file and folder of it: a crash cannot leave a
-        _fsync_dir(ckpt_dir)    # renamed step whose data was lost, with the older steps already pruned
+        fsync(ckpt_dir)    # renamed step whose data was lost, with the older steps already pruned
         # prune older steps only: a newer one is one a resume skipped as damaged, never a reason to delete
         older = [p for p in list_checkpoints(ckpt_dir) if step_of(p) < step]
         for old in older[:max(0, len(older) - (keep_last - 1))]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _write_sums(tmp: Path) -> None:
@@ -296,9 +310,9 @@ def _write_sums(tmp: Path) -> None:
     names = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file() and not p.name.startswith(SUMS))
     mine = names[dist.rank()::dist.world_size()]
     for n in mine:
-        _fsync(tmp / n)
+        fsync(tmp / n)
     part = tmp / f"{SUMS}.part{dist.rank():05d}"
-    part.write_text("".join(f"{_sha256(tmp / n)}  {n}\n" for n in mine))
+    part.write_text("".join(f"{sha256_file(tmp / n)}  {n}\n" for n in mine))
     dist.barrier()
     if dist.is_main():
         parts = sorted(tmp.glob(f"{SUMS}.part*"))
@@ -310,20 +324,22 @@ def _write_sums(tmp: Path) -> None:
 
 
 def sums_errors(step_dir: Path, rank: int = 0, world: int = 1) -> list[str]:
-    """What does not match the SHA256SUMS written at save time (this rank's share of the files).
-    Checkpoints from before pico wrote one have none, and pass."""
+    """What does not match the SHA256SUMS written at save time (this rank's share of the files), read as
+    untrusted (`configs.files.read_sums`: bounded, every path inside the step). Checkpoints from before
+    pico wrote one have none, and pass."""
     f = Path(step_dir) / SUMS
-    if not f.exists():
+    if not f.exists() and not f.is_symlink():
         return []
-    entries = [ln.split("  ", 1) for ln in f.read_text(errors="replace").splitlines()]
-    if any(len(e) != 2 or len(e[0]) != 64 for e in entries):
-        return [f"{SUMS} is damaged"]
+    try:
+        entries = sorted(read_sums(f, MAX_SUMS_BYTES, "use another step", nested=True).items())
+    except UserError as e:
+        return [str(e)]
     errors = []
-    for digest, name in entries[rank::world]:
+    for name, digest in entries[rank::world]:
         p = Path(step_dir) / name
-        if not p.is_file():
-            errors.append(f"{name} is missing")
-        elif _sha256(p) != digest:
+        if p.is_symlink() or not p.is_file():  # a FIFO or a device would hang or never end the hash
+            errors.append(f"{name} is missing or not a regular file")
+        elif sha256_file(p) != digest:
             errors.append(f"{name} does not match its sha256 in {SUMS} (altered or damaged since it was saved)")
     return errors
 
@@ -354,20 +370,6 @@ def _save_failed(ckpt_dir: Path, final: Path, tmp: Path, e: BaseException) -> st
             f"rerun with --resume, which continues from {last.name if last else 'step 0 (no checkpoint yet)'}")
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file's data, or a folder's entries, to disk (best effort: a filesystem without fsync is left as
-    it is)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-_fsync_dir = _fsync  # a folder: its entries (a rename into it) on disk
 
 
 def load_rank_state(path: Path, trust: bool = False) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """Where numbers go: `metrics.jsonl` in the run directory and a W&B run (offline by default).
 
 Only rank 0 logs. The W&B run id is kept in `<out_dir>/wandb_run_id`, so a resumed job appends
-to the same run instead of starting a new one.
+to the same run instead of starting a new one. `metrics.jsonl` holds one history: a job that
+starts at step S (its checkpoint's, or 0) moves the records of later steps, which a killed job
+logged after its last checkpoint and this one logs again, to `metrics.superseded.jsonl`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pico.pipeline import dist
 class MetricsLogger:
     """Append-only JSON lines plus W&B; both no-ops on ranks other than 0."""
 
-    def __init__(self, out_dir: Path, logging_cfg, config_dict: dict[str, Any], resume: bool):
+    def __init__(self, out_dir: Path, logging_cfg, config_dict: dict[str, Any], resume: bool, start_step: int = 0):
         self.out_dir = Path(out_dir)
         self.enabled = dist.is_main()
         self.run = None
@@ -28,6 +30,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        _supersede(self.out_dir / "metrics.jsonl", start_step if resume else None)
         self.jsonl = open(self.out_dir / "metrics.jsonl", "a", buffering=1)
         if logging_cfg.wandb_mode != "disabled":
             self.run = self._init_wandb(logging_cfg, config_dict, resume)
@@ -92,3 +95,27 @@ def _jsonable(v: Any) -> bool:
     if isinstance(v, float):
         return math.isfinite(v)
     return isinstance(v, (int, str, bool, list, dict)) or v is None
+
+
+def _supersede(path: Path, keep_through: int | None) -> None:
+    """Move the records of steps after `keep_through` (all of them when None: a run starting over) from
+    `path` to metrics.superseded.jsonl beside it. Appended there first, then `path` replaced, so a kill
+    in between repeats records but loses none."""
+    if not path.exists():
+        return
+    keep, moved = [], []
+    with open(path, errors="replace") as f:
+        for line in f:
+            try:
+                step = json.loads(line).get("step")
+            except (ValueError, AttributeError):
+                step = None
+            later = keep_through is None or not isinstance(step, (int, float)) or step > keep_through
+            (moved if later else keep).append(line if line.endswith("\n") else line + "\n")
+    if not moved:
+        return
+    with open(path.with_name("metrics.superseded.jsonl"), "a") as f:
+        f.writelines(moved)
+    tmp = path.with_name(".metrics.jsonl.tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import hashlib
 import json
 import math
 import resource
@@ -137,6 +138,41 @@ def _memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def resume_point(ckpt_dir: Path, rank: int, world: int, trust: bool) -> Path | None:
+    """The newest checkpoint that reads back on every rank; newer damaged ones are named, with the reason, and
+    skipped. A checkpoint refused as untrusted stops the run instead: it is not damage to route around.
+
+    Every rank makes the same collective calls: the ranks first agree on the listing (a stale listing on
+    one node would otherwise pair one rank's calls with another's), then on each checkpoint's verdict,
+    the worst of any rank's (0 reads back, 1 damaged in some rank's share, 2 untrusted)."""
+    found = ckpt.list_checkpoints(ckpt_dir)
+    listing = int(hashlib.sha256(" ".join(p.name for p in found).encode()).hexdigest()[:12], 16)  # exact in float64
+    if not dist.same_on_all_ranks(listing):
+        raise UserError(f"--resume: the ranks found different checkpoints under {ckpt_dir} (this rank: "
+                        f"{', '.join(p.name for p in found) or 'none'}); put checkpoint.dir on storage every node "
+                        "sees alike")
+    for path in reversed(found):
+        verdict, refusal = 0, None
+        try:
+            ckpt.check_complete(path, ckpt.read_run_state(path))
+            damage = ckpt.sums_errors(path, rank, world)  # each rank hashes its share
+            if damage:
+                raise UserError("; ".join(damage))
+            ckpt.check_pickles(path, trust)  # DeepSpeed's loader unpickles with weights_only=False
+        except ckpt.UntrustedCheckpoint as e:
+            verdict, refusal = 2, e
+        except UserError as e:
+            print(f"--resume: skipping damaged checkpoint {path.name}: {e}", file=sys.stderr)
+            verdict = 1
+        worst = dist.rank_max(verdict)
+        if worst == 2:
+            raise refusal or ckpt.UntrustedCheckpoint(f"--resume: another rank refused {path} as untrusted; "
+                                                      f"{ckpt.TRUST_HINT}")
+        if worst == 0:
+            return path
+    return None
+
+
 class Trainer:
     """Owns the engine, the loader, the loggers and the loop. Build, then `fit()`."""
 
@@ -159,7 +195,7 @@ class Trainer:
         self.bytes_seen = 0
         self.last_eval: dict[str, float] = {}
         self._corrupt_seen, self._corrupt_named = 0, []  # corrupt samples skipped so far, shards named
-        self.run_lock = _lock_run_dir(self.out_dir)  # before anything reads or writes the run directory
+        self.run_lock = _lock_run_dir(self.out_dir, self.ckpt_dir)  # before anything reads or writes either
         try:
             self._build()
         except BaseException:
@@ -175,16 +211,13 @@ class Trainer:
         from pico.pipeline.optim.build import build_optimizer
 
         cfg = self.cfg
-        start = self._resume_point() if self.resume else None
+        start = resume_point(self.ckpt_dir, self.rank, self.world, self.trust) if self.resume else None
         if not self.resume and ckpt.latest_checkpoint(self.ckpt_dir) is not None:
             raise UserError(f"{self.ckpt_dir} already holds checkpoints; pass --resume to continue that run, or "
                             "choose a new train.out_dir (or checkpoint.dir)")
         if self.resume and start is None and ckpt.list_checkpoints(self.ckpt_dir):
             raise UserError(f"--resume: every checkpoint under {self.ckpt_dir} is damaged (reasons above); move them "
                             "away to start from step 0")
-        if self.resume and not dist.same_on_all_ranks(-1 if start is None else ckpt.step_of(start)):
-            raise UserError(f"--resume: the ranks found different checkpoints under {self.ckpt_dir} (this rank: "
-                            f"{start.name if start else 'none'}); put checkpoint.dir on storage every node sees alike")
         if self.resume and start is None:
             dist.print0(f"--resume: no complete checkpoint under {self.ckpt_dir}; starting from step 0")
         if start is not None:
@@ -233,7 +266,8 @@ class Trainer:
             save_config(cfg, self.out_dir)
         from pico.pipeline.train.metrics import MetricsLogger
 
-        self.logger = MetricsLogger(self.out_dir, cfg.logging, cfg.to_dict(), resume=start is not None)
+        self.logger = MetricsLogger(self.out_dir, cfg.logging, cfg.to_dict(), resume=start is not None,
+                                    start_step=ckpt.step_of(start) if start is not None else 0)
 
     def _mix_sources(self) -> list[tuple[str, list[str], float]]:
         """(name, train shards, weight) per data.mix source; `self.val_sources` gets each one's val shards, if any."""
@@ -251,28 +285,6 @@ class Trainer:
             except UserError:
                 dist.print0(f"data.mix[{i}] ({src.name}) has no val split: it gets no val/bpb/{src.name}")
         return out
-
-    def _resume_point(self) -> Path | None:
-        """The newest checkpoint that reads back; newer damaged ones are named, with the reason, and skipped.
-
-        A checkpoint refused as untrusted stops the run instead: it is not damage to route around."""
-        for path in reversed(ckpt.list_checkpoints(self.ckpt_dir)):
-            try:
-                ckpt.check_complete(path, ckpt.read_run_state(path))
-                damage = ckpt.sums_errors(path, self.rank, self.world)  # each rank hashes its share
-                if damage:
-                    raise UserError("; ".join(damage))
-                ckpt.check_pickles(path, self.trust)  # DeepSpeed's loader unpickles with weights_only=False
-            except ckpt.UntrustedCheckpoint:
-                raise
-            except UserError as e:
-                print(f"--resume: skipping damaged checkpoint {path.name}: {e}", file=sys.stderr)
-                dist.any_rank(True)
-                continue
-            if dist.any_rank(False):  # another rank found damage in its share
-                continue
-            return path
-        return None
 
     def _check_resumable(self, path: Path) -> None:
         state = ckpt.read_run_state(path)
@@ -600,14 +612,19 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, trust: bool 
         return trainer.fit()
 
 
-def _lock_run_dir(out_dir: Path) -> contextlib.ExitStack:
+def _lock_run_dir(out_dir: Path, ckpt_dir: Path) -> contextlib.ExitStack:
     """Global rank 0 holds train.out_dir's lock for the job (configs/lock.py: one job's ranks are one
-    writer); every rank stops when it cannot, rather than wait in a collective for a rank that left."""
+    writer), and checkpoint.dir's where it lies outside it (a save clears `.tmp-step_*` debris there,
+    which another run's in-flight save would be); every rank stops when it cannot, rather than wait in a
+    collective for a rank that left."""
     stack, refused = contextlib.ExitStack(), None
     if dist.is_main():
         try:
             stack.enter_context(hold(out_dir, "pico train"))
+            if not ckpt_dir.resolve().is_relative_to(out_dir.resolve()):
+                stack.enter_context(hold(ckpt_dir, "pico train"))
         except UserError as e:
+            stack.close()
             refused = e
     if dist.any_rank(refused is not None):
         raise refused or UserError(f"{out_dir} is in use by another pico train (rank 0 names it)")

@@ -83,3 +83,19 @@ def test_resume_applies_the_configs_optimizer_settings_not_the_checkpoints(tmp_p
     # what shapes SOAP's saved preconditioners cannot change on resume: refused, not half-applied
     proc = train_run(run, tiny_shards, *common, "--train.steps=6", "--optim.merge_dims=true", "--resume", check=False)
     assert proc.returncode == 2 and "optim.merge_dims=False; its optimizer state is shaped by them" in proc.stderr
+
+
+def test_metrics_of_steps_a_job_logs_again_are_moved_aside_not_repeated(tmp_path):
+    """A job resumed at step 3 logs steps 4.. again; a job starting over logs everything again."""
+    from pico.pipeline.train.metrics import _supersede
+
+    path = tmp_path / "metrics.jsonl"
+    old = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6)]
+    path.write_text("".join(old) + '{"step": 6, "lo')  # the killed job's last line, cut short
+    _supersede(path, 3)
+    assert path.read_text() == "".join(old[:3])
+    assert (tmp_path / "metrics.superseded.jsonl").read_text() == "".join(old[3:]) + '{"step": 6, "lo\n'
+    _supersede(path, 3)  # nothing later: untouched
+    assert path.read_text() == "".join(old[:3])
+    _supersede(path, None)
+    assert path.read_text() == "" and (tmp_path / "metrics.superseded.jsonl").read_text().count("\n") == 6

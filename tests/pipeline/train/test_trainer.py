@@ -122,6 +122,9 @@ def test_resume_after_kill9_is_bit_exact(tmp_path, tiny_shards):
     train_run(killed, tiny_shards, *common, "--resume")
     a, b = metrics(ref), metrics(killed)
     assert sorted(a) == sorted(b) == list(range(1, 15))
+    # one history: what the killed job logged past its step-8 checkpoint was moved aside, not repeated
+    rows = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 15))
     for step in range(9, 15):
         assert a[step]["loss"] == b[step]["loss"], (step, a[step]["loss"], b[step]["loss"])
 
