@@ -373,7 +373,10 @@ def _start_or_resume(store: Store, cfg: PrepConfig, plan: dict) -> bool:
     if old is not None:
         if old == plan:
             return True
-        changed = sorted(k for k in plan["options"] if plan["options"][k] != old["options"].get(k))
+        if any(len(f) != 3 for unit in old.get("units") or [] for f in unit):
+            raise UserError(f"{store.display()} holds an unfinished job of an older pico prep, which named documents "
+                            "by their local path; pass --overwrite to start it over")
+        changed = sorted(k for k in plan["options"] if plan["options"][k] != old.get("options", {}).get(k))
         what = f"options ({', '.join(changed)})" if changed else "input files"
         raise UserError(f"{store.display()} holds an unfinished job with other {what}. "
                         "Rerun with the same inputs and options to resume it, or pass --overwrite to start over.")

@@ -503,6 +503,16 @@ def test_a_manifest_naming_a_shard_outside_its_folder_is_refused(capsys, release
             "'../../secret.tar' is not train-NNNNNN.tar")
 
 
+def test_a_manifest_past_its_bound_is_refused_whatever_size_the_store_reports(capsys, release, tmp_path, monkeypatch):
+    from pico.pipeline.data import loader
+
+    monkeypatch.setattr(loader, "MAX_MANIFEST_BYTES", 1 << 10)  # stands for 64 MiB: read that far, no further
+    shards = write_train_only_shards(tmp_path / "shards")
+    (shards / "manifest.json").write_text(json.dumps({"version": 1, "shards": [], "pad": "x" * 2048}))
+    refused(capsys, ["eval", "--model", str(release), "--data", str(shards)], "manifest.json is not a valid manifest",
+            "over 1,024 bytes")
+
+
 def test_a_config_of_nested_aliases_is_one_line_not_gigabytes(capsys, tmp_path):
     """391 bytes of aliases nine levels deep stand for 9**9 strings: refused before any walk writes them out."""
     levels = ["&a [x, x, x, x, x, x, x, x, x]"] + [f"&{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]"

@@ -304,6 +304,11 @@ def test_an_unfinished_job_resumes_only_with_the_same_options(ray_local, tmp_pat
     (src / "b.txt").write_bytes(b"new file")
     with pytest.raises(UserError, match="unfinished job with other input files"):
         prepare([str(src)], out, **QUIET)
+    plan = Path(out) / "_work" / "plan.json"  # as the pico prep before portable names wrote it: [url, size]
+    old = json.loads(plan.read_text())
+    plan.write_text(json.dumps({**old, "units": [[f[:2] for f in unit] for unit in old["units"]]}))
+    with pytest.raises(UserError, match="unfinished job of an older pico prep.*--overwrite"):
+        prepare([str(src)], out, **QUIET)
     m = prepare([str(src)], out, overwrite=True, **QUIET)
     assert m["documents"] == {"read": 3, "written": 2, "deduplicated": 0, "empty": 0, "failed": 1}
 
