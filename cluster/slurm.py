@@ -67,6 +67,30 @@ class Job:
         return self.log_dir / f"{self.name}.sbatch"
 
 
+# A Slurm job name, partition list, account, qos, memory or time: what goes into an #SBATCH line unquoted by
+# sbatch's own reader. A newline there would end the header (sbatch stops at the first non-#SBATCH line)
+# and run the rest as a command.
+_SLURM_WORD = re.compile(r"^[A-Za-z0-9._,:+@-]+$")
+
+
+def check_script_values(name: str, res: Resources, paths: dict[str, object]) -> None:
+    """Refuse a value that would change what the batch script says: a name or Slurm option outside
+    `_SLURM_WORD`, a path with a control character (a line break ends a comment or a header line) or a
+    `%` (Slurm expands it in --output and --chdir)."""
+    for key, value in (("job name (--name, by default from train.out_dir)", name),
+                       ("--partition (cluster.partition)", res.partition), ("--account (cluster.account)", res.account),
+                       ("--qos (cluster.qos)", res.qos), ("--mem (cluster.mem)", res.mem),
+                       ("--time (cluster.time)", res.time)):
+        if value and not _SLURM_WORD.match(str(value)):
+            raise UserError(f"{key}={str(value)[:80]!r}: Slurm names, memory and times hold only letters, digits and "
+                            "._,:+@-; choose one without spaces, slashes or line breaks")
+    for key, value in paths.items():
+        text = str(value)
+        if "%" in text or any(ord(c) < 32 or ord(c) == 127 for c in text):
+            raise UserError(f"{key} {text[:120]!r} holds a control character or a %, which the batch script or "
+                            "Slurm's file patterns would read as something else; choose a plain path")
+
+
 def sbatch_lines(job: Job, res: Resources, output: str = "%x-%j.out") -> list[str]:
     """The #SBATCH header: one launcher task per node, GPUs per node, requeue and warning signal."""
     opts = [f"--job-name={job.name}", f"--nodes={res.nodes}", "--ntasks-per-node=1",
@@ -94,6 +118,8 @@ def env_lines(res: Resources) -> list[str]:
 
 def render(job: Job, res: Resources) -> str:
     """The complete sbatch script."""
+    check_script_values(job.name, res, {"train.out_dir": job.out_dir, "the working directory": job.workdir,
+                                        "the config": job.config, "python": job.python})
     template = resources.files("pico.cluster").joinpath("templates/train.sbatch").read_text()
     values = {
         "script": shlex.quote(str(job.script)), "sbatch": "\n".join(sbatch_lines(job, res)),
@@ -129,6 +155,9 @@ class ArrayJob:
 
 def render_array(job: ArrayJob, res: Resources) -> str:
     """The sbatch script of an array job: task i runs line i of the tasks file; a warned task requeues itself."""
+    check_script_values(job.name, res, {"the log directory": job.log_dir, "the working directory": job.workdir,
+                                        "the tasks file": job.tasks,
+                                        **{f"command word {i}": w for i, w in enumerate(job.command)}})
     template = resources.files("pico.cluster").joinpath("templates/array.sbatch").read_text()
     throttle = f"%{job.max_parallel}" if job.max_parallel else ""
     header = sbatch_lines(Job(name=job.name, config=job.tasks, out_dir=job.log_dir.parent, workdir=job.workdir), res,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -402,7 +403,7 @@ def _parse_scalar(raw: str) -> Any:
     """YAML scalar parsing, plus the numbers YAML 1.1 leaves as strings (`3e-4`, `1e6`)."""
     if raw == "":
         return ""
-    value = yaml.safe_load(raw)
+    value = yaml.load(raw, Loader=YamlLoader)
     if isinstance(value, str):
         for conv in (int, float):
             try:
@@ -441,6 +442,23 @@ def resolve_config_path(path: str | os.PathLike) -> Path:
                       f"({', '.join(sorted(q.stem for q in packaged_config('quickstart').parent.glob('*.yaml')))})")
 
 
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe YAML 1.1 without base-60 numbers: `time: 48:00:00` stays the string it looks like
+    (YAML 1.1 reads it as 172800, which Slurm would take as minutes: 120 days)."""
+
+
+YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?
+    |\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+YamlLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"""^(?:[-+]?0b[0-1_]+
+    |[-+]?0[0-7_]+
+    |[-+]?(?:0|[1-9][0-9_]*)
+    |[-+]?0x[0-9a-fA-F_]+)$""", re.X), list("-+0123456789"))
+
 MAX_YAML_BYTES = 4 << 20
 MAX_YAML_VALUES = 1_000_000
 
@@ -454,7 +472,7 @@ def read_yaml(path: Path) -> Any:
         if not path.is_file() or size > MAX_YAML_BYTES:
             raise ConfigError(f"{path}: not a regular file of at most {MAX_YAML_BYTES >> 20} MiB; a YAML file "
                               "of pico's is a few KB")
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=YamlLoader)
     except ConfigError:
         raise
     except yaml.YAMLError as e:

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from pico.cluster.cli import main
 
 DATA = Path(__file__).parent / "data"
@@ -59,3 +61,22 @@ def test_cpu_job_uses_gloo_settings(tmp_path, monkeypatch, capsys):
     assert "--gpus-per-node" not in script and "NCCL" not in script
     assert "--nproc_per_node=2" in script
     assert "not estimated for CPU ranks" in plan
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--partition", "gpu\ntouch pwned #"], "--partition (cluster.partition)='gpu\\ntouch pwned #'"),
+    (["--qos", "high;touch pwned"], "--qos (cluster.qos)"),
+    (["--name", "team/run1"], "job name (--name, by default from train.out_dir)='team/run1'"),
+    (["--", "--train.out_dir=runs/a\ntouch pwned"], "train.out_dir"),
+    (["--", "--train.out_dir=runs/100%/a"], "holds a control character or a %"),
+])
+def test_values_that_would_change_the_script_are_refused(tmp_path, monkeypatch, capsys, extra, says):
+    """A line break in an #SBATCH value ends the header there and runs the rest as a command."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SLURM_CONF", raising=False)
+    from pico.pipeline.cli import main as pico
+
+    assert pico(["submit", "slurm", "--config", str(DATA / "pico-4x8.yaml"), "--dry-run", *extra]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "runs").exists()

@@ -45,6 +45,16 @@ def test_dotted_override_applies_and_types():
     assert cfg.optim.lr == 3e-4 and cfg.model.router == "none" and cfg.train.steps == 7
 
 
+def test_a_time_is_the_string_it_looks_like_not_a_base_60_number(tmp_path):
+    """YAML 1.1 reads 48:00:00 as 172800, which Slurm would take as minutes (120 days)."""
+    (tmp_path / "c.yaml").write_text("cluster:\n  time: 48:00:00\n")
+    assert load_config(tmp_path / "c.yaml").cluster.time == "48:00:00"
+    assert load_config("quickstart", ["--cluster.time=2:30:00"]).cluster.time == "2:30:00"
+    assert load_config("quickstart", ["--train.steps=0x10", "--optim.lr=1e-3"]).train.steps == 16  # other numbers stay
+    with pytest.raises(ConfigError, match="train.steps"):
+        load_config("quickstart", ["--train.steps=1:30"])
+
+
 def test_unknown_key_names_key_and_lists_valid_ones():
     with pytest.raises(ConfigError) as e:
         load_config("quickstart", ["--optim.learning_rate=1"])
