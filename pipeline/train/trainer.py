@@ -191,6 +191,7 @@ class Trainer:
         if cfg.train.precision == "bf16" and self.device.type == "cpu":
             dist.print0("note: train.precision=bf16 on CPU runs fp32 (bf16 matmuls are ~300x slower on CPU)")
         self.preemption = _Preemption()
+        self.preemption.install()  # from the start: a stop while building (resume scan, DeepSpeed) still exits 75
         self.step = 0
         self.bytes_seen = 0
         self.last_eval: dict[str, float] = {}
@@ -469,7 +470,6 @@ class Trainer:
         from pico.pipeline.optim.build import lr_at, set_lr
 
         cfg = self.cfg
-        self.preemption.install()
         peak, peak_kind = _peak_flops(self.device)
         bytes_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.train.grad_accum * self.world
         it = iter(self.loader)
@@ -477,9 +477,13 @@ class Trainer:
         window_t, window_steps, rates = time.perf_counter(), 0, []
         bar = _progress(self.progress, cfg.train.steps, self.step)
         exit_reason = "completed"
+        if self.step < cfg.train.steps and dist.any_rank(self.preemption.requested):  # stopped while building
+            exit_reason = "preempted"
+            dist.print0(f"received {self.preemption.signal_name or 'a stop signal'} before the first step: nothing "
+                        "new to save; rerun with --resume")
         dist.print0(f"training {self.n_params / 1e6:.2f}M parameters, {self.flops_per_byte / 1e6:.2f} MFLOP/byte, "
                     f"{self.world} rank(s) on {self.device.type}, ZeRO-{cfg.train.zero_stage}, {cfg.optim.name}")
-        while self.step < cfg.train.steps:
+        while self.step < cfg.train.steps and exit_reason != "preempted":
             lr = lr_at(self.step, cfg.optim, cfg.train.steps)
             set_lr(self.optimizer, lr)  # times each param group's stage scale (optim.lr_scale_*)
             losses, heads, stats, grad_norm, bad = [], [], {}, None, False
@@ -542,9 +546,9 @@ class Trainer:
                 window_t, window_steps = time.perf_counter(), 0
             if bar is not None:
                 bar.update(1)
-            preempted = dist.any_rank(self.preemption.requested)
             last = self.step == cfg.train.steps
-            if self.step % cfg.train.eval_every == 0 or last:
+            preempted = dist.any_rank(self.preemption.requested) and not last  # the last step: just finish
+            if (self.step % cfg.train.eval_every == 0 and not preempted) or last:  # the warning's time is the save's
                 t0 = time.perf_counter()
                 result = self.evaluate()
                 self.logger.log(self.step, {f"val/{k}": v for k, v in result.items()})
@@ -554,6 +558,8 @@ class Trainer:
                 t0 = time.perf_counter()
                 self.save()
                 window_t += time.perf_counter() - t0
+                # a stop that arrived during the save: this checkpoint is the current step, stop on it
+                preempted = preempted or (not last and dist.any_rank(self.preemption.requested))
             if preempted:
                 exit_reason = "preempted"
                 dist.print0(f"received {self.preemption.signal_name or 'a stop signal'}: checkpoint saved at step "
