@@ -1,4 +1,5 @@
-"""File helpers shared by checkpoints and releases: fsync, sha256, SHA256SUMS, small untrusted text files.
+"""File helpers shared by checkpoints and releases: fsync, sha256, SHA256SUMS, small untrusted text files,
+and strict JSON (what `--json` prints: NaN and infinities are not JSON).
 
 Without torch, like the rest of `pico.configs`. A SHA256SUMS file (`sha256sum -c` reads it) lists
 `<sha256>  <relative path>` per line; one a user hands pico is read as untrusted: a regular file of
@@ -8,12 +9,17 @@ bounded size, every path inside the folder it describes.
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
+import re
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from pico.configs.errors import UserError
 
 SUMS = "SHA256SUMS"
+CREDENTIALS = re.compile(r"\b([a-z][a-z0-9+.-]*://)[^/@\s]*@", re.I)  # a URL's user:password@ (sub r"\1")
 
 
 def fsync(path: Path) -> None:
@@ -59,3 +65,37 @@ def read_sums(f: Path, limit: int, fix: str, nested: bool = False) -> dict[str, 
             raise UserError(f"{f}:{i}: malformed line {line[:200]!r} (expected '<sha256>  <file name>'); {fix}")
         sums[name] = digest
     return sums
+
+
+def strict_json(obj, **kwargs) -> str:
+    """json.dumps with every non-finite float as null (`--json` output must parse anywhere) and anything
+    else JSON lacks as its str()."""
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+    return json.dumps(clean(obj), default=str, allow_nan=False, **kwargs)
+
+
+def public_paths(paths: Any) -> Any:
+    """Data paths as a shared artefact (a release, a W&B run) may show them: a URL without its user:password@,
+    query or fragment (a signed URL's key), a relative path as it is, an absolute or home-relative local
+    path as its last component (the machine's layout is nobody's business). Lists, and dicts' values, too."""
+    if paths is None:
+        return None
+    if isinstance(paths, (list, tuple)):
+        return [public_paths(p) for p in paths]
+    if isinstance(paths, dict):
+        return {k: public_paths(v) for k, v in paths.items()}
+    if not isinstance(paths, str):
+        return paths
+    p = paths.removeprefix("file://")
+    if "://" in p:
+        return CREDENTIALS.sub(r"\1", p).split("?", 1)[0].split("#", 1)[0]
+    if not (p.startswith(("/", "~")) or (len(p) > 1 and p[1] == ":")):
+        return p
+    return Path(p.rstrip("/\\")).name or p

@@ -32,6 +32,8 @@ from typing import Callable, Iterator
 
 import zstandard
 
+from pico.configs.files import CREDENTIALS
+
 BLOCK = 1 << 20
 COMPRESSED = (".gz", ".zst", ".zstd", ".xz", ".bz2")
 JSONL = (".jsonl", ".ndjson")
@@ -53,9 +55,9 @@ MAX_LINE_BYTES = 256 << 20
 # zstd's largest expansion per input byte (an RLE block: 4 bytes -> 128 KiB); ZstdReader feeds its
 # decompressor slices small enough that one call cannot produce more than SLICE * ZSTD_MAX_RATIO.
 ZSTD_MAX_RATIO, ZSTD_SLICE = 1 << 15, 1024
-# What portable_text rewrites: a URL's user:password@, and an absolute local path (one that starts a word,
-# so not a URL's /bucket/key nor a name's sub/folder), up to a space, quote, bracket or separator.
-_CREDENTIALS = re.compile(r"\b([a-z][a-z0-9+.-]*://)[^/@\s]*@", re.I)
+# What portable_text rewrites besides a URL's user:password@ (configs.files.CREDENTIALS): an absolute local
+# path (one that starts a word, so not a URL's /bucket/key nor a name's sub/folder), up to a space, quote,
+# bracket or separator.
 _ABSOLUTE = re.compile(r"(?<![\w:/.~-])/[^\s'\"();,/][^\s'\"();,]*")
 
 
@@ -176,7 +178,7 @@ def portable_input(pattern: str) -> str:
     """An --input as a shared artefact (the manifest) records it: a URL without credentials, a local path
     from the folder that holds it (`novels` for `/data/corpus/novels`, the prefix its files' names drop)."""
     if is_url(pattern):
-        return _CREDENTIALS.sub(r"\1", pattern)
+        return CREDENTIALS.sub(r"\1", pattern)
     return _relative(_plain(pattern), _name_base(pattern))
 
 
@@ -194,7 +196,7 @@ def portable_text(text: str, patterns: list[str]) -> str:
         path = m.group(0)
         base = next((b for b in bases if path.startswith(b + "/")), None)
         return path[len(base) + 1:] if base else ".../" + os.path.basename(path.rstrip("/"))
-    return _ABSOLUTE.sub(name, _CREDENTIALS.sub(r"\1", text))
+    return _ABSOLUTE.sub(name, CREDENTIALS.sub(r"\1", text))
 
 
 def _relative(url: str, base: str) -> str:

@@ -112,7 +112,10 @@ class ModelConfig:
         need(self.max_seq_len >= 2, "max_seq_len must be >= 2")
         need(math.isfinite(self.return_init) and self.return_init > 0,
              f"model.return_init={self.return_init} must be a finite number > 0 (1.0 = the plain RMSNorm init)")
-        need(self.mtp_mlp_ratio > 0, f"mtp_mlp_ratio={self.mtp_mlp_ratio} must be > 0")
+        need(self.mlp_ratio > 0 and self.mtp_mlp_ratio > 0,
+             f"mlp_ratio={self.mlp_ratio} and mtp_mlp_ratio={self.mtp_mlp_ratio} must be > 0")
+        need(math.isfinite(self.norm_eps) and self.norm_eps > 0, f"model.norm_eps={self.norm_eps} must be a number > 0")
+        need(math.isfinite(self.init_std) and self.init_std > 0, f"model.init_std={self.init_std} must be a number > 0")
         need(all(isinstance(n, int) and 2 <= n <= MAX_NGRAM for n in self.ngram_orders)
              and len(set(self.ngram_orders)) == len(self.ngram_orders),
              f"model.ngram_orders={self.ngram_orders} must be distinct orders in 2..{MAX_NGRAM} (an n-gram of n bytes), "
@@ -122,6 +125,8 @@ class ModelConfig:
         need(0.0 <= self.chunk_cap <= 1.0, f"model.chunk_cap={self.chunk_cap} must be in [0, 1] (0 = 2 x capacity)")
         if self.router != NO_ROUTER:
             need(self.n_latent > 0, f"router={self.router} needs n_latent > 0 (or set router: none)")
+            need(self.n_latent_heads > 0 and self.n_latent_kv_heads > 0,
+                 "n_latent_heads and n_latent_kv_heads must be positive")
             need(self.n_latent_heads % self.n_latent_kv_heads == 0,
                  f"n_latent_kv_heads={self.n_latent_kv_heads} must divide n_latent_heads={self.n_latent_heads}")
             need(self.d_latent % self.n_latent_heads == 0,

@@ -947,7 +947,8 @@ def causal_topk_agreement(model: Pico, seqs: list[list[int]]) -> float | None:
 
     Top-k routes ceil(capacity * T) positions of a sequence of T, so sequences are scored in
     groups of equal length, one forward pass per group; a sequence longer than max_seq_len is
-    scored on its last max_seq_len ids."""
+    scored on its last max_seq_len ids. Runs in eval mode: a model in train mode would move its learned
+    routers' running cut-off (a buffer the checkpoint keeps) toward the generated text."""
     by_len: dict[int, list[list[int]]] = {}
     for s in seqs:
         s = s[-model.cfg.max_seq_len:]
@@ -955,8 +956,13 @@ def causal_topk_agreement(model: Pico, seqs: list[list[int]]) -> float | None:
             by_len.setdefault(len(s), []).append(s)
     agree = n = 0.0
     dev = next(model.parameters()).device
-    for T, group in by_len.items():
-        out = model(torch.tensor(group, device=dev), routing="topk")
-        agree += out.stats["causal_agreement"] * T * len(group)
-        n += T * len(group)
+    training = model.training
+    model.eval()
+    try:
+        for T, group in by_len.items():
+            out = model(torch.tensor(group, device=dev), routing="topk")
+            agree += out.stats["causal_agreement"] * T * len(group)
+            n += T * len(group)
+    finally:
+        model.train(training)
     return agree / n if n else None

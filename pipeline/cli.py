@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(module, "main"):  # a command with its own sub-verbs (`pico prep verify DST`)
         try:
             return int(module.main(argv[1:]) or 0)
+        except KeyboardInterrupt:
+            print("pico: interrupted", file=sys.stderr)
+            return 130
         except (UserError, ConfigError) as e:
             print(f"pico {name}: error: {e}", file=sys.stderr)
             return 2

@@ -44,14 +44,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def pick_device(requested: str) -> torch.device:
-    """'auto' -> this rank's CUDA device when there is one, else CPU."""
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
-        torch.cuda.set_device(local_rank())
-        return torch.device("cuda", local_rank())
-    return torch.device("cpu")
+def pick_device(requested: str, what: str = "train.device") -> torch.device:
+    """'auto' -> this rank's CUDA device when there is one, else CPU; 'cuda' -> this rank's, 'cuda:N' -> that
+    one, 'cpu'. Anything else, or CUDA where none is visible, is a UserError naming `what`."""
+    from pico.configs.errors import UserError
+
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise UserError(f"{what}={requested!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise UserError(f"{what}={requested!r}: pico runs on cpu or cuda")
+    if not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"{what}={requested}: no such CUDA device is visible ({torch.cuda.device_count()} are); "
+                        "use cpu or auto")
+    if device.index is None:
+        device = torch.device("cuda", local_rank())
+    torch.cuda.set_device(device)
+    return device
 
 
 def init(device: torch.device) -> None:

@@ -585,3 +585,17 @@ def test_a_compressed_checkpoint_member_is_refused_before_anything_inflates_it(c
             dst.writestr(info.filename, src.read(info))
     refused(capsys, ["convert", str(step), str(tmp_path / "rel")], "mp_rank_00_model_states.pt: its member",
             "is compressed", "Refused")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("argv, says", [
+    (["eval", "--data", "x.txt", "--batch-size", "0"], "--batch-size 0: must be >= 1"),
+    (["eval", "--data", "x.txt", "--max-batches", "-1"], "--max-batches -1: must be >= 0"),
+    (["eval", "--data", "x.txt", "--seq-len", "100000"], "--seq-len 100000 is longer than the model's context"),
+    (["eval", "--data", "x.txt", "--device", "cuda"], "--device=cuda: no such CUDA device is visible"),
+    (["generate", "--prompt", "a", "--device", "gpu"], "--device='gpu' is not a device"),
+])
+def test_eval_and_generate_settings_that_cannot_work_are_one_line(capsys, release, tmp_path, argv, says):
+    (tmp_path / "x.txt").write_text("some text to score")
+    argv = [a.replace("x.txt", str(tmp_path / "x.txt")) for a in argv]
+    refused(capsys, [argv[0], "--model" if argv[0] == "generate" else "--checkpoint", str(release), *argv[1:]], says)

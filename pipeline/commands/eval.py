@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from pico.configs.errors import UserError
+from pico.configs.files import strict_json
 from pico.configs.runs import TRUST_HELP
 from pico.pipeline import dist
 from pico.pipeline.data.eval_packing import text_file_batches
@@ -48,8 +49,15 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from pico.pipeline.release.load import load_model
 
-    device = dist.pick_device(args.device)
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--seq-len", args.seq_len, 0),
+                             ("--max-batches", args.max_batches, 0)):
+        if value < low:
+            raise UserError(f"{flag} {value}: must be >= {low}")
+    device = dist.pick_device(args.device, "--device")
     model, info = load_model(args.checkpoint, device, trust=args.trust_checkpoint)
+    if args.seq_len > model.cfg.max_seq_len:
+        raise UserError(f"--seq-len {args.seq_len} is longer than the model's context (max_seq_len="
+                        f"{model.cfg.max_seq_len}); use at most that, or leave it out")
     seq_len = args.seq_len or model.cfg.max_seq_len
     extra = model.cfg.n_predict
     is_shards = all(str(d).startswith("s3://") or d.endswith(".tar") or Path(d).is_dir() or "*" in d for d in args.data)
@@ -72,8 +80,7 @@ def _run(args: argparse.Namespace) -> int:
     result = evaluate(model, batches, device, routing=args.routing)
     result = {"model": str(args.checkpoint), "source": info.get("kind"), "routing": args.routing, **result}
     if args.json:  # a head with nothing to score (a 1-byte file) is null: NaN is not JSON
-        print(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
-                          for k, v in result.items()}, allow_nan=False))
+        print(strict_json(result))
     else:
         print(f"bits per byte: {result['bpb']:.4f} over {result['bytes']:,} bytes "
               f"({args.routing} routing)", file=sys.stderr)

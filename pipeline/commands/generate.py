@@ -109,9 +109,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--raw and --json are exclusive: choose raw bytes or one JSON object")
     prompts = read_prompts(args)
     from pico.model.generate import generate
+    from pico.pipeline import dist
     from pico.pipeline.release.load import load_model
 
-    model, info = load_model(args.model, args.device, trust=args.trust_checkpoint)
+    model, info = load_model(args.model, dist.pick_device(args.device, "--device"), trust=args.trust_checkpoint)
     if args.context is not None and args.context > model.cfg.max_seq_len:  # before any cache is sized by it
         raise UserError(f"--context {args.context}: this model supports at most {model.cfg.max_seq_len} bytes "
                         "(model.max_seq_len, the longest history training showed); pass at most that, or leave "

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pico.configs.errors import UserError
+from pico.configs.files import strict_json
 
 ACCEPTS_OVERRIDES = True
 EPILOG = ("Config overrides after the options change the training run, e.g. --train.steps=100 --model.capacity=0.25.\n"
@@ -106,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
                          val_fraction=args.val_fraction,
                          overrides=getattr(args, "overrides", None))
     if args.json:
-        print(json.dumps(summary, default=str))
+        print(strict_json(summary))
     else:
         print_summary(summary)
     return 0

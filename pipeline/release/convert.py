@@ -44,7 +44,7 @@ from pico.configs.errors import UserError
 from pico.configs.runs import TRUST_HELP
 from pico.pipeline.release import hf
 from pico.pipeline.release.files import canonical_json, model_card, write_safetensors
-from pico.configs.files import SUMS, fsync, sha256_file
+from pico.configs.files import SUMS, fsync, public_paths, sha256_file
 from pico.pipeline.release.load import (CARD, CONFIG, DTYPES, FORMAT, FORMAT_VERSION, WEIGHTS, checksum_errors,
                                         load_release, parse_model_config, pico_version, read_checksums)
 
@@ -336,21 +336,10 @@ def training_record(model_cfg, run_state: dict[str, Any], step_dir: Path) -> dic
         **{k: run_state.get(k) for k in ("step", "bytes_seen", "world_size", "zero_stage", "optimizer")},
         "n_params": param_count(model_cfg),  # parameters only (the state also holds buffers)
         "flops_per_byte": {"training": flops_per_byte(model_cfg, True), "inference": flops_per_byte(model_cfg, False)},
-        "data": {"train": _public_paths(data.get("train")), "val": _public_paths(data.get("val")),
+        "data": {"train": public_paths(data.get("train")), "val": public_paths(data.get("val")),
                  "seq_len": data.get("seq_len")},
         "eval": run_state.get("eval") or {},
     }
-
-
-def _public_paths(paths: Any) -> Any:
-    """Data paths as a release may show them: URLs (s3://...) and relative paths as they are, an
-    absolute or home-relative local path as its last component (the machine's layout is nobody's business)."""
-    if paths is None or isinstance(paths, (list, tuple)):
-        return None if paths is None else [_public_paths(p) for p in paths]
-    p = str(paths).removeprefix("file://")
-    if "://" in p or not (p.startswith(("/", "~")) or (len(p) > 1 and p[1] == ":")):
-        return p
-    return Path(p.rstrip("/\\")).name or p
 
 
 def _fsync_tree(folder: Path) -> None:

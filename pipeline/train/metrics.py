@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pico.configs.files import public_paths
 from pico.pipeline import dist
 
 
@@ -44,8 +45,11 @@ class MetricsLogger:
         os.environ.setdefault("WANDB_SILENT", "true")
         return wandb.init(
             project=cfg.project, entity=cfg.entity or None, name=cfg.run_name or self.out_dir.name,
-            id=run_id, resume="allow", mode=cfg.wandb_mode, dir=str(self.out_dir), config=config_dict,
-            settings=wandb.Settings(console="off", x_disable_stats=True, disable_git=True, quiet=True),
+            # W&B shares the config: data and run paths as a release shows them (no local layout, no URL keys)
+            id=run_id, resume="allow", mode=cfg.wandb_mode, dir=str(self.out_dir), config=public_paths(config_dict),
+            # no host metadata either: it records the command line, local paths included
+            settings=wandb.Settings(console="off", x_disable_stats=True, x_disable_meta=True, disable_git=True,
+                                    quiet=True),
         )
 
     @property

@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import functools
 import hashlib
-import json
 import math
 import resource
 import signal
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 
 from pico.configs.errors import UserError
+from pico.configs.files import strict_json
 from pico.configs.lock import hold
 from pico.configs.runs import TRUST_HELP
 from pico.configs.tree import Config, describe_config, load_config, save_config
@@ -190,6 +190,10 @@ class Trainer:
         self.autocast_dtype = torch.bfloat16 if (cfg.train.precision == "bf16" and self.device.type == "cuda") else None
         if cfg.train.precision == "bf16" and self.device.type == "cpu":
             dist.print0("note: train.precision=bf16 on CPU runs fp32 (bf16 matmuls are ~300x slower on CPU)")
+        if cfg.data.seq_len < cfg.model.max_seq_len:
+            dist.print0(f"note: data.seq_len={cfg.data.seq_len} < model.max_seq_len={cfg.model.max_seq_len}: decoding and "
+                        "causal eval use contexts (and routing caps) up to max_seq_len, longer than any training "
+                        "sequence; set model.max_seq_len to data.seq_len unless that is meant")
         self.preemption = _Preemption()
         self.preemption.install()  # from the start: a stop while building (resume scan, DeepSpeed) still exits 75
         self.step = 0
@@ -230,6 +234,11 @@ class Trainer:
         self.mix = self._mix_sources() if cfg.data.mix else None
         self.train_shards = ([u for _, src, w in self.mix if w > 0 for u in src] if self.mix
                              else resolve_shards(cfg.data.train, "train"))
+        listing = hashlib.sha256("\n".join(self.train_shards).encode()).hexdigest()[:12]
+        if not dist.same_on_all_ranks(int(listing, 16)):  # else the ranks' slots overlap or miss shards, silently
+            raise UserError(f"the ranks found different train shards (this rank: {len(self.train_shards)}, listing "
+                            f"{listing}); a glob taken while pico prep was writing, or storage the nodes see "
+                            "differently: rerun once every node sees the finished shards")
         if not cfg.data.val and self.mix:
             self.val_shards = [u for shards in self.val_sources.values() for u in shards]
             if not self.val_shards:
@@ -660,5 +669,5 @@ def run(args: argparse.Namespace) -> int:
     summary = train(cfg, resume=args.resume, progress=not args.no_progress, trust=args.trust_checkpoint)
     dist.shutdown()
     if args.json and dist.is_main():
-        print(json.dumps(summary, default=str))
+        print(strict_json(summary))
     return EXIT_PREEMPTED if summary["status"] == "preempted" else 0

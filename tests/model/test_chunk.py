@@ -247,6 +247,8 @@ def test_flops_report_capacity_cap_and_measured_rate():
     ("--model.chunk_cap=0.1", "model.chunk_cap"), ("--model.chunk_cap=1.5", "model.chunk_cap"),
     ("--model.return_init=0", "model.return_init"), ("--model.return_init=-1", "model.return_init"),
     ("--model.dechunk_skip=linear", "model.dechunk_skip"),  # retired: refused, naming the key
+    ("--model.mlp_ratio=0", "mlp_ratio=0"), ("--model.norm_eps=0", "model.norm_eps"),
+    ("--model.init_std=-0.02", "model.init_std"), ("--model.n_latent_heads=0", "n_latent_heads"),
 ])
 def test_bad_chunk_options_name_the_key(override, key):
     from pico.configs.errors import ConfigError

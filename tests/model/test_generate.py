@@ -570,6 +570,17 @@ def test_top_p_and_draws_follow_their_definitions(scale):
     assert stat < int(keep.sum()) + 4 * (2 * int(keep.sum())) ** 0.5, stat
 
 
+@pytest.mark.parametrize("router", ["learned", "entropy"])
+def test_generation_leaves_a_model_in_train_mode_as_it_was(router):
+    """Reporting routing agreement ran a top-k forward; in train mode it moved the learned routers' running
+    cut-off (a buffer every checkpoint keeps) toward the generated text."""
+    model = tiny(router).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    generate(model, [b"hello world ", b"ab"], 20)
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_sampling_is_reproducible_with_a_seed():
     model = tiny("learned")
     a = generate(model, [b"ab", b""], 20, temperature=0.8, top_p=0.95, seed=7)

@@ -209,6 +209,20 @@ def test_generate_past_the_context_warns_once(hf_dir):
     assert len(ours) == 1 and "pico generate" in str(ours[0].message)
 
 
+def test_generate_takes_the_prompt_every_way_transformers_does(hf_dir):
+    import torch
+
+    model, tok = load(hf_dir), tokenizer(hf_dir)
+    ids = tok("The ", return_tensors="pt")["input_ids"]
+    want = model.generate(ids, max_new_tokens=6)
+    assert torch.equal(model.generate(inputs=ids, max_new_tokens=6), want)
+    assert torch.equal(model.generate(input_ids=ids, max_new_tokens=6), want)
+    with pytest.raises(ValueError, match="empty input_ids"):
+        model.generate(ids[:, :0], max_new_tokens=2)
+    with pytest.raises(ValueError, match="does not fit the model's context"):
+        model.generate(inputs=torch.full((1, 64), 65), max_new_tokens=2)
+
+
 def test_generate_feeds_one_new_byte_per_step(hf_dir):
     """The decoder path is incremental: a prefill of the prompt, then one id per forward pass."""
     model, tok = load(hf_dir), tokenizer(hf_dir)

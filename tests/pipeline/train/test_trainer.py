@@ -183,6 +183,12 @@ def test_wandb_offline_run_holds_metrics_and_routing_picture(tmp_path, tiny_shar
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert list(runs[0].glob("*.wandb")) and list(runs[0].glob("*.wandb"))[0].stat().st_size > 0
+    # what W&B uploads (the run's records and files) names no local path: the config's data and run paths by
+    # name, no host metadata (its command line)
+    record = list(runs[0].glob("*.wandb"))[0].read_bytes()
+    assert b'"out_dir"' in record and b'"wb"' in record and str(tmp_path).encode() not in record
+    for f in (runs[0] / "files").glob("*.*"):
+        assert str(tmp_path) not in f.read_text(errors="replace"), f.name
     images = list(runs[0].glob("files/media/images/**/*.png"))
     assert images, "routing picture was not logged to W&B"
     assert (out / "routing" / "latest.png").stat().st_size > 1000
