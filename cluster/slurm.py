@@ -71,6 +71,7 @@ class Job:
 # sbatch's own reader. A newline there would end the header (sbatch stops at the first non-#SBATCH line)
 # and run the rest as a command.
 _SLURM_WORD = re.compile(r"^[A-Za-z0-9._,:+@-]+$")
+_SHOW_KEY = re.compile(r"^([A-Z][A-Za-z0-9_:/]*)=")  # a key of `scontrol show job`
 
 
 def check_script_values(name: str, res: Resources, paths: dict[str, object]) -> None:
@@ -236,12 +237,24 @@ def show_job(job_id: str) -> dict[str, str] | None:
                         "and is SLURM_CONF right?)")
     if out.returncode != 0 or not out.stdout.strip():
         return None
+    return parse_show_job(out.stdout.strip().splitlines()[0])
+
+
+def parse_show_job(line: str) -> dict[str, str]:
+    """One line of `scontrol show job -o`: Key=Value pairs separated by spaces, where a value (StdOut=, a path
+    with a space in it) may hold spaces: a word that does not start a Key= continues the value before it."""
     fields: dict[str, str] = {}
-    # one line of Key=Value pairs; values (Command=, StdOut=) contain no spaces in pico's jobs
-    for token in out.stdout.strip().splitlines()[0].split(" "):
-        if "=" in token:
-            k, v = token.split("=", 1)
-            fields.setdefault(k, v)
+    key = None
+    for word in line.split(" "):
+        m = _SHOW_KEY.match(word)
+        if m:
+            key = m.group(1)
+            if key in fields:  # a repeated key (Slurm prints some twice): the first stands
+                key = None
+                continue
+            fields[key] = word[m.end():]
+        elif key is not None:
+            fields[key] += " " + word
     return fields
 
 

@@ -179,3 +179,14 @@ def test_ray_token_header(tmp_path, monkeypatch):
 def test_stage_0_and_1_accounting(stage, precision, per_param):
     gpu, how = plan.model_state_bytes_per_gpu(1000, stage, 8, 1, 10, precision)
     assert gpu == pytest.approx(per_param * 1000) and precision in how
+
+
+def test_scontrol_fields_keep_the_spaces_of_a_path():
+    """`pico jobs logs` reads StdOut= from `scontrol show job -o`; a run directory with a space broke it."""
+    from pico.cluster.slurm import parse_show_job
+
+    line = ("JobId=12 JobName=pico-a JobState=RUNNING Reason=None StdOut=/data/my runs/a/slurm/x-12.out "
+            "Power= TRES=cpu=2,mem=1G JobState=PENDING")
+    fields = parse_show_job(line)
+    assert fields["StdOut"] == "/data/my runs/a/slurm/x-12.out" and fields["Power"] == ""
+    assert fields["TRES"] == "cpu=2,mem=1G" and fields["JobState"] == "RUNNING"  # the first of a repeated key
