@@ -133,7 +133,7 @@ class OptimConfig:
     max_precond_dim: int = 10000
     """SOAP: dimensions larger than this are not preconditioned (Adam along them)."""
     merge_dims: bool = False
-    """SOAP: merge dimensions of >2-D parameters while the product stays under max_precond_dim."""
+    """SOAP: merge neighbouring dimensions, from the first, while their product stays under max_precond_dim (as the reference SOAP does: a weight smaller than that becomes one vector, i.e. Adam, or with precondition_1d one factor as large as the weight)."""
     precondition_1d: bool = False
     """SOAP: also precondition 1-D parameters (off: Adam for them)."""
 
@@ -154,6 +154,16 @@ class OptimConfig:
             raise ConfigError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         if not 0 <= self.grad_clip < math.inf:
             raise ConfigError(f"optim.grad_clip={self.grad_clip} must be >= 0 (0 disables)")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        if not 0 <= self.decay_fraction <= 1:
+            raise ConfigError(f"optim.decay_fraction={self.decay_fraction} must be in [0, 1] (a fraction of the "
+                              "steps, 0.2 = the last 20 %)")
+        if not 0 <= self.shampoo_beta < 1:
+            raise ConfigError(f"optim.shampoo_beta={self.shampoo_beta} must be in [0, 1)")
+        if self.precondition_frequency < 1 or self.max_precond_dim < 1:
+            raise ConfigError(f"optim.precondition_frequency={self.precondition_frequency} and optim.max_precond_dim="
+                              f"{self.max_precond_dim} must be >= 1")
 
 
 @dataclass

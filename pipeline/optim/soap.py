@@ -57,8 +57,9 @@ class Sharding:
 def work_shape(shape: torch.Size, max_precond_dim: int, merge_dims: bool) -> tuple[int, ...]:
     """The shape SOAP preconditions: dimensions of size 1 are dropped, so a (1, n) weight is the
     vector it is (Adam, unless precondition_1d) and a scalar becomes (1,); with `merge_dims`,
-    neighbouring dimensions are merged while their product stays <= max_precond_dim (a conv
-    kernel (o, i, k, k) becomes (o, i*k*k) when that fits)."""
+    neighbouring dimensions are merged greedily from the first while their product stays <=
+    max_precond_dim, as the reference SOAP's merge_dims does (so a weight with fewer elements than
+    that becomes one vector: Adam, unless precondition_1d)."""
     dims = tuple(d for d in shape if d != 1) or (1,)
     if not merge_dims or len(dims) < 2:
         return dims

@@ -106,3 +106,11 @@ def test_help_config_documents_every_key():
     for key in ("model.capacity", "optim.lr", "data.seq_len", "train.zero_stage", "checkpoint.keep_last",
                 "logging.wandb_mode", "cluster.nodes"):
         assert key in text
+
+
+@pytest.mark.parametrize("override", ["--optim.decay_fraction=20", "--optim.warmup_steps=-5", "--optim.shampoo_beta=1.5",
+                                      "--optim.precondition_frequency=0", "--optim.max_precond_dim=0"])
+def test_schedule_and_soap_settings_that_cannot_work_name_the_key(override):
+    """decay_fraction=20 (a percent meant) once started the decay right after warmup, without a word."""
+    with pytest.raises(ConfigError, match=override.split("=")[0].removeprefix("--").replace(".", r"\.")):
+        load_config("quickstart", [override])
