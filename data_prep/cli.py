@@ -145,7 +145,11 @@ def run_verify(argv: list[str]) -> int:
     from pico.data_prep.verify import verify
 
     checked: list[str] = []
-    problems = verify(args.output, on_shard=checked.append)
+    try:
+        problems = verify(args.output, on_shard=checked.append)
+    except OSError as e:  # the output itself cannot be listed or read (a path, a bucket, credentials)
+        raise UserError(f"cannot read {args.output} ({type(e).__name__}: {str(e)[:200]}); check the path, "
+                        "and for s3:// your credentials") from None
     if args.json:
         print(json.dumps({"output": args.output, "shards_checked": len(checked), "problems": problems,
                           "ok": not problems}))

@@ -16,7 +16,7 @@ MiB = 1 << 20
 # The options that decide what the shards contain. A rerun (resume) must agree on all of them;
 # the others (workers, where Ray runs, fail-fast) may change between a kill and the rerun.
 OUTPUT_KEYS = ("inputs", "output", "format", "text_field", "id_field", "shard_bytes", "val_fraction",
-               "dedup", "zstd_level", "chunk_bytes", "unit_bytes")
+               "dedup", "zstd_level", "chunk_bytes", "unit_bytes", "max_expansion")
 
 
 @dataclass
@@ -79,8 +79,8 @@ class PrepConfig:
             raise UserError(f"--chunk-bytes={self.chunk_bytes} exceeds {MAX_SAMPLE_BYTES >> 20}M, the largest sample "
                             "the shard readers decompress (a bound against decompression bombs); a larger document "
                             "is split into several samples anyway, so choose at most that")
-        if not self.max_expansion >= 1:  # also refuses nan
-            raise UserError(f"--max-expansion={self.max_expansion} must be a number >= 1")
+        if not 1 <= self.max_expansion < float("inf"):  # also refuses nan
+            raise UserError(f"--max-expansion={self.max_expansion} must be a finite number >= 1")
         if self.workers is not None and self.workers < 1:
             raise UserError(f"--workers={self.workers} must be >= 1")
 
@@ -90,6 +90,13 @@ class PrepConfig:
     def output_options(self) -> dict:
         """The options that decide the shards' contents (checked on resume)."""
         return {k: getattr(self, k) for k in OUTPUT_KEYS}
+
+    @staticmethod
+    def changed(now: dict, recorded: dict) -> list[str]:
+        """The keys of `now` (options as `output_options` or `manifest_options` give them) that `recorded` holds
+        otherwise; a key a record from an older pico prep lacks counts as its default then."""
+        defaults = PrepConfig.__dataclass_fields__
+        return sorted(k for k in now if recorded.get(k, getattr(defaults.get(k), "default", None)) != now[k])
 
     def manifest_options(self, files: list[InputFile]) -> dict:
         """`output_options` as the manifest records them, naming no local path: the inputs by portable name

@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 
 from pico.data_prep.config import PrepConfig
 from pico.data_prep.shards import TarShardWriter, compressor, sample_key, shard_name, split_of, SHARD_NAME
-from pico.data_prep.sources import (Doc, InputFile, Skip, declared_split, expand_inputs, iter_documents,
+from pico.data_prep.sources import (Doc, InputFile, Skip, declared_split, expand_inputs, is_url, iter_documents,
                                     portable_text)
 from pico.data_prep.store import Store
 from pico.configs.errors import UserError
@@ -33,6 +33,7 @@ from pico.configs.lock import hold
 
 MANIFEST = "manifest.json"
 WORK = "_work"
+MAX_LISTED_SKIPS = 1000  # skipped documents a unit lists (with source, line, reason); the counts hold them all
 MAX_WARNINGS = 20  # failures printed on stderr; the manifest lists all of them
 
 
@@ -87,7 +88,7 @@ def _read_ahead(items: Iterator, batch_items: int = 256, batch_bytes: int = 4 <<
         try:
             for item in items:
                 batch.append(item)
-                size += getattr(item[1], "size", 0) if getattr(item[1], "n_chunks", 2) == 1 else 0
+                size += getattr(item[1], "held", 0)  # bytes it holds in memory (a whole file read later: 0)
                 if len(batch) >= batch_items or size >= batch_bytes:
                     if not put(batch):
                         return
@@ -160,12 +161,15 @@ def hash_unit(options: dict, unit: int, files: list[list]) -> dict:
     return {"unit": unit, "hashes": bytes(hashes)}
 
 
-def run_unit(options: dict, unit: int, files: list[list], drop: list[int], declared_val: bool = False) -> dict:
+def run_unit(options: dict, unit: int, files: list[list], drop: list[int], declared_val: bool = False,
+             hashed: int | None = None) -> dict:
     """Write the shards of one unit and its completion marker; return the marker's record.
 
     `declared_val`: the job's inputs include a Hugging Face validation split, so files named as
     the dataset's train split go to train whole (no val carved out of them by --val-fraction);
-    files named as its validation split always go to val."""
+    files named as its validation split always go to val. `hashed`: the readable documents the
+    dedup pass counted in this unit; `drop` names ordinals of that pass, so a unit that reads
+    another count (an input changed, a read failed in one pass) fails rather than drop the wrong ones."""
     cpu0 = time.process_time()  # the worker process runs one task at a time; this counts its reader thread too
     cfg, store = PrepConfig(**options), Store(options["output"])
     prefix = unit_dir(unit)
@@ -180,7 +184,8 @@ def run_unit(options: dict, unit: int, files: list[list], drop: list[int], decla
         docs["read"] += 1
         if ordinal is None:
             docs[item.kind] += 1
-            skipped.append(item.record())
+            if len(skipped) < MAX_LISTED_SKIPS:  # a file of a billion bad lines: counted, not listed, past this
+                skipped.append(item.record())
             if cfg.fail_fast and item.kind == "failed":
                 return {"unit": unit, "fatal": item.message()}
             continue
@@ -198,6 +203,10 @@ def run_unit(options: dict, unit: int, files: list[list], drop: list[int], decla
         if n != item.n_chunks:
             raise RuntimeError(f"{item.source} changed while it was read ({n} chunks instead of {item.n_chunks})")
         docs["written"] += 1
+    readable = docs["read"] - docs["empty"] - docs["failed"]
+    if hashed is not None and readable != hashed:
+        raise RuntimeError(f"this unit read {readable} documents where its dedup pass read {hashed} (an input "
+                           "changed, or a read failed in one pass); rerun to read it again")
     for w in writers.values():
         w.close()
     record = {"unit": unit, "shards": [s.record() for w in writers.values() for s in w.done], "documents": docs,
@@ -315,9 +324,10 @@ def _run_tasks(ray, remote, args: dict[int, tuple], window: int, sizes: dict[int
                 u = running.pop(ref)
                 try:
                     result = ray.get(ref)
-                except Exception as e:
-                    raise UserError(f"unit {u} (first input {args[u][2][0][0]}) failed: {e}\n"
-                                    "Finished units are kept: rerun the same command to resume.") from None
+                except Exception as e:  # a RayTaskError's text is the remote traceback: its cause says what
+                    raise UserError(f"unit {u} (first input {args[u][2][0][0]}) failed: "
+                                    f"{_one_line(getattr(e, 'cause', None) or e)}. Finished units are kept: rerun the "
+                                    "same command to resume") from None
                 if "fatal" in result:
                     raise UserError(f"{result['fatal']} (stopped by --fail-fast)")
                 results[u] = result
@@ -376,7 +386,7 @@ def _start_or_resume(store: Store, cfg: PrepConfig, plan: dict) -> bool:
         if any(len(f) != 3 for unit in old.get("units") or [] for f in unit):
             raise UserError(f"{store.display()} holds an unfinished job of an older pico prep, which named documents "
                             "by their local path; pass --overwrite to start it over")
-        changed = sorted(k for k in plan["options"] if plan["options"][k] != old.get("options", {}).get(k))
+        changed = PrepConfig.changed(plan["options"], old.get("options") or {})
         what = f"options ({', '.join(changed)})" if changed else "input files"
         raise UserError(f"{store.display()} holds an unfinished job with other {what}. "
                         "Rerun with the same inputs and options to resume it, or pass --overwrite to start over.")
@@ -395,8 +405,10 @@ def _clear(store: Store) -> None:
     store.remove(WORK)
 
 
-def _dedup_drops(ray, cfg: PrepConfig, store: Store, units, window: int, progress: bool) -> dict[int, list[int]]:
-    """Ordinals to drop per unit: every document whose content hash an earlier one already had."""
+def _dedup_drops(ray, cfg: PrepConfig, store: Store, units, window: int, progress: bool
+                 ) -> tuple[dict[int, list[int]], dict[int, int]]:
+    """(ordinals to drop per unit: every document whose content hash an earlier one already had; the
+    documents the pass read per unit)."""
     hashes: dict[int, bytes] = {}
     for u in range(len(units)):
         data = store.read_bytes(f"{unit_dir(u)}/hashes.bin")
@@ -411,7 +423,7 @@ def _dedup_drops(ray, cfg: PrepConfig, store: Store, units, window: int, progres
             hashes[u] = r["hashes"]
     finally:
         bar.close()
-    return duplicate_ordinals([hashes[u] for u in range(len(units))])
+    return duplicate_ordinals([hashes[u] for u in range(len(units))]), {u: len(h) // 16 for u, h in hashes.items()}
 
 
 def duplicate_ordinals(hashes: list[bytes]) -> dict[int, list[int]]:
@@ -509,7 +521,8 @@ def _run_job(cfg: PrepConfig, store: Store, progress: bool) -> tuple[dict, dict]
     files, input_problems = expand_inputs(cfg.inputs, exclude=None if store.remote else store.root)
     if manifest is not None:
         # the manifest's own record, or the one pico prep wrote before manifests named no local path
-        if manifest.get("config") not in (cfg.manifest_options(files), cfg.output_options()):
+        recorded = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
+        if all(PrepConfig.changed(now, recorded) for now in (cfg.manifest_options(files), cfg.output_options())):
             raise UserError(f"{store.display(MANIFEST)} records a finished job with other options or other input "
                             "files (by name and size); choose another output or pass --overwrite")
         store.remove(WORK)  # a finalize killed after the manifest was written
@@ -523,7 +536,10 @@ def _run_job(cfg: PrepConfig, store: Store, progress: bool) -> tuple[dict, dict]
     if cfg.fail_fast and failed:
         raise UserError(f"{failed[0].message()} (stopped by --fail-fast)")
     units = plan_units(files, cfg.unit_bytes)
-    plan = json.loads(json.dumps({"options": cfg.output_options(),
+    # the inputs and the output as places, not as typed (`shards/` and `shards`, or another working directory)
+    where = {"inputs": [p if is_url(p) else os.path.abspath(os.path.expanduser(p.removeprefix("file://")))
+                        for p in cfg.inputs], "output": store.display()}
+    plan = json.loads(json.dumps({"options": {**cfg.output_options(), **where},
                                   "units": [[[f.url, f.size, f.name] for f in u] for u in units]}))
     with _output_access(store, "write"):
         _start_or_resume(store, cfg, plan)
@@ -540,11 +556,11 @@ def _run_job(cfg: PrepConfig, store: Store, progress: bool) -> tuple[dict, dict]
         with ray_session(cfg.ray_address, cfg.workers) as ray:
             stats["ray_start_seconds"] = time.perf_counter() - t_ray  # ~0 when this process had a Ray
             window = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-            drops = _dedup_drops(ray, cfg, store, units, window, progress) if cfg.dedup else {}
+            drops, hashed = _dedup_drops(ray, cfg, store, units, window, progress) if cfg.dedup else ({}, {})
             options = cfg.to_dict()
             declared_val = any(declared_split(f.url) == "val" for f in files)
-            args = {u: (options, u, [[f.url, f.size, f.name] for f in units[u]], drops.get(u, []), declared_val)
-                    for u in range(len(units)) if u not in records}
+            args = {u: (options, u, [[f.url, f.size, f.name] for f in units[u]], drops.get(u, []), declared_val,
+                        hashed.get(u)) for u in range(len(units)) if u not in records}
             bar = _Progress(progress, "prep", sum(sizes.values()), sum(sizes[u] for u in records))
             try:
                 records.update(_run_tasks(ray, _Task(ray, run_unit), args, window, sizes, bar))

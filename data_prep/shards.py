@@ -39,7 +39,7 @@ SHARD_NAME = re.compile(r"^(train|val)-(\d{6})\.tar$")
 # writes exceeds it; readers refuse a larger one before allocating its bytes (issue 28).
 MAX_SAMPLE_BYTES = 64 << 20
 MAX_MEMBER_BYTES = MAX_SAMPLE_BYTES + (MAX_SAMPLE_BYTES >> 6) + (1 << 16)  # a stored payload: zstd's worst case
-KEY = re.compile(r"^[0-9a-f]{16,}(_c\d{5})?$")
+KEY = re.compile(r"^[0-9a-f]{16,}(_c\d{5,})?$")
 RECORD = 10240  # tar files are padded to a multiple of this (the tar default)
 
 

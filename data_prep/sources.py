@@ -52,6 +52,8 @@ READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, zstandard.ZstdErro
 MAX_EXPANSION = 1000.0  # prep.max_expansion's default: text compresses 3-10x, a highly repetitive log 100x+
 EXPANSION_FLOOR = 64 << 20
 MAX_LINE_BYTES = 256 << 20
+_PREP_SHARD = re.compile(r"/(train|val)-\d{6}\.tar$")  # a shard of a pico prep output, by its key
+MAX_ID_CHARS = 1024  # a document id (--id-field) longer than this is recorded as its sha256
 # zstd's largest expansion per input byte (an RLE block: 4 bytes -> 128 KiB); ZstdReader feeds its
 # decompressor slices small enough that one call cannot produce more than SLICE * ZSTD_MAX_RATIO.
 ZSTD_MAX_RATIO, ZSTD_SLICE = 1 << 15, 1024
@@ -82,6 +84,8 @@ class Doc:
     size: int
     n_chunks: int
     chunks: Callable[[], Iterator[bytes]]
+    held: int = 0
+    """Bytes it holds in memory until written (a whole file read again chunk by chunk: 0)."""
 
     @property
     def identity(self) -> bytes:
@@ -101,7 +105,7 @@ class Skip:
     reason: str
 
     def record(self) -> dict:
-        return {"source": self.source, "line": self.line, "reason": self.reason}
+        return {"source": self.source, "line": self.line, "reason": self.reason[:500]}
 
     def message(self) -> str:
         unit = "row" if self.source.lower().endswith(PARQUET) else "line"
@@ -133,7 +137,7 @@ def expand_inputs(patterns: list[str], exclude: str | None = None) -> tuple[list
         outputs: list[str] = []
         skips: list[Skip] = []  # broken links, links to a directory already read, the output itself
         try:
-            found = _expand_url(pattern) if is_url(pattern) else _expand_local(pattern, exclude, outputs, skips)
+            found = _expand_url(pattern, outputs) if is_url(pattern) else _expand_local(pattern, exclude, outputs, skips)
         except Exception as e:  # listing a remote store can fail in many ways; all of them are the input's
             problems.append(Skip("failed", pattern, None, f"cannot list input: {type(e).__name__}: {e}"))
             continue
@@ -252,7 +256,7 @@ def _expand_local(pattern: str, exclude: str | None, outputs: list[str], skips: 
         elif os.path.islink(root):
             skips.append(_broken_link(root))
     files = []
-    for p in out:
+    for p in sorted(out):  # in path order, as an object store lists the same tree (x/a/c.txt before x/b.txt)
         try:
             files.append(InputFile(p, os.path.getsize(p)))
         except OSError as e:  # gone or unreadable since it was listed: that file's problem, not the job's
@@ -303,7 +307,7 @@ def _broken_link(p: str) -> Skip:
     return Skip("failed", p, None, f"broken symbolic link (to {target}); fix or remove it")
 
 
-def _expand_url(pattern: str) -> list[InputFile]:
+def _expand_url(pattern: str, outputs: list[str]) -> list[InputFile]:
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(pattern)
@@ -322,16 +326,23 @@ def _expand_url(pattern: str) -> list[InputFile]:
             fs.info(top)
         except Exception as e:
             raise OSError(f"bucket {top!r} does not exist or cannot be reached ({type(e).__name__}: {e})") from None
-    out = []
-    for p, info in sorted(found.items()):
-        name = p.rstrip("/").rsplit("/", 1)[-1]
-        if info.get("type") == "directory":
-            for q, sub in sorted(fs.find(p, detail=True).items()):
-                if not q.rsplit("/", 1)[-1].startswith("."):
-                    out.append(InputFile(fs.unstrip_protocol(q), int(sub.get("size") or 0)))
-        elif not name.startswith("."):
-            out.append(InputFile(fs.unstrip_protocol(p), int(info.get("size") or 0)))
-    return out
+    keys: dict[str, int] = {}  # every file below the input, but under a hidden name (.cache/...)
+    parts = path.rstrip("/").split("/")
+    base = "/".join(parts[:next((j for j, x in enumerate(parts) if glob.has_magic(x)), len(parts))])
+    for p, info in found.items():
+        listed = fs.find(p, detail=True).items() if info.get("type") == "directory" else [(p, info)]
+        for q, sub in listed:
+            below = q[len(base) + 1:] if q.startswith(base + "/") else q.rsplit("/", 1)[-1]
+            if not any(part.startswith(".") for part in below.split("/")):
+                keys[q] = int(sub.get("size") or 0)
+    # a pico prep output inside the input (its shards are not documents), as a local walk leaves it out
+    done = {k.rsplit("/", 1)[0] for k in keys if _PREP_SHARD.search(k)} & {k.rsplit("/", 1)[0] for k in keys if
+                                                                           k.endswith("/manifest.json")}
+    unfinished = {k[:-len("/_work/plan.json")] for k in keys if k.endswith("/_work/plan.json")}
+    for d in sorted(done | unfinished):
+        outputs.append(fs.unstrip_protocol(d))
+    return [InputFile(fs.unstrip_protocol(k), size) for k, size in sorted(keys.items())  # key order, as S3 lists
+            if not any(k.startswith(d + "/") for d in done | unfinished)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -604,7 +615,7 @@ def _iter_whole_file(f: InputFile, chunk_bytes: int, limit: int | None) -> Itera
         yield Skip("empty", f.url, None, "empty document")
     elif len(head) <= chunk_bytes:
         n, chunks = _in_memory(head, chunk_bytes)
-        yield Doc(f.name or f.url, f.name or f.url, None, size, n, chunks)
+        yield Doc(f.name or f.url, f.name or f.url, None, size, n, chunks, held=len(head))
     else:
         del head
 
@@ -677,7 +688,9 @@ def _parse_line(url: str, line_no: int, line: bytes, text_field: str, id_field: 
     try:
         obj = json.loads(line)
     except ValueError as e:
-        return Skip("failed", url, line_no, f"invalid JSON: {e}")
+        return Skip("failed", url, line_no, f"invalid JSON: {str(e)[:200]}")
+    except RecursionError:
+        return Skip("failed", url, line_no, "JSON nested too deeply to read")
     if not isinstance(obj, dict):
         return Skip("failed", url, line_no, f"expected a JSON object, got {type(obj).__name__}")
     text_field = next((k for k in FALLBACK_TEXT_FIELDS.get(text_field, ()) if k in obj), text_field)
@@ -695,9 +708,9 @@ def _parse_line(url: str, line_no: int, line: bytes, text_field: str, id_field: 
     if not data:
         return Skip("empty", url, line_no, "empty document")
     name = name or url
-    doc_id = str(obj[id_field]) if obj.get(id_field) is not None else f"{name}#{line_no}"
+    doc_id = _bounded_id(obj[id_field]) if obj.get(id_field) is not None else f"{name}#{line_no}"
     n, chunks = _in_memory(data, chunk_bytes)
-    return Doc(name, doc_id, line_no, len(data), n, chunks)
+    return Doc(name, doc_id, line_no, len(data), n, chunks, held=len(data))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -782,6 +795,13 @@ def _iter_parquet(url: str, text_field: str, id_field: str, chunk_bytes: int,
                                                      "export the file again to keep them")
 
 
+def _bounded_id(value) -> str:
+    """A document id as recorded in every one of its samples: at most MAX_ID_CHARS, a longer one by its sha256
+    (a sample's metadata must stay within what the shard readers accept)."""
+    text = str(value)
+    return text if len(text) <= MAX_ID_CHARS else "sha256:" + hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()
+
+
 def _utf8_bytes(arr) -> list[bytes | None]:
     """The UTF-8 bytes of a string column, without decoding to str and encoding back (Arrow strings
     are UTF-8 already: viewing them as binary is free)."""
@@ -802,4 +822,5 @@ def _parquet_doc(url: str, row: int, data: bytes | None, doc_id, column: str, ch
         return Skip("empty", url, row, "empty document")
     n, chunks = _in_memory(data, chunk_bytes)
     name = name or url
-    return Doc(name, str(doc_id) if doc_id is not None else f"{name}#{row}", row, len(data), n, chunks)
+    return Doc(name, _bounded_id(doc_id) if doc_id is not None else f"{name}#{row}", row, len(data), n, chunks,
+               held=len(data))

@@ -39,7 +39,10 @@ def verify(output: str, on_shard: Callable[[str], None] | None = None) -> list[s
         if name not in present:
             problems.append(f"{store.display(name)}: listed in manifest.json but missing")
             continue
-        problems += [f"{store.display(name)}: {p}" for p in check_shard(store, name, entry)]
+        try:
+            problems += [f"{store.display(name)}: {p}" for p in check_shard(store, name, entry)]
+        except OSError as e:  # unreadable (permissions, a store that went away): that shard's problem
+            problems.append(f"{store.display(name)}: cannot be read ({type(e).__name__}: {str(e)[:200]})")
         if on_shard:
             on_shard(name)
     return problems

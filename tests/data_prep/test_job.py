@@ -176,6 +176,15 @@ def test_rerun_of_a_finished_job_changes_nothing_and_other_options_are_refused(r
     assert again == first and stats["already_complete"]
     with pytest.raises(UserError, match="other options.*--overwrite"):
         prepare([str(src)], out, zstd_level=9, **QUIET)
+    with pytest.raises(UserError, match="other options"):  # it decides which files are read: not a finished job
+        prepare([str(src)], out, max_expansion=5000.0, **QUIET)
+    # a manifest from before max_expansion was recorded: found again at the default, not with another value
+    m = json.loads((Path(out) / "manifest.json").read_text())
+    del m["config"]["max_expansion"]
+    (Path(out) / "manifest.json").write_text(json.dumps(m))
+    assert run_job(PrepConfig(inputs=[str(src)], output=out), progress=False)[1]["already_complete"]
+    with pytest.raises(UserError, match="other options"):
+        prepare([str(src)], out, max_expansion=5000.0, **QUIET)
     assert prepare([str(src)], out, zstd_level=9, overwrite=True, **QUIET)["config"]["zstd_level"] == 9
 
 
@@ -239,7 +248,8 @@ def test_verify_reports_flipped_byte_truncation_missing_and_extra_shards(ray_loc
     assert len(train) >= 4
     flipped, cut, gone = out / train[0], out / train[1], out / train[2]
     data = bytearray(flipped.read_bytes())
-    data[700] ^= 0x01  # inside the first payload
+    size = int(data[124:136].rstrip(b"\0 ") or b"0", 8)  # the first member's (a payload's) size, from its header
+    data[512 + size // 2] ^= 0x01  # inside the first payload
     flipped.write_bytes(bytes(data))
     cut.write_bytes(cut.read_bytes()[:3000])
     gone.rename(out / "train-999999.tar")
@@ -319,3 +329,16 @@ def test_duplicate_ordinals_keep_the_first_in_input_order():
     a, b, c = (bytes([i]) * 16 for i in (1, 2, 3))
     assert duplicate_ordinals([a + b, b"", c + a + a, b + c]) == {2: [1, 2], 3: [0, 1]}
     assert duplicate_ordinals([b"", b""]) == {}
+
+
+def test_a_unit_that_reads_other_documents_than_its_dedup_pass_fails_rather_than_drop_the_wrong_ones(tmp_path):
+    from pico.data_prep.job import run_unit
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(3)))
+    options = PrepConfig(inputs=[str(src)], output=str(tmp_path / "out"), dedup=True).to_dict()
+    files = [[str(src), src.stat().st_size, "in.jsonl"]]
+    with pytest.raises(RuntimeError, match="read 3 documents where its dedup pass read 4"):
+        run_unit(options, 0, files, [1], hashed=4)
+    assert not (tmp_path / "out" / "_work" / "u000000" / "done.json").exists()
+    assert run_unit(options, 0, files, [1], hashed=3)["documents"]["deduplicated"] == 1

@@ -56,3 +56,24 @@ def test_unreachable_bucket_alone_is_no_input(s3, ray_local, tmp_path):
 
     with pytest.raises(UserError, match="no input matched: s3://no-such-bucket-pico/x"):
         prepare(["s3://no-such-bucket-pico/x"], str(tmp_path / "out"), progress=False)
+
+
+def test_a_bucket_lists_as_the_same_tree_on_disk_does(s3, tmp_path):
+    """Same order (path order: x/a/c.txt before x/b.txt), hidden folders and pico prep outputs left out, so a
+    corpus copied to a bucket gives the same units, shards and files_sha256 as on disk."""
+    from pico.data_prep.sources import expand_inputs, files_digest
+
+    tree = {"x/b.txt": b"b", "x/a/c.txt": b"c", "x/.cache/hf/meta.txt": b"m", "x/a-b/d.txt": b"d",
+            "x/old/manifest.json": b"{}", "x/old/train-000000.tar": b"t", "x/half/_work/plan.json": b"{}",
+            "x/half/note.txt": b"n"}
+    for rel, data in tree.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(data)
+        s3.pipe(f"pico-in/tree/{rel}", data)
+    s3.invalidate_cache()
+    (tmp_path / "x" / "old" / "manifest.json").write_text('{"shards": [], "config": {}}')  # what marks it locally
+    local, local_skips = expand_inputs([str(tmp_path / "x")])
+    remote, remote_skips = expand_inputs(["s3://pico-in/tree/x"])
+    assert [f.name for f in local] == [f.name for f in remote] == ["x/a-b/d.txt", "x/a/c.txt", "x/b.txt"]
+    assert files_digest(local) == files_digest(remote)
+    assert sorted(s.source.rsplit("/", 1)[-1] for s in remote_skips) == ["half", "old"]

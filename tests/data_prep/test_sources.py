@@ -191,3 +191,23 @@ def test_linked_folders_are_read_once_loops_end_and_broken_links_are_skips(tmp_p
 def test_the_output_as_input_is_named_as_such(tmp_path):
     files, problems = expand_inputs([str(tmp_path / "out"), str(tmp_path / "out" / "sub")], exclude=str(tmp_path / "out"))
     assert not files and [p.reason.split(" (")[0] for p in problems] == [f"this input is the output directory {tmp_path / 'out'}"] * 2
+
+
+def test_a_hostile_json_line_is_a_recorded_skip_and_a_huge_id_its_hash(tmp_path):
+    """400 KB of [ once raised RecursionError and failed the whole job on every rerun; an id of 100 MB would be
+    repeated in each of its samples' metadata, past what the shard readers accept."""
+    from pico.data_prep.sources import MAX_ID_CHARS
+
+    lines = ["[" * 400_000, json.dumps({"text": "fine", "id": "x" * (MAX_ID_CHARS + 1)}),
+             json.dumps({"text": "also fine", "id": "short"})]
+    (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
+    items = [item for item, _ in read_all(tmp_path / "a.jsonl")]
+    assert items[0].kind == "failed" and items[0].reason == "JSON nested too deeply to read" and items[0].line == 1
+    assert items[1].id.startswith("sha256:") and len(items[1].id) == 7 + 64 and items[2].id == "short"
+    assert items[1].held == 4  # in memory until written: counted by the reader's read-ahead
+
+
+def test_a_document_of_many_chunks_has_keys_pico_reads_back():
+    from pico.data_prep.shards import KEY, sample_key
+
+    assert KEY.match(sample_key(bytes(16), 123_456, 200_000))
