@@ -6,8 +6,10 @@ offline mode). The environment below keeps all of them off the network.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,11 @@ os.environ.setdefault("WANDB_X_DISABLE_STATS", "true")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "pico-torch-extensions"))
+# DeepSpeed JIT-builds its CPU comm op once per environment: one folder per Python environment, so that two
+# checkouts' suites running at once never rebuild over each other (a killed build leaves a lock that every
+# later trainer waits on forever)
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "pico-torch-extensions" /
+                                                  hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
